@@ -1,0 +1,41 @@
+# seamline — the two commands: `make demo` and `make test` (both set everything up first).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# On this machine torch==2.13.0 is a CPU build on local disk; the package metadata keeps a range
+# so that GPU servers get a CUDA build from the registry.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install test demo bench protos demo-model fuzz lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -e ".[all,dev]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/seamline demo
+
+bench: install
+	mkdir -p bench-results
+	$(BIN)/seamline bench codec --quick --json bench-results/codec.json
+
+protos: install
+	$(BIN)/python -m seamline.protos.generate
+
+demo-model: install
+	$(BIN)/python -m seamline.partitioner.train_demo
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,90 @@
+"""The one interface every model family implements, used by the ONNX exporter and the cloud executor.
+
+A transformer is cut into: ``embed`` (token ids -> hidden), ``block(i)`` for each layer, and
+``head`` (final norm + LM head, or pooling for encoders). Every call takes explicit tensors —
+no framework cache objects — so a block exports to one ONNX graph with KV inputs and outputs,
+and the cloud can run the same block on a batch of sessions.
+
+Shapes: hidden (B, T, C); past/present key and value (B, n_kv_heads, P, head_dim);
+position_ids (B, T); attention_mask (B, P + T) with 1 for a valid key, 0 for padding.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a model that the bundle, the edge and the cloud agree on."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    causal: bool  # False for encoders (BERT): no KV cache, the head pools
+
+
+class FamilyAdapter(ABC):
+    """Cuts one Hugging Face model of a family into embed / blocks / head."""
+
+    family: str = ""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+
+    @property
+    @abstractmethod
+    def shape(self) -> ModelShape: ...
+
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids at (B, T) positions -> (B, T, C) hidden."""
+
+    @abstractmethod
+    def block(self, i: int, hidden: torch.Tensor, past_key: torch.Tensor | None,
+              past_value: torch.Tensor | None, position_ids: torch.Tensor,
+              attention_mask: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Run block i; return (hidden, present_key, present_value). Encoders return None caches."""
+
+    @abstractmethod
+    def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm + LM head -> (B, T, V) logits; encoders: pooled (B, C) sentence embedding."""
+
+    def empty_cache(self, batch: int = 1, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.shape
+        z = torch.zeros(batch, s.num_kv_heads, 0, s.head_dim, dtype=dtype, device=device)
+        return z, z.clone()
+
+    def layer_modules(self) -> list[torch.nn.Module]:
+        """The blocks as modules (for moving/casting the cloud's share only)."""
+        raise NotImplementedError
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Causal attention of T new queries over P past + T new keys.
+
+    q: (B, H, T, D); k, v: (B, H, P+T, D); attention_mask: (B, P+T) or None. Query t sits at
+    key index P + t and sees keys 0..P+t that the mask marks valid.
+    """
+    t, s = q.shape[-2], k.shape[-2]
+    qi = torch.arange(t, device=q.device).unsqueeze(-1) + (s - t)  # (T, 1)
+    kj = torch.arange(s, device=q.device).unsqueeze(0)  # (1, S)
+    allowed = (kj <= qi).unsqueeze(0).unsqueeze(0)  # (1, 1, T, S)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+
+def concat_cache(past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    return new if past is None else torch.cat([past, new], dim=-2)
