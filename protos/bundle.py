@@ -62,6 +62,7 @@ class CodecDefaults:
 @dataclass
 class Manifest:
     model_id: str
+    model_source: str  # "demo" or the checkpoint path partition read (verify/profile reload it)
     family: str  # gpt2 | llama | bert
     model_type: str  # HF config.model_type
     model_config: dict[str, Any]

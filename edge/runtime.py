@@ -1,0 +1,193 @@
+"""EdgeRuntime: the bundle's front half in ONNX Runtime, with a numpy KV cache. No torch here.
+
+ORT sessions are set up for a small device: ``intra_op_num_threads`` from the caller (default 1
+per session: many sessions with spinning thread pools on 2 cores ran 6-7x slower), spinning off,
+sequential execution, full graph optimisation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from seamline.protos.bundle import BundleError, Manifest, load_bundle
+
+
+@dataclass
+class LayerCache:
+    """Past keys/values of one block: (1, Hkv, P, D) each."""
+
+    key: np.ndarray
+    value: np.ndarray
+
+    @property
+    def length(self) -> int:
+        return int(self.key.shape[2])
+
+
+@dataclass
+class EdgeCache:
+    """The edge's KV cache for blocks [0, n); ``layers[i]`` is None until block i has run."""
+
+    layers: list[LayerCache | None] = field(default_factory=list)
+
+    def length(self, k: int) -> int:
+        """Positions cached consistently in blocks [0, k); -1 if they disagree (replay needed)."""
+        if k == 0:
+            return 0
+        lens = {(c.length if c is not None else 0) for c in self.layers[:k]}
+        if len(self.layers) < k:
+            lens.add(0)
+        return lens.pop() if len(lens) == 1 else -1
+
+    def truncate(self, n: int) -> None:
+        for i, c in enumerate(self.layers):
+            if c is not None and c.length > n:
+                self.layers[i] = LayerCache(c.key[:, :, :n].copy(), c.value[:, :, :n].copy())
+
+    def nbytes(self) -> int:
+        return sum(c.key.nbytes + c.value.nbytes for c in self.layers if c is not None)
+
+
+def session_options(threads: int = 1):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+class _Graph:
+    """One ORT session; feeds only the inputs the graph kept (exporters drop unused ones)."""
+
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        self.path = path
+        self.session = ort.InferenceSession(str(path), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {k: v for k, v in feeds.items() if k in self.inputs})
+
+
+class EdgeRuntime:
+    """Runs embed + blocks [0, k) (+ head when the bundle has it) for one device."""
+
+    def __init__(self, bundle_dir: Path | str, threads: int = 1, int8: bool = False, verify: bool = True):
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest: Manifest = load_bundle(self.bundle_dir, verify=verify)
+        m = self.manifest
+        if int8 and not m.int8:
+            raise BundleError(f"{self.bundle_dir}: no int8 graphs in this bundle; re-run `partition "
+                              "--quantize-edge int8` or drop the int8 option")
+        names = m.int8 if int8 else {"embed": m.embed, "blocks": m.blocks, "head": m.head}
+        self.int8 = int8
+        self.embed = _Graph(self.bundle_dir / names["embed"], threads)
+        self.blocks = [_Graph(self.bundle_dir / b, threads) for b in names["blocks"]]
+        self.head = _Graph(self.bundle_dir / names["head"], threads) if names.get("head") else None
+        self.layer_ms = [0.0] * len(self.blocks)  # EWMA of the last decode-step time per block
+        self._tokenizer = None
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def num_edge_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(self.bundle_dir / self.manifest.tokenizer))
+        return self._tokenizer
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode_ids(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def new_cache(self) -> EdgeCache:
+        return EdgeCache([None] * self.num_edge_layers)
+
+    # -- compute ------------------------------------------------------------------------
+    def forward(self, ids: list[int] | np.ndarray, start: int, k: int, cache: EdgeCache) -> np.ndarray:
+        """Embed ``ids`` at positions start.. and run blocks [0, k); returns hidden (T, C) float32.
+
+        The cache of blocks [0, k) must hold exactly ``start`` positions (else replay first).
+        """
+        if k > self.num_edge_layers:
+            raise BundleError(f"split {k} needs {k} edge layers; this bundle exports "
+                              f"{self.num_edge_layers} (re-run `partition` with a larger --max-edge-layers)")
+        have = cache.length(k)
+        if have != start:
+            raise ValueError(f"edge cache holds {have} positions in blocks [0,{k}), step starts at {start}; "
+                             "replay the history from position 0")
+        ids_arr = np.asarray(ids, dtype=np.int64).reshape(1, -1)  # (1, T)
+        t = ids_arr.shape[1]
+        pos = np.arange(start, start + t, dtype=np.int64).reshape(1, -1)  # (1, T)
+        (hidden,) = self.embed.run(input_ids=ids_arr, position_ids=pos)  # (1, T, C)
+        m = self.manifest
+        for i in range(k):
+            t0 = time.perf_counter()
+            if m.causal:
+                c = cache.layers[i]
+                if c is None:
+                    z = np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
+                    c = LayerCache(z, z.copy())
+                hidden, key, value = self.blocks[i].run(hidden=hidden, past_key=c.key, past_value=c.value,
+                                                        position_ids=pos)
+                cache.layers[i] = LayerCache(key, value)
+            else:
+                mask = np.ones((1, t), dtype=np.int64)
+                (hidden,) = self.blocks[i].run(hidden=hidden, attention_mask=mask)
+            if t == 1:
+                ms = (time.perf_counter() - t0) * 1e3
+                self.layer_ms[i] = ms if self.layer_ms[i] == 0 else 0.8 * self.layer_ms[i] + 0.2 * ms
+        return np.ascontiguousarray(hidden[0], dtype=np.float32)  # (T, C)
+
+    def continue_from(self, hidden: np.ndarray, start: int, k_from: int, k_to: int,
+                      cache: EdgeCache) -> np.ndarray:
+        """Run blocks [k_from, k_to) on hidden (T, C) at positions start.. (used for local fallback)."""
+        m = self.manifest
+        h = hidden.reshape(1, *hidden.shape).astype(np.float32)
+        t = h.shape[1]
+        pos = np.arange(start, start + t, dtype=np.int64).reshape(1, -1)
+        for i in range(k_from, k_to):
+            c = cache.layers[i]
+            if c is None:
+                z = np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
+                c = LayerCache(z, z.copy())
+            if c.length != start:
+                raise ValueError(f"edge cache of block {i} holds {c.length} positions, expected {start}")
+            h, key, value = self.blocks[i].run(hidden=h, past_key=c.key, past_value=c.value, position_ids=pos)
+            cache.layers[i] = LayerCache(key, value)
+        return h[0]
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Final norm + LM head on hidden (T, C) -> logits (T, V). Needs a full bundle."""
+        if self.head is None:
+            raise BundleError(f"{self.bundle_dir}: this bundle has no head graph (it exports "
+                              f"{self.num_edge_layers} of {self.manifest.num_layers} layers); local "
+                              "generation needs a bundle partitioned with every layer")
+        (logits,) = self.head.run(hidden=hidden.reshape(1, *hidden.shape).astype(np.float32))
+        return logits[0]
+
+    def sentence_embedding(self, ids: list[int], k: int | None = None) -> np.ndarray:
+        """Encoders: pooled sentence embedding from the edge alone (needs a full bundle)."""
+        k = self.num_edge_layers if k is None else k
+        hidden = self.forward(ids, 0, k, self.new_cache())
+        mask = np.ones((1, hidden.shape[0]), dtype=np.int64)
+        (emb,) = self.head.run(hidden=hidden[None], attention_mask=mask)
+        return emb[0]

@@ -1,0 +1,153 @@
+"""``seamline partition`` / ``verify`` / ``profile``: argument parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .families import supported_families
+
+
+def add_partition_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Cut a transformer at a layer and export the edge half to ONNX: embeddings, one graph per block "
+        "(KV cache in/out, so the split can move without re-export) and the head when every layer is "
+        f"exported. Supported families: {supported_families()}.")
+    p.add_argument("--model", default="demo", metavar="PATH|demo",
+                   help="local Hugging Face checkpoint folder, or `demo` (the embedded GPT-2 trained on "
+                        "Shakespeare; default)")
+    p.add_argument("--split", default=None, metavar="K|auto",
+                   help="default split recorded in the manifest: the edge runs blocks [0, K). `auto` picks it "
+                        "with the planner from measured profiles (see --bandwidth/--rtt). Default: L/2")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    p.add_argument("--max-edge-layers", type=int, default=None,
+                   help="export only blocks [0, N) for small devices (default: every layer, which also allows "
+                        "offline fallback)")
+    p.add_argument("--min-edge-layers", type=int, default=1,
+                   help="privacy floor: the edge always runs at least this many blocks (default 1; 0 allows the "
+                        "all-cloud split where token ids leave the device)")
+    p.add_argument("--quantize-edge", choices=["none", "int8"], default="none",
+                   help="also write int8 copies of the graphs (onnxruntime dynamic quantization)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="UTF-8 text for codec calibration (default: a sample of the demo corpus)")
+    p.add_argument("--codec", default="int8", help="default hidden-state codec recorded in the manifest")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
+    p.add_argument("--bandwidth", default="20mbit", help="--split auto: uplink bandwidth, e.g. 20mbit, 1mbit")
+    p.add_argument("--rtt", default="30ms", help="--split auto: round-trip time, e.g. 30ms")
+    p.add_argument("--deadline-ms", type=float, default=None, help="--split auto: response deadline")
+    p.add_argument("--edge-profile", type=Path, default=None, help="--split auto: edge profile JSON")
+    p.add_argument("--cloud-profile", type=Path, default=None, help="--split auto: cloud profile JSON")
+    p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON")
+
+
+def run_partition(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .partition import PartitionError, PartitionOptions, partition
+
+    console = Console(stderr=True)
+    auto = str(args.split).lower() == "auto"
+    split = None if args.split is None or auto else int(args.split)
+    opts = PartitionOptions(model=args.model, out=args.out, split=split, max_edge_layers=args.max_edge_layers,
+                            min_edge_layers=args.min_edge_layers, quantize_edge=args.quantize_edge,
+                            opset=args.opset, calibration=args.calibration, codec=args.codec, force=args.force)
+    try:
+        manifest, summary = partition(opts, console)
+    except (PartitionError, FileNotFoundError, ValueError) as e:
+        console.print(f"[red]partition: {e}[/red]")
+        return 2
+    if auto:
+        try:
+            from .auto_split import choose_split
+        except ImportError:
+            console.print("[red]partition: --split auto needs the planner (seamline.edge.planner), "
+                          "which this installation lacks[/red]")
+            return 2
+        summary["plan"] = choose_split(args, manifest, console)
+        summary["default_split"] = summary["plan"]["choice"]["split"]
+    table = Table(title=f"bundle {summary['bundle']}")
+    table.add_column("item")
+    table.add_column("value")
+    for key in ("model", "family", "layers", "edge_layers_exported", "default_split", "edge_runs", "cloud_runs",
+                "split_range", "offline_fallback"):
+        table.add_row(key, str(summary[key]))
+    for name, size in summary["files"].items():
+        table.add_row(name, f"{size / 1e6:.2f} MB")
+    table.add_row("total", f"{summary['bytes_total'] / 1e6:.2f} MB")
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Parity of a bundle with the unsplit model: edge graphs in ONNX Runtime + back half in torch, "
+                     "prefill of 32 tokens and 16 decode steps at every allowed split. Exit 1 when parity fails.")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--model", default=None, help="source checkpoint (default: the one the manifest names)")
+    p.add_argument("--int8", action="store_true", help="verify the int8 graphs (criterion: agreement >= 0.95)")
+    p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--json", type=Path, default=None, help="write the report as JSON")
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from seamline.protos.bundle import BundleError
+
+    from .verify import VerifyOptions, verify
+
+    try:
+        report = verify(VerifyOptions(args.bundle, args.model, args.prompt_tokens, args.decode_steps, args.int8))
+    except (BundleError, FileNotFoundError, ValueError) as e:
+        print(f"verify: {e}", file=sys.stderr)
+        return 2
+    table = Table(title=f"parity of {args.bundle} ({report['family']}, {'int8' if args.int8 else 'fp32'})")
+    for col in ("split", "max |logit diff|", "greedy agreement"):
+        table.add_column(col)
+    for r in report["splits"]:
+        table.add_row(str(r["split"]), f"{r['max_abs_logit_diff']:.2e}", f"{r['greedy_agreement']:.3f}")
+    Console().print(table)
+    verdict = "PASS" if report["passed"] else "FAIL"
+    print(f"{verdict}: max_abs_logit_diff={report['max_abs_logit_diff']:.2e} "
+          f"greedy_agreement={report['greedy_agreement']:.3f} ({report['criterion']})")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if report["passed"] else 1
+
+
+def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Per-layer latency on this machine for the planner: decode (one token at contexts 64 and "
+                     "256) and prefill (chunks of 64), medians after warm-up. Give a BUNDLE for the edge "
+                     "(ONNX Runtime) or --model for the cloud (torch).")
+    p.add_argument("bundle", type=Path, nargs="?", default=None, help="bundle folder (edge profile)")
+    p.add_argument("--model", default=None, metavar="PATH|demo", help="checkpoint (cloud profile)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="cloud profile device")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--threads", type=int, default=1, help="edge: ORT intra-op threads (default 1)")
+    p.add_argument("--int8", action="store_true", help="edge: profile the int8 graphs")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", type=Path, required=True, help="profile JSON to write")
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from .profile import profile_cloud, profile_edge
+
+    if (args.bundle is None) == (args.model is None):
+        print("profile: give either a BUNDLE (edge profile) or --model (cloud profile)", file=sys.stderr)
+        return 2
+    if args.bundle is not None:
+        prof = profile_edge(args.bundle, threads=args.threads, int8=args.int8, repeats=args.repeats)
+    else:
+        prof = profile_cloud(args.model, device=args.device, dtype=args.dtype, repeats=args.repeats)
+    args.out.write_text(json.dumps(prof, indent=2) + "\n")
+    total = sum(r["decode_ms"][str(prof["contexts"][0])] for r in prof["layers"])
+    print(f"{prof['kind']} profile: {prof['num_layers']} layers profiled ({len(prof['layers'])} measured), "
+          f"decode at context {prof['contexts'][0]}: {total:.3f} ms over those layers -> {args.out}")
+    return 0

@@ -1,0 +1,144 @@
+"""ONNX export of the edge segments: embeddings, one graph per block, and the head.
+
+Each graph is exported with torch's dynamo exporter from a small wrapper around the family
+adapter (so the graph computes exactly what the cloud computes in torch), checked with
+``onnx.checker``, and optionally quantized to int8 with onnxruntime's dynamic quantization.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from .families import FamilyAdapter
+
+# Example sizes for tracing: the dynamo exporter specialises sizes 0 and 1, so trace with >= 2
+# and declare the minimum of the dynamic dimension.
+_EX_T, _EX_P = 3, 4
+DEFAULT_OPSET = 18
+
+
+class _Embed(torch.nn.Module):
+    def __init__(self, adapter: FamilyAdapter):
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, input_ids, position_ids):
+        return self.adapter.embed(input_ids, position_ids)
+
+
+class _DecoderBlock(torch.nn.Module):
+    def __init__(self, adapter: FamilyAdapter, i: int):
+        super().__init__()
+        self.adapter, self.i = adapter, i
+
+    def forward(self, hidden, past_key, past_value, position_ids):
+        return self.adapter.block(self.i, hidden, past_key, past_value, position_ids)
+
+
+class _EncoderBlock(torch.nn.Module):
+    def __init__(self, adapter: FamilyAdapter, i: int):
+        super().__init__()
+        self.adapter, self.i = adapter, i
+
+    def forward(self, hidden, attention_mask):
+        return self.adapter.block(self.i, hidden, None, None, None, attention_mask)[0]
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, adapter: FamilyAdapter):
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, hidden):
+        return self.adapter.head(hidden)
+
+
+class _EncoderHead(torch.nn.Module):
+    def __init__(self, adapter: FamilyAdapter):
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, hidden, attention_mask):
+        return self.adapter.head(hidden, attention_mask)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress lines and warnings per graph; keep our own progress bar clean."""
+    loggers = [logging.getLogger(n) for n in ("", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
+            output_names: list[str], dynamic_shapes: dict, opset: int) -> None:
+    import onnx
+
+    module.eval()  # the exporter restores the wrapper's mode afterwards: keep it eval
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(module, args, str(path), dynamo=True, input_names=input_names,
+                          output_names=output_names, dynamic_shapes=dynamic_shapes, opset_version=opset,
+                          external_data=False, verbose=False)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def export_embed(adapter: FamilyAdapter, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    t = torch.export.Dim("T", min=1, max=max(2, adapter.shape.max_positions))
+    ids = torch.zeros(1, _EX_T, dtype=torch.long)
+    pos = torch.arange(_EX_T).unsqueeze(0)
+    _export(_Embed(adapter), (ids, pos), path, ["input_ids", "position_ids"], ["hidden"],
+            {"input_ids": {1: t}, "position_ids": {1: t}}, opset)
+
+
+def export_block(adapter: FamilyAdapter, i: int, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    s = adapter.shape
+    t = torch.export.Dim("T", min=1, max=max(2, s.max_positions))
+    hidden = torch.randn(1, _EX_T, s.hidden_size)
+    if s.causal:
+        p = torch.export.Dim("P", min=0, max=max(2, s.max_positions))
+        past = torch.randn(1, s.num_kv_heads, _EX_P, s.head_dim)
+        pos = torch.arange(_EX_P, _EX_P + _EX_T).unsqueeze(0)
+        _export(_DecoderBlock(adapter, i), (hidden, past, past.clone(), pos), path,
+                ["hidden", "past_key", "past_value", "position_ids"],
+                ["hidden_out", "present_key", "present_value"],
+                {"hidden": {1: t}, "past_key": {2: p}, "past_value": {2: p}, "position_ids": {1: t}}, opset)
+    else:
+        mask = torch.ones(1, _EX_T, dtype=torch.long)
+        _export(_EncoderBlock(adapter, i), (hidden, mask), path, ["hidden", "attention_mask"], ["hidden_out"],
+                {"hidden": {1: t}, "attention_mask": {1: t}}, opset)
+
+
+def export_head(adapter: FamilyAdapter, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    s = adapter.shape
+    t = torch.export.Dim("T", min=1, max=max(2, s.max_positions))
+    hidden = torch.randn(1, _EX_T, s.hidden_size)
+    if s.causal:
+        _export(_Head(adapter), (hidden,), path, ["hidden"], ["logits"], {"hidden": {1: t}}, opset)
+    else:
+        mask = torch.ones(1, _EX_T, dtype=torch.long)
+        _export(_EncoderHead(adapter), (hidden, mask), path, ["hidden", "attention_mask"], ["embedding"],
+                {"hidden": {1: t}, "attention_mask": {1: t}}, opset)
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """int8 weights, dynamic activation quantization (onnxruntime.quantization.quantize_dynamic)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])

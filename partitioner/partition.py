@@ -1,0 +1,181 @@
+"""Write a bundle: export the edge graphs, calibrate the codecs, record the manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seamline.protos.bundle import CodecDefaults, Manifest, write_manifest
+
+from . import export
+from .families import adapter_for
+from .loading import load_model, load_tokenizer_path, model_hash
+
+DEFAULT_CALIBRATION_TOKENS = 2048
+
+
+class PartitionError(ValueError):
+    pass
+
+
+@dataclass
+class PartitionOptions:
+    model: str = "demo"
+    out: Path = Path("bundle")
+    split: int | None = None  # default split recorded in the manifest; None = middle
+    max_edge_layers: int | None = None  # None = every layer (offline fallback possible)
+    min_edge_layers: int = 1  # privacy floor
+    quantize_edge: str | None = None  # None | "int8"
+    opset: int = export.DEFAULT_OPSET
+    calibration: Path | None = None  # text file; default: the demo corpus sample
+    codec: str = "int8"
+    force: bool = False
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def calibration_text(path: Path | None) -> str:
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise PartitionError(f"--calibration {p}: no such file; pass a UTF-8 text file")
+        return p.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parent / "demo_model" / "calibration.txt").read_text(encoding="utf-8")
+
+
+@torch.no_grad()
+def hidden_states_per_split(adapter, ids: list[int], max_split: int) -> dict[int, np.ndarray]:
+    """Hidden state after block k-1 for k in 1..max_split over the token ids (T, C) each."""
+    s = adapter.shape
+    window = min(s.max_positions, 256)
+    out: dict[int, list[np.ndarray]] = {k: [] for k in range(1, max_split + 1)}
+    for start in range(0, max(1, len(ids) - 1), window):
+        chunk = ids[start:start + window]
+        if not chunk:
+            break
+        x = torch.tensor([chunk])
+        pos = torch.arange(len(chunk)).unsqueeze(0)
+        mask = torch.ones_like(x)
+        h = adapter.embed(x, pos)
+        for i in range(max_split):
+            h, _, _ = adapter.block(i, h, None, None, pos, None if s.causal else mask)
+            out[i + 1].append(h[0].float().numpy())
+    return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
+def calibrate(adapter, tokenizer_path: Path, text: str, max_split: int) -> dict[str, dict]:
+    from tokenizers import Tokenizer
+
+    from seamline.protos import codec
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    ids = tok.encode(text).ids[:DEFAULT_CALIBRATION_TOKENS]
+    if len(ids) < 16:
+        raise PartitionError(f"calibration text gives only {len(ids)} tokens; pass a longer --calibration file")
+    states = hidden_states_per_split(adapter, ids, max_split)
+    return {str(k): codec.calibrate(h) for k, h in states.items()}
+
+
+def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
+    """Write the bundle of ``opts.model`` to ``opts.out``; returns the manifest and a summary."""
+    out = Path(opts.out)
+    if out.exists() and any(out.iterdir()):
+        if not opts.force:
+            raise PartitionError(f"{out} exists and is not empty; pass --force to overwrite it")
+        shutil.rmtree(out)
+    model, path = load_model(opts.model)
+    adapter = adapter_for(model)
+    s = adapter.shape
+    L = s.num_layers
+    edge_layers = L if opts.max_edge_layers is None else opts.max_edge_layers
+    if not 1 <= edge_layers <= L:
+        raise PartitionError(f"--max-edge-layers {edge_layers}: must be in [1, {L}] for this {L}-layer model")
+    if not 0 <= opts.min_edge_layers <= edge_layers:
+        raise PartitionError(f"--min-edge-layers {opts.min_edge_layers}: must be in [0, {edge_layers}] "
+                             f"(the bundle exports {edge_layers} edge layers)")
+    min_split, max_split = opts.min_edge_layers, edge_layers
+    split = opts.split if opts.split is not None else max(min_split, min(max_split, L // 2))
+    if not min_split <= split <= max_split:
+        raise PartitionError(f"--split {split}: outside the allowed range [{min_split}, {max_split}] "
+                             "(privacy floor --min-edge-layers .. exported --max-edge-layers)")
+    tok_path = load_tokenizer_path(path)
+    out.mkdir(parents=True, exist_ok=True)
+
+    blocks = [f"block_{i:02d}.onnx" for i in range(edge_layers)]
+    head = "head.onnx" if edge_layers == L else None
+    graphs = ["embed.onnx", *blocks] + ([head] if head else [])
+    int8 = {}
+    if opts.quantize_edge == "int8":
+        # Embedding lookups are not quantized (Gather): the int8 set reuses embed.onnx.
+        int8 = {"embed": "embed.onnx", "blocks": [f"int8/{b}" for b in blocks],
+                "head": f"int8/{head}" if head else None}
+    elif opts.quantize_edge not in (None, "none"):
+        raise PartitionError(f"--quantize-edge {opts.quantize_edge}: supported: int8")
+
+    to_quantize = [g for g in graphs if g != "embed.onnx"] if int8 else []
+    n_steps = len(graphs) + len(to_quantize) + 1
+    with _progress() as progress:
+        task = progress.add_task("exporting ONNX graphs", total=n_steps)
+        export.export_embed(adapter, out / "embed.onnx", opts.opset)
+        progress.advance(task)
+        for i, name in enumerate(blocks):
+            progress.update(task, description=f"exporting {name}")
+            export.export_block(adapter, i, out / name, opts.opset)
+            progress.advance(task)
+        if head:
+            progress.update(task, description="exporting head.onnx")
+            export.export_head(adapter, out / head, opts.opset)
+            progress.advance(task)
+        for name in to_quantize:
+            progress.update(task, description=f"quantizing {name} to int8")
+            export.quantize_int8(out / name, out / "int8" / name)
+            progress.advance(task)
+        progress.update(task, description="calibrating codecs")
+        calib = calibrate(adapter, tok_path, calibration_text(opts.calibration), max_split)
+        progress.advance(task)
+    shutil.copyfile(tok_path, out / "tokenizer.json")
+
+    config = json.loads((path / "config.json").read_text())
+    manifest = Manifest(
+        model_id="demo" if opts.model == "demo" else path.name,
+        model_source="demo" if opts.model == "demo" else str(path.resolve()), family=adapter.family,
+        model_type=config.get("model_type", ""), model_config=config, source_model_hash=model_hash(path),
+        num_layers=L, hidden_size=s.hidden_size, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
+        head_dim=s.head_dim, vocab_size=s.vocab_size, max_positions=s.max_positions, causal=s.causal,
+        edge_layers=edge_layers, default_split=split, min_split=min_split, max_split=max_split,
+        opset=opts.opset, blocks=blocks, head=head, int8=int8,
+        eos_token_id=getattr(model.config, "eos_token_id", None),
+        codec=CodecDefaults(codec=opts.codec, calibration=calib))
+    write_manifest(manifest, out)
+    return manifest, summarize(manifest, out)
+
+
+def summarize(manifest: Manifest, out: Path) -> dict:
+    sizes = {name: e.bytes for name, e in manifest.files.items()}
+    fp32 = sum(v for k, v in sizes.items() if not k.startswith("int8/"))
+    int8 = sum(v for k, v in sizes.items() if k.startswith("int8/"))
+    return {
+        "bundle": str(out),
+        "model": manifest.model_id,
+        "family": manifest.family,
+        "layers": manifest.num_layers,
+        "edge_layers_exported": manifest.edge_layers,
+        "default_split": manifest.default_split,
+        "edge_runs": f"embed + blocks [0, {manifest.default_split})",
+        "cloud_runs": f"blocks [{manifest.default_split}, {manifest.num_layers}) + head",
+        "split_range": [manifest.min_split, manifest.max_split],
+        "offline_fallback": manifest.has_all_layers,
+        "files": sizes,
+        "bytes_fp32_graphs": fp32,
+        "bytes_int8_graphs": int8,
+        "bytes_total": fp32 + int8,
+    }
