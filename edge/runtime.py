@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from seamline.protos.bundle import BundleError, Manifest, load_bundle
 
 
@@ -109,7 +108,10 @@ class EdgeRuntime:
         if self._tokenizer is None:
             from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_file(str(self.bundle_dir / self.manifest.tokenizer))
+            tok = Tokenizer.from_file(str(self.bundle_dir / self.manifest.tokenizer))
+            tok.no_padding()  # some tokenizer.json files pad or truncate to a fixed length (encoders)
+            tok.no_truncation()
+            self._tokenizer = tok
         return self._tokenizer
 
     def encode_text(self, text: str) -> list[int]:
@@ -131,7 +133,7 @@ class EdgeRuntime:
             raise BundleError(f"split {k} needs {k} edge layers; this bundle exports "
                               f"{self.num_edge_layers} (re-run `partition` with a larger --max-edge-layers)")
         have = cache.length(k)
-        if have != start:
+        if k > 0 and have != start:  # k = 0 is the embedding alone: no cache to agree with
             raise ValueError(f"edge cache holds {have} positions in blocks [0,{k}), step starts at {start}; "
                              "replay the history from position 0")
         ids_arr = np.asarray(ids, dtype=np.int64).reshape(1, -1)  # (1, T)

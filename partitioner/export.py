@@ -142,3 +142,49 @@ def quantize_int8(src: Path, dst: Path) -> None:
     with _quiet():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul", "Gemm"])
+
+
+TIED_FILE = "tied_embedding.bin"
+
+
+def share_tied_embedding(bundle_dir: Path, embed_file: str, head_file: str) -> bool:
+    """Store a tied embedding / LM-head matrix once, in ``tied_embedding.bin``, for both graphs.
+
+    The embed graph gathers rows of W (V, C); the exported head multiplies by W^T (C, V). When the
+    head's matrix is exactly the transpose of the embedding, both graphs are rewritten to read W
+    from one external-data file, and the head gets a Transpose node (ORT folds it at load time).
+    Returns False (and changes nothing) when the weights are not tied.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    bundle_dir = Path(bundle_dir)
+    embed = onnx.load(str(bundle_dir / embed_file))
+    head = onnx.load(str(bundle_dir / head_file))
+    e_init = max(embed.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    w = numpy_helper.to_array(e_init)  # (V, C)
+    h_init = next((t for t in head.graph.initializer if list(t.dims) == [w.shape[1], w.shape[0]]), None)
+    if w.ndim != 2 or h_init is None or not np.array_equal(numpy_helper.to_array(h_init), w.T):
+        return False
+    data = np.ascontiguousarray(w, dtype="<f4").tobytes()
+    (bundle_dir / TIED_FILE).write_bytes(data)
+
+    def external(name: str) -> onnx.TensorProto:
+        t = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=list(w.shape))
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", TIED_FILE), ("offset", "0"), ("length", str(len(data)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        return t
+
+    e_init.CopyFrom(external(e_init.name))
+    transposed = h_init.name
+    head.graph.initializer.remove(h_init)
+    head.graph.initializer.append(external("tied_embedding"))
+    head.graph.node.insert(0, helper.make_node("Transpose", ["tied_embedding"], [transposed], perm=[1, 0],
+                                               name="tied_embedding_transpose"))
+    for model, name in ((embed, embed_file), (head, head_file)):
+        onnx.save(model, str(bundle_dir / name))
+        onnx.checker.check_model(str(bundle_dir / name), full_check=True)
+    return True

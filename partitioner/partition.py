@@ -139,6 +139,7 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
             progress.update(task, description=f"quantizing {name} to int8")
             export.quantize_int8(out / name, out / "int8" / name)
             progress.advance(task)
+        tied = bool(head) and export.share_tied_embedding(out, "embed.onnx", head)
         progress.update(task, description="calibrating codecs")
         calib = calibrate(adapter, tok_path, calibration_text(opts.calibration), max_split)
         progress.advance(task)
@@ -153,7 +154,7 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
         head_dim=s.head_dim, vocab_size=s.vocab_size, max_positions=s.max_positions, causal=s.causal,
         edge_layers=edge_layers, default_split=split, min_split=min_split, max_split=max_split,
         opset=opts.opset, blocks=blocks, head=head, int8=int8,
-        eos_token_id=getattr(model.config, "eos_token_id", None),
+        eos_token_id=getattr(model.config, "eos_token_id", None), tied_embedding=export.TIED_FILE if tied else None,
         codec=CodecDefaults(codec=opts.codec, calibration=calib))
     write_manifest(manifest, out)
     return manifest, summarize(manifest, out)

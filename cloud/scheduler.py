@@ -1,0 +1,231 @@
+"""``BatchScheduler``: the engine loop — schedule, execute, update.
+
+Steps are queued in two lines: decode (one-token chunks) and prefill (longer chunks). Each turn
+of the loop runs one decode batch, then one prefill chunk, so a long prompt never holds back the
+sessions that are generating and vice versa. A decode batch takes the oldest queued step, waits
+up to ``batch_window_ms`` for the other recently decoding sessions to join (only when some are
+expected), and runs up to ``max_batch`` steps of the same split k in one forward pass. Rows are
+grouped by k because a forward pass covers one layer range; a session's tokens do not depend on
+its batch neighbours (see executor.py for the padding and sampling.py for the seeding).
+
+A session has at most one step in the scheduler at a time (the service holds the session's lock
+while its step is queued or running).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import CloudConfig
+from .errors import CloudError, NotFound, ResourceExhausted
+from .executor import TorchExecutor
+from .messages import Row, StepOutcome
+from .metrics import CloudMetrics
+from .sessions import SessionStore
+
+log = logging.getLogger("seamline.cloud")
+
+RECENT_DECODER_S = 1.0  # a session that decoded this recently is expected to send its next step soon
+
+
+@dataclass(eq=False)
+class StepWork:
+    row: Row
+    arrived: float
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    running: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "decode" if self.row.tokens == 1 else "prefill"
+
+
+class BatchScheduler:
+    def __init__(self, config: CloudConfig, executor: TorchExecutor, store: SessionStore, metrics: CloudMetrics):
+        self.config = config
+        self.executor = executor
+        self.store = store
+        self.metrics = metrics
+        self.decode: deque[StepWork] = deque()
+        self.prefill: deque[StepWork] = deque()
+        self.in_flight = 0                       # submitted, not yet answered
+        self.recent_queue_ms: deque[float] = deque(maxlen=256)
+        self._recent_decoders: dict[str, float] = {}  # session id -> time of its last decode step
+        self._wakeup = asyncio.Event()          # something was queued
+        self._arrival = asyncio.Event()         # a decode step was queued (for the batch window)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.decode) + len(self.prefill)
+
+    def queue_ms_p50(self) -> float:
+        return statistics.median(self.recent_queue_ms) if self.recent_queue_ms else 0.0
+
+    async def submit(self, row: Row) -> StepOutcome:
+        """Queue one session's chunk and wait for its outcome (raises CloudError)."""
+        work = StepWork(row, time.perf_counter())
+        (self.decode if work.kind == "decode" else self.prefill).append(work)
+        self.in_flight += 1
+        self._idle.clear()
+        self._wakeup.set()
+        self._arrival.set()
+        try:
+            return await asyncio.shield(work.future)
+        except asyncio.CancelledError:
+            # The client went away. A queued step is dropped; a running one finishes first, so the
+            # caller keeps the session's lock until nothing touches the session any more.
+            if work.running:
+                await asyncio.wait([work.future])
+                if not work.future.cancelled():
+                    work.future.exception()  # retrieved: nobody else will read it
+            else:
+                self._finish(work, cancel=True)
+            raise
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until every submitted step is answered; False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def run(self) -> None:
+        """The engine loop (a background task for the server's lifetime)."""
+        while True:
+            if not self.decode and not self.prefill:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.decode:
+                await self._gather_window()
+                batch = self._take_decode_batch()
+                if batch:
+                    await self._execute_guarded(batch)
+            if self.prefill:
+                work = self.prefill.popleft()
+                if not work.future.done():
+                    await self._execute_guarded([work])
+
+    # ------------------------------------------------------------------------------ schedule
+
+    def _expected_joiners(self, now: float) -> int:
+        for sid in [sid for sid, t in self._recent_decoders.items() if now - t > RECENT_DECODER_S]:
+            del self._recent_decoders[sid]
+        queued = {w.row.session.id for w in self.decode}
+        return sum(1 for sid in self._recent_decoders if sid not in queued)
+
+    async def _gather_window(self) -> None:
+        """Let other decoding sessions join the oldest decode step's batch, for up to the window."""
+        window = self.config.batch_window_ms / 1e3
+        deadline = self.decode[0].arrived + window
+        while len(self.decode) < self.config.max_batch:
+            now = time.perf_counter()
+            if now >= deadline or self._expected_joiners(now) == 0:
+                return
+            self._arrival.clear()
+            try:
+                await asyncio.wait_for(self._arrival.wait(), deadline - now)
+            except TimeoutError:
+                return
+
+    def _take_decode_batch(self) -> list[StepWork]:
+        while self.decode and self.decode[0].future.done():
+            self.decode.popleft()
+        if not self.decode:
+            return []
+        split = self.decode[0].row.session.split
+        batch, rest = [], deque()
+        while self.decode:
+            work = self.decode.popleft()
+            if work.future.done():
+                continue
+            if work.row.session.split == split and len(batch) < self.config.max_batch:
+                batch.append(work)
+            else:
+                rest.append(work)
+        self.decode = rest
+        return batch
+
+    # ------------------------------------------------------------------------------- execute
+
+    async def _execute_guarded(self, batch: list[StepWork]) -> None:
+        """Run a batch; a bug fails that batch's steps (INTERNAL) instead of stopping the loop."""
+        try:
+            await self._execute(batch)
+        except Exception as e:
+            log.exception("scheduler failed on a batch of %d", len(batch))
+            for work in batch:
+                self._finish(work, exc=CloudError(f"internal error in the scheduler: {type(e).__name__}: {e}"))
+
+    async def _execute(self, batch: list[StepWork]) -> None:
+        ready = []
+        for work in batch:
+            session = work.row.session
+            try:
+                if session.closed:
+                    raise NotFound(f"session {session.id} was closed; open a new session and replay")
+                self.store.reserve(session, session.position + work.row.tokens)
+            except CloudError as e:
+                self._finish(work, exc=e)
+                continue
+            work.running = True
+            ready.append(work)
+        if not ready:
+            return
+        started = time.perf_counter()
+        try:
+            samples, compute_ms = await self.executor.run(self.executor.forward, [w.row for w in ready])
+        except Exception as e:  # noqa: BLE001 - every row of a failed pass gets an answer
+            if len(ready) == 1:
+                self._finish(ready[0], exc=self._executor_error(e, 1))
+                return
+            # Run the rows one by one so that only the row that broke the pass fails. Cached
+            # entries a failed pass wrote beyond a session's position are simply overwritten later.
+            for work in ready:
+                await self._execute([work])
+            return
+        self.metrics.observe_batch(ready[0].kind, len(ready), compute_ms)
+        # ------------------------------------------------------------------------------ update
+        for work, smp in zip(ready, samples, strict=True):
+            session = work.row.session
+            session.position += work.row.tokens
+            session.last_used = self.store.clock()
+            finished = smp is not None and session.record_sample(smp.token_id, self.store.max_positions)
+            queue_ms = (started - work.arrived) * 1e3
+            self.recent_queue_ms.append(queue_ms)
+            self.metrics.queue_seconds.observe(queue_ms / 1e3)
+            if work.kind == "decode" and not finished:
+                self._recent_decoders[session.id] = time.perf_counter()
+            else:
+                self._recent_decoders.pop(session.id, None)
+            self._finish(work, StepOutcome(smp, finished, session.position, queue_ms, compute_ms, len(ready)))
+
+    def _executor_error(self, e: Exception, size: int) -> CloudError:
+        if isinstance(e, torch.OutOfMemoryError):
+            return ResourceExhausted(f"device memory exhausted running a batch of {size}; lower --max-batch, "
+                                     "--kv-budget or --max-chunk-tokens")
+        log.exception("executor failed on a batch of %d", size, exc_info=e)
+        return CloudError(f"internal error in the executor: {type(e).__name__}: {e}")
+
+    def _finish(self, work: StepWork, outcome: StepOutcome | None = None, exc: CloudError | None = None,
+                cancel: bool = False) -> None:
+        if work.future.done():
+            return
+        if cancel:
+            work.future.cancel()
+        elif exc is not None:
+            work.future.set_exception(exc)
+        else:
+            work.future.set_result(outcome)
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()

@@ -1,0 +1,172 @@
+"""Sessions and their KV caches, bounded by a session count and a byte budget.
+
+A ``Session`` is one generation of one device at one split ``k``: its codec, its sampling
+parameters, its position and one KV buffer for layers k..L. The ``SessionStore`` decides how
+much KV memory each session may hold (``reserve``) and counts it; the executor's worker thread
+allocates exactly that much. Idle sessions are evicted after the TTL, by a background task and
+on access. Sessions are soft state: a client that loses one replays its history on a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from seamline.protos.codec import CodecConfig
+
+from .config import CloudConfig
+from .errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted
+from .sampling import SamplingParams
+
+GROWTH_QUANTUM = 64  # KV buffers grow in multiples of this many positions (and by 1.5x)
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    device_id: str
+    split: int                        # k: the client ran layers [0, k)
+    codec: CodecConfig
+    sampling: SamplingParams
+    bytes_per_token: int              # KV bytes one position costs for layers k..L
+    last_used: float
+    position: int = 0                 # positions held in the cache (the next chunk's start)
+    capacity: int = 0                 # positions the KV buffer may hold, reserved by the store
+    kv: torch.Tensor | None = None    # (L - k, 2, n_kv_heads, capacity, head_dim); worker thread only
+    first_sample_position: int | None = None  # position after the chunk that sampled the first token
+    closed: bool = False
+    rng: torch.Generator = field(default_factory=torch.Generator)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step of a session at a time
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.capacity * self.bytes_per_token
+
+    @property
+    def tokens_generated(self) -> int:
+        if self.first_sample_position is None:
+            return 0
+        return self.position - self.first_sample_position + 1
+
+    def check_start(self, start: int) -> None:
+        if start > self.position:
+            raise FailedPrecondition(
+                f"chunk starts at position {start} but session {self.id} holds {self.position} positions "
+                f"(server_position={self.position}); resend from position {self.position}, or replay "
+                "the history on a new session")
+
+    def rewind(self, start: int) -> None:
+        """Drop cached positions >= start (the buffer keeps its size; later writes overwrite them)."""
+        self.check_start(start)
+        self.position = start
+        if self.first_sample_position is not None and start < self.first_sample_position:
+            self.first_sample_position = None
+
+    def record_sample(self, token_id: int, max_positions: int) -> bool:
+        """Count a token sampled after the current position; True when the generation is finished."""
+        if self.first_sample_position is None:
+            self.first_sample_position = self.position
+        p = self.sampling
+        return (token_id in p.stop_token_ids
+                or (p.max_new_tokens > 0 and self.tokens_generated >= p.max_new_tokens)
+                or self.position >= max_positions)
+
+
+class SessionStore:
+    """All open sessions; the one owner of the session count and KV byte accounting."""
+
+    def __init__(self, config: CloudConfig, max_positions: int, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.max_positions = max_positions
+        self.clock = clock
+        self.sessions: dict[str, Session] = {}
+        self.kv_bytes = 0          # sum of kv_bytes over open sessions
+        self.evicted_total = 0
+        self.on_evict: Callable[[Session], None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def open(self, device_id: str, split: int, codec: CodecConfig, sampling: SamplingParams,
+             bytes_per_token: int) -> Session:
+        self.evict_expired()
+        if len(self.sessions) >= self.config.max_sessions:
+            raise ResourceExhausted(
+                f"max sessions reached ({self.config.max_sessions} open); close finished sessions, retry "
+                "later or on another replica, or raise --max-sessions")
+        session = Session(uuid.uuid4().hex, device_id, split, codec, sampling, bytes_per_token, self.clock())
+        self.sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str, device_id: str) -> Session:
+        """The open session ``session_id`` of ``device_id``; refreshes its idle timer."""
+        session = self.sessions.get(session_id)
+        if session is not None and self._expired(session, self.clock()):
+            self._drop(session, evicted=True)
+            session = None
+        if session is None:
+            raise NotFound(f"session {session_id!r} is unknown, closed or evicted; open a new session and "
+                           "replay the history")
+        if session.device_id != device_id:
+            raise PermissionDenied(f"session {session_id} belongs to another device; open your own session")
+        session.last_used = self.clock()
+        return session
+
+    def close(self, session_id: str, device_id: str) -> int:
+        """Close a session; returns the KV bytes freed."""
+        session = self.get(session_id, device_id)
+        return self._drop(session, evicted=False)
+
+    def reserve(self, session: Session, positions: int) -> None:
+        """Make room for ``positions`` cached positions, within --kv-budget; grows by 1.5x when it can."""
+        if positions <= session.capacity or session.bytes_per_token == 0:
+            return
+        if positions > self.max_positions:
+            raise ResourceExhausted(f"the context is full: {positions} positions exceed the model's "
+                                    f"{self.max_positions}; start a new generation with a shorter history")
+        budget, bpt = self.config.kv_budget, session.bytes_per_token
+        roomy = -(-max(positions, session.capacity * 3 // 2) // GROWTH_QUANTUM) * GROWTH_QUANTUM
+        for capacity in (min(roomy, self.max_positions), positions):
+            extra = (capacity - session.capacity) * bpt
+            if self.kv_bytes + extra <= budget:
+                self.kv_bytes += extra
+                session.capacity = capacity
+                return
+        raise ResourceExhausted(
+            f"KV budget reached: {self.kv_bytes} of {budget} bytes (--kv-budget) are held by "
+            f"{len(self.sessions)} sessions and this chunk needs {extra} more; close finished sessions, "
+            "lower --session-ttl, or raise --kv-budget")
+
+    def evict_expired(self, now: float | None = None) -> list[Session]:
+        now = self.clock() if now is None else now
+        expired = [s for s in self.sessions.values() if self._expired(s, now)]
+        for s in expired:
+            self._drop(s, evicted=True)
+        return expired
+
+    async def run_evictor(self) -> None:
+        """Background task: evict idle sessions every quarter TTL (at most every second)."""
+        interval = min(1.0, self.config.session_ttl / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self.evict_expired()
+
+    def _expired(self, session: Session, now: float) -> bool:
+        return now - session.last_used > self.config.session_ttl and not session.lock.locked()
+
+    def _drop(self, session: Session, evicted: bool) -> int:
+        freed = session.kv_bytes
+        self.sessions.pop(session.id, None)
+        self.kv_bytes -= freed
+        session.closed = True
+        session.capacity = 0
+        session.kv = None  # the worker may still hold a reference while finishing a step
+        if evicted:
+            self.evicted_total += 1
+            if self.on_evict:
+                self.on_evict(session)
+        return freed

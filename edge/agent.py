@@ -1,0 +1,166 @@
+"""``EdgeAgent``: the daemon — the bundle in ONNX Runtime, the cloud link, the local HTTP API.
+
+Start-up loads the bundle (every file's sha256 is checked; a bad bundle is a ``BundleError`` that
+says how to fix it), opens the ORT sessions on one worker thread's behalf, and serves the API with
+uvicorn on ``listen``. SIGTERM / SIGINT drain: ``/healthz`` turns 503 and new generation requests
+get 503, the listening socket closes, in-flight requests (streams included) finish within
+``grace`` seconds, then the cloud channels and the worker close and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from .api import AgentState, create_app
+from .config import ConfigError, EdgeConfig, split_listen
+from .generation import GenerationEngine
+from .link import CloudLink
+from .metrics import EdgeMetrics
+from .policy import FixedPolicy, SplitPolicy
+from .runtime import EdgeRuntime
+from .worker import ComputeWorker
+
+log = logging.getLogger("seamline.edge")
+
+
+def build_engine(config: EdgeConfig, policy: SplitPolicy | None = None) -> GenerationEngine:
+    """Load the bundle and wire runtime, worker, link and policy together (no HTTP)."""
+    if not config.bundle:
+        raise ConfigError("no bundle: pass --bundle DIR (a folder written by `seamline partition`) or set "
+                          "`bundle` in the config file")
+    bundle = Path(config.bundle).expanduser()
+    runtime = EdgeRuntime(bundle, threads=config.threads, int8=config.int8, verify=config.verify)
+    if policy is None:
+        policy = FixedPolicy.from_manifest(runtime.manifest, config.split, config.codec, config.zstd)
+    link = CloudLink(config) if config.cloud else None
+    return GenerationEngine(runtime, ComputeWorker(), link, policy, config)
+
+
+async def close_engine(engine: GenerationEngine) -> None:
+    if engine.link is not None:
+        await engine.link.close()
+    await asyncio.to_thread(engine.worker.shutdown)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the agent drains first, then exits with 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+        return None
+
+
+class EdgeAgent:
+    def __init__(self, config: EdgeConfig, policy: SplitPolicy | None = None):
+        self.config = config
+        self.engine = build_engine(config, policy)
+        m = self.engine.manifest
+        self.metrics = EdgeMetrics()
+        self.state = AgentState(self.engine, self.metrics, config.model_name or m.model_id, self._health)
+        self.app = create_app(self.state)
+        self.server: _Server | None = None
+        self.url: str | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._cloud_status: dict[str, str] = {}
+
+    def _health(self) -> dict:
+        m, policy = self.engine.manifest, self.engine.policy
+        choice = getattr(policy, "choice", None)
+        link = self.engine.link
+        return {
+            "bundle": str(self.engine.runtime.bundle_dir), "layers": m.num_layers, "edge_layers": m.edge_layers,
+            "split": choice.k if choice else None, "codec": choice.codec.codec if choice else None,
+            "int8": self.engine.runtime.int8, "offline_fallback": m.has_all_layers,
+            "cloud": [{"endpoint": ep, "status": self._cloud_status.get(ep, "unknown")}
+                      for ep in (link.endpoints if link else [])],
+            "last_cloud_error": link.last_error if link else None,
+        }
+
+    async def _probe_cloud(self) -> None:
+        """At start-up: ask every endpoint for Info and log what it serves (never fatal)."""
+        link = self.engine.link
+        for ep in link.endpoints:
+            try:
+                info = await link.info(ep)
+            except Exception as e:  # noqa: BLE001 - a probe; generations retry on their own
+                self._cloud_status[ep] = "unreachable"
+                log.warning("cloud %s is not reachable yet: %s", ep, getattr(e, "message", e))
+                continue
+            if info.model_hash != self.engine.manifest.source_model_hash:
+                self._cloud_status[ep] = "wrong model"
+                log.error("cloud %s serves %s (%s...), not the bundle's model (%s...): re-partition or point "
+                          "--cloud elsewhere", ep, info.model_id, info.model_hash[:12],
+                          self.engine.manifest.source_model_hash[:12])
+            else:
+                self._cloud_status[ep] = "ok"
+                log.info("cloud %s: %s on %s, splits [%d, %d]", ep, info.model_id, info.device, info.min_split,
+                         info.max_split)
+
+    async def start(self) -> str:
+        """Bind ``listen``, start serving; returns the base URL (``http://HOST:PORT``)."""
+        host, port = split_listen(self.config.listen)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise ConfigError(f"cannot listen on {self.config.listen} ({e.strerror}); is the port taken? choose "
+                              "another --listen HOST:PORT (port 0 picks a free one)") from None
+        sock.listen(128)
+        sock.setblocking(False)
+        port = sock.getsockname()[1]
+        uv = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=max(1, int(self.config.grace)))
+        self.server = _Server(uv)
+        serving = asyncio.get_running_loop().create_task(self.server.serve(sockets=[sock]), name="seamline-http")
+        self._tasks.append(serving)
+        while not self.server.started:
+            if serving.done():
+                serving.result()
+                raise RuntimeError("the HTTP server stopped during start-up")
+            await asyncio.sleep(0.005)
+        if self.engine.link is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._probe_cloud(), name="seamline-probe"))
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        """Drain: refuse new work, let in-flight requests finish (up to ``grace``), then close."""
+        self.state.draining = True
+        if self.server is not None:
+            self.server.should_exit = True
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await close_engine(self.engine)
+
+    async def run_until_signal(self) -> int:
+        url = await self.start()
+        m, choice = self.engine.manifest, getattr(self.engine.policy, "choice", None)
+        where = ", ".join(self.engine.link.endpoints) if self.engine.link else "none (local only)"
+        print(f"seamline edge listening on {url} (model {self.state.model_name}, split "
+              f"{choice.k if choice else '?'} of {m.num_layers}, codec {choice.codec.codec if choice else '?'}, "
+              f"cloud {where}, offline fallback {'yes' if m.has_all_layers else 'no'})", flush=True)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        waiter = loop.create_task(stop.wait(), name="seamline-signal")
+        await asyncio.wait([self._tasks[0], waiter], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        print(f"seamline edge: draining ({self.state.in_flight} requests in flight)", flush=True)
+        await self.stop()
+        print("seamline edge: stopped", flush=True)
+        return 0

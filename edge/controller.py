@@ -1,0 +1,415 @@
+"""The controller: live estimates fed to the planner, decisions with hysteresis (DESIGN.md §4). No I/O.
+
+Estimates (each an EWMA, weight ``alpha`` for a new sample):
+- network time of a step = round trip - server-reported (queue + compute + codec decode);
+- RTT from small messages: ``net - bytes / bandwidth``; bandwidth from large ones (prefill chunks of at
+  least ``large_message_bytes``): ``bytes / (net - rtt)``, an EWMA of its logarithm (``bandwidth_alpha``)
+  with a change detector: two samples in a row beyond ``bandwidth_jump`` x on the same side replace the
+  estimate with their geometric mean (large chunks are rare; a 100x collapse is followed after two of them,
+  a single wild sample moves the estimate only by its EWMA share); a chunk whose ``net - rtt`` is under
+  ``min_transfer_share`` of ``net`` is skipped (the RTT estimate is stale, e.g. right after a recovery);
+- edge and cloud compute as ratios measured / profiled (decode and prefill apart for the edge), applied to
+  every block, so a device that runs slow today is slow at every split;
+- the cloud queue from the replies (and from ``Info`` load reports through :meth:`Controller.observe_probe`).
+
+Decisions:
+- per request (:meth:`Controller.choose`): the planner's choice for the workload, except that the current
+  option is kept while it is within ``min_relative_gain`` of the best (and, with a deadline, still meets it
+  at no lower fidelity), unless the best has a higher fidelity at a cost inside half the planner's
+  ``prefer_fidelity_within`` window (so fidelity recovers after a collapse, and the window's edge cannot
+  make it flap). While the choice is all-local nothing measures the link; after ``probe_after_s``
+  without a network observation one request goes remote to measure it.
+- mid-generation (:meth:`Controller.maybe_resplit`): only after ``min_dwell_s`` since the last switch, when
+  the best option is faster per token by ``min_relative_gain`` and the gain over the remaining tokens
+  exceeds the replay cost (re-running the edge layers over the history and resending it) by the
+  ``hysteresis`` margin: ``(T_cur - T_new) * remaining > (1 + hysteresis) * replay``.
+
+Time is injected (``clock``, or ``now=`` on each call), so this is tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .planner import (
+    LOCAL,
+    CloudLoad,
+    CloudProfile,
+    Constraints,
+    CostModel,
+    EdgeProfile,
+    LinkEstimate,
+    Plan,
+    PlanRow,
+    WireModel,
+    Workload,
+    describe,
+    options,
+    plan,
+)
+
+log = logging.getLogger("seamline.edge.controller")
+DEFAULT_LINK = LinkEstimate(bandwidth_bps=20e6, rtt_ms=30.0)  # prior until the first transfers are measured
+
+
+@dataclass(frozen=True)
+class Decision:
+    split: int
+    codec: str  # a wire codec, "ids" (k = 0) or "local" (all layers on the edge)
+    reason: str
+    predicted_ms: float = 0.0  # response (per request) or per-token decode (resplit)
+    kind: str = "request"  # request | resplit | probe
+
+    @property
+    def local(self) -> bool:
+        return self.codec == LOCAL
+
+
+@dataclass(frozen=True)
+class StepObservation:
+    """What one step taught us. Times in ms; ``None`` when not measured."""
+
+    split: int
+    codec: str
+    tokens: int = 1  # rows in this chunk
+    position: int = 0  # start position (context length before the chunk)
+    bytes_up: int = 0
+    round_trip_ms: float | None = None  # hand-off to the transport -> reply
+    network_ms: float | None = None  # round trip minus server time, when the caller computed it
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    server_decode_ms: float = 0.0
+    edge_ms: float | None = None  # edge compute of these rows: embed + blocks [0, k) (+ head when local)
+    pipelined: bool = False  # sent while earlier chunks were in flight: its round trip includes their wait
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    alpha: float = 0.2
+    bandwidth_alpha: float = 0.3
+    bandwidth_jump: float = 4.0
+    hysteresis: float = 0.2
+    min_relative_gain: float = 0.1
+    min_dwell_s: float = 2.0
+    probe_after_s: float = 30.0
+    large_message_bytes: int = 16_384
+    min_transfer_share: float = 0.1  # a bandwidth sample needs net - rtt >= this share of the network time
+    prefer_fidelity_within: float = 0.02
+    max_bandwidth_bps: float = 10e9
+
+
+@dataclass
+class Ewma:
+    alpha: float
+    value: float | None = None
+    samples: int = 0
+
+    def update(self, x: float) -> float:
+        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+        self.samples += 1
+        return self.value
+
+    def get(self, default: float) -> float:
+        return default if self.value is None else self.value
+
+
+@dataclass
+class Estimates:
+    """Smoothed live figures; ``None`` values fall back to the priors given to the controller."""
+
+    alpha: float
+    bandwidth_alpha: float = 0.3
+    bandwidth_jump: float = 4.0
+    rtt_ms: Ewma = field(init=False)
+    log_bandwidth: Ewma = field(init=False)
+    recent_log_bandwidth: deque[float] = field(init=False)
+    queue_ms: Ewma = field(init=False)
+    edge_decode_scale: Ewma = field(init=False)
+    edge_prefill_scale: Ewma = field(init=False)
+    cloud_scale: Ewma = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("rtt_ms", "queue_ms", "edge_decode_scale", "edge_prefill_scale", "cloud_scale"):
+            setattr(self, name, Ewma(self.alpha))
+        self.log_bandwidth = Ewma(self.bandwidth_alpha)
+        self.recent_log_bandwidth = deque(maxlen=2)
+
+    def bandwidth_sample(self, bps: float) -> None:
+        x, est, recent = math.log(bps), self.log_bandwidth, self.recent_log_bandwidth
+        recent.append(x)
+        jump = math.log(self.bandwidth_jump)
+        if est.value is not None and len(recent) == recent.maxlen and (
+                all(r - est.value > jump for r in recent) or all(est.value - r > jump for r in recent)):
+            est.value = sum(recent) / len(recent)  # a regime change, not noise
+            est.samples += 1
+            recent.clear()
+        else:
+            est.update(x)
+
+
+class Controller:
+    """Live estimates + the planner -> per-request and mid-generation decisions."""
+
+    def __init__(self, edge: EdgeProfile, cloud: CloudProfile, wire: WireModel, constraints: Constraints,
+                 link: LinkEstimate, config: ControllerConfig = ControllerConfig(),
+                 clock: Callable[[], float] = time.monotonic):
+        self.edge, self.cloud, self.wire, self.constraints = edge, cloud, wire, constraints
+        self.prior_link = link
+        self.config = config
+        self.clock = clock
+        self.est = Estimates(config.alpha, config.bandwidth_alpha, config.bandwidth_jump)
+        self.current: Decision | None = None
+        self.switches = 0
+        self.decisions = 0
+        self.last_switch_at = float("-inf")
+        self.started_at = clock()
+        self.last_network_at: float | None = None
+        self.last_plan: Plan | None = None
+
+    # -- estimates -----------------------------------------------------------------------
+    def _base(self) -> CostModel:
+        return CostModel(self.edge, self.cloud, self.prior_link, self.wire)
+
+    def link(self) -> LinkEstimate:
+        lb = self.est.log_bandwidth.value
+        bw = self.prior_link.bandwidth_bps if lb is None else min(math.exp(lb), self.config.max_bandwidth_bps)
+        return LinkEstimate(bandwidth_bps=bw, rtt_ms=max(0.0, self.est.rtt_ms.get(self.prior_link.rtt_ms)))
+
+    def cost_model(self) -> CostModel:
+        e = self.est
+        edge = self.edge.scaled(e.edge_decode_scale.get(1.0), e.edge_prefill_scale.get(1.0))
+        cloud = self.cloud.scaled(e.cloud_scale.get(1.0), e.cloud_scale.get(1.0))
+        return CostModel(edge, cloud, self.link(), self.wire, CloudLoad(max(0.0, e.queue_ms.get(0.0))))
+
+    def observe(self, obs: StepObservation, now: float | None = None) -> None:
+        """Fold one step's measurements into the estimates."""
+        now = self.clock() if now is None else now
+        base, L = self._base(), self.cloud.num_layers
+        if obs.edge_ms is not None and (obs.split > 0 or obs.codec == LOCAL):
+            if obs.codec == LOCAL:
+                predicted = (base.decode_ms(L, LOCAL, obs.position) if obs.tokens == 1
+                             else base.prefill(L, LOCAL, obs.tokens)[0])
+            elif obs.tokens == 1:
+                predicted = self.edge.embed_ms + self.edge.decode_ms(0, obs.split, obs.position)
+            else:
+                predicted = self.edge.embed_ms + self.edge.prefill_ms(0, obs.split, obs.tokens)
+            if predicted > 0:
+                scale = self.est.edge_decode_scale if obs.tokens == 1 else self.est.edge_prefill_scale
+                scale.update(obs.edge_ms / predicted)
+        if obs.codec == LOCAL:
+            return
+        server_ms = obs.queue_ms + obs.compute_ms + obs.server_decode_ms
+        if obs.compute_ms > 0:
+            k = obs.split
+            cloud = (self.cloud.embed_ms if k == 0 else 0.0) + (self.cloud.head_ms or 0.0)
+            cloud += (self.cloud.decode_ms(k, L, obs.position) if obs.tokens == 1
+                      else self.cloud.prefill_ms(k, L, obs.tokens))
+            if cloud > 0:
+                self.est.cloud_scale.update(obs.compute_ms / cloud)
+        if obs.round_trip_ms is not None or obs.network_ms is not None:
+            self.est.queue_ms.update(obs.queue_ms)
+        net = obs.network_ms if obs.network_ms is not None else (
+            None if obs.round_trip_ms is None else obs.round_trip_ms - server_ms)
+        if net is None or obs.pipelined:
+            return
+        net = max(0.0, net)
+        self.last_network_at = now
+        link = self.link()
+        if obs.bytes_up >= self.config.large_message_bytes:
+            transfer = net - link.rtt_ms
+            if transfer >= self.config.min_transfer_share * net:  # else the RTT estimate is off (stale): skip
+                self.est.bandwidth_sample(min(8e3 * obs.bytes_up / transfer, self.config.max_bandwidth_bps))
+        else:
+            self.est.rtt_ms.update(max(0.0, net - 8e3 * obs.bytes_up / link.bandwidth_bps))
+
+    def observe_probe(self, rtt_ms: float | None = None, queue_ms: float | None = None,
+                      now: float | None = None) -> None:
+        """A ping (health check, ``Info``): a near-empty round trip and/or the cloud's reported queue."""
+        now = self.clock() if now is None else now
+        if rtt_ms is not None:
+            self.est.rtt_ms.update(max(0.0, rtt_ms))
+            self.last_network_at = now
+        if queue_ms is not None:
+            self.est.queue_ms.update(max(0.0, queue_ms))
+
+    # -- decisions -----------------------------------------------------------------------
+    def _record(self, d: Decision, now: float) -> Decision:
+        cur = self.current
+        if cur is None or (cur.split, cur.codec) != (d.split, d.codec):
+            self.switches += cur is not None
+            self.last_switch_at = now
+            log.info("%s: split %d, codec %s (was %s): %s", d.kind, d.split, d.codec,
+                     "none" if cur is None else f"{cur.split}/{cur.codec}", d.reason)
+        else:
+            log.debug("%s: staying at split %d, codec %s: %s", d.kind, d.split, d.codec, d.reason)
+        self.current = d
+        self.decisions += 1
+        return d
+
+    def choose(self, prompt_tokens: int, max_new_tokens: int, now: float | None = None) -> Decision:
+        """The (split, codec) for a new request of ``prompt_tokens`` + ``max_new_tokens``."""
+        now = self.clock() if now is None else now
+        p = plan(self.cost_model(), self.constraints, Workload(max(prompt_tokens, 1), max(max_new_tokens, 1)),
+                 self.config.prefer_fidelity_within)
+        self.last_plan = p
+        best, cur = p.choice, None if self.current is None else p.row(self.current.split, self.current.codec)
+        seen = self.started_at if self.last_network_at is None else self.last_network_at
+        if best.codec == LOCAL and now - seen >= self.config.probe_after_s:
+            remote = next((r for r in p.rows if r.codec != LOCAL), None)
+            if remote is not None:
+                why = (f"probing the link: no network observation for {now - seen:.0f} s "
+                       f"(local predicted {best.response_ms:.1f} ms, {describe(remote)} {remote.response_ms:.1f} ms)")
+                return self._record(Decision(remote.split, remote.codec, why, remote.response_ms, "probe"), now)
+        if cur is not None and cur is not best and self._keep(cur, best, p):
+            why = (f"keeping {describe(cur)}: {cur.response_ms:.1f} ms is within {self.config.min_relative_gain:.0%} "
+                   f"of the best ({describe(best)} at {best.response_ms:.1f} ms)")
+            return self._record(Decision(cur.split, cur.codec, why, cur.response_ms), now)
+        return self._record(Decision(best.split, best.codec, p.reason, best.response_ms), now)
+
+    def _keep(self, cur: PlanRow, best: PlanRow, p: Plan) -> bool:
+        if best.fidelity > cur.fidelity and best.response_ms <= cur.response_ms * (
+                1 + self.config.prefer_fidelity_within / 2):
+            return False  # higher fidelity, well inside the planner's fidelity window: take it
+        close = cur.response_ms <= best.response_ms * (1 + self.config.min_relative_gain)
+        if p.met_deadline:
+            return cur.response_ms <= self.constraints.deadline_ms and cur.fidelity >= best.fidelity and close
+        return close
+
+    def maybe_resplit(self, current: Decision, remaining_tokens: int, position: int,
+                      now: float | None = None) -> Decision | None:
+        """A move worth its replay cost mid-generation, or None (see the module docstring)."""
+        now = self.clock() if now is None else now
+        if remaining_tokens <= 0 or now - self.last_switch_at < self.config.min_dwell_s:
+            return None
+        model = self.cost_model()
+        ctx = position + remaining_tokens / 2
+        opts, _ = options(model, self.constraints)
+        t_new, _, k, codec = min((model.decode_ms(k, c, ctx), -self.constraints.agreement(c)[0], k, c)
+                                 for k, c in opts)
+        if (k, codec) == (current.split, current.codec):
+            return None
+        t_cur = model.decode_ms(current.split, current.codec, ctx)
+        if t_new > t_cur * (1 - self.config.min_relative_gain):
+            return None
+        gain = (t_cur - t_new) * remaining_tokens
+        replay = model.replay_ms(k, codec, position)
+        target = "all-local" if codec == LOCAL else f"split {k}, {codec}"
+        if gain <= (1 + self.config.hysteresis) * replay:
+            log.debug("no resplit to %s: gain %.1f ms over %d tokens <= replay %.1f ms x %.2f", target,
+                      gain, remaining_tokens, replay, 1 + self.config.hysteresis)
+            return None
+        why = (f"resplit {current.split}/{current.codec} -> {target}: {t_cur:.1f} -> {t_new:.1f} ms/token "
+               f"saves {gain:.0f} ms over {remaining_tokens} tokens > replay {replay:.0f} ms "
+               f"x {1 + self.config.hysteresis:.2f}")
+        return self._record(Decision(k, codec, why, t_new, "resplit"), now)
+
+    # -- metrics -------------------------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        link, e = self.link(), self.est
+        cur = self.current
+        return {"split": None if cur is None else cur.split, "codec": None if cur is None else cur.codec,
+                "bandwidth_bps": link.bandwidth_bps, "rtt_ms": link.rtt_ms, "queue_ms": e.queue_ms.get(0.0),
+                "edge_decode_scale": e.edge_decode_scale.get(1.0), "edge_prefill_scale": e.edge_prefill_scale.get(1.0),
+                "cloud_scale": e.cloud_scale.get(1.0), "switches": self.switches, "decisions": self.decisions}
+
+
+# -------------------------------------------------------------------------------- agent adapter
+
+_ALIASES = {
+    "split": ("split", "k"), "codec": ("codec",), "tokens": ("tokens", "n_tokens", "rows"),
+    "position": ("position", "start_position"), "bytes_up": ("bytes_up", "bytes_sent"),
+    "round_trip_ms": ("round_trip_ms", "roundtrip_ms", "rtt_ms"), "network_ms": ("network_ms", "net_ms"),
+    "queue_ms": ("queue_ms", "cloud_queue_ms"), "compute_ms": ("compute_ms", "cloud_compute_ms"),
+    "server_decode_ms": ("server_decode_ms", "cloud_decode_ms"), "edge_ms": ("edge_ms", "edge_compute_ms"),
+    "pipelined": ("pipelined",),
+}
+
+
+def _get(obj: Any, names: tuple[str, ...], default: Any = None) -> Any:
+    for n in names:
+        v = obj.get(n) if isinstance(obj, dict) else getattr(obj, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def observation_from(stats: Any) -> StepObservation:
+    """A :class:`StepObservation` from the agent's step statistics (object or dict, common field names)."""
+    if isinstance(stats, StepObservation):
+        return stats
+    kw = {name: _get(stats, names) for name, names in _ALIASES.items()}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if "split" not in kw or "codec" not in kw:
+        raise ValueError("step statistics need `split` and `codec` for the controller")
+    return StepObservation(**kw)
+
+
+class AdaptivePolicy:
+    """The agent's split policy hook: ``choose(request) -> Decision`` and ``observe(step_stats)``.
+
+    ``choose`` reads ``prompt_tokens`` (or the length of ``prompt_ids``/``input_ids``) and
+    ``max_new_tokens`` (or ``max_tokens``) from the request. ``observe`` folds one step into the estimates
+    and, when the stats carry ``remaining_tokens`` > 0, returns a mid-generation :class:`Decision` worth its
+    replay (else None); the same is kept in ``pending_resplit`` until the next ``choose``.
+    """
+
+    def __init__(self, controller: Controller):
+        self.controller = controller
+        self.pending_resplit: Decision | None = None
+
+    @classmethod
+    def from_manifest(cls, manifest: Any, link: LinkEstimate | None = None,
+                      config: ControllerConfig = ControllerConfig(), clock: Callable[[], float] = time.monotonic,
+                      **constraints: Any) -> AdaptivePolicy:
+        """Profiles from ``manifest.plan["profiles"]`` (written by ``partition --split auto``), else rough
+        estimates from the model size that live measurements then correct."""
+        profiles = (manifest.plan or {}).get("profiles") or {}
+        L, H = manifest.num_layers, manifest.hidden_size
+        if profiles.get("edge") and profiles.get("cloud"):
+            edge = EdgeProfile.from_json(profiles["edge"], "manifest plan.profiles.edge")
+            cloud = CloudProfile.from_json(profiles["cloud"], "manifest plan.profiles.cloud")
+        else:
+            log.warning("bundle has no planner profiles (run `partition --split auto`); starting from size-based "
+                        "estimates that live measurements will correct")
+            per_layer_mflop = 24 * H * H / 1e6  # ~12 H^2 weights, 2 flop each, per token
+            edge = EdgeProfile.flat(L, H, per_layer_mflop / 2e3, per_layer_mflop * 64 / 1e4, 0.05,
+                                    per_layer_mflop * manifest.vocab_size / (12 * H) / 2e3,
+                                    layers=manifest.edge_layers)
+            cloud = CloudProfile.flat(L, H, per_layer_mflop / 2e4, per_layer_mflop * 64 / 1e5, 0.05, 0.5)
+        ctl = Controller(edge, cloud, WireModel.from_manifest(manifest), Constraints.from_manifest(manifest, **constraints),
+                         link or DEFAULT_LINK, config, clock)
+        return cls(ctl)
+
+    def choose(self, request: Any) -> Decision:
+        n = _get(request, ("prompt_tokens", "n_prompt_tokens"))
+        if n is None:
+            ids = _get(request, ("prompt_ids", "input_ids", "ids"), [])
+            n = len(ids)
+        m = _get(request, ("max_new_tokens", "max_tokens"), 32)
+        self.pending_resplit = None
+        return self.controller.choose(int(n), int(m))
+
+    def observe(self, step_stats: Any) -> Decision | None:
+        obs = observation_from(step_stats)
+        self.controller.observe(obs)
+        remaining = _get(step_stats, ("remaining_tokens",)) if not isinstance(step_stats, StepObservation) else None
+        cur = self.controller.current
+        if not remaining or cur is None or (cur.split, cur.codec) != (obs.split, obs.codec):
+            return None
+        d = self.controller.maybe_resplit(cur, int(remaining), obs.position + obs.tokens)
+        if d is not None:
+            self.pending_resplit = d
+        return d
+
+    @property
+    def current(self) -> Decision | None:
+        return self.controller.current
+
+    def metrics(self) -> dict[str, Any]:
+        return self.controller.metrics()

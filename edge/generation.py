@@ -1,0 +1,431 @@
+"""The generation loop: pipelined prefill, one round trip per token, replay, offline fallback.
+
+State of one :class:`Generation` (owned by the event loop; ORT jobs only touch the edge KV cache):
+
+- ``ids``: the prompt and the tokens generated so far;
+- ``hist``: the hidden states after block k-1 of every position the edge has computed, so that a
+  replay resends them without recomputing; ``edge_pos`` = its length;
+- ``cloud_pos``: the positions the current cloud session holds.
+
+One cloud step sends rows ``[cloud_pos, len(ids))`` in chunks of ``chunk_tokens`` and samples after
+the last: a prefill (many rows), a decode step (one row) and a replay (everything again, after the
+cloud lost the session) are the same operation. Pipelining: chunk j+1 is computed and encoded on
+the worker thread while chunk j is written and the cloud works on it; replies are read in order.
+
+Replay: NOT_FOUND (unknown or evicted session) -> a new session, resend from 0;
+FAILED_PRECONDITION with ``server_position=N`` -> resend from N on the same session; a broken
+stream, a dead endpoint or a step past ``step_timeout`` -> a new session on the same or the next
+endpoint (``CloudLink.open`` backs off and fails over), resend from 0. Greedy output does not
+change: the cloud sees the same hidden states, and temperature sampling is seeded per position.
+
+Offline fallback: when no endpoint answers within the reconnect window, after ``max_replays``, or
+past the request's deadline, a bundle with every layer finishes locally: blocks [k, L) run over the
+history from ``hist`` (once), then every token runs the whole model on the edge and is sampled
+with the same parameters. Without the full model the generation fails with :class:`NoRoute`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+from seamline.protos.bundle import Manifest
+from seamline.protos.codec import CodecConfig
+
+from . import sampling, wire
+from .config import EdgeConfig
+from .errors import BadRequest, CloudUnavailable, LinkBroken, NoRoute, SessionLost
+from .link import CloudLink, LinkSession
+from .messages import (
+    CLOUD,
+    LOCAL,
+    GenerationEvent,
+    GenerationRequest,
+    GenerationResult,
+    GenerationStats,
+    OpenParams,
+    OutgoingChunk,
+    SplitChoice,
+    SplitRequest,
+    StepResult,
+    StepStats,
+    TokenInfo,
+)
+from .policy import FixedPolicy, SplitPolicy, normalize
+from .runtime import EdgeCache, EdgeRuntime
+from .text import TextTracker
+from .worker import ComputeWorker
+
+log = logging.getLogger("seamline.edge")
+
+
+class DeadlinePassed(CloudUnavailable):
+    """The request's deadline passed while it waited for the cloud."""
+
+
+class HiddenHistory:
+    """Hidden states (N, C) float32 of positions [0, N) at one split, in a growing buffer."""
+
+    def __init__(self, width: int):
+        self._buf = np.empty((64, width), dtype=np.float32)
+        self.length = 0
+
+    def append(self, rows: np.ndarray) -> None:  # rows: (T, C)
+        end = self.length + rows.shape[0]
+        if end > self._buf.shape[0]:
+            grown = np.empty((max(end, 2 * self._buf.shape[0]), self._buf.shape[1]), dtype=np.float32)
+            grown[:self.length] = self._buf[:self.length]
+            self._buf = grown
+        self._buf[self.length:end] = rows
+        self.length = end
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """A read-only view of positions [a, b) (later appends never write there)."""
+        view = self._buf[a:b]
+        view.flags.writeable = False
+        return view
+
+
+class GenerationEngine:
+    """What every generation shares: the runtime, its worker thread, the cloud link and the policy."""
+
+    def __init__(self, runtime: EdgeRuntime, worker: ComputeWorker, link: CloudLink | None,
+                 policy: SplitPolicy, config: EdgeConfig):
+        self.runtime = runtime
+        self.manifest: Manifest = runtime.manifest
+        self.worker = worker
+        self.link = link
+        self.policy = policy
+        self.config = config
+
+    @property
+    def can_run_locally(self) -> bool:
+        return self.manifest.has_all_layers
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.manifest.eos_token_id
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.runtime.encode_text(text)
+
+    def token_text(self, token_id: int) -> str:
+        return self.runtime.decode_ids([token_id])
+
+    def check(self, request: GenerationRequest) -> GenerationRequest:
+        """Validate against the model; BadRequest says what to change."""
+        n, limit = len(request.prompt_ids), self.manifest.max_positions
+        if n == 0:
+            raise BadRequest("the prompt is empty (it tokenizes to no tokens); send some text", "prompt")
+        if n >= limit:
+            raise BadRequest(f"the prompt has {n} tokens; this model's context holds {limit}, and at least one "
+                             "must be left for the answer: shorten the prompt", "prompt")
+        vocab = self.manifest.vocab_size
+        bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise BadRequest(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
+        if request.max_tokens < 1:
+            raise BadRequest(f"max_tokens must be >= 1, got {request.max_tokens}", "max_tokens")
+        return request
+
+    def start(self, request: GenerationRequest) -> Generation:
+        return Generation(self, self.check(request))
+
+    async def run(self, request: GenerationRequest) -> GenerationResult:
+        gen = self.start(request)
+        async for _ in gen.events():
+            pass
+        return gen.result()
+
+
+class Generation:
+    def __init__(self, engine: GenerationEngine, request: GenerationRequest):
+        self.engine = engine
+        self.request = request
+        self.config = engine.config
+        m = engine.manifest
+        self.ids = list(request.prompt_ids)
+        self.n_prompt = len(self.ids)
+        self.max_new = min(request.max_tokens, m.max_positions - self.n_prompt)
+        stops = set(request.sampling.stop_token_ids)
+        if engine.eos_token_id is not None:
+            stops.add(engine.eos_token_id)
+        self.stop_ids = frozenset(stops)
+        self.cache: EdgeCache = engine.runtime.new_cache()
+        self.hist = HiddenHistory(m.hidden_size)
+        self.choice: SplitChoice | None = None
+        self.session: LinkSession | None = None
+        self.cloud_pos = 0
+        self.local_pos = 0  # positions done in blocks [k, L) on the edge (fallback)
+        self.edge_sched = 0  # positions handed to the worker (== hist.length when no job is running)
+        self.mode = CLOUD if engine.link is not None and engine.link.endpoints else LOCAL
+        self.text = TextTracker(engine.runtime.decode_ids, request.stop)
+        self.tokens: list[TokenInfo] = []
+        self.finish_reason: str | None = None
+        self.stats = GenerationStats(prompt_tokens=self.n_prompt)
+        self.deadline: float | None = None
+        self._pending = None  # a mid-generation decision of the policy, applied after the current token
+        if self.mode == LOCAL:
+            self.stats.fallback_reason = "no cloud endpoint configured"
+
+    # -- the loop ---------------------------------------------------------------------------------
+    async def events(self) -> AsyncIterator[GenerationEvent]:
+        """Generate; yields text (stop strings held back) with the tokens that produced it."""
+        t0 = time.perf_counter()
+        if self.request.deadline is not None:
+            self.deadline = time.monotonic() + self.request.deadline
+        try:
+            if self.mode == LOCAL:
+                self._require_local(self.stats.fallback_reason or "")
+            self._first_choice()
+            while self.finish_reason is None:
+                if self.mode == CLOUD:
+                    try:
+                        token, logprob, top = await self._cloud_token()
+                    except CloudUnavailable as e:
+                        self._require_local(e.message)
+                        log.warning("cloud unavailable, generating locally: %s", e.message)
+                        self.mode, self.stats.fallback_reason = LOCAL, e.message
+                        self._close_session()
+                        continue
+                else:
+                    token, logprob, top = await self._local_token()
+                if not self.tokens and self.stats.ttft_ms == 0:
+                    self.stats.ttft_ms = (time.perf_counter() - t0) * 1e3
+                self.ids.append(token)
+                self.stats.served_by[self.mode] += 1
+                if self._pending is not None:  # the policy moved the split: from the next token on
+                    self._move(self._pending)
+                    self._pending = None
+                if token in self.stop_ids:
+                    self.finish_reason = "stop"
+                    break
+                info = TokenInfo(token, self.engine.token_text(token), logprob, top, self.mode)
+                self.tokens.append(info)
+                delta = self.text.push(token)
+                if self.text.stopped:
+                    self.finish_reason = "stop"
+                elif len(self.tokens) >= self.max_new:
+                    self.finish_reason = "length"
+                yield GenerationEvent(delta, (info,))
+            tail = self.text.flush()
+            if tail:
+                yield GenerationEvent(tail)
+        finally:
+            self._close_session()
+            self.stats.completion_tokens = len(self.tokens)
+            self.stats.total_ms = (time.perf_counter() - t0) * 1e3
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.text.text, [t.token_id for t in self.tokens], list(self.tokens),
+                                self.finish_reason or "stop", self.stats)
+
+    def _require_local(self, reason: str) -> None:
+        if not self.engine.can_run_locally:
+            m = self.engine.manifest
+            raise NoRoute(
+                f"the cloud is unreachable ({reason}) and this bundle cannot run the model locally: it exports "
+                f"{m.edge_layers} of {m.num_layers} layers and no LM head. Start or fix the cloud service "
+                "(--cloud HOST:PORT), or partition the model with every layer (no --max-edge-layers) to "
+                "allow offline fallback")
+
+    def _close_session(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    # -- split choice -------------------------------------------------------------------------------
+    def _first_choice(self) -> None:
+        if self.mode == LOCAL:  # no cloud at all: every layer on the edge
+            self.choice = SplitChoice(0, CodecConfig())
+            self.stats.split, self.stats.codec = self.engine.manifest.num_layers, "local"
+            return
+        m = self.engine.manifest
+        decision = self.engine.policy.choose(SplitRequest(self.n_prompt, self.max_new, len(self.ids), None))
+        choice = normalize(decision, m, self.config.zstd)
+        if choice is None and not self.engine.can_run_locally:
+            log.warning("the split policy chose the edge alone, but the bundle lacks layers; using the cloud")
+            choice = normalize(FixedPolicy.from_manifest(m).choice, m)
+        if choice is None:
+            self.mode, self.choice = LOCAL, SplitChoice(0, CodecConfig())
+            self.stats.split, self.stats.codec = m.num_layers, "local"
+            return
+        m.check_split(choice.k)
+        self.choice = choice
+        self.stats.split, self.stats.codec = choice.k, choice.codec.codec
+
+    def _move(self, decision) -> None:
+        """Apply a mid-generation decision of the policy (after the current token)."""
+        m = self.engine.manifest
+        choice = normalize(decision, m, self.config.zstd)
+        if self.mode == LOCAL or choice == self.choice:
+            return
+        self.stats.resplits += 1
+        self._close_session()
+        if choice is None:
+            if self.engine.can_run_locally:
+                log.info("the split policy moved the rest of the generation onto the edge")
+                self.mode = LOCAL
+            return
+        m.check_split(choice.k)
+        log.info("moving the split from %d to %d (%s)", self.choice.k, choice.k, choice.codec.codec)
+        # The new split's hidden states are not in the history: recompute it at the new k, then replay.
+        self.cache = self.engine.runtime.new_cache()
+        self.hist = HiddenHistory(m.hidden_size)
+        self.edge_sched = self.local_pos = 0
+        self.choice = choice
+        self.stats.split, self.stats.codec = choice.k, choice.codec.codec
+
+    # -- the cloud path -------------------------------------------------------------------------------
+    def _time_left(self) -> float | None:
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlinePassed(f"the request's deadline of {self.request.deadline:g}s passed while waiting "
+                                 "for the cloud")
+        return left
+
+    async def _cloud_token(self) -> tuple[int, float, tuple]:
+        link = self.engine.link
+        failures = 0
+        while True:
+            self._time_left()
+            if self.session is None:
+                params = OpenParams(self.engine.manifest.source_model_hash, self.choice, self.request.sampling)
+                self.session = await link.open(params, self.deadline)
+                self.cloud_pos = 0
+                self.stats.endpoint = self.session.endpoint
+            try:
+                return await self._feed(self.session)
+            except SessionLost as e:
+                error = e
+                if e.server_position is not None and e.server_position <= self.edge_sched:
+                    self.session.abort()  # a new stream on the same session,
+                    self.cloud_pos = min(self.cloud_pos, e.server_position)  # resending from there
+                else:
+                    self._close_session()
+            except LinkBroken as e:
+                error = e
+                link.mark_failed(self.session.endpoint)
+                self._close_session()
+            failures += 1
+            self.stats.replays += 1
+            log.info("replaying %d positions after: %s", len(self.ids), error.message)
+            if failures > self.config.max_replays:
+                raise CloudUnavailable(f"the cloud failed {failures} times in one generation "
+                                       f"(last: {error.message})")
+
+    def _prepare(self, a: int, b: int, sample: bool) -> asyncio.Task:
+        """Schedule rows [a, b) for the wire: compute what the edge has not, encode; a task."""
+        return asyncio.get_running_loop().create_task(self._prepare_chunk(a, b, sample))
+
+    async def _prepare_chunk(self, a: int, b: int, sample: bool) -> OutgoingChunk:
+        k, cfg = self.choice.k, self.choice.codec
+        zmin = self.engine.manifest.codec.zstd_min_tokens
+        if k == 0:  # all-cloud baseline: token ids go out, nothing to compute
+            return wire.encode_chunk(a, None, self.ids[a:b], cfg, sample, zmin)
+        known = self.hist.rows(a, min(b, self.edge_sched))
+        new_from = max(a, self.edge_sched)
+        new_ids = self.ids[new_from:b]
+        self.edge_sched = max(self.edge_sched, b)
+        runtime, cache = self.engine.runtime, self.cache
+
+        def job():
+            new = runtime.forward(new_ids, new_from, k, cache) if new_ids else None  # (T, C)
+            rows = known if new is None else (new if len(known) == 0 else np.concatenate([known, new]))
+            return wire.encode_chunk(a, rows, None, cfg, sample, zmin), new
+
+        try:
+            (chunk, new), ms = await self.engine.worker.run(job)
+        except BaseException:
+            self.edge_sched = self.hist.length
+            raise
+        if new is not None:
+            self.hist.append(new)
+        self.stats.edge_ms += ms
+        return OutgoingChunk(chunk.start, chunk.end, chunk.sample, chunk.payload, ms)
+
+    def _step_timeout(self) -> float:
+        left = self._time_left()
+        return self.config.step_timeout if left is None else min(self.config.step_timeout, left)
+
+    async def _feed(self, session: LinkSession) -> tuple[int, float, tuple]:
+        """Send rows [cloud_pos, len(ids)) (pipelined chunks), sample after the last; -> the token."""
+        n = len(self.ids)
+        size = max(1, min(self.config.chunk_tokens, session.max_chunk_tokens))
+        spans = [(a, min(a + size, n)) for a in range(self.cloud_pos, n, size)]
+        chunks: list[OutgoingChunk] = []
+        pending: asyncio.Task | None = self._prepare(*spans[0], len(spans) == 1)
+        try:
+            for j in range(len(spans)):
+                chunk = await pending
+                pending = self._prepare(*spans[j + 1], j + 2 == len(spans)) if j + 1 < len(spans) else None
+                await session.send(chunk)  # ... while the worker computes the next chunk
+                chunks.append(chunk)
+            result = None
+            for chunk in chunks:
+                try:
+                    result = await session.recv(self._step_timeout())
+                except LinkBroken:
+                    self._time_left()  # a step cut short by the request deadline is DeadlinePassed
+                    raise
+                if result.position != chunk.end:
+                    raise SessionLost(f"{session.endpoint} reports position {result.position} after a chunk "
+                                      f"ending at {chunk.end}", server_position=result.position)
+                self.cloud_pos = chunk.end
+                self.stats.add_step(result)
+                self._observe(session, chunk, result)
+        finally:
+            if pending is not None:  # let the job finish: the edge cache must not be mid-update
+                await asyncio.wait([pending])
+                if not pending.cancelled():
+                    pending.exception()
+        if result is None or result.token_id is None:
+            raise LinkBroken(f"{session.endpoint} answered the last chunk without a token")
+        return result.token_id, result.logprob, result.top_logprobs
+
+    def _observe(self, session: LinkSession, chunk: OutgoingChunk, result: StepResult) -> None:
+        tokens = chunk.end - chunk.start
+        t = result.timings
+        stats = StepStats(
+            kind="decode" if tokens == 1 else "prefill", endpoint=session.endpoint, split=self.choice.k,
+            codec=self.choice.codec.codec if self.choice.k else "ids", tokens=tokens, position=chunk.start,
+            remaining_tokens=self.max_new - len(self.tokens) - 1, edge_ms=chunk.edge_ms,
+            bytes_sent=result.bytes_sent, bytes_received=result.bytes_received, rtt_ms=result.rtt_ms,
+            network_ms=result.network_ms, queue_ms=t.queue_ms, compute_ms=t.compute_ms,
+            server_decode_ms=t.decode_ms)
+        decision = self.engine.policy.observe(stats)
+        if decision is not None:
+            self._pending = decision
+
+    # -- the local path ------------------------------------------------------------------------------
+    async def _local_token(self) -> tuple[int, float, tuple]:
+        """Blocks [k, L) + head on the edge for positions [local_pos, len(ids)), then sample."""
+        k, n = self.choice.k, len(self.ids)
+        runtime, cache, L = self.engine.runtime, self.cache, self.engine.manifest.num_layers
+        start = self.local_pos
+        known = self.hist.rows(start, self.edge_sched) if k > 0 else None
+        new_from = self.edge_sched if k > 0 else start
+        new_ids = self.ids[new_from:n]
+        params = self.request.sampling
+
+        def job():
+            rows = known
+            new = runtime.forward(new_ids, new_from, k, cache) if new_ids else None  # (T, C) at split k
+            if new is not None:
+                rows = new if rows is None or len(rows) == 0 else np.concatenate([rows, new])
+            h = runtime.continue_from(rows, start, k, L, cache)  # (T, C) after the last block
+            logits = runtime.logits(h[-1:])[-1]  # (V,)
+            return new, sampling.sample(logits, params, n)
+
+        (new, picked), ms = await self.engine.worker.run(job)
+        if new is not None and k > 0:
+            self.hist.append(new)
+            self.edge_sched = self.hist.length
+        self.local_pos = n
+        self.stats.local_ms += ms
+        return picked

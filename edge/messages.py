@@ -1,0 +1,232 @@
+"""Plain data objects of the edge: what flows between the API, the engine, the link and the policy.
+
+Protobuf stays at the wire: ``wire.py`` turns these into requests and replies into these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from seamline.protos.codec import CodecConfig
+
+CLOUD = "cloud"
+LOCAL = "local"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Mirrors ``seamline.v1.SamplingParams``; the same values drive local sampling."""
+
+    temperature: float = 0.0          # 0 = greedy (argmax)
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0                # 1 (or 0) = off
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    top_logprobs: int = 0             # 0 = none; up to 20
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation, as the API or the CLI asks for it."""
+
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()        # stop strings, matched on the decoded text
+    deadline: float | None = None     # seconds from the start; past it the rest is generated locally
+
+
+@dataclass(frozen=True)
+class SplitChoice:
+    """Where to cut (k) and how to encode the hidden state at the cut."""
+
+    k: int
+    codec: CodecConfig
+
+
+@dataclass(frozen=True)
+class SplitRequest:
+    """What a ``SplitPolicy`` sees when a generation starts."""
+
+    prompt_tokens: int
+    max_tokens: int                   # new tokens at most (after the context cap)
+    position: int                     # positions already in the history
+    current: SplitChoice | None       # None before the first choice
+
+
+@dataclass(frozen=True)
+class ServerTimings:
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    decode_ms: float = 0.0
+    batch_size: int = 0
+
+    @property
+    def total_ms(self) -> float:
+        return self.queue_ms + self.compute_ms + self.decode_ms
+
+
+@dataclass(frozen=True)
+class CloudInfo:
+    """What a cloud endpoint's Info reports."""
+
+    model_id: str
+    model_hash: str
+    num_layers: int
+    hidden_size: int
+    max_positions: int
+    min_split: int
+    max_split: int
+    codecs: tuple[str, ...]
+    layer_ms: tuple[float, ...]
+    head_ms: float
+    max_chunk_tokens: int
+    device: str
+    active_sessions: int = 0
+    queue_depth: int = 0
+    queue_ms_p50: float = 0.0
+
+
+@dataclass(frozen=True)
+class OpenParams:
+    model_hash: str
+    choice: SplitChoice
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class OutgoingChunk:
+    """One Step request ready for the wire: rows [start, end) of the history, encoded."""
+
+    start: int
+    end: int
+    sample: bool
+    payload: Any                      # an encoded tensor or token ids (built by ``wire``; opaque here)
+    edge_ms: float = 0.0              # edge compute + encode spent on it
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One Step reply plus what the link measured about it."""
+
+    position: int                     # the session's position after the chunk
+    token_id: int | None              # None when the chunk did not sample
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...]
+    finished: bool
+    timings: ServerTimings
+    bytes_sent: int
+    bytes_received: int
+    rtt_ms: float                     # from when the cloud could start on it to its reply
+    network_ms: float                 # rtt minus the server's queue, compute and decode time
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Handed to ``SplitPolicy.observe`` after every cloud step (the controller's live input).
+
+    ``rtt_ms`` starts when the cloud could start on the chunk (its send, or the previous reply when
+    chunks were pipelined), so it never includes waiting behind earlier chunks: ``pipelined`` is False.
+    """
+
+    kind: str                         # "prefill" | "decode"
+    endpoint: str
+    split: int
+    codec: str
+    tokens: int                       # rows in the chunk
+    position: int                     # its start position
+    remaining_tokens: int             # new tokens the generation may still produce
+    edge_ms: float                    # edge compute + encode of these rows
+    bytes_sent: int
+    bytes_received: int
+    rtt_ms: float
+    network_ms: float
+    queue_ms: float
+    compute_ms: float
+    server_decode_ms: float
+    pipelined: bool = False
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """One generated token and the path that produced it."""
+
+    token_id: int
+    text: str                         # this token alone, decoded
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...]
+    path: str                         # CLOUD | LOCAL
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """A piece of a generation: text that is safe to show (stop strings held back) and its tokens."""
+
+    text: str
+    tokens: tuple[TokenInfo, ...] = ()
+
+
+@dataclass
+class GenerationStats:
+    """Where the time and bytes of one generation went (the ``seamline`` field of API replies)."""
+
+    split: int = 0
+    codec: str = ""
+    endpoint: str | None = None
+    edge_ms: float = 0.0
+    network_ms: float = 0.0
+    cloud_queue_ms: float = 0.0
+    cloud_compute_ms: float = 0.0
+    cloud_decode_ms: float = 0.0
+    local_ms: float = 0.0             # edge time spent on layers [k, L) + head (offline fallback)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    cloud_steps: int = 0
+    replays: int = 0
+    resplits: int = 0                 # split moves the policy made mid-generation
+    served_by: dict[str, int] = field(default_factory=lambda: {CLOUD: 0, LOCAL: 0})
+    fallback_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_ms: float = 0.0              # time to the first token
+    total_ms: float = 0.0
+
+    def add_step(self, result: StepResult) -> None:
+        self.network_ms += result.network_ms
+        self.cloud_queue_ms += result.timings.queue_ms
+        self.cloud_compute_ms += result.timings.compute_ms
+        self.cloud_decode_ms += result.timings.decode_ms
+        self.bytes_sent += result.bytes_sent
+        self.bytes_received += result.bytes_received
+        self.cloud_steps += 1
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / (self.total_ms / 1e3) if self.total_ms > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        r = 3
+        return {
+            "split": self.split, "codec": self.codec, "endpoint": self.endpoint,
+            "edge_ms": round(self.edge_ms, r), "network_ms": round(self.network_ms, r),
+            "cloud_queue_ms": round(self.cloud_queue_ms, r), "cloud_compute_ms": round(self.cloud_compute_ms, r),
+            "cloud_decode_ms": round(self.cloud_decode_ms, r), "local_ms": round(self.local_ms, r),
+            "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+            "cloud_steps": self.cloud_steps, "replays": self.replays, "resplits": self.resplits, "served_by": dict(self.served_by),
+            "fallback_reason": self.fallback_reason, "ttft_ms": round(self.ttft_ms, r),
+            "total_ms": round(self.total_ms, r), "tokens_per_s": round(self.tokens_per_s, 2),
+        }
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    tokens: list[TokenInfo]
+    finish_reason: str                # "stop" | "length"
+    stats: GenerationStats

@@ -1,0 +1,108 @@
+"""The one place where protobuf meets the edge's domain objects, both directions.
+
+Also maps gRPC status codes to the link errors that drive replay (DESIGN.md §2, §3):
+NOT_FOUND and FAILED_PRECONDITION with ``server_position=N`` -> :class:`SessionLost`;
+UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, UNKNOWN, INTERNAL, RESOURCE_EXHAUSTED -> :class:`LinkBroken`
+(another attempt or replica may succeed); the rest -> :class:`CloudRejected`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import grpc
+import numpy as np
+from seamline.protos import codec
+from seamline.protos import seamline_pb2 as pb
+
+from .errors import CloudRejected, LinkBroken, LinkError, SessionLost
+from .messages import CloudInfo, OpenParams, OutgoingChunk, ServerTimings, StepResult
+
+_SERVER_POSITION = re.compile(r"server_position=(\d+)")
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
+              grpc.StatusCode.ABORTED}
+
+
+def info_from_reply(r: pb.InfoReply) -> CloudInfo:
+    names = []
+    for c in r.codecs:
+        try:
+            names.append(codec.codec_name(c))
+        except codec.CodecError:
+            continue  # a newer server's codec this edge does not know
+    return CloudInfo(model_id=r.model_id, model_hash=r.model_hash, num_layers=r.num_layers,
+                     hidden_size=r.hidden_size, max_positions=r.max_positions, min_split=r.min_split,
+                     max_split=r.max_split, codecs=tuple(names), layer_ms=tuple(r.layer_ms), head_ms=r.head_ms,
+                     max_chunk_tokens=r.max_chunk_tokens, device=r.device,
+                     active_sessions=r.load.active_sessions, queue_depth=r.load.queue_depth,
+                     queue_ms_p50=r.load.queue_ms_p50)
+
+
+def open_request(params: OpenParams) -> pb.OpenRequest:
+    s = params.sampling
+    req = pb.OpenRequest(
+        model_hash=params.model_hash, split=params.choice.k,
+        sampling=pb.SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+                                   stop_token_ids=list(s.stop_token_ids), top_logprobs=s.top_logprobs))
+    if params.choice.k > 0:
+        req.codec.CopyFrom(params.choice.codec.to_proto())
+    return req
+
+
+def encode_chunk(start: int, hidden: np.ndarray | None, ids: list[int] | None, cfg: codec.CodecConfig,
+                 sample: bool, zstd_min_tokens: int) -> OutgoingChunk:
+    """Rows [start, start + T) as a Step payload: the encoded hidden (T, C), or token ids when k = 0.
+
+    zstd (when the session's codec enables it) applies to chunks of at least ``zstd_min_tokens``:
+    a one-token decode step does not compress.
+    """
+    if hidden is None:
+        return OutgoingChunk(start, start + len(ids), sample, pb.TokenIds(ids=list(ids)))
+    t = hidden.shape[0]  # hidden: (T, C)
+    if cfg.zstd and t < zstd_min_tokens:
+        cfg = replace(cfg, zstd=False)
+    return OutgoingChunk(start, start + t, sample, codec.encode(hidden, cfg))
+
+
+def step_request(session_id: str, chunk: OutgoingChunk, step_id: int) -> pb.StepRequest:
+    req = pb.StepRequest(session_id=session_id, start_position=chunk.start, sample=chunk.sample, step_id=step_id)
+    if isinstance(chunk.payload, pb.TokenIds):
+        req.tokens.CopyFrom(chunk.payload)
+    else:
+        req.hidden.CopyFrom(chunk.payload)
+    return req
+
+
+def step_result(reply: pb.StepReply, bytes_sent: int, rtt_ms: float) -> StepResult:
+    t = reply.timings
+    timings = ServerTimings(t.queue_ms, t.compute_ms, t.decode_ms, t.batch_size)
+    return StepResult(position=reply.position, token_id=reply.token_id if reply.has_token else None,
+                      logprob=reply.logprob,
+                      top_logprobs=tuple((x.token_id, x.logprob) for x in reply.top_logprobs),
+                      finished=reply.finished, timings=timings, bytes_sent=bytes_sent,
+                      bytes_received=reply.ByteSize(), rtt_ms=rtt_ms,
+                      network_ms=max(0.0, rtt_ms - timings.total_ms))
+
+
+def close_request(session_id: str) -> pb.CloseRequest:
+    return pb.CloseRequest(session_id=session_id)
+
+
+def link_error(code: grpc.StatusCode | None, details: str | None, endpoint: str, what: str) -> LinkError:
+    """A gRPC status from ``endpoint`` during ``what`` -> the LinkError the generation loop handles."""
+    details = details or ""
+    text = f"{what} on {endpoint}: {code.name if code else 'stream ended'}: {details}".rstrip(": ")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return SessionLost(text)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        m = _SERVER_POSITION.search(details)
+        if m:
+            return SessionLost(text, server_position=int(m.group(1)))
+        return CloudRejected(text)
+    if code is None or code in _RETRYABLE:
+        return LinkBroken(text)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return CloudRejected(f"{text} — pass the device's token with --token (or `token` in the config file)")
+    return CloudRejected(text)

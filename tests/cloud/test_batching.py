@@ -1,0 +1,165 @@
+"""A session's output does not depend on who it was batched with."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from seamline.cloud.config import CloudConfig
+from seamline.cloud.executor import TorchExecutor
+from seamline.cloud.messages import Row
+from seamline.cloud.sampling import SamplingParams
+from seamline.cloud.sessions import SessionStore
+from seamline.protos.codec import CodecConfig
+
+from .conftest import Client, EdgeSim, reference_greedy, step_request
+
+NEW = 6
+
+
+def prompt_for(i: int) -> list[int]:
+    rng = np.random.default_rng(i)
+    return rng.integers(3, 256, size=3 + i).tolist()  # 3..18 tokens: different context lengths
+
+
+async def test_sixteen_concurrent_sessions_match_alone(servers, models):
+    model, mhash = models["llama"]
+    splits = [2] * 12 + [0, 1, 3, 4]
+    expected = [reference_greedy(model, prompt_for(i), NEW)[0] for i in range(16)]
+    async with Client(servers["llama"].address) as client:
+        results = await asyncio.gather(*(client.generate(model, mhash, splits[i], prompt_for(i), NEW, chunk=5)
+                                         for i in range(16)))
+    for i, replies in enumerate(results):
+        assert [r.token_id for r in replies] == expected[i], f"session {i} (split {splits[i]})"
+
+
+async def test_queued_decode_steps_run_as_one_batch(servers, models):
+    """Hold the worker thread, queue 16 decode steps, release: they share forward passes."""
+    server = servers["gpt2"]
+    model, mhash = models["gpt2"]
+    prompts = [prompt_for(i) for i in range(16)]
+    expected = [reference_greedy(model, p, 2)[0] for p in prompts]
+    async with Client(server.address) as client:
+        sessions, edges, calls, firsts = [], [], [], []
+        for p in prompts:
+            sessions.append((await client.open(mhash, 2)).session_id)
+            edges.append(EdgeSim(model, 2))
+            calls.append(client.stream())
+            await calls[-1].write(step_request(sessions[-1], 0, 2, hidden=edges[-1].run(p)))
+            firsts.append(await calls[-1].read())
+        assert [r.token_id for r in firsts] == [e[0] for e in expected]
+
+        gate = threading.Event()
+        blocker = server.running.executor.worker.submit(gate.wait)
+        for s, e, c, r, p in zip(sessions, edges, calls, firsts, prompts, strict=True):
+            await c.write(step_request(s, len(p), 2, hidden=e.run([r.token_id])))
+        while server.call(lambda: server.running.scheduler.in_flight) < 16:
+            await asyncio.sleep(0.01)  # a condition, not a duration: all 16 steps are queued
+        gate.set()
+        blocker.result()
+        seconds = [await c.read() for c in calls]
+        for c in calls:
+            await c.done_writing()
+    assert [r.token_id for r in seconds] == [e[1] for e in expected]
+    assert max(r.timings.batch_size for r in seconds) >= 15
+
+
+def test_batched_forward_equals_alone(checkpoints, models):
+    """Executor level: log-probabilities of a row batched with 7 others equal the row alone (fp32)."""
+    model, _ = models["qwen2"]
+    executor = TorchExecutor(model, CloudConfig(model=str(checkpoints["qwen2"]), device="cpu"))
+    store = SessionStore(CloudConfig(kv_budget=2**30), executor.shape.max_positions)
+    params = SamplingParams(top_logprobs=20)
+    k = 1
+
+    def prefilled(i: int):
+        session = store.open("dev", k, CodecConfig(), params, executor.bytes_per_token(k))
+        edge = EdgeSim(model, k)
+        hidden = edge.run(prompt_for(i))
+        store.reserve(session, len(hidden))
+        executor.forward([Row(session, hidden, None, False)])
+        session.position = len(hidden)
+        return session, edge
+
+    try:
+        alone = []
+        for i in range(8):
+            session, edge = prefilled(i)
+            alone.append(executor.forward([Row(session, edge.run([7]), None, True)])[0][0])
+        pairs = [prefilled(i) for i in range(8)]
+        rows = []
+        for session, edge in pairs:
+            store.reserve(session, session.position + 1)
+            rows.append(Row(session, edge.run([7]), None, True))
+        batched, _ = executor.forward(rows)
+    finally:
+        executor.close()
+    for a, b in zip(alone, batched, strict=True):
+        assert a.token_id == b.token_id
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        np.testing.assert_allclose([lp for _, lp in a.top], [lp for _, lp in b.top], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_kv_bytes_are_the_tensors_held(checkpoints, models, kind):
+    model, _ = models[kind]
+    executor = TorchExecutor(model, CloudConfig(model=str(checkpoints[kind]), device="cpu"))
+    store = SessionStore(CloudConfig(kv_budget=2**30), executor.shape.max_positions)
+    try:
+        session = store.open("dev", 1, CodecConfig(), SamplingParams(), executor.bytes_per_token(1))
+        edge = EdgeSim(model, 1)
+        for chunk in ([1, 2, 3], [4] * 70, [5]):
+            store.reserve(session, session.position + len(chunk))
+            executor.forward([Row(session, edge.run(chunk), None, False)])
+            session.position += len(chunk)
+            assert session.kv.numel() * session.kv.element_size() == session.kv_bytes == store.kv_bytes
+        assert session.kv.dtype == torch.float32 and session.kv.shape[3] >= 74
+    finally:
+        executor.close()
+
+
+async def test_a_row_that_breaks_the_pass_fails_alone(start_server, models):
+    """When a forward pass raises, its rows are retried one by one; only the culprit gets an error."""
+    server = start_server("gpt2")
+    model, mhash = models["gpt2"]
+    executor = server.running.executor
+    poisoned: set[str] = set()
+    forward = executor.forward
+
+    def fragile_forward(rows):
+        if any(r.session.id in poisoned for r in rows):
+            raise RuntimeError("boom")
+        return forward(rows)
+
+    executor.forward = fragile_forward
+    prompts = [prompt_for(i) for i in range(6)]
+    expected = [reference_greedy(model, p, 2)[0] for p in prompts]
+    async with Client(server.address) as client:
+        sessions, edges, calls, firsts = [], [], [], []
+        for p in prompts:
+            sessions.append((await client.open(mhash, 1)).session_id)
+            edges.append(EdgeSim(model, 1))
+            calls.append(client.stream())
+            await calls[-1].write(step_request(sessions[-1], 0, 1, hidden=edges[-1].run(p)))
+            firsts.append(await calls[-1].read())
+        poisoned.add(sessions[3])
+        gate = threading.Event()
+        blocker = executor.worker.submit(gate.wait)
+        for s, e, c, r, p in zip(sessions, edges, calls, firsts, prompts, strict=True):
+            await c.write(step_request(s, len(p), 1, hidden=e.run([r.token_id])))
+        while server.call(lambda: server.running.scheduler.in_flight) < 6:
+            await asyncio.sleep(0.01)
+        gate.set()
+        blocker.result()
+        for i, call in enumerate(calls):
+            if i == 3:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call.read()
+                assert info.value.code() == grpc.StatusCode.INTERNAL and "boom" in info.value.details()
+            else:
+                assert (await call.read()).token_id == expected[i][1]
+                await call.done_writing()

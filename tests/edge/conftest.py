@@ -1,0 +1,272 @@
+"""Edge fixtures: bundles of a tiny random GPT-2, real cloud processes, real agents on loopback.
+
+- bundles are cut once per session with the partitioner (a full one with every layer, and a trimmed
+  one with ``--max-edge-layers 2``);
+- a cloud is ``python -m seamline.cloud.cli`` in a subprocess; ready when its health service
+  answers SERVING;
+- an agent is ``EdgeAgent`` on an event loop of its own thread; ready when ``start()`` returned and
+  ``/healthz`` answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from seamline.edge.agent import EdgeAgent
+from seamline.edge.config import EdgeConfig
+
+SPLIT = 2
+PROMPT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First Citizen: You are "
+          "all resolved rather to die than to famish? All: Resolved. resolved.")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, timeout: float = 60) -> None:
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                          wait_for_ready=True, timeout=timeout)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class CloudProcess:
+    """``seamline cloud`` in a subprocess (so that a test can freeze or kill it for real).
+
+    Spawning does not wait: ``address`` blocks until the process printed it and its health service
+    answers SERVING, so a fixture can cut a bundle while the cloud boots.
+    """
+
+    def __init__(self, model: Path, port: int = 0):
+        self.model = model
+        self._spawn(port)
+
+    def _spawn(self, port: int) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "seamline.cloud.cli", "--model", str(self.model), "--port", str(port),
+             "--device", "cpu", "--grace", "1", "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
+        self._address: str | None = None
+
+    @staticmethod
+    def _read(proc: subprocess.Popen, lines: queue.Queue) -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put("")
+
+    @property
+    def address(self) -> str:
+        if self._address is None:
+            self._address = self._wait_address(timeout=120)
+            wait_serving(self._address)
+        return self._address
+
+    def _wait_address(self, timeout: float) -> str:
+        seen = []
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise RuntimeError(f"the cloud did not start within {timeout}s: {''.join(seen)}") from None
+            seen.append(line)
+            m = re.search(r"listening on (\S+)", line)
+            if m:
+                return m.group(1)
+            if line == "":
+                raise RuntimeError(f"the cloud exited: {''.join(seen)}")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def freeze(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.alive:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.alive:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def restart(self) -> None:
+        """Kill the process and start a new one on the same port (same address)."""
+        address = self.address
+        self.kill()
+        self._spawn(int(address.rsplit(":", 1)[1]))
+        assert self.address == address
+
+    def stop(self) -> None:
+        if self.alive:
+            self.thaw()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class AgentThread:
+    """``EdgeAgent`` serving on an event loop of its own thread."""
+
+    def __init__(self, config: EdgeConfig, policy=None):
+        self.agent = EdgeAgent(config, policy)
+        self.loop = asyncio.new_event_loop()
+        self.url: str | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.url = self.loop.run_until_complete(self.agent.start())
+        except BaseException as e:  # noqa: BLE001 - reported to the test thread
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.close()
+
+    def start(self) -> AgentThread:
+        self._thread.start()
+        self._ready.wait(60)
+        if self._error is not None:
+            raise self._error
+        assert httpx.get(self.url + "/healthz", timeout=10).status_code == 200
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self.agent.stop(), self.loop).result(60)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def edge_checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("gpt2")
+
+
+def _partition(model: Path, out: Path, calibration: Path, **kw) -> Path:
+    from seamline.partitioner.partition import PartitionOptions, partition
+
+    partition(PartitionOptions(model=str(model), out=out, split=SPLIT, calibration=calibration, **kw))
+    return out
+
+
+@pytest.fixture(scope="session")
+def full_bundle(edge_checkpoint, calibration_file, tmp_path_factory) -> Path:
+    return _partition(edge_checkpoint, tmp_path_factory.mktemp("bundle") / "full", calibration_file)
+
+
+@pytest.fixture(scope="session")
+def trimmed_bundle(edge_checkpoint, calibration_file, tmp_path_factory) -> Path:
+    """`partition --max-edge-layers 2`: blocks [0, 2) and no head, so no offline fallback."""
+    return _partition(edge_checkpoint, tmp_path_factory.mktemp("bundle") / "trimmed", calibration_file,
+                      max_edge_layers=2)
+
+
+@pytest.fixture(scope="session")
+def cloud(edge_checkpoint):
+    """The cloud process most tests share (a restart test restarts it on the same address)."""
+    c = CloudProcess(edge_checkpoint)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def spare_cloud(edge_checkpoint):
+    """Factory: a second cloud process for fault tests, started again only when a test killed it."""
+    current: list[CloudProcess] = []
+
+    def get() -> CloudProcess:
+        if not current or not current[-1].alive:
+            current.append(CloudProcess(edge_checkpoint))
+        current[-1].thaw()
+        return current[-1]
+
+    yield get
+    for c in current:
+        c.stop()
+
+
+def edge_config(bundle: Path, cloud: list[str], **kw) -> EdgeConfig:
+    base = EdgeConfig(bundle=str(bundle), cloud=cloud, listen="127.0.0.1:0", codec="fp32", chunk_tokens=16,
+                      connect_timeout=2.0, step_timeout=20.0, reconnect_window=20.0, grace=5.0, log_level="WARNING")
+    return replace(base, **kw)
+
+
+@pytest.fixture
+def start_agent():
+    """Factory: an agent thread for a config, stopped after the test."""
+    started: list[AgentThread] = []
+
+    def start(config: EdgeConfig, policy=None) -> AgentThread:
+        a = AgentThread(config, policy).start()
+        started.append(a)
+        return a
+
+    yield start
+    for a in started:
+        a.stop()
+
+
+@pytest.fixture(scope="session")
+def agent(cloud, full_bundle):  # cloud first: it boots while the bundle is cut
+    """A shared agent on the full bundle, split 2, fp32, against the shared cloud."""
+    a = AgentThread(edge_config(full_bundle, [cloud.address])).start()
+    yield a
+    a.stop()
+
+
+@pytest.fixture(scope="session")
+def reference(edge_checkpoint, full_bundle):
+    """Greedy continuation of the unsplit torch model: prompt text -> (ids, text) for N new tokens."""
+    import torch
+    from seamline.edge.runtime import EdgeRuntime
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(edge_checkpoint).eval()
+    runtime = EdgeRuntime(full_bundle, verify=False)
+    eos = runtime.manifest.eos_token_id
+    cache: dict[tuple[str, int], tuple[list[int], str]] = {}
+
+    def greedy(prompt: str, new_tokens: int) -> tuple[list[int], str]:
+        key = (prompt, new_tokens)
+        if key not in cache:
+            ids = runtime.encode_text(prompt)
+            with torch.inference_mode():
+                out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos,
+                                     pad_token_id=eos)
+            new = out[0, len(ids):].tolist()
+            if eos in new:
+                new = new[:new.index(eos)]
+            cache[key] = (new, runtime.decode_ids(new))
+        return cache[key]
+
+    return greedy

