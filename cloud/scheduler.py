@@ -93,11 +93,7 @@ class BatchScheduler:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until every submitted step is answered; False if ``timeout`` passed first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+        return await _wait_event(self._idle, timeout)
 
     async def run(self) -> None:
         """The engine loop (a background task for the server's lifetime)."""
@@ -132,9 +128,7 @@ class BatchScheduler:
             if now >= deadline or self._expected_joiners(now) == 0:
                 return
             self._arrival.clear()
-            try:
-                await asyncio.wait_for(self._arrival.wait(), deadline - now)
-            except TimeoutError:
+            if not await _wait_event(self._arrival, deadline - now):
                 return
 
     def _take_decode_batch(self) -> list[StepWork]:
@@ -229,3 +223,12 @@ class BatchScheduler:
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` up to ``timeout`` seconds; False on timeout (no exception on any Python)."""
+    waiter = asyncio.ensure_future(event.wait())
+    done, _ = await asyncio.wait([waiter], timeout=timeout)
+    if not done:
+        waiter.cancel()
+    return bool(done)

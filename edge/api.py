@@ -42,6 +42,7 @@ class AgentState:
         self.health = health or dict
         self.draining = False
         self.in_flight = 0
+        self.running: set[int] = set()  # ids of the generations counted in ``in_flight``
 
 
 def _error(e: EdgeError, route: str, state: AgentState) -> JSONResponse:
@@ -70,6 +71,7 @@ async def _generate(request: Request, kind: str) -> Response:
     except EdgeError as e:
         return _error(e, route, state)
     shaper = ResponseShaper(api_req, api_req.model or state.model_name, engine.token_text)
+    state.running.add(id(gen))
     state.in_flight += 1
     state.metrics.in_flight.inc(1)
     events = gen.events()
@@ -122,9 +124,10 @@ async def _stream(state: AgentState, gen: Generation, shaper: ResponseShaper, fi
 
 
 def _done(state: AgentState, gen: Generation) -> None:
-    if getattr(gen, "_counted", False):
+    """Count a generation out of the in-flight gauge and into the metrics, once."""
+    if id(gen) not in state.running:
         return
-    gen._counted = True
+    state.running.discard(id(gen))
     state.in_flight -= 1
     state.metrics.in_flight.inc(-1)
     state.metrics.observe_generation(gen.stats)

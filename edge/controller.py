@@ -241,13 +241,13 @@ class Controller:
     # -- decisions -----------------------------------------------------------------------
     def _record(self, d: Decision, now: float) -> Decision:
         cur = self.current
-        if cur is None or (cur.split, cur.codec) != (d.split, d.codec):
+        moved = cur is None or (cur.split, cur.codec) != (d.split, d.codec)
+        if moved:
             self.switches += cur is not None
             self.last_switch_at = now
-            log.info("%s: split %d, codec %s (was %s): %s", d.kind, d.split, d.codec,
-                     "none" if cur is None else f"{cur.split}/{cur.codec}", d.reason)
-        else:
-            log.debug("%s: staying at split %d, codec %s: %s", d.kind, d.split, d.codec, d.reason)
+        log.info("%s: split %d, codec %s (%s): %s", d.kind, d.split, d.codec,
+                 "first choice" if cur is None else f"from {cur.split}/{cur.codec}" if moved else "unchanged",
+                 d.reason)
         self.current = d
         self.decisions += 1
         return d
@@ -350,13 +350,30 @@ def observation_from(stats: Any) -> StepObservation:
     return StepObservation(**kw)
 
 
-class AdaptivePolicy:
-    """The agent's split policy hook: ``choose(request) -> Decision`` and ``observe(step_stats)``.
+@dataclass(frozen=True)
+class CodecName:
+    codec: str
 
-    ``choose`` reads ``prompt_tokens`` (or the length of ``prompt_ids``/``input_ids``) and
-    ``max_new_tokens`` (or ``max_tokens``) from the request. ``observe`` folds one step into the estimates
-    and, when the stats carry ``remaining_tokens`` > 0, returns a mid-generation :class:`Decision` worth its
-    replay (else None); the same is kept in ``pending_resplit`` until the next ``choose``.
+
+@dataclass(frozen=True)
+class ChoiceView:
+    """``policy.choice`` for the agent's health and banner: ``.k`` and ``.codec.codec`` ("local" included)."""
+
+    k: int
+    codec: CodecName
+
+
+class AdaptivePolicy:
+    """The agent's ``SplitPolicy`` (``edge/policy.py``): ``choose(request)`` and ``observe(stats)``.
+
+    ``choose`` reads ``prompt_tokens`` (or the length of ``prompt_ids``/``input_ids``) and ``max_tokens``
+    (or ``max_new_tokens``) from the request (``SplitRequest``) and returns a :class:`Decision` (``split``
+    and a codec name: ``"local"``, ``"ids"`` or a wire codec; ``policy.normalize`` turns it into a
+    ``SplitChoice``). ``observe`` folds one step (``StepStats``, or a dict with the same names) into the
+    estimates and, when the stats carry ``remaining_tokens`` > 0, returns a mid-generation :class:`Decision`
+    worth its replay (else None); it is also kept in ``pending_resplit`` until the next ``choose``.
+    One policy may serve concurrent generations: the estimates are shared, and a resplit is only proposed
+    to a generation that runs the controller's latest choice.
     """
 
     def __init__(self, controller: Controller):
@@ -391,7 +408,7 @@ class AdaptivePolicy:
         if n is None:
             ids = _get(request, ("prompt_ids", "input_ids", "ids"), [])
             n = len(ids)
-        m = _get(request, ("max_new_tokens", "max_tokens"), 32)
+        m = _get(request, ("max_tokens", "max_new_tokens"), 32)
         self.pending_resplit = None
         return self.controller.choose(int(n), int(m))
 
@@ -407,9 +424,38 @@ class AdaptivePolicy:
             self.pending_resplit = d
         return d
 
+    def observe_info(self, info: Any, rtt_ms: float | None = None) -> None:
+        """A cloud ``Info`` (``CloudInfo``): its queue, its per-layer decode ms (rescales the cloud profile)
+        and, if the caller timed the call, its round trip as an RTT sample."""
+        ctl = self.controller
+        layer_ms = list(_get(info, ("layer_ms",), ()) or ())
+        profiled = ctl.cloud.decode_ms(0, ctl.cloud.num_layers, 64)
+        if len(layer_ms) == ctl.cloud.num_layers and sum(layer_ms) > 0 and profiled > 0:
+            ctl.est.cloud_scale.update(sum(layer_ms) / profiled)
+        ctl.observe_probe(rtt_ms=rtt_ms, queue_ms=_get(info, ("queue_ms_p50", "queue_ms")))
+
     @property
     def current(self) -> Decision | None:
         return self.controller.current
 
+    @property
+    def choice(self) -> ChoiceView | None:
+        cur = self.controller.current
+        return None if cur is None else ChoiceView(cur.split, CodecName(cur.codec))
+
     def metrics(self) -> dict[str, Any]:
         return self.controller.metrics()
+
+    def render_metrics(self, prefix: str = "seamline_edge_controller") -> list[str]:
+        """Prometheus text lines (gauges): the current split and codec, the live estimates, switches."""
+        m = self.metrics()
+        out = [f"# HELP {prefix}_split current split k (num_layers = all-local), labelled with the codec",
+               f"# TYPE {prefix}_split gauge"]
+        if m["split"] is not None:
+            out.append(f'{prefix}_split{{codec="{m["codec"]}"}} {m["split"]}')
+        for key, help_text in (("bandwidth_bps", "estimated uplink bandwidth, bits/s"),
+                               ("rtt_ms", "estimated round-trip time, ms"), ("queue_ms", "estimated cloud queue, ms"),
+                               ("switches", "split/codec changes so far")):
+            out += [f"# HELP {prefix}_{key} {help_text}", f"# TYPE {prefix}_{key} gauge",
+                    f"{prefix}_{key} {float(m[key]):g}"]
+        return out

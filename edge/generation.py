@@ -261,14 +261,13 @@ class Generation:
         """Apply a mid-generation decision of the policy (after the current token)."""
         m = self.engine.manifest
         choice = normalize(decision, m, self.config.zstd)
-        if self.mode == LOCAL or choice == self.choice:
+        if self.mode == LOCAL or choice == self.choice or (choice is None and not self.engine.can_run_locally):
             return
         self.stats.resplits += 1
         self._close_session()
         if choice is None:
-            if self.engine.can_run_locally:
-                log.info("the split policy moved the rest of the generation onto the edge")
-                self.mode = LOCAL
+            log.info("the split policy moved the rest of the generation onto the edge")
+            self.mode = LOCAL
             return
         m.check_split(choice.k)
         log.info("moving the split from %d to %d (%s)", self.choice.k, choice.k, choice.codec.codec)

@@ -263,7 +263,7 @@ class CloudLink:
         delay = self.config.backoff_initial
         errors: dict[str, str] = {}
         while True:
-            n = len(self.endpoints)
+            n, retryable = len(self.endpoints), False
             for i in range(n):
                 idx = (self._preferred + i) % n
                 endpoint = self.endpoints[idx]
@@ -272,13 +272,14 @@ class CloudLink:
                     session = await self._open_on(endpoint, params, timeout)
                 except LinkError as e:
                     errors[endpoint] = e.message
+                    retryable = retryable or not isinstance(e, CloudRejected)
                     log.info("cloud endpoint %s: %s", endpoint, e.message)
                     continue
                 self._preferred = idx
                 self._unreachable_at = None
                 return session
             wait = delay * (0.5 + random.random())  # jitter
-            if time.monotonic() + wait > give_up:
+            if not retryable or time.monotonic() + wait > give_up:  # refusals (auth, model) do not heal
                 break
             await asyncio.sleep(wait)
             delay = min(delay * 2, self.config.backoff_max)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from .planner import PlanError, parse_bandwidth, parse_duration_ms
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 log = logging.getLogger("seamline.edge.linkemu")
 READ_SIZE = 64 * 1024

@@ -145,7 +145,7 @@ def _table(p: Plan, title: str, max_rows: int = 24):
     return t
 
 
-def plot_plan(p: Plan, path: Path, title: str) -> Path:
+def plot_plan(p: Plan, path: Path, title: str, deadline_ms: float | None = None) -> Path:
     """Predicted decode latency (left) and response time (right) against split, one line per codec."""
     import matplotlib
 
@@ -168,6 +168,9 @@ def plot_plan(p: Plan, path: Path, title: str) -> Path:
         ax.set_xlabel("split k (edge runs blocks [0, k))")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    if deadline_ms is not None:
+        axes[1].axhline(deadline_ms, color="red", linestyle="--", linewidth=1, label=f"deadline {deadline_ms:g} ms")
+        axes[1].legend(fontsize=8)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -201,7 +204,7 @@ def choose_split(args: Any, manifest: Manifest, console) -> dict:
     console.print(f"[{color}]split auto: {p.reason}[/{color}]")
     for why in p.excluded:
         console.print(f"[dim]not offered: {why}[/dim]")
-    plot = plot_plan(p, out / PLOT_NAME, title)
+    plot = plot_plan(p, out / PLOT_NAME, title, constraints.deadline_ms)
 
     result = p.to_dict()
     result.update({

@@ -67,8 +67,11 @@ def run_partition(args: argparse.Namespace) -> int:
             console.print("[red]partition: --split auto needs the planner (seamline.edge.planner), "
                           "which this installation lacks[/red]")
             return 2
-        summary["plan"] = choose_split(args, manifest, console)
-        summary["default_split"] = summary["plan"]["choice"]["split"]
+        from .partition import summarize
+
+        plan = choose_split(args, manifest, console)
+        summary = summarize(manifest, args.out)
+        summary["plan"] = plan
     table = Table(title=f"bundle {summary['bundle']}")
     table.add_column("item")
     table.add_column("value")

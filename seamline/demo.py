@@ -127,11 +127,13 @@ class Child:
 
 # --------------------------------------------------------------------------------------- generation
 
-def stream_completion(url: str, body: dict, on_text) -> dict:
-    """POST a streaming completion; calls ``on_text(piece)``; returns the final chunk's ``seamline`` stats."""
-    req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+def stream_completion(url: str, body: dict, on_text) -> tuple[dict, dict]:
+    """POST a streaming completion; calls ``on_text(piece)``; returns (``seamline`` stats, usage)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     stats: dict = {}
+    usage: dict = {}
     with urllib.request.urlopen(req, timeout=600) as resp:
         for raw in resp:
             line = raw.decode().strip()
@@ -146,7 +148,8 @@ def stream_completion(url: str, body: dict, on_text) -> dict:
             if data.get("choices"):
                 on_text(data["choices"][0].get("text") or "")
             stats = data.get("seamline") or stats
-    return stats
+            usage = data.get("usage") or usage
+    return stats, usage
 
 
 def timing_table(stats: dict, tokens: int, title: str):
@@ -221,9 +224,9 @@ def run(args: argparse.Namespace) -> int:
             pieces.append(piece)
             out.print(piece, end="", markup=False, highlight=False)
 
-        stats = stream_completion(url, body, show)
+        stats, usage = stream_completion(url, body, show)
         out.print("\n")
-        tokens = sum(stats.get("served_by", {}).values())
+        tokens = usage.get("completion_tokens", 0)
         out.print(timing_table(stats, tokens, f"{tokens} tokens from {args.prompt!r} through the edge agent"))
         return 0
     except (RuntimeError, urllib.error.URLError, OSError) as e:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from seamline.edge.planner import (
     WIRE_CODECS,
     CloudLoad,
@@ -44,7 +43,7 @@ B = {("fp32", 1): 1094, ("fp32", 64): 65607, ("int8", 1): 332, ("int8", 64): 167
 
 
 def cons(**kw) -> Constraints:
-    base = dict(num_layers=3, min_split=1, local_ok=True, codecs=("fp32", "int8"), fidelity=FIDELITY)
+    base = {"num_layers": 3, "min_split": 1, "local_ok": True, "codecs": ("fp32", "int8"), "fidelity": FIDELITY}
     return Constraints(**{**base, **kw})
 
 

@@ -128,6 +128,49 @@ class CloudProcess:
                 self.kill()
 
 
+class CloudThread:
+    """``serve(config)`` on an event loop of its own thread, in this process (cheap: torch is loaded)."""
+
+    def __init__(self, model: Path, **overrides):
+        from seamline.cloud.config import CloudConfig
+
+        self.config = CloudConfig(model=str(model), host="127.0.0.1", port=0, device="cpu", grace=1.0, **overrides)
+        self.loop = asyncio.new_event_loop()
+        self.running = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        from seamline.cloud.server import serve
+
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.running = self.loop.run_until_complete(serve(self.config))
+        except BaseException as e:  # noqa: BLE001 - reported to the test thread
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_until_complete(self.running.wait_closed())
+
+    def start(self) -> CloudThread:
+        self._thread.start()
+        self._ready.wait(120)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    def stop(self) -> None:
+        if self.running is not None and self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self.running.stop(grace=1.0), self.loop).result(60)
+        self._thread.join(30)
+
+
 class AgentThread:
     """``EdgeAgent`` serving on an event loop of its own thread."""
 

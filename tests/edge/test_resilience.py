@@ -13,7 +13,7 @@ from seamline.protos import seamline_pb2 as pb
 from .conftest import edge_config, free_port
 
 SHORT = "First Citizen: Speak, speak."
-N = 60  # long enough that a fault lands mid-generation
+N = 100  # long enough that a fault lands mid-generation
 
 
 def _stream_with_fault(agent, fault, prompt: str = SHORT, n: int = N) -> tuple[str, dict]:
