@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--metrics-host", help=f"address of the metrics server (default {d.metrics_host})")
     a("--grace", type=float, metavar="SECONDS",
       help=f"on SIGTERM, time to finish in-flight steps (default {d.grace:g})")
+    a("--threads", type=int, metavar="N",
+      help="torch intra-op threads on CPU (default 0: torch's default, every core). Set it when the host "
+           "also runs other work, e.g. an edge agent in a demo: oversubscribed cores slow torch many times over")
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING")
 
 

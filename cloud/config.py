@@ -68,6 +68,7 @@ class CloudConfig:
     metrics_port: int | None = None   # Prometheus /metrics on this port (0 = a free port)
     metrics_host: str = "127.0.0.1"
     grace: float = 10.0               # seconds to finish in-flight steps on SIGTERM
+    threads: int = 0                  # torch intra-op threads on CPU; 0 = torch's default (all cores)
 
     def __post_init__(self) -> None:
         self.kv_budget = parse_size(self.kv_budget, "kv_budget")
@@ -80,7 +81,7 @@ class CloudConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name, low in (("port", 0), ("max_sessions", 1), ("max_batch", 1), ("max_chunk_tokens", 1),
-                          ("min_split", 0)):
+                          ("min_split", 0), ("threads", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{name}: expected an integer >= {low}, got {value!r}")

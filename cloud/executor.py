@@ -53,6 +53,8 @@ class TorchExecutor:
         if not self.shape.causal:
             raise ConfigError(f"{self.shape.family} is an encoder; seamline cloud serves causal language "
                               "models (GPT-2, Llama-family)")
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seamline-torch")
 
     async def run(self, fn, *args):

@@ -114,7 +114,10 @@ class BatchScheduler:
     # ------------------------------------------------------------------------------ schedule
 
     def _expected_joiners(self, now: float) -> int:
-        for sid in [sid for sid, t in self._recent_decoders.items() if now - t > RECENT_DECODER_S]:
+        # Forget sessions that went quiet, and closed or evicted ones at once: a session that no
+        # longer exists must not hold every later decode step for the whole batch window.
+        for sid in [sid for sid, t in self._recent_decoders.items()
+                    if now - t > RECENT_DECODER_S or sid not in self.store.sessions]:
             del self._recent_decoders[sid]
         queued = {w.row.session.id for w in self.decode}
         return sum(1 for sid in self._recent_decoders if sid not in queued)

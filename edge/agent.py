@@ -20,7 +20,7 @@ import uvicorn
 
 from .api import AgentState, create_app
 from .config import ConfigError, EdgeConfig, split_listen
-from .generation import GenerationEngine
+from .engine import GenerationEngine
 from .link import CloudLink
 from .metrics import EdgeMetrics
 from .policy import FixedPolicy, SplitPolicy
@@ -37,6 +37,19 @@ def build_engine(config: EdgeConfig, policy: SplitPolicy | None = None) -> Gener
                           "`bundle` in the config file")
     bundle = Path(config.bundle).expanduser()
     runtime = EdgeRuntime(bundle, threads=config.threads, int8=config.int8, verify=config.verify)
+    m = runtime.manifest
+    if not config.cloud and not m.has_all_layers:
+        raise ConfigError(f"no cloud endpoint, and {bundle} exports only {m.edge_layers} of {m.num_layers} layers "
+                          "(no LM head), so it cannot generate alone: pass --cloud HOST:PORT, or partition with "
+                          "every layer (no --max-edge-layers)")
+    if policy is None and config.adaptive:
+        from .controller import AdaptivePolicy
+        from .planner import LinkEstimate, parse_bandwidth, parse_duration_ms
+
+        prior = None
+        if config.bandwidth or config.rtt:
+            prior = LinkEstimate(parse_bandwidth(config.bandwidth or "20mbit"), parse_duration_ms(config.rtt or "30ms"))
+        policy = AdaptivePolicy.from_manifest(runtime.manifest, link=prior)
     if policy is None:
         policy = FixedPolicy.from_manifest(runtime.manifest, config.split, config.codec, config.zstd)
     link = CloudLink(config) if config.cloud else None
@@ -71,7 +84,6 @@ class EdgeAgent:
         self.server: _Server | None = None
         self.url: str | None = None
         self._tasks: list[asyncio.Task] = []
-        self._cloud_status: dict[str, str] = {}
 
     def _health(self) -> dict:
         m, policy = self.engine.manifest, self.engine.policy
@@ -81,7 +93,7 @@ class EdgeAgent:
             "bundle": str(self.engine.runtime.bundle_dir), "layers": m.num_layers, "edge_layers": m.edge_layers,
             "split": choice.k if choice else None, "codec": choice.codec.codec if choice else None,
             "int8": self.engine.runtime.int8, "offline_fallback": m.has_all_layers,
-            "cloud": [{"endpoint": ep, "status": self._cloud_status.get(ep, "unknown")}
+            "cloud": [{"endpoint": ep, "status": link.status.get(ep, "unknown")}
                       for ep in (link.endpoints if link else [])],
             "last_cloud_error": link.last_error if link else None,
         }
@@ -89,20 +101,24 @@ class EdgeAgent:
     async def _probe_cloud(self) -> None:
         """At start-up: ask every endpoint for Info and log what it serves (never fatal)."""
         link = self.engine.link
+        observe_info = getattr(self.engine.policy, "observe_info", None)
         for ep in link.endpoints:
             try:
+                t0 = asyncio.get_running_loop().time()
                 info = await link.info(ep)
+                if observe_info is not None:
+                    observe_info(info, rtt_ms=(asyncio.get_running_loop().time() - t0) * 1e3)
             except Exception as e:  # noqa: BLE001 - a probe; generations retry on their own
-                self._cloud_status[ep] = "unreachable"
+                link.status[ep] = f"unreachable at start-up: {getattr(e, 'message', e)}"
                 log.warning("cloud %s is not reachable yet: %s", ep, getattr(e, "message", e))
                 continue
             if info.model_hash != self.engine.manifest.source_model_hash:
-                self._cloud_status[ep] = "wrong model"
+                link.status[ep] = "serves another model"
                 log.error("cloud %s serves %s (%s...), not the bundle's model (%s...): re-partition or point "
                           "--cloud elsewhere", ep, info.model_id, info.model_hash[:12],
                           self.engine.manifest.source_model_hash[:12])
             else:
-                self._cloud_status[ep] = "ok"
+                link.status[ep] = "ok"
                 log.info("cloud %s: %s on %s, splits [%d, %d]", ep, info.model_id, info.device, info.min_split,
                          info.max_split)
 

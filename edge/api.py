@@ -22,8 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .engine import GenerationEngine
 from .errors import BadRequest, Draining, EdgeError
-from .generation import Generation, GenerationEngine
+from .generation import Generation
 from .messages import GenerationEvent
 from .metrics import EdgeMetrics
 from .openai_compat import CHAT, COMPLETION, ResponseShaper, error_body, parse_chat, parse_completion
@@ -114,6 +115,11 @@ async def _stream(state: AgentState, gen: Generation, shaper: ResponseShaper, fi
             yield _sse(error_body(e.message, e.kind))
             yield _sse("[DONE]")
             return
+        except Exception as e:  # the headers are out: end the stream with an error event, not a cut
+            log.exception("generation failed mid-stream")
+            yield _sse(error_body(f"internal error: {type(e).__name__}: {e}", "internal_error"))
+            yield _sse("[DONE]")
+            return
         result = gen.result()
         for chunk in shaper.final_chunks(result.finish_reason, result.stats):
             yield _sse(chunk)
@@ -156,7 +162,11 @@ async def healthz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state: AgentState = request.app.state.agent
-    return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    text = state.metrics.render()
+    render_policy = getattr(state.engine.policy, "render_metrics", None)
+    if render_policy is not None:  # the adaptive controller: current split, codec and live estimates
+        text += "\n".join(render_policy()) + "\n"
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def create_app(state: AgentState) -> Starlette:

@@ -43,6 +43,11 @@ def _add_link_arguments(a) -> None:
     a("--tls", action="store_true", default=None, help="connect with TLS, trusting the system's CA roots")
     a("--split", type=int, metavar="K", help="run blocks [0, K) on the edge (default: the bundle's split)")
     a("--codec", help="hidden-state codec: fp32 fp16 int8 int4 int4-rot int8-outlier (default: the bundle's)")
+    a("--adaptive", action="store_true", default=None,
+      help="let the controller choose split and codec per request (and move them mid-generation when a replay "
+           "pays off) from live bandwidth, RTT and cloud-load estimates; --split/--codec are then ignored")
+    a("--bandwidth", metavar="RATE", help="--adaptive: prior uplink bandwidth until measured, e.g. 20mbit")
+    a("--rtt", metavar="TIME", help="--adaptive: prior round-trip time until measured, e.g. 30ms")
     a("--threads", type=int, help="ONNX Runtime intra-op threads per graph (default 1)")
     a("--int8", action="store_true", default=None, help="run the bundle's int8-quantized graphs")
     a("--chunk-tokens", type=int, help="prefill chunk size in tokens (default 64)")
@@ -71,7 +76,8 @@ def add_edge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, **extra) -> EdgeConfig:
-    names = ("bundle", "cloud", "listen", "token", "tls_ca", "tls", "split", "codec", "threads", "int8",
+    names = ("bundle", "cloud", "listen", "token", "tls_ca", "tls", "split", "codec", "adaptive", "bandwidth", "rtt",
+             "threads", "int8",
              "chunk_tokens", "deadline", "step_timeout", "reconnect_window", "verify", "model_name", "grace",
              "log_level")
     values = {n: getattr(args, n, None) for n in names}
@@ -127,7 +133,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     a("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
     a("--chat", action="store_true", help="send the prompt as one user message to /v1/chat/completions")
     a("--stream", action="store_true", help="print tokens as they arrive")
-    a("--json", action="store_true", help="through an agent: print the whole response as JSON instead of the text")
+    a("--json", action="store_true", help="print the whole response (and its timings) as JSON instead of the text")
     a("--log-level", default="WARNING", help="standalone log level (default WARNING)")
 
 
@@ -228,13 +234,17 @@ async def _standalone(args: argparse.Namespace) -> int:
         parse = parse_chat if args.chat else parse_completion
         api_req = parse(body, engine.encode_prompt, config.default_max_tokens, config.deadline)
         gen = engine.start(api_req.generation)
-        if not args.chat:
+        if not args.chat and not args.json:
             sys.stdout.write(args.prompt)
         async for event in gen.events():
-            if args.stream:
+            if args.stream and not args.json:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
         result = gen.result()
+        if args.json:
+            print(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                              "finish_reason": result.finish_reason, "seamline": result.stats.to_dict()}, indent=2))
+            return 0
         if not args.stream:
             sys.stdout.write(result.text)
         print()

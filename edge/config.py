@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from seamline.protos.codec import CODEC_NAMES
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: JSON config files only
-    tomllib = None
 
 
 class ConfigError(ValueError):
@@ -70,6 +66,9 @@ class EdgeConfig:
     tls: bool = False                 # TLS with the system's trusted roots (implied by tls_ca)
     split: int | None = None          # k, the edge runs blocks [0, k); None = the bundle's default
     codec: str | None = None          # hidden-state codec; None = the bundle's default
+    adaptive: bool = False            # let the controller move split and codec with the live link
+    bandwidth: str | None = None      # adaptive: prior uplink bandwidth (e.g. 20mbit) until measured
+    rtt: str | None = None            # adaptive: prior round-trip time (e.g. 30ms) until measured
     zstd: bool = True                 # zstd-compress multi-token chunks (prefill, replay)
     threads: int = 1                  # ONNX Runtime intra-op threads per graph
     int8: bool = False                # run the bundle's int8 graphs
@@ -139,9 +138,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"config file {path}: {e.strerror}; pass an existing TOML or JSON file") from None
-    if path.suffix != ".json" and tomllib is None:
-        raise ConfigError(f"config file {path}: reading TOML needs Python 3.11 or later; write it as JSON "
-                          "with a .json suffix")
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except ValueError as e:  # tomllib.TOMLDecodeError is a ValueError

@@ -30,15 +30,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-from seamline.protos.bundle import Manifest
 from seamline.protos.codec import CodecConfig
 
 from . import sampling, wire
-from .config import EdgeConfig
-from .errors import BadRequest, CloudUnavailable, LinkBroken, NoRoute, SessionLost
-from .link import CloudLink, LinkSession
+from .errors import CloudUnavailable, LinkBroken, NoRoute, SessionLost
+from .link import LinkSession
 from .messages import (
     CLOUD,
     LOCAL,
@@ -54,10 +53,12 @@ from .messages import (
     StepStats,
     TokenInfo,
 )
-from .policy import FixedPolicy, SplitPolicy, normalize
-from .runtime import EdgeCache, EdgeRuntime
+from .policy import FixedPolicy, normalize
+from .runtime import EdgeCache
 from .text import TextTracker
-from .worker import ComputeWorker
+
+if TYPE_CHECKING:
+    from .engine import GenerationEngine
 
 log = logging.getLogger("seamline.edge")
 
@@ -87,58 +88,6 @@ class HiddenHistory:
         view = self._buf[a:b]
         view.flags.writeable = False
         return view
-
-
-class GenerationEngine:
-    """What every generation shares: the runtime, its worker thread, the cloud link and the policy."""
-
-    def __init__(self, runtime: EdgeRuntime, worker: ComputeWorker, link: CloudLink | None,
-                 policy: SplitPolicy, config: EdgeConfig):
-        self.runtime = runtime
-        self.manifest: Manifest = runtime.manifest
-        self.worker = worker
-        self.link = link
-        self.policy = policy
-        self.config = config
-
-    @property
-    def can_run_locally(self) -> bool:
-        return self.manifest.has_all_layers
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.manifest.eos_token_id
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return self.runtime.encode_text(text)
-
-    def token_text(self, token_id: int) -> str:
-        return self.runtime.decode_ids([token_id])
-
-    def check(self, request: GenerationRequest) -> GenerationRequest:
-        """Validate against the model; BadRequest says what to change."""
-        n, limit = len(request.prompt_ids), self.manifest.max_positions
-        if n == 0:
-            raise BadRequest("the prompt is empty (it tokenizes to no tokens); send some text", "prompt")
-        if n >= limit:
-            raise BadRequest(f"the prompt has {n} tokens; this model's context holds {limit}, and at least one "
-                             "must be left for the answer: shorten the prompt", "prompt")
-        vocab = self.manifest.vocab_size
-        bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise BadRequest(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
-        if request.max_tokens < 1:
-            raise BadRequest(f"max_tokens must be >= 1, got {request.max_tokens}", "max_tokens")
-        return request
-
-    def start(self, request: GenerationRequest) -> Generation:
-        return Generation(self, self.check(request))
-
-    async def run(self, request: GenerationRequest) -> GenerationResult:
-        gen = self.start(request)
-        async for _ in gen.events():
-            pass
-        return gen.result()
 
 
 class Generation:
@@ -363,7 +312,7 @@ class Generation:
             for j in range(len(spans)):
                 chunk = await pending
                 pending = self._prepare(*spans[j + 1], j + 2 == len(spans)) if j + 1 < len(spans) else None
-                await session.send(chunk)  # ... while the worker computes the next chunk
+                await session.send(chunk, self._step_timeout())  # ... while the worker computes the next
                 chunks.append(chunk)
             result = None
             for chunk in chunks:
@@ -397,7 +346,11 @@ class Generation:
             bytes_sent=result.bytes_sent, bytes_received=result.bytes_received, rtt_ms=result.rtt_ms,
             network_ms=result.network_ms, queue_ms=t.queue_ms, compute_ms=t.compute_ms,
             server_decode_ms=t.decode_ms)
-        decision = self.engine.policy.observe(stats)
+        try:
+            decision = self.engine.policy.observe(stats)
+        except Exception:  # a failing controller must not fail the generation it measures
+            log.exception("the split policy failed to observe a step; keeping the current split")
+            return
         if decision is not None:
             self._pending = decision
 

@@ -61,32 +61,38 @@ class LinkSession:
         return self._call
 
     async def _status_error(self, what: str) -> LinkError:
+        """The status of a stream that ended (a failed write, or EOF where a reply was due)."""
         call = self._call
-        self.abort()
         try:
             code, details = await asyncio.wait_for(asyncio.gather(call.code(), call.details()), 1.0)
-        except (TimeoutError, asyncio.CancelledError, grpc.RpcError):
+        except (TimeoutError, grpc.RpcError):
             code, details = None, "the stream ended without a status"
+        self.abort()
         return wire.link_error(code, details, self.endpoint, what)
 
-    async def send(self, chunk: OutgoingChunk) -> None:
-        """Write one chunk on the stream (does not wait for its reply)."""
+    async def send(self, chunk: OutgoingChunk, timeout: float) -> None:
+        """Write one chunk on the stream (does not wait for its reply; LinkBroken after ``timeout`` s of
+        HTTP/2 flow control holding it back, e.g. a frozen server)."""
         if self.closed:
             raise LinkBroken(f"session {self.session_id} on {self.endpoint} is closed")
         call = self._stream()
         self._step_id += 1
         req = wire.step_request(self.session_id, chunk, self._step_id)
         size = req.ByteSize()
+        sent_at = time.perf_counter()
         try:
-            await call.write(req)
+            await asyncio.wait_for(call.write(req), timeout)
+        except TimeoutError:
+            self.abort()
+            raise LinkBroken(f"Step on {self.endpoint}: could not send within {timeout:.1f}s") from None
         except grpc.aio.AioRpcError as e:
             self.abort()
             raise wire.link_error(e.code(), e.details(), self.endpoint, "Step") from None
         except (asyncio.InvalidStateError, grpc.aio.UsageError):
             raise await self._status_error("Step") from None
         if not self._in_flight:
-            self._last_reply = time.perf_counter()
-        self._in_flight.append((time.perf_counter(), size))
+            self._last_reply = sent_at
+        self._in_flight.append((sent_at, size))
 
     async def recv(self, timeout: float) -> StepResult:
         """The reply to the oldest unanswered chunk; LinkBroken when none comes within ``timeout`` s."""
@@ -151,6 +157,7 @@ class CloudLink:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, seamline_pb2_grpc.SeamlineStub] = {}
         self.infos: dict[str, CloudInfo] = {}
+        self.status: dict[str, str] = {ep: "unknown" for ep in self.endpoints}  # last outcome per endpoint
         self._preferred = 0
         self._unreachable_at: float | None = None  # when the last open() found no endpoint
         self.last_error: str | None = None
@@ -224,8 +231,9 @@ class CloudLink:
     async def _open_on(self, endpoint: str, params: OpenParams, timeout: float) -> LinkSession:
         try:
             return await self._try_open(endpoint, params, timeout)
-        except LinkError:
+        except LinkError as e:
             self.infos.pop(endpoint, None)  # ask again next time: the server may have been replaced
+            self.status[endpoint] = e.message
             raise
 
     async def _try_open(self, endpoint: str, params: OpenParams, timeout: float) -> LinkSession:
@@ -277,6 +285,7 @@ class CloudLink:
                     continue
                 self._preferred = idx
                 self._unreachable_at = None
+                self.status[endpoint] = "ok"
                 return session
             wait = delay * (0.5 + random.random())  # jitter
             if not retryable or time.monotonic() + wait > give_up:  # refusals (auth, model) do not heal
@@ -292,6 +301,7 @@ class CloudLink:
     def mark_failed(self, endpoint: str) -> None:
         """After a broken link: prefer the next endpoint for the following attempt."""
         self.infos.pop(endpoint, None)
+        self.status[endpoint] = "link broke; trying the next endpoint"
         if endpoint in self.endpoints and len(self.endpoints) > 1 \
                 and self.endpoints[self._preferred] == endpoint:
             self._preferred = (self._preferred + 1) % len(self.endpoints)

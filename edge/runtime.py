@@ -2,7 +2,9 @@
 
 ORT sessions are set up for a small device: ``intra_op_num_threads`` from the caller (default 1
 per session: many sessions with spinning thread pools on 2 cores ran 6-7x slower), spinning off,
-sequential execution, full graph optimisation.
+sequential execution, full graph optimisation. The agent calls every session from one worker
+thread (``worker.ComputeWorker``), so ``seamline edge --threads N`` (``intra_op_num_threads``) is
+the whole of the edge's compute parallelism; inter-op parallelism stays at 1.
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Run the whole split-inference path on this machine: partition the demo model into a cached "
                      "bundle, start a cloud service and an edge agent on loopback, generate from a fixed prompt, "
                      "and print the text and a table of where the time went. Works offline.")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("examples:\n  seamline demo\n  seamline demo --split 1 --codec int4 --max-tokens 128\n"
+                f"bundles are cached under {cache_dir()} ($SEAMLINE_CACHE)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt text (default {DEFAULT_PROMPT!r})")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
@@ -49,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration text for a non-demo --model (default: the demo corpus sample)")
     p.add_argument("--device", default="cpu", help="cloud device: cpu | cuda | auto (default cpu)")
     p.add_argument("--rebuild", action="store_true", help="partition again even when the cached bundle matches")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each service to start")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds to wait for each service to start (default 300)")
 
 
 # ------------------------------------------------------------------------------------------- bundle
@@ -196,11 +200,15 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]seamline demo: {e}[/red]")
         return 2
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cloud_env = dict(env)
+    # Both halves share this machine: give torch half the cores (spinning OpenMP threads that
+    # outnumber the cores slow everything down many times); the edge uses one ORT thread.
+    cloud_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
     children: list[Child] = []
     try:
         console.print("starting the cloud service ...")
         cloud = Child("seamline cloud", ["cloud", "--model", args.model, "--port", "0", "--device", args.device,
-                                         "--log-level", "WARNING"], env)
+                                         "--log-level", "WARNING"], cloud_env)
         children.append(cloud)
         address = cloud.wait_for(r"listening on (\S+)", args.timeout).group(1)
         edge_args = ["edge", "--bundle", str(bundle), "--cloud", address, "--listen", "127.0.0.1:0",

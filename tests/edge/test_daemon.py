@@ -78,7 +78,7 @@ def test_sigterm_drains_in_flight_requests(full_bundle, cloud):
             proc.wait()
 
 
-def test_tampered_bundle_is_refused_with_the_fix(full_bundle, tmp_path, capsys):
+def test_tampered_bundle_is_refused_with_the_fix(full_bundle, trimmed_bundle, tmp_path, capsys):
     copy = tmp_path / "bundle"
     shutil.copytree(full_bundle, copy)
     with open(copy / "block_01.onnx", "r+b") as f:
@@ -91,6 +91,8 @@ def test_tampered_bundle_is_refused_with_the_fix(full_bundle, tmp_path, capsys):
     assert "block_01.onnx: sha256 mismatch" in err and "re-run `partition`" in err
     assert main(["edge", "--listen", "127.0.0.1:0"]) == 2
     assert "--bundle" in capsys.readouterr().err
+    assert main(["edge", "--bundle", str(trimmed_bundle), "--listen", "127.0.0.1:0"]) == 2
+    assert "cannot generate alone: pass --cloud" in capsys.readouterr().err
 
 
 def test_generate_standalone_and_through_the_agent(full_bundle, cloud, agent, reference, capsys):
@@ -122,3 +124,16 @@ def test_concurrent_requests_share_the_worker(agent, reference):
     for t in threads:
         t.join(60)
     assert results == [expected] * 4
+
+
+def test_demo_runs_the_whole_path(edge_checkpoint, full_bundle, tmp_path, monkeypatch, capsys):
+    """`seamline demo` on the tiny checkpoint, its bundle already in the cache (no partitioning here)."""
+    from seamline.partitioner.loading import model_hash
+
+    monkeypatch.setenv("SEAMLINE_CACHE", str(tmp_path))
+    shutil.copytree(full_bundle, tmp_path / f"bundle-{model_hash(edge_checkpoint)[:12]}")
+    assert main(["demo", "--model", str(edge_checkpoint), "--prompt", "All: Speak, speak.", "--max-tokens", "8",
+                 "--codec", "fp32"]) == 0
+    out = capsys.readouterr()
+    assert "where the time went" in out.out and "network (round trips - server time)" in out.out
+    assert "using the cached bundle" in out.err and "stopped the edge agent and the cloud service" in out.err

@@ -1,0 +1,248 @@
+"""``seamline bench load``: 64 concurrent sessions for 2 minutes against one cloud process.
+
+The cloud runs in its own process (as deployed) on the demo model, or on a small random GPT-2
+built into a temporary folder when the demo checkpoint is absent (``--model`` picks another).
+Clients on this process's event loop drive sessions at split k = L/2 with pre-encoded int8 hidden
+states (no model work on the client side): each session opens, prefills 16 tokens, decodes 16 to
+64 tokens, closes, and starts over until the time is up (2 minutes; ``--quick``: 25 seconds).
+
+Reported: errors by status code, sessions completed, p50/p99 latency of a decode step (client
+side, write to read), the server's RSS (``/proc/PID/status``) before, at most during, and after
+every session closed, with ``rss_growth_mb`` = after - before. The load runs in two halves with every
+session closed in between: growth in the second half too would be a leak; growth in the first half
+only is the allocator keeping its high-water mark. Baseline, measured in the same run: one session
+alone on the idle server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from seamline.protos import codec, seamline_pb2_grpc
+from seamline.protos import seamline_pb2 as pb
+
+from .models import checkpoint
+from .procs import cloud_process
+
+SESSIONS = 64
+PREFILL = 16
+DECODE = (16, 64)        # tokens decoded per session, drawn uniformly
+CHANNELS = 4             # client channels the sessions share (HTTP/2 streams are multiplexed)
+BASELINE_SESSIONS = 3
+RSS_EVERY_S = 0.25
+
+
+def rss_mb(pid: int) -> float:
+    m = re.search(r"^VmRSS:\s+(\d+)\s+kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
+    return int(m.group(1)) / 1024 if m else float("nan")
+
+
+@dataclass
+class Tally:
+    step_ms: list[float] = field(default_factory=list)     # decode steps
+    prefill_ms: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    sessions: int = 0
+    tokens: int = 0
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+class Driver:
+    def __init__(self, stub: seamline_pb2_grpc.SeamlineStub, info: pb.InfoReply):
+        self.stub = stub
+        self.info = info
+        self.k = info.num_layers // 2
+        cfg = codec.CodecConfig("int8")
+        self.spec = cfg.to_proto()
+        rng = np.random.default_rng(0)
+        self.prompt = codec.encode(rng.standard_normal((PREFILL, info.hidden_size), dtype=np.float32), cfg)
+        self.one = codec.encode(rng.standard_normal((1, info.hidden_size), dtype=np.float32), cfg)
+
+    async def session(self, tokens: int, tally: Tally) -> None:
+        """One generation: open, prefill, decode ``tokens``, close; a failure is counted by its status."""
+        session = None
+        try:
+            opened = await self.stub.Open(pb.OpenRequest(model_hash=self.info.model_hash, split=self.k,
+                                                         codec=self.spec, sampling=pb.SamplingParams()), timeout=60)
+            session = opened.session_id
+            call = self.stub.Step(timeout=600)
+            t0 = time.perf_counter()
+            await call.write(pb.StepRequest(session_id=session, start_position=0, hidden=self.prompt, sample=True))
+            reply = await call.read()
+            tally.prefill_ms.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(tokens):
+                t0 = time.perf_counter()
+                await call.write(pb.StepRequest(session_id=session, start_position=reply.position,
+                                                hidden=self.one, sample=True))
+                reply = await call.read()
+                tally.step_ms.append((time.perf_counter() - t0) * 1e3)
+                tally.tokens += 1
+            await call.done_writing()
+            await self.stub.Close(pb.CloseRequest(session_id=session), timeout=60)
+            session = None
+            tally.sessions += 1
+        except grpc.aio.AioRpcError as e:
+            tally.errors[e.code().name] += 1
+        except Exception as e:  # noqa: BLE001 - counted, never silent
+            tally.errors[type(e).__name__] += 1
+        finally:
+            if session is not None:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await self.stub.Close(pb.CloseRequest(session_id=session), timeout=60)
+
+
+async def _sample_rss(pid: int, out: dict, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(OSError):
+            out["max"] = max(out.get("max", 0.0), rss_mb(pid))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), RSS_EVERY_S)
+
+
+async def _measure(address: str, pid: int, seconds: float) -> dict:
+    channels = [grpc.aio.insecure_channel(address) for _ in range(CHANNELS)]
+    try:
+        drivers = []
+        for channel in channels:
+            stub = seamline_pb2_grpc.SeamlineStub(channel)
+            drivers.append(Driver(stub, await stub.Info(pb.InfoRequest(), timeout=60)))
+        info = drivers[0].info
+        rss_start = rss_mb(pid)
+
+        # baseline: one session alone on the idle server (the first one also warms it up)
+        await drivers[0].session(8, Tally())
+        base = Tally()
+        for _ in range(BASELINE_SESSIONS):
+            await drivers[0].session(32, base)
+        rss_before = rss_mb(pid)
+
+        # load: SESSIONS clients, each repeating sessions until the time is up; in two halves, with
+        # every session closed in between, so that a leak (growth in both) shows apart from the
+        # allocator keeping its high-water mark (growth in the first half only)
+        load = Tally()
+        rss: dict[str, float] = {}
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(_sample_rss(pid, rss, stop))
+
+        async def client(i: int, deadline: float) -> None:
+            rng = np.random.default_rng(1000 * half + i)
+            driver = drivers[i % len(drivers)]
+            while time.perf_counter() < deadline:
+                await driver.session(int(rng.integers(DECODE[0], DECODE[1] + 1)), load)
+
+        t0 = time.perf_counter()
+        rss_halves = []
+        for half in (1, 2):
+            deadline = time.perf_counter() + seconds / 2
+            await asyncio.gather(*(client(i, deadline) for i in range(SESSIONS)))
+            rss_halves.append(rss_mb(pid))
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        await sampler
+        after_info = await drivers[0].stub.Info(pb.InfoRequest(), timeout=60)
+        return {"info": info, "base": base, "load": load, "elapsed": elapsed, "rss_start": rss_start,
+                "rss_before": rss_before, "rss_max": max(rss.get("max", rss_before), rss_before),
+                "rss_half": rss_halves[0], "rss_after": rss_halves[1], "open_after": after_info.load.active_sessions,
+                "kv_after": after_info.load.kv_bytes}
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def _small_gpt2(folder: Path) -> str:
+    """A small random GPT-2 (6 layers, 256 wide) for when the demo checkpoint is absent."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=256, n_head=8, n_positions=256, vocab_size=4096,
+                                bos_token_id=1, eos_token_id=2)).save_pretrained(
+        folder)
+    return str(folder)
+
+
+@contextlib.contextmanager
+def _model(name: str):
+    from seamline.partitioner.loading import DEMO_DIR
+
+    if name != "demo":
+        yield name, checkpoint(name)
+    elif (DEMO_DIR / "config.json").exists():
+        yield "demo", "demo"
+    else:
+        with tempfile.TemporaryDirectory(prefix="seamline-load-") as tmp:
+            yield "random-gpt2-6x256", _small_gpt2(Path(tmp) / "gpt2")
+
+
+def run(args) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    seconds = 25.0 if args.quick else 120.0
+    with _model(args.model) as (label, src), \
+            cloud_process(src, "--max-batch", str(SESSIONS), "--max-sessions", str(2 * SESSIONS)) as (proc, address):
+        m = asyncio.run(_measure(address, proc.pid, seconds))
+    base, load = m["base"], m["load"]
+    errors = sum(load.errors.values()) + sum(base.errors.values())
+    summary = {
+        "errors": errors,
+        "errors_by_status": dict(load.errors + base.errors),
+        "sessions": load.sessions,
+        "concurrent_sessions": SESSIONS,
+        "duration_s": round(m["elapsed"], 1),
+        "tokens_per_s": load.tokens / m["elapsed"],
+        "p50_step_ms": _pct(load.step_ms, 50),
+        "p99_step_ms": _pct(load.step_ms, 99),
+        "p50_prefill_ms": _pct(load.prefill_ms, 50),
+        "baseline_p50_step_ms": _pct(base.step_ms, 50),
+        "baseline_p99_step_ms": _pct(base.step_ms, 99),
+        "p99_vs_baseline_p50": _pct(load.step_ms, 99) / _pct(base.step_ms, 50),
+        "rss_start_mb": m["rss_start"],
+        "rss_before_mb": m["rss_before"],
+        "rss_max_mb": m["rss_max"],
+        "rss_after_mb": m["rss_after"],
+        "rss_growth_mb": m["rss_after"] - m["rss_before"],
+        "rss_after_first_half_mb": m["rss_half"],
+        "rss_growth_second_half_mb": m["rss_after"] - m["rss_half"],
+        "open_sessions_after": m["open_after"],
+        "kv_bytes_after": m["kv_after"],
+        "model": label,
+        "split": m["info"].num_layers // 2,
+        "codec": "int8",
+    }
+    console = Console()
+    table = Table(title=f"cloud under load: {SESSIONS} concurrent sessions for {m['elapsed']:.0f} s, {label}, "
+                        f"k={summary['split']}, int8 (baseline: one session on the idle server)")
+    for col in ("phase", "sessions", "decode steps", "p50 step ms", "p99 step ms", "p50 prefill ms", "errors"):
+        table.add_column(col, justify="right")
+    for name, tally in (("baseline, 1 session", base), (f"load, {SESSIONS} sessions", load)):
+        table.add_row(name, str(tally.sessions), str(len(tally.step_ms)), f"{_pct(tally.step_ms, 50):.2f}",
+                      f"{_pct(tally.step_ms, 99):.2f}", f"{_pct(tally.prefill_ms, 50):.2f}",
+                      str(sum(tally.errors.values())))
+    console.print(table)
+    rss = Table(title="server RSS (MiB, /proc/PID/status VmRSS)")
+    for col in ("at start", "before load", "max during", "after 1st half", "after all closed", "growth",
+                "growth in 2nd half"):
+        rss.add_column(col, justify="right")
+    rss.add_row(*(f"{summary[k]:.1f}" for k in ("rss_start_mb", "rss_before_mb", "rss_max_mb",
+                                                 "rss_after_first_half_mb", "rss_after_mb", "rss_growth_mb",
+                                                 "rss_growth_second_half_mb")))
+    console.print(rss)
+    console.print(summary)
+    rows = [{"phase": "baseline", "sessions": base.sessions, "steps": len(base.step_ms),
+             "p50_step_ms": summary["baseline_p50_step_ms"], "p99_step_ms": summary["baseline_p99_step_ms"]},
+            {"phase": "load", "sessions": load.sessions, "steps": len(load.step_ms),
+             "p50_step_ms": summary["p50_step_ms"], "p99_step_ms": summary["p99_step_ms"]}]
+    return {"scenario": "load", "rows": rows, "summary": summary}

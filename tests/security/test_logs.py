@@ -1,0 +1,154 @@
+"""Bearer tokens, hidden states and token ids never reach the cloud's logs, even at DEBUG level.
+
+A device with a distinctive token runs sessions with distinctive token ids (split 0) and hidden
+values (split 2), and provokes every logged error path it can reach (wrong tokens, another
+device, NaN, bad ids, garbage bytes, oversized messages). Then the captured logs are grepped for
+those needles: in this process (a handler on the root logger at DEBUG) and from a ``seamline
+cloud --log-level DEBUG`` subprocess with GRPC_VERBOSITY=debug (its stdout and stderr).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+import numpy as np
+from google.protobuf import text_encoding
+from seamline.protos import codec, seamline_pb2_grpc
+from seamline.protos import seamline_pb2 as pb
+
+from ..faults.live import (
+    HIDDEN,
+    STEP_METHOD,
+    CloudProcess,
+    ServerThread,
+    cloud_config,
+    greedy_session,
+    metadata,
+)
+
+IDS = [211, 223, 227, 229, 233, 239, 241, 251]
+VALUE = 4321.125  # exact in float32
+
+
+def _tokens_file(path, secret: str, other: str):
+    path.write_text(f"{secret} phone-secret\n{other} phone-other\n")
+    return path
+
+
+def _renderings(value: float, ids: list[int]) -> list[str]:
+    """How a value and a list of ids look in the usual reprs: Python, numpy, torch, protobuf text, bytes."""
+    packed = pb.TokenIds(ids=ids).SerializeToString()[2:10]  # varints, as they travel
+    return [repr(value), f"{value:.6e}", f"{value:.4e}", ", ".join(map(str, ids[:3])), " ".join(map(str, ids[:3])),
+            f"ids: {ids[0]}", repr(packed)[2:-1], packed.hex(), text_encoding.CEscape(packed, as_utf8=False)]
+
+
+def exercise(address: str, model, mhash: str, secret: str, other: str, wrong: str) -> list[str]:
+    """Run sessions and error paths against the server at ``address``; returns the needles to grep for."""
+    needles = [secret, other, wrong, *_renderings(VALUE, IDS)]
+    with grpc.insecure_channel(address) as channel:
+        stub = seamline_pb2_grpc.SeamlineStub(channel)
+        md = metadata(secret)
+        # split 2: a greedy generation (the sampled ids are needles too), then distinctive hidden values
+        generated = greedy_session(stub, model, mhash, IDS, 8, token=secret)
+        needles += [", ".join(map(str, generated[:4])), " ".join(map(str, generated[:4])),
+                    f"token_id: {generated[1]}"]
+        cfg = codec.CodecConfig("fp32")
+        hidden = codec.encode(np.full((3, HIDDEN), VALUE, np.float32), cfg)
+        needles += [hidden.payload[:16].hex(), repr(hidden.payload[:8])[2:-1],
+                    text_encoding.CEscape(hidden.payload[:8], as_utf8=False)]
+        session = stub.Open(pb.OpenRequest(model_hash=mhash, split=2, codec=cfg.to_proto()), metadata=md).session_id
+        replies = list(stub.Step(iter([pb.StepRequest(session_id=session, start_position=0, hidden=hidden,
+                                                      sample=True)]), metadata=md, timeout=30))
+        assert replies[0].position == 3
+        bad = np.full((1, HIDDEN), VALUE, np.float32)
+        bad[0, 7] = np.nan
+        refused = [
+            (metadata(wrong), pb.StepRequest(session_id=session, start_position=3, hidden=hidden)),
+            (metadata(other), pb.StepRequest(session_id=session, start_position=3, hidden=hidden)),
+            (md, pb.StepRequest(session_id=session, start_position=3, hidden=pb.Tensor(
+                shape=[1, HIDDEN], codec=pb.FP32, payload=bad.tobytes()))),
+            (md, pb.StepRequest(session_id=session, start_position=99, hidden=hidden)),
+        ]
+        for meta, req in refused:
+            try:
+                list(stub.Step(iter([req]), metadata=meta, timeout=30))
+            except grpc.RpcError as e:
+                assert e.code() != grpc.StatusCode.OK
+        stub.Close(pb.CloseRequest(session_id=session), metadata=md)
+        # split 0: token ids in the clear, then ids outside the vocabulary
+        session = stub.Open(pb.OpenRequest(model_hash=mhash, split=0), metadata=md).session_id
+        list(stub.Step(iter([pb.StepRequest(session_id=session, start_position=0, tokens=pb.TokenIds(ids=IDS),
+                                            sample=True)]), metadata=md, timeout=30))
+        try:
+            list(stub.Step(iter([pb.StepRequest(session_id=session, start_position=8,
+                                                tokens=pb.TokenIds(ids=[*IDS, 300]))]), metadata=md, timeout=30))
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stub.Close(pb.CloseRequest(session_id=session), metadata=md)
+        # a wrong token on every RPC, garbage bytes that carry the token, an oversized message
+        for call in (lambda: stub.Info(pb.InfoRequest(), metadata=metadata(wrong)),
+                     lambda: stub.Open(pb.OpenRequest(model_hash=mhash, split=2), metadata=metadata(wrong)),
+                     lambda: stub.Close(pb.CloseRequest(session_id=session), metadata=metadata(wrong))):
+            try:
+                call()
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+        raw = channel.stream_stream(STEP_METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        for message in (b"\xff\xff" + secret.encode(), b"\x0a" + bytes(1 << 20) + secret.encode()):
+            try:
+                list(raw(iter([message]), metadata=md, timeout=30))
+            except grpc.RpcError:
+                pass
+    return needles
+
+
+def _assert_clean(text: str, needles: list[str]) -> None:
+    found = [n for n in needles if n and n in text]
+    assert not found, f"found {found} in the logs:\n" + "\n".join(
+        line for line in text.splitlines() if any(n in line for n in found))[:3000]
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))  # message, arguments and traceback
+
+
+def test_in_process_logs_at_debug(sec_checkpoint, sec_model, tmp_path):
+    model, mhash = sec_model
+    secret, other, wrong = (f"tok-{kind}-{uuid.uuid4().hex}" for kind in ("SECRET", "OTHER", "WRONG"))
+    root, collect = logging.getLogger(), _Collect()
+    level = root.level
+    root.addHandler(collect)
+    root.setLevel(logging.DEBUG)
+    try:
+        server = ServerThread(cloud_config(sec_checkpoint, auth_tokens=str(_tokens_file(tmp_path / "t.txt", secret,
+                                                                                         other)))).start()
+        try:
+            needles = exercise(server.address, model, mhash, secret, other, wrong)
+        finally:
+            server.stop()
+    finally:
+        root.removeHandler(collect)
+        root.setLevel(level)
+    assert any(line.startswith("DEBUG") for line in collect.lines), "captured no DEBUG record"
+    _assert_clean("\n".join(collect.lines), needles)
+
+
+def test_cloud_process_logs_at_debug(sec_checkpoint, sec_model, tmp_path):
+    model, mhash = sec_model
+    secret, other, wrong = (f"tok-{kind}-{uuid.uuid4().hex}" for kind in ("SECRET", "OTHER", "WRONG"))
+    cloud = CloudProcess(sec_checkpoint, "--auth-tokens", str(_tokens_file(tmp_path / "t.txt", secret, other)),
+                         log_level="DEBUG", env={"GRPC_VERBOSITY": "debug"}).start()
+    try:
+        needles = exercise(cloud.address, model, mhash, secret, other, wrong)
+    finally:
+        cloud.stop()
+    assert " DEBUG " in cloud.output and "listening on" in cloud.output, cloud.output[-2000:]
+    _assert_clean(cloud.output, needles)
