@@ -34,6 +34,12 @@ protos: install
 demo-model: install
 	$(BIN)/python -m seamline.partitioner.train_demo
 
+FUZZ_TIME ?= 300
+
+fuzz: install
+	$(BIN)/python -m pip install -q -e ".[fuzz]"
+	$(BIN)/python fuzz/fuzz_step.py --time $(FUZZ_TIME)
+
 lint: install
 	$(BIN)/ruff check .
 

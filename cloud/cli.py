@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dtype", choices=("auto", "fp32", "fp16", "bf16"),
       help="weights and KV dtype (default auto: bf16/fp16 on CUDA, fp32 on CPU)")
     a("--max-sessions", type=int, help=f"open sessions at most (default {d.max_sessions})")
+    a("--max-sessions-per-device", type=int, metavar="N",
+      help="open sessions one device (bearer token) may hold; 0 = no per-device limit (default 0)")
     a("--kv-budget", type=_size, metavar="SIZE",
       help="KV cache bytes held by all sessions together, e.g. 2GiB or 512MB (default 2GiB)")
     a("--session-ttl", type=float, metavar="SECONDS",

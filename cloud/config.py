@@ -55,6 +55,7 @@ class CloudConfig:
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     dtype: str = "auto"               # auto (fp16/bf16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
     max_sessions: int = 64
+    max_sessions_per_device: int = 0  # open sessions one device may hold; 0 = no per-device limit
     kv_budget: int = 2 * 2**30        # bytes of KV cache held by all sessions together
     session_ttl: float = 300.0        # seconds a session may stay idle before it is evicted
     max_batch: int = 16               # decode steps per forward pass
@@ -81,7 +82,7 @@ class CloudConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name, low in (("port", 0), ("max_sessions", 1), ("max_batch", 1), ("max_chunk_tokens", 1),
-                          ("min_split", 0), ("threads", 0)):
+                          ("min_split", 0), ("threads", 0), ("max_sessions_per_device", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{name}: expected an integer >= {low}, got {value!r}")

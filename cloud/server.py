@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from seamline.partitioner.loading import load_model, model_hash
@@ -25,10 +26,38 @@ from .executor import TorchExecutor
 from .messages import ModelInfo
 from .metrics import CloudMetrics
 from .scheduler import BatchScheduler
-from .service import SeamlineService
+from .service import Malformed, SeamlineService
 from .sessions import SessionStore
 
 log = logging.getLogger("seamline.cloud")
+
+
+def tolerant_handlers(service: SeamlineService) -> grpc.GenericRpcHandler:
+    """The service's handlers with deserializers that never raise.
+
+    Bytes that do not parse as the request message become a ``Malformed`` value that the service
+    answers with INVALID_ARGUMENT; grpc's own deserializer would answer UNKNOWN and log a traceback
+    per message, which lets a hostile client flood the log.
+    """
+    def loads(cls):
+        def parse(data: bytes):
+            try:
+                return cls.FromString(data)
+            except DecodeError as e:
+                return Malformed(cls.__name__, str(e))
+        return parse
+
+    handlers = {
+        "Info": grpc.unary_unary_rpc_method_handler(service.Info, loads(pb.InfoRequest),
+                                                    pb.InfoReply.SerializeToString),
+        "Open": grpc.unary_unary_rpc_method_handler(service.Open, loads(pb.OpenRequest),
+                                                    pb.OpenReply.SerializeToString),
+        "Step": grpc.stream_stream_rpc_method_handler(service.Step, loads(pb.StepRequest),
+                                                      pb.StepReply.SerializeToString),
+        "Close": grpc.unary_unary_rpc_method_handler(service.Close, loads(pb.CloseRequest),
+                                                     pb.CloseReply.SerializeToString),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Seamline"].full_name  # seamline.v1.Seamline
 
@@ -106,7 +135,7 @@ async def serve(config: CloudConfig) -> RunningServer:
     max_message = config.max_chunk_tokens * shape.hidden_size * 4 + (1 << 16)  # an fp32 chunk + headroom
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message),
                                       ("grpc.so_reuseport", 0)])
-    seamline_pb2_grpc.add_SeamlineServicer_to_server(service, server)
+    server.add_generic_rpc_handlers((tolerant_handlers(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 import grpc
 from seamline.protos import seamline_pb2 as pb
@@ -16,7 +17,7 @@ from seamline.protos import seamline_pb2_grpc
 from . import wire
 from .auth import Authenticator
 from .config import CloudConfig
-from .errors import CloudError, NotFound, ResourceExhausted, Unavailable
+from .errors import CloudError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from .executor import TorchExecutor
 from .messages import Load, ModelInfo, Row
 from .metrics import CloudMetrics
@@ -27,6 +28,20 @@ log = logging.getLogger("seamline.cloud")
 
 THREAD_DECODE_BYTES = 64 * 1024  # decode tensors larger than this off the event loop
 DRAINING = "the server is draining (shutting down); open a session on another replica and replay"
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """Bytes that did not parse as the request message (see ``server.tolerant_handlers``)."""
+
+    message: str
+    error: str
+
+
+def _parsed(request) -> None:
+    if isinstance(request, Malformed):
+        raise InvalidArgument(f"malformed {request.message}: the bytes do not parse as seamline.v1."
+                              f"{request.message} ({request.error}); send messages built from seamline.proto")
 
 
 class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
@@ -53,6 +68,7 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
         try:
+            _parsed(request)
             self.auth.device_for(context.invocation_metadata())
         except CloudError as e:
             await self._abort(context, e)
@@ -60,6 +76,7 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
 
     async def Open(self, request: pb.OpenRequest, context: grpc.aio.ServicerContext) -> pb.OpenReply:
         try:
+            _parsed(request)
             device = self.auth.device_for(context.invocation_metadata())
             if self.draining:
                 raise Unavailable(DRAINING)
@@ -73,6 +90,7 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
 
     async def Close(self, request: pb.CloseRequest, context: grpc.aio.ServicerContext) -> pb.CloseReply:
         try:
+            _parsed(request)
             device = self.auth.device_for(context.invocation_metadata())
             session = self.store.get(request.session_id, device)
             async with session.lock:  # let a running step finish first
@@ -88,6 +106,7 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
                 # authenticate after the first message arrived: a client whose write raced an early
                 # abort would see INTERNAL ("Failed execute_batch") instead of UNAUTHENTICATED
                 device = device or self.auth.device_for(context.invocation_metadata())
+                _parsed(request)
                 self.metrics.bytes_in.labels("Step").inc(request.ByteSize())
                 reply = await self._step(request, device)
                 self.metrics.bytes_out.labels("Step").inc(reply.ByteSize())

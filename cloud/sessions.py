@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -98,7 +98,12 @@ class SessionStore:
             raise ResourceExhausted(
                 f"max sessions reached ({self.config.max_sessions} open); close finished sessions, retry "
                 "later or on another replica, or raise --max-sessions")
-        session = Session(uuid.uuid4().hex, device_id, split, codec, sampling, bytes_per_token, self.clock())
+        per_device = self.config.max_sessions_per_device
+        if per_device and sum(1 for x in self.sessions.values() if x.device_id == device_id) >= per_device:
+            raise ResourceExhausted(
+                f"this device already holds {per_device} open sessions (--max-sessions-per-device); close "
+                "finished sessions or raise the limit")
+        session = Session(secrets.token_hex(16), device_id, split, codec, sampling, bytes_per_token, self.clock())
         self.sessions[session.id] = session
         return session
 

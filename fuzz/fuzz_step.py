@@ -337,9 +337,9 @@ def one_input(data: bytes) -> None:
         STATS["raw"] += 1
         if SERVER is not None:
             STATS[f"live-raw:{SERVER.raw_bytes(p.rest())}"] += 1
-    if n and n % 2000 == 0:
-        if SERVER is not None:
-            SERVER.check_serving()
+    if n and n % 2000 == 0 and SERVER is not None:
+        SERVER.check_serving()
+    if n and n % 20000 == 0:
         report()
 
 
@@ -459,19 +459,19 @@ def run_hypothesis(args) -> int:
     def cases() -> int:
         return sum(STATS[k] for k in ("step", "tensor", "structured", "raw"))
 
-    chunk = 1000
-    while time.monotonic() < deadline and cases() < runs:
-        stop_at = cases() + chunk
-
-        @settings(max_examples=chunk, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def chunk_of(size: int, stop_at: int):
+        @settings(max_examples=size, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(data=inputs())
-        def target(data: bytes, stop_at: int = stop_at) -> None:
+        def target(data: bytes) -> None:
             if time.monotonic() < deadline and cases() < min(runs, stop_at):
                 one_input(data)
+        return target
 
+    chunk = 1000
+    while time.monotonic() < deadline and cases() < runs:
         before = cases()
-        target()
-        if cases() == before:  # every input of the chunk was empty: nothing left to learn
+        chunk_of(chunk, before + chunk)()
+        if cases() == before:  # nothing ran: the bounds are reached
             break
     report(final=True)
     return 0

@@ -23,7 +23,7 @@ def server(sec_checkpoint, tmp_path_factory):
     tokens = tmp_path_factory.mktemp("limits") / "tokens.txt"
     tokens.write_text(f"{A} phone-a\n{B} phone-b\n")
     running = ServerThread(cloud_config(sec_checkpoint, auth_tokens=str(tokens), max_sessions=MAX_SESSIONS,
-                                        max_chunk_tokens=16)).start()
+                                        max_sessions_per_device=MAX_SESSIONS - 1, max_chunk_tokens=16)).start()
     yield running
     running.stop()
 
@@ -60,9 +60,6 @@ def test_strangers_take_no_sessions_and_no_bytes(server, stub, sec_model):
         stub.Close(pb.CloseRequest(session_id=sid), metadata=metadata(token), timeout=30)
 
 
-@pytest.mark.xfail(strict=True, reason="cloud gap: --max-sessions and --kv-budget are global; there is no "
-                                       "per-device quota, so one device can take every session "
-                                       "(see the issue 10 report for the proposal)")
 def test_one_device_cannot_take_every_session(server, stub, sec_model):
     _, mhash = sec_model
     mine: list[str] = []
@@ -72,6 +69,7 @@ def test_one_device_cannot_take_every_session(server, stub, sec_model):
                 mine.append(_open(stub, mhash, A))
             except grpc.RpcError as e:
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "--max-sessions-per-device" in e.details()
                 break
         theirs = _open(stub, mhash, B)  # device B must still get one
         stub.Close(pb.CloseRequest(session_id=theirs), metadata=metadata(B), timeout=30)

@@ -1,0 +1,256 @@
+"""What the ``overhead`` and ``e2e`` scenarios share: CPU pinning, child processes, timed generations.
+
+The weak device is made real on a small machine by pinning: this process (the edge, and every
+edge-side baseline) runs on the first allowed CPU with one compute thread; every cloud-side
+process (seamline cloud, the naive cloud, the ping-pong server, the link emulator) runs under
+``taskset -c`` on the second, with one torch thread. :func:`placement` says what was done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                  "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ------------------------------------------------------------------------------------------ pinning
+
+@dataclass(frozen=True)
+class Placement:
+    edge_cpu: int | None
+    cloud_cpu: int | None
+
+    def describe(self) -> str:
+        if self.edge_cpu is None:
+            return "not pinned (fewer than 2 CPUs or no taskset); edge ORT 1 thread, cloud torch 1 thread"
+        return (f"edge (this process: ORT / torch 1 thread) on CPU {self.edge_cpu}; cloud-side processes "
+                f"(cloud --threads 1, naive cloud, ping-pong server, link emulator) under taskset -c {self.cloud_cpu}")
+
+
+def placement() -> Placement:
+    """Pin this process to one CPU and return where the cloud side goes (idempotent)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or shutil.which("taskset") is None:
+        return Placement(None, None)
+    edge, cloud = cpus[0], cpus[1]
+    for tid in os.listdir("/proc/self/task"):  # every thread that exists now; new ones inherit
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(tid), {edge})
+    return Placement(edge, cloud)
+
+
+def pinned(cpu: int | None) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if cpu is not None else []
+
+
+# ---------------------------------------------------------------------------------------- children
+
+class Child:
+    """A child process whose output (stdout + stderr) is read continuously, so it never blocks."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str] | None = None):
+        self.name = name
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **ONE_THREAD_ENV, **(env or {})}, start_new_session=True)
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append("")
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 300.0) -> re.Match:
+        end, seen = time.monotonic() + timeout, 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    m = re.search(pattern, line)
+                    if m:
+                        return m
+                seen = len(self.lines)
+                if self.proc.poll() is not None and self.lines and self.lines[-1] == "":
+                    break
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.5))
+        tail = "\n".join(self.lines[-25:])
+        self.stop()
+        raise RuntimeError(f"{self.name} did not get ready ({' '.join(self.cmd)}):\n{tail}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextlib.contextmanager
+def child(name: str, cmd: list[str], ready: str, cpu: int | None = None,
+          timeout: float = 300.0) -> Iterator[tuple[Child, str]]:
+    """Start ``cmd`` (pinned to ``cpu``), wait for ``ready`` in its output; yields (child, group 1)."""
+    c = Child(name, pinned(cpu) + cmd)
+    try:
+        yield c, c.wait_for(ready, timeout).group(1)
+    finally:
+        c.stop()
+
+
+def cloud_command(model: str, workdir: Path, **settings) -> list[str]:
+    """``seamline cloud`` with one torch thread, configured through a file (``threads`` included)."""
+    cfg = {"model": model, "host": "127.0.0.1", "port": 0, "device": "cpu", "threads": 1, **settings}
+    path = Path(workdir) / f"cloud-{abs(hash(json.dumps(cfg, sort_keys=True)))}.json"
+    path.write_text(json.dumps(cfg))
+    return [sys.executable, "-m", "seamline", "cloud", "--config", str(path), "--log-level", "WARNING"]
+
+
+CLOUD_READY = r"listening on (\S+)"
+
+
+@contextlib.contextmanager
+def seamline_cloud(model: str, cpu: int | None, **settings) -> Iterator[tuple[Child, str]]:
+    """``seamline cloud`` (one torch thread) pinned to ``cpu``; yields (child, address)."""
+    with tempfile.TemporaryDirectory(prefix="seamline-bench-") as tmp, \
+            child("seamline cloud", cloud_command(model, Path(tmp), **settings), CLOUD_READY, cpu) as pair:
+        yield pair
+
+
+@contextlib.contextmanager
+def link_emulator(target: str, bandwidth: str, one_way_delay: str, cpu: int | None) -> Iterator[str]:
+    """``python -m seamline.edge.linkemu`` in its own process in front of ``target``; yields its address."""
+    cmd = [sys.executable, "-m", "seamline.edge.linkemu", "--listen", "127.0.0.1:0", "--target", target,
+           "--bandwidth", bandwidth, "--delay", one_way_delay]
+    with child("link emulator", cmd, r"^linkemu: (\S+) ->", cpu, timeout=60) as (_, address):
+        yield address
+
+
+# --------------------------------------------------------------------------------- timed generation
+
+@dataclass
+class RecordingPolicy:
+    """A split policy that delegates and keeps every StepStats the generation loop reports."""
+
+    inner: object
+    steps: list = field(default_factory=list)
+
+    @property
+    def choice(self):
+        return getattr(self.inner, "choice", None)
+
+    def choose(self, request):
+        return self.inner.choose(request)
+
+    def observe(self, stats):
+        self.steps.append(stats)
+
+
+class ForwardTimer:
+    """Wraps ``EdgeRuntime.forward`` of one runtime and records (tokens, ms) of every call."""
+
+    def __init__(self, runtime):
+        self.calls: list[tuple[int, float]] = []
+        inner = runtime.forward
+
+        def forward(ids, start, k, cache):
+            t0 = time.perf_counter()
+            out = inner(ids, start, k, cache)
+            self.calls.append((len(ids), (time.perf_counter() - t0) * 1e3))
+            return out
+        runtime.forward = forward
+
+    def reset(self) -> None:
+        self.calls.clear()
+
+
+@dataclass
+class Timed:
+    """One generation: when it started, when each token arrived, and the engine's own stats."""
+
+    start: float
+    token_times: list[float]
+    stats: object
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.token_times[0] - self.start) * 1e3
+
+    @property
+    def intervals_ms(self) -> list[float]:
+        t = self.token_times
+        return [(b - a) * 1e3 for a, b in itertools.pairwise(t)]
+
+
+async def generate(engine, prompt_ids: list[int], max_tokens: int) -> Timed:
+    """Run one greedy generation through the engine, never stopping early (EOS ignored)."""
+    from seamline.edge.messages import GenerationRequest
+
+    t0 = time.perf_counter()
+    gen = engine.start(GenerationRequest(tuple(prompt_ids), max_tokens))
+    gen.stop_ids = frozenset()  # a benchmark generates exactly max_tokens
+    times: list[float] = []
+    async for event in gen.events():
+        if event.tokens:
+            times.append(time.perf_counter())
+    return Timed(t0, times, gen.stats)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+def prompt_ids(tokenizer_json: Path, n: int) -> list[int]:
+    """``n`` token ids of held-out text (the demo corpus sample when present, else any text we have)."""
+    from seamline.partitioner.loading import DEMO_DIR
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    text = ""
+    for p in (DEMO_DIR / "heldout_sample.txt", DEMO_DIR / "calibration.txt"):
+        if p.exists():
+            text = p.read_text(encoding="utf-8")
+            break
+    ids = tok.encode(text or (__doc__ or "") * 50).ids
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def p50(xs) -> float:
+    xs = list(xs)
+    return statistics.median(xs) if xs else float("nan")
+
+
+def pct(xs, q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def plot_path(args) -> Path | None:
+    return args.json.with_suffix(".png") if getattr(args, "json", None) else None

@@ -1,0 +1,665 @@
+"""``seamline bench adaptive``: the adaptive controller against every fixed (split, codec) and the oracle.
+
+Set-up (all on loopback, every piece real):
+
+- the cloud is ``seamline cloud`` in a subprocess on one torch thread;
+- the edge is a worker subprocess (``python -m seamline.bench.adaptive --worker``) running the edge's
+  ``GenerationEngine`` on the bundle, one ONNX Runtime thread, made a *weak device* by a CPU quota on its
+  process (``bench/_weak.py``: cgroup ``cpu.max``/CFS quota, ``SEAMLINE_WEAK_CPU`` of one core, 0.25 by
+  default; the output says which method was used, and says so loudly when none was available);
+- between them a :class:`~seamline.edge.linkemu.LinkEmulator` (in this process) carries every byte.
+
+Workload: 20 requests (``--quick``: 6) of 64-token prompts and 32 (16) new tokens, greedy. The link follows
+a trace of three regimes applied by request index, so that every policy sees the same conditions:
+A = 100 Mbit/s & 5 ms RTT, B = 1 Mbit/s & 80 ms, C = 20 Mbit/s & 20 ms (the RTT is split evenly between the
+two directions' one-way delays). Requests are interleaved: request i runs under its regime for every policy
+in turn (the order rotates with i), so slow drifts of a shared machine hit every policy alike. The adaptive
+controller keeps its state across its own requests; its clock counts only its own requests' time, as if it
+had run them back to back.
+
+Policies: ``adaptive`` (the controller of ``seamline edge --adaptive``, default settings, codecs limited to
+the grid's so that it picks from the same menu, every split allowed), every fixed ``k/codec`` for
+k in {1, L/2, L-1} x {fp16, int8, int4-rot}, and ``local`` (every layer on the edge). The oracle picks, per
+regime and with hindsight, the fixed policy with the least total time in that regime.
+
+Summary: ``adaptive_vs_oracle`` and ``adaptive_vs_best_fixed`` (total time ratios; targets <= 1.15 and
+<= 0.85), and ``oracle_vs_best_fixed``, the most any per-regime choice could have gained here. Outputs:
+a table, JSON (``--json OUT``) and a plot of per-request latency per policy with the regimes shaded
+(``OUT`` with a ``.png`` suffix).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Self
+
+CODECS = ("fp16", "int8", "int4-rot")
+WEAK_CPU_ENV = "SEAMLINE_WEAK_CPU"
+DEFAULT_WEAK_CPU = 0.25
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    bandwidth_bps: float
+    rtt_ms: float
+
+    @property
+    def label(self) -> str:
+        bw = self.bandwidth_bps
+        return f"{self.name}: {bw / 1e6:g} Mbit/s, {self.rtt_ms:g} ms RTT"
+
+
+REGIMES = (Regime("A", 100e6, 5.0), Regime("B", 1e6, 80.0), Regime("C", 20e6, 20.0))
+
+# Public-domain verse (Shakespeare) for the prompts; 64-token windows are cut from it.
+TEXT = """\
+Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him. The evil that men
+do lives after them; the good is oft interred with their bones; so let it be with Caesar. The noble Brutus
+hath told you Caesar was ambitious: if it were so, it was a grievous fault, and grievously hath Caesar
+answer'd it. Here, under leave of Brutus and the rest, for Brutus is an honourable man; so are they all,
+all honourable men, come I to speak in Caesar's funeral. He was my friend, faithful and just to me: but
+Brutus says he was ambitious; and Brutus is an honourable man. He hath brought many captives home to Rome,
+whose ransoms did the general coffers fill: did this in Caesar seem ambitious? When that the poor have
+cried, Caesar hath wept: ambition should be made of sterner stuff. To be, or not to be, that is the
+question: whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune, or to
+take arms against a sea of troubles, and by opposing end them? To die: to sleep; no more; and by a sleep
+to say we end the heart-ache and the thousand natural shocks that flesh is heir to, 'tis a consummation
+devoutly to be wish'd. To die, to sleep; to sleep: perchance to dream: ay, there's the rub; for in that
+sleep of death what dreams may come when we have shuffled off this mortal coil, must give us pause. Now
+is the winter of our discontent made glorious summer by this sun of York; and all the clouds that lour'd
+upon our house in the deep bosom of the ocean buried. Now are our brows bound with victorious wreaths; our
+bruised arms hung up for monuments; our stern alarums changed to merry meetings, our dreadful marches to
+delightful measures. All the world's a stage, and all the men and women merely players; they have their
+exits and their entrances; and one man in his time plays many parts, his acts being seven ages. But, soft!
+what light through yonder window breaks? It is the east, and Juliet is the sun. Arise, fair sun, and kill
+the envious moon, who is already sick and pale with grief, that thou her maid art far more fair than she.
+"""
+
+
+def regime_of(i: int, n: int) -> int:
+    """Regime index of request ``i`` of ``n``: consecutive thirds (7/7/6 of 20)."""
+    per = -(-n // len(REGIMES))
+    return min(i // per, len(REGIMES) - 1)
+
+
+def fixed_grid(num_layers: int, local_ok: bool, min_split: int = 1) -> list[tuple[str, int, str]]:
+    """(name, split, codec) of every fixed policy: k in {1, L/2, L-1} x CODECS, plus all-local."""
+    L = num_layers
+    splits = sorted({k for k in (max(1, min_split), L // 2, L - 1) if max(1, min_split) <= k < L})
+    grid = [(f"{k}/{c}", k, c) for k in splits for c in CODECS]
+    if local_ok:
+        grid.append(("local", L, "local"))
+    return grid
+
+
+# =============================================================================================== worker
+# Runs in the edge subprocess (the weak device): one GenerationEngine, policies swapped per request.
+
+
+class ActiveClock:
+    """Seconds spent inside this policy's own requests (a policy's controller sees its time only)."""
+
+    def __init__(self) -> None:
+        self.base = 0.0
+        self.since: float | None = None
+
+    def __call__(self) -> float:
+        return self.base + (0.0 if self.since is None else time.monotonic() - self.since)
+
+    def start(self) -> None:
+        self.since = time.monotonic()
+
+    def stop(self) -> None:
+        self.base, self.since = self(), None
+
+
+class _Worker:
+    def __init__(self) -> None:
+        self.engine = None
+        self.policies: dict[str, Any] = {}
+        self.clocks: dict[str, ActiveClock] = {}
+
+    async def handle(self, msg: dict) -> dict:
+        return await getattr(self, "op_" + msg.pop("op"))(**msg)
+
+    async def op_init(self, bundle: str, cloud: str, threads: int = 1, chunk_tokens: int = 64) -> dict:
+        from seamline.edge.agent import build_engine
+        from seamline.edge.config import EdgeConfig
+
+        config = EdgeConfig(bundle=bundle, cloud=[cloud], listen="127.0.0.1:0", threads=threads,
+                            chunk_tokens=chunk_tokens, step_timeout=120.0, reconnect_window=30.0,
+                            log_level="WARNING")
+        self.engine = build_engine(config)
+        m = self.engine.manifest
+        return {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "local_ok": m.has_all_layers,
+                "min_split": m.min_split, "model_id": m.model_id, "profiles": bool((m.plan or {}).get("profiles")),
+                "pid": os.getpid()}
+
+    async def op_prompts(self, text: str, tokens: int, count: int) -> dict:
+        ids = self.engine.encode_prompt(text)
+        while len(ids) < tokens + count:
+            ids = ids + ids
+        step = max(1, (len(ids) - tokens) // max(1, count - 1))
+        return {"prompts": [ids[i * step:i * step + tokens] for i in range(count)]}
+
+    async def op_policy(self, name: str, kind: str, split: int | None = None, codec: str | None = None,
+                        codecs: list[str] | None = None, config: dict | None = None) -> dict:
+        from seamline.edge.controller import ControllerConfig, Decision
+        from seamline.edge.policy import FixedPolicy
+
+        m = self.engine.manifest
+        if kind == "fixed":
+            policy: Any = FixedPolicy.from_manifest(m, split, codec)
+        elif kind == "local":
+            policy = _Scripted(Decision(m.num_layers, "local", "all-local"))
+        elif kind == "adaptive":
+            clock = self.clocks[name] = ActiveClock()
+            policy = _recording_policy_class().from_manifest(m, config=ControllerConfig(**(config or {})), clock=clock,
+                                                   codecs=tuple(codecs) if codecs else None)
+            link = self.engine.link
+            try:  # what the agent does at start-up: Info, timed (an RTT sample, the cloud's layer times)
+                t0 = time.perf_counter()
+                info = await link.info(link.endpoints[0])
+                policy.observe_info(info, rtt_ms=(time.perf_counter() - t0) * 1e3)
+            except Exception as e:  # noqa: BLE001 - the controller starts from its priors then
+                print(f"worker: Info failed: {e}", file=sys.stderr)
+        else:
+            raise ValueError(f"unknown policy kind {kind!r}")
+        self.policies[name] = policy
+        return {"name": name}
+
+    async def op_run(self, policy: str, prompt: list[int], max_tokens: int) -> dict:
+        from seamline.edge.messages import GenerationRequest, SamplingParams
+
+        pol = self.policies[policy]
+        self.engine.policy = pol
+        clock = self.clocks.get(policy)
+        log = getattr(pol, "log", None)
+        mark = len(log) if log is not None else 0
+        if clock:
+            clock.start()
+        c0, t0 = time.process_time(), time.perf_counter()
+        try:
+            r = await self.engine.run(GenerationRequest(tuple(prompt), int(max_tokens), SamplingParams()))
+        finally:
+            ms = (time.perf_counter() - t0) * 1e3
+            cpu = (time.process_time() - c0) * 1e3
+            if clock:
+                clock.stop()
+        s = r.stats
+        out = {"ms": ms, "cpu_ms": cpu, "ttft_ms": s.ttft_ms, "tokens": list(r.token_ids), "split": s.split,
+               "codec": s.codec, "resplits": s.resplits, "replays": s.replays, "served_by": dict(s.served_by),
+               "edge_ms": s.edge_ms, "local_ms": s.local_ms, "network_ms": s.network_ms,
+               "cloud_compute_ms": s.cloud_compute_ms, "bytes_sent": s.bytes_sent,
+               "fallback_reason": s.fallback_reason}
+        if log is not None:
+            out["decisions"] = [{"kind": d.kind, "split": d.split, "codec": d.codec, "reason": d.reason,
+                                 "predicted_ms": d.predicted_ms} for d in log[mark:]]
+            out["controller"] = pol.metrics()
+            plan = pol.controller.last_plan
+            if plan is not None:  # the planner's view at this request's choice: the best few and local
+                top = list(plan.rows[:4]) + [r for r in plan.rows[4:] if r.codec == "local"]
+                out["plan"] = [{"split": r.split, "codec": r.codec, "response_ms": round(r.response_ms, 1),
+                                "prefill_ms": round(r.prefill_ms, 1), "decode_ms": round(r.decode_ms, 2)}
+                               for r in top]
+        return out
+
+    async def op_metrics(self, policy: str) -> dict:
+        pol = self.policies[policy]
+        return pol.metrics() if hasattr(pol, "metrics") else {}
+
+    async def op_quit(self) -> dict:
+        from seamline.edge.agent import close_engine
+
+        if self.engine is not None:
+            await close_engine(self.engine)
+        return {"bye": True}
+
+
+class _Scripted:
+    """A policy that always answers ``decision`` (e.g. all-local)."""
+
+    def __init__(self, decision: Any):
+        self.decision = decision
+
+    def choose(self, request: Any) -> Any:
+        return self.decision
+
+    def observe(self, stats: Any) -> None:
+        return None
+
+
+def _recording_policy_class():
+    from seamline.edge.controller import AdaptivePolicy
+
+    class _RecordingPolicy(AdaptivePolicy):
+        """The agent's AdaptivePolicy, keeping every decision it hands to the generation loop."""
+
+        def __init__(self, controller: Any):
+            super().__init__(controller)
+            self.log: list = []
+
+        def choose(self, request: Any) -> Any:
+            d = super().choose(request)
+            self.log.append(d)
+            return d
+
+        def observe(self, step_stats: Any) -> Any:
+            d = super().observe(step_stats)
+            if d is not None:
+                self.log.append(d)
+            return d
+
+    return _RecordingPolicy
+
+
+def worker_main() -> int:
+    """The edge worker: JSON commands on stdin, one JSON reply per line on stdout."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if os.environ.get("SEAMLINE_BENCH_CONTROLLER_LOG"):
+        logging.getLogger("seamline.edge.controller").setLevel(logging.INFO)
+    out = sys.stdout
+    sys.stdout = sys.stderr  # anything else printed must not corrupt the protocol
+    worker = _Worker()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                if worker.engine is not None:
+                    await worker.op_quit()
+                return
+            msg = json.loads(line)
+            op = msg.get("op")
+            try:
+                reply = await worker.handle(msg)
+            except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
+                reply = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+            out.write(json.dumps(reply, default=float) + "\n")
+            out.flush()
+            if op == "quit":
+                return
+
+    asyncio.run(serve())
+    return 0
+
+
+# ========================================================================================= parent side
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class EdgeWorker:
+    """The edge worker subprocess, driven by JSON lines; ``weak`` puts it under the CPU quota."""
+
+    def __init__(self, env: dict[str, str] | None = None):
+        fd, name = tempfile.mkstemp(prefix="seamline-edge-worker-", suffix=".log")
+        self.log = os.fdopen(fd, "w+")
+        self.log_path = Path(name)
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "seamline.bench.adaptive", "--worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=full_env)
+        self.replies: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.replies.put(line)
+        self.replies.put("")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr_tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_text()[-n:]
+        except OSError:
+            return ""
+
+    def call(self, op: str, timeout: float = 300.0, **kw: Any) -> dict:
+        if self.proc.poll() is not None:
+            raise WorkerError(f"the edge worker exited ({self.proc.returncode}): {self.stderr_tail()}")
+        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+        self.proc.stdin.flush()
+        try:
+            line = self.replies.get(timeout=timeout)
+        except queue.Empty:
+            raise WorkerError(f"the edge worker did not answer {op!r} within {timeout:g}s: "
+                              f"{self.stderr_tail()}") from None
+        if not line:
+            raise WorkerError(f"the edge worker exited during {op!r}: {self.stderr_tail()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise WorkerError(f"edge worker, {op}: {reply['error']}\n{reply.get('trace', '')}")
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.call("quit", timeout=30)
+            except (WorkerError, OSError, ValueError):
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        with_log = os.environ.get("SEAMLINE_BENCH_KEEP_LOGS")
+        if not with_log:
+            self.log_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def cloud_args(threads: int = 1) -> tuple[str, ...]:
+    """Flags for ``cloud_process``: one torch thread, quiet. The thread count also goes in a config file:
+    ``seamline cloud --threads`` is parsed but (at the time of writing) not passed on to the config."""
+    cfg = Path(tempfile.gettempdir()) / f"seamline-bench-cloud-threads-{threads}.json"
+    cfg.write_text(json.dumps({"threads": threads}))
+    return ("--threads", str(threads), "--config", str(cfg), "--log-level", "WARNING")
+
+
+def planned_bundle(name: str, console: Any = None) -> tuple[str, Path]:
+    """(checkpoint, bundle) of a benchmark model, the bundle planned by ``partition --split auto`` (so that
+    the controller starts from measured profiles, as a deployment would), cached next to the plain one."""
+    import shutil
+    from types import SimpleNamespace
+
+    from rich.console import Console
+    from seamline.partitioner.auto_split import choose_split
+    from seamline.protos.bundle import load_bundle
+
+    from .models import bundle, cache_dir, checkpoint
+
+    if (Path(name) / "manifest.json").exists():  # a bundle folder: its source checkpoint serves the cloud
+        plain = Path(name).resolve()
+        src = json.loads((plain / "manifest.json").read_text())["model_source"]
+    elif name in ("demo", "gpt2-124m"):
+        src, plain = checkpoint(name), bundle(name)
+    else:  # a checkpoint folder: partition it into the cache under its hash
+        from seamline.partitioner.loading import model_hash, resolve_model
+        from seamline.partitioner.partition import PartitionOptions, partition
+
+        src = checkpoint(name)
+        plain = cache_dir() / f"bundle-{model_hash(resolve_model(src))[:16]}"
+        if not (plain / "manifest.json").exists():
+            partition(PartitionOptions(model=src, out=plain, force=True, quantize_edge="int8"))
+    src_hash = json.loads((plain / "manifest.json").read_text()).get("source_model_hash") or ""
+    planned = cache_dir() / f"bundle-planned-{src_hash[:16]}"
+    if (planned / "manifest.json").exists():
+        m = json.loads((planned / "manifest.json").read_text())
+        if m.get("source_model_hash") == src_hash and (m.get("plan") or {}).get("profiles"):
+            return src, planned
+    if planned.exists():
+        shutil.rmtree(planned)
+    shutil.copytree(plain, planned)
+    manifest = load_bundle(planned, verify=False)
+    args = SimpleNamespace(out=planned, bandwidth="20mbit", rtt="30ms", edge_profile=None, cloud_profile=None,
+                           deadline_ms=None, min_agreement=None, prompt_tokens=64, new_tokens=32)
+    choose_split(args, manifest, console or Console(quiet=True))
+    return src, planned
+
+
+def _summarize(rows: list[dict], names: list[str], fixed: list[str], n: int) -> dict:
+    by = {p: [r for r in rows if r["policy"] == p] for p in names}
+    per_regime = {p: [sum(r["ms"] for r in by[p] if r["regime"] == g) for g in range(len(REGIMES))] for p in names}
+    total = {p: sum(per_regime[p]) for p in names}
+    present = [g for g in range(len(REGIMES)) if any(regime_of(i, n) == g for i in range(n))]
+    oracle_pick = {g: min(fixed, key=lambda p: per_regime[p][g]) for g in present}
+    oracle_total = sum(per_regime[oracle_pick[g]][g] for g in present)
+    best_fixed = min(fixed, key=lambda p: total[p])
+    adaptive = total["adaptive"]
+    return {
+        "adaptive_vs_oracle": adaptive / oracle_total,
+        "adaptive_vs_best_fixed": adaptive / total[best_fixed],
+        "oracle_vs_best_fixed": oracle_total / total[best_fixed],
+        "adaptive_total_s": adaptive / 1e3, "oracle_total_s": oracle_total / 1e3,
+        "best_fixed": best_fixed, "best_fixed_total_s": total[best_fixed] / 1e3,
+        "oracle_choice": {REGIMES[g].name: oracle_pick[g] for g in present},
+        "per_regime_s": {p: {REGIMES[g].name: per_regime[p][g] / 1e3 for g in present} for p in names},
+        "total_s": {p: total[p] / 1e3 for p in names},
+        "targets": {"adaptive_vs_oracle<=1.15": adaptive / oracle_total <= 1.15,
+                    "adaptive_vs_best_fixed<=0.85": adaptive / total[best_fixed] <= 0.85},
+    }
+
+
+def _plot(rows: list[dict], names: list[str], summary: dict, n: int, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    xs = list(range(n))
+    series = {p: [next(r["ms"] for r in rows if r["policy"] == p and r["request"] == i) / 1e3 for i in xs]
+              for p in names}
+    colors = ("#dbe9f6", "#fde0dd", "#e5f5e0")
+    for g, reg in enumerate(REGIMES):
+        idx = [i for i in xs if regime_of(i, n) == g]
+        if idx:
+            ax.axvspan(idx[0] - 0.5, idx[-1] + 0.5, color=colors[g % 3], zorder=0)
+            ax.text((idx[0] + idx[-1]) / 2, 1.0, reg.label, transform=ax.get_xaxis_transform(), ha="center",
+                    va="bottom", fontsize=9)
+    best = summary["best_fixed"]
+    for p in names:
+        if p in ("adaptive", best, "local"):
+            continue
+        ax.plot(xs, series[p], color="grey", alpha=0.45, lw=0.9, marker=".", ms=3)
+    ax.plot([], [], color="grey", alpha=0.6, lw=0.9, label="fixed k/codec (each)")
+    if "local" in series and best != "local":
+        ax.plot(xs, series["local"], color="tab:blue", lw=1.2, marker=".", label="local (all layers on edge)")
+    ax.plot(xs, series[best], color="tab:orange", lw=1.6, marker="s", ms=4, label=f"best fixed: {best}")
+    oracle = [series[summary["oracle_choice"][REGIMES[regime_of(i, n)].name]][i] for i in xs]
+    ax.plot(xs, oracle, color="black", ls="--", lw=1.4, label="oracle (best fixed per regime)")
+    ax.plot(xs, series["adaptive"], color="tab:red", lw=2.2, marker="o", ms=5, label="adaptive")
+    ax.set_yscale("log")
+    ax.set_xlabel("request")
+    ax.set_ylabel("latency per request, s (log)")
+    ax.set_xticks(xs)
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.set_title(title, fontsize=10, pad=18)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(args: Any) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+    from seamline.edge.linkemu import LinkEmulator
+
+    from ._weak import WeakDevice
+    from .procs import cloud_process
+
+    console = Console()
+    quick = bool(getattr(args, "quick", False))
+    name = getattr(args, "model", None) or "demo"
+    n_requests, prompt_tokens, new_tokens = (6, 64, 16) if quick else (20, 64, 32)
+    cpu = float(os.environ.get(WEAK_CPU_ENV, DEFAULT_WEAK_CPU))
+
+    console.print(f"[bold]bench adaptive[/bold]: model {name}, {n_requests} requests x ({prompt_tokens} prompt + "
+                  f"{new_tokens} new tokens), regimes " + "; ".join(r.label for r in REGIMES))
+    src, bundle_dir = planned_bundle(name)
+    rows: list[dict] = []
+    t_start = time.time()
+    with WeakDevice(cpu) as weak, cloud_process(src, *cloud_args(1)) as (_, cloud_addr):
+        console.print(f"weak device: {weak.method}")
+        host, port = cloud_addr.rsplit(":", 1)
+        with LinkEmulator(host, int(port)) as emu, EdgeWorker() as worker:
+            info = worker.call("init", timeout=300, bundle=str(bundle_dir), cloud=emu.address)
+            L = info["num_layers"]
+            grid = fixed_grid(L, info["local_ok"], info["min_split"])
+            fixed = [g[0] for g in grid]
+            names = ["adaptive", *fixed]
+            # Prompts whose all-local greedy continuation runs the full length (no early EOS), measured at
+            # full speed before the quota: they are also the reference tokens for the fidelity column.
+            cands = worker.call("prompts", text=TEXT, tokens=prompt_tokens, count=2 * n_requests)["prompts"]
+            worker.call("policy", name="reference", kind="local") if info["local_ok"] else None
+            prompts, reference = [], []
+            for ids in cands:
+                if len(prompts) == n_requests:
+                    break
+                if not info["local_ok"]:
+                    prompts.append(ids)
+                    reference.append(None)
+                    continue
+                r = worker.call("run", policy="reference", prompt=ids, max_tokens=new_tokens)
+                if len(r["tokens"]) == new_tokens:
+                    prompts.append(ids)
+                    reference.append(r["tokens"])
+            if len(prompts) < n_requests:
+                raise RuntimeError(f"only {len(prompts)} of {2 * n_requests} prompts continue for {new_tokens} "
+                                   "tokens without EOS; use another model or text")
+            for pname, k, codec in grid:
+                kind = "local" if codec == "local" else "fixed"
+                worker.call("policy", name=pname, kind=kind, split=k, codec=codec)
+            worker.call("policy", name="adaptive", kind="adaptive", codecs=list(CODECS))
+            weak.add(worker.pid)
+            # Warm-up under the quota (ORT and the cloud's torch at every split), not counted.
+            emu.set(bandwidth_bps=None, delay_ms=0)
+            for pname in fixed:
+                worker.call("run", policy=pname, prompt=prompts[0][:16], max_tokens=4)
+            throttle0 = weak.stats()
+            console.print(f"edge worker pid {worker.pid} under the quota; {len(names)} policies; "
+                          f"controller {'from measured profiles' if info['profiles'] else 'from size-based priors'}")
+            for i, ids in enumerate(prompts):
+                g = regime_of(i, n_requests)
+                reg = REGIMES[g]
+                emu.set(bandwidth_bps=reg.bandwidth_bps, delay_ms=reg.rtt_ms / 2)
+                order = names[i % len(names):] + names[:i % len(names)]
+                for pname in order:
+                    r = worker.call("run", timeout=600, policy=pname, prompt=ids, max_tokens=new_tokens)
+                    ref = reference[i]
+                    r.update(policy=pname, request=i, regime=g, regime_name=reg.name,
+                             matches_local=None if ref is None else r["tokens"] == ref,
+                             tokens_agree=None if ref is None else _prefix(r["tokens"], ref) / max(1, len(ref)))
+                    rows.append(r)
+                ad = next(r for r in rows if r["policy"] == "adaptive" and r["request"] == i)
+                picks = " -> ".join(f"{d['split']}/{d['codec']}" + ("*" if d["kind"] != "request" else "")
+                                    for d in ad.get("decisions", []))
+                console.print(f"  request {i:2d} ({reg.name}): adaptive {ad['ms'] / 1e3:6.2f} s [{picks}], "
+                              f"fastest fixed {min((r for r in rows if r['request'] == i and r['policy'] != 'adaptive'), key=lambda r: r['ms'])['policy']}")
+            throttle = weak.stats()
+            emu_stats = emu.stats()
+
+    summary = _summarize(rows, names, fixed, n_requests)
+    ctl = next(r for r in reversed(rows) if r["policy"] == "adaptive").get("controller", {})
+    decisions = [{"request": r["request"], "regime": r["regime_name"], **d}
+                 for r in rows if r["policy"] == "adaptive" for d in r.get("decisions", [])]
+    match = {p: _mean([r["matches_local"] for r in rows if r["policy"] == p]) for p in names}
+    summary.update({
+        "model": name, "num_layers": L, "weak_device": weak.method, "weak_device_limited": weak.limited,
+        "weak_cpu_share": cpu if weak.limited else None,
+        "edge_throttled_s": (throttle.get("throttled_s", 0.0) - throttle0.get("throttled_s", 0.0)) if throttle else None,
+        "workload": {"requests": n_requests, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+                     "greedy": True},
+        "regimes": [asdict(r) | {"requests": [i for i in range(n_requests) if regime_of(i, n_requests) == g]}
+                    for g, r in enumerate(REGIMES)],
+        "adaptive_switches": ctl.get("switches"), "adaptive_decisions": len(decisions),
+        "adaptive_resplits": sum(r["resplits"] for r in rows if r["policy"] == "adaptive"),
+        "adaptive_probes": sum(d["kind"] == "probe" for d in decisions),
+        "greedy_match_vs_local": match,
+        "controller": "AdaptivePolicy.from_manifest defaults (seamline edge --adaptive), codecs limited to "
+                      f"{', '.join(CODECS)}, every split 1..L-1 and local; "
+                      + ("profiles from partition --split auto" if info["profiles"] else "size-based priors"),
+        "cloud": "seamline cloud, CPU, 1 torch thread (subprocess)",
+        "link": "LinkEmulator on loopback, regimes applied per request index; RTT split into two one-way delays",
+        "bench_wall_s": round(time.time() - t_start, 1),
+    })
+
+    edge_desc = f"{cpu:.0%} of a core" if weak.limited else "NOT weakened"
+    table = Table(title=f"bench adaptive: {name}, {n_requests} x ({prompt_tokens} + {new_tokens} tokens); "
+                        f"edge: {edge_desc}")
+    table.add_column("policy")
+    for reg in REGIMES:
+        if reg.name in summary["oracle_choice"]:
+            table.add_column(f"{reg.name} s", justify="right")
+    for col in ("total s", "vs oracle", "greedy = local", "note"):
+        table.add_column(col, justify="right")
+    oracle_total = summary["oracle_total_s"]
+    for p in sorted(names, key=lambda p: summary["total_s"][p]):
+        note = []
+        if p == summary["best_fixed"]:
+            note.append("best fixed")
+        note += [f"oracle in {g}" for g, q in summary["oracle_choice"].items() if q == p]
+        m = match.get(p)
+        table.add_row(f"[bold red]{p}[/]" if p == "adaptive" else p,
+                      *[f"{summary['per_regime_s'][p][g]:.2f}" for g in summary["oracle_choice"]],
+                      f"{summary['total_s'][p]:.2f}", f"{summary['total_s'][p] / oracle_total:.2f}x",
+                      "-" if m is None else f"{m:.0%}", ", ".join(note))
+    table.add_row("oracle", *[f"{summary['per_regime_s'][q][g]:.2f}" for g, q in summary["oracle_choice"].items()],
+                  f"{oracle_total:.2f}", "1.00x", "", " / ".join(summary["oracle_choice"].values()))
+    console.print(table)
+    dt = Table(title="adaptive decisions (* = mid-generation resplit or probe)")
+    for col in ("request", "regime", "decisions", "s", "oracle s"):
+        dt.add_column(col, justify="right")
+    for i in range(n_requests):
+        ad = next(r for r in rows if r["policy"] == "adaptive" and r["request"] == i)
+        g = REGIMES[regime_of(i, n_requests)].name
+        orc = next(r for r in rows if r["policy"] == summary["oracle_choice"][g] and r["request"] == i)
+        dt.add_row(str(i), g, " -> ".join(f"{d['split']}/{d['codec']}" + ("*" if d["kind"] != "request" else "")
+                                         for d in ad.get("decisions", [])),
+                   f"{ad['ms'] / 1e3:.2f}", f"{orc['ms'] / 1e3:.2f}")
+    console.print(dt)
+    short = {k: summary[k] for k in ("adaptive_vs_oracle", "adaptive_vs_best_fixed", "oracle_vs_best_fixed",
+                                     "best_fixed", "oracle_choice", "adaptive_switches", "adaptive_resplits",
+                                     "targets", "weak_device")}
+    console.print(short)
+    json_path = getattr(args, "json", None)
+    if json_path:
+        png = Path(json_path).with_suffix(".png")
+        png.parent.mkdir(parents=True, exist_ok=True)
+        title = (f"seamline bench adaptive: {name}; edge {edge_desc}"
+                 f", cloud CPU 1 thread; adaptive/oracle {summary['adaptive_vs_oracle']:.2f}, "
+                 f"adaptive/best fixed ({summary['best_fixed']}) {summary['adaptive_vs_best_fixed']:.2f}")
+        summary["plot"] = str(_plot(rows, names, summary, n_requests, png, title))
+        console.print(f"plot: {png}")
+    return {"scenario": "adaptive", "rows": rows, "summary": summary, "adaptive_decisions": decisions,
+            "link_emulator": emu_stats, "edge_cpu_stat": throttle}
+
+
+def _prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv[1:]:
+        raise SystemExit(worker_main())
+    print("run `seamline bench adaptive --json OUT [--quick] [--model demo|gpt2-124m|DIR]`", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,334 @@
+"""``seamline bench e2e``: time to first token and per-token latency through the whole path, over an emulated link.
+
+Every path generates the same greedy tokens count from the same prompt; the remote ones talk
+through ``seamline.edge.linkemu`` (its own process) at 20 Mbit/s each way and 20 ms round trip
+(10 ms one-way delay each direction):
+
+- **seamline split**: the edge engine (ORT int8 graphs, the bundle's default split, int8 codec,
+  pipelined prefill in 64-token chunks) + ``seamline cloud`` (blocks [k, L) + head);
+- **seamline all-local**: the same engine with every layer and the head on the edge, no cloud;
+- **all-cloud (k = 0)**: the same engine sending token ids, the cloud runs every layer (the
+  bundle's privacy floor is lowered to 0 in memory for it, as ``partition --min-edge-layers 0`` would);
+- **HF generate() on the device**: ``AutoModelForCausalLM.from_pretrained(...).generate()``,
+  eager PyTorch, greedy, the same thread count as the edge (one), timed per token with a streamer;
+- **naive split** (``_naive.py``): torch front half, raw float32 bytes in one unary gRPC call
+  per token (the whole prompt in the first), a synchronous gRPC server running the back half
+  with the same family adapter and a torch.cat KV cache.
+
+Prefill: TTFT of the pipelined prefill against a *serial chunked* prefill — the same engine
+pieces (runtime, codec, link session) sending the same 64-token chunks one after another, each
+sent only when the previous reply arrived — and against one big chunk (the whole prompt in one
+Step). Weak device: this process (edge and every edge-side baseline) is pinned to one CPU with
+one compute thread; the cloud side (seamline cloud ``threads = 1``, the naive cloud, the link
+emulators) runs under ``taskset`` on the other.
+
+Models: the GPT-2-small-sized configuration (``gpt2-124m``, 1024 positions) for the 512-token
+prompt, and the demo model at its full context (prompt = max positions - new tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ._harness import (
+    CLOUD_READY,
+    Child,
+    Timed,
+    cloud_command,
+    generate,
+    link_emulator,
+    p50,
+    pct,
+    pinned,
+    placement,
+    plot_path,
+    prompt_ids,
+)
+from .models import bundle, checkpoint
+
+BANDWIDTH, RTT_MS = "20mbit", 20.0
+NEW_TOKENS, BIG_PROMPT = 32, 512
+SPLIT, LOCAL, CLOUD, HF, NAIVE = ("seamline split", "seamline all-local", "all-cloud (k=0, ids)",
+                                  "HF generate() on device", "naive split (fp32, unary)")
+SERIAL, ONE_CHUNK = "split, serial chunked prefill", "split, one-chunk prefill"
+PATHS = (SPLIT, LOCAL, CLOUD, HF, NAIVE)
+
+
+# ------------------------------------------------------------------------------------ engine paths
+
+def _runtime(bundle_dir: Path):
+    from seamline.edge.runtime import EdgeRuntime
+    from seamline.edge.worker import ComputeWorker
+
+    return EdgeRuntime(bundle_dir, threads=1, int8=True, verify=False), ComputeWorker()
+
+
+def _engines(rt, worker, bundle_dir: Path, cloud: str, prompt_len: int) -> dict:
+    """One runtime and worker thread, one engine per path (each with its own link and policy)."""
+    from seamline.edge.config import EdgeConfig
+    from seamline.edge.engine import GenerationEngine
+    from seamline.edge.link import CloudLink
+    from seamline.edge.messages import SplitChoice
+    from seamline.edge.policy import FixedPolicy
+    from seamline.protos.codec import CodecConfig
+
+    def engine(remote: bool, policy=None, **settings):
+        config = EdgeConfig(bundle=str(bundle_dir), cloud=[cloud] if remote else [], int8=True, threads=1,
+                            verify=False, **settings)
+        return GenerationEngine(rt, worker, CloudLink(config) if remote else None,
+                                policy or FixedPolicy.from_manifest(rt.manifest), config)
+
+    split = engine(True)
+    engines = {SPLIT: split, LOCAL: engine(False), ONE_CHUNK: engine(True, chunk_tokens=prompt_len)}
+    rt.manifest.min_split = 0  # all-cloud: token ids leave the device (partition --min-edge-layers 0)
+    engines[CLOUD] = engine(True, FixedPolicy(SplitChoice(0, CodecConfig())))
+    return engines
+
+
+async def _serial_prefill(engine, ids: list[int]) -> Timed:
+    """The pipelined prefill's operations, one after another: compute + encode chunk j, send it, wait
+    for its reply, then chunk j+1. Includes opening the session, as a generation does."""
+    from seamline.edge import wire
+    from seamline.edge.messages import OpenParams, OutgoingChunk, SamplingParams
+
+    m, choice, rt = engine.manifest, engine.policy.choice, engine.runtime
+    t0 = time.perf_counter()
+    session = await engine.link.open(OpenParams(m.source_model_hash, choice, SamplingParams()))
+    cache, n = rt.new_cache(), len(ids)
+    size = min(engine.config.chunk_tokens, session.max_chunk_tokens)
+    try:
+        for a in range(0, n, size):
+            b = min(n, a + size)
+
+            def job(a=a, b=b):
+                h = rt.forward(ids[a:b], a, choice.k, cache)  # (T, C)
+                return wire.encode_chunk(a, h, None, choice.codec, b == n, m.codec.zstd_min_tokens)
+
+            enc, ms = await engine.worker.run(job)
+            await session.send(OutgoingChunk(enc.start, enc.end, enc.sample, enc.payload, ms), 300)
+            reply = await session.recv(300)
+        if reply.token_id is None:
+            raise RuntimeError("the last prefill chunk came back without a token")
+        return Timed(t0, [time.perf_counter()], None)
+    finally:
+        session.close()
+
+
+async def _measure_engines(engines: dict, ids: list[int], new: int, repeats: int) -> dict[str, list[Timed]]:
+    out: dict[str, list[Timed]] = {}
+    try:
+        for path, tokens in ((SPLIT, new), (LOCAL, new), (CLOUD, new), (ONE_CHUNK, 1)):
+            await generate(engines[path], ids, 2)  # warm-up at full size: sessions, arenas, caches
+            out[path] = [await generate(engines[path], ids, tokens) for _ in range(repeats)]
+        await _serial_prefill(engines[SPLIT], ids)
+        out[SERIAL] = [await _serial_prefill(engines[SPLIT], ids) for _ in range(repeats)]
+    finally:
+        for e in engines.values():
+            if e.link is not None:
+                await e.link.close()
+    return out
+
+
+# ------------------------------------------------------------------------------------ torch paths
+
+def _hf_generate(ckpt: str, ids: list[int], new: int, repeats: int) -> list[Timed]:
+    import torch
+    from seamline.partitioner.loading import resolve_model
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+            self.prompt_seen = False
+
+        def put(self, value):
+            if self.prompt_seen:
+                self.times.append(time.perf_counter())
+            self.prompt_seen = True
+
+        def end(self):
+            pass
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(ckpt)).eval()
+    x = torch.tensor([ids])
+
+    def once(tokens: int) -> Timed:
+        clock = Clock()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens,
+                           do_sample=False, streamer=clock, pad_token_id=0)
+        return Timed(t0, clock.times, None)
+
+    once(2)
+    return [once(new) for _ in range(repeats)]
+
+
+def _naive(ckpt: str, split: int, address: str, ids: list[int], new: int, repeats: int) -> tuple[list[Timed], dict]:
+    from ._naive import NaiveSplit
+
+    client = NaiveSplit(ckpt, split, address)
+    try:
+        client.generate(ids, 2)
+        runs = []
+        for _ in range(repeats):
+            t0, times = client.generate(ids, new)
+            runs.append(Timed(t0, times, None))
+        detail = {"front_ms": client.front_ms, "call_ms": client.call_ms, "bytes_sent": client.bytes_sent}
+    finally:
+        client.close()
+    return runs, detail
+
+
+# -------------------------------------------------------------------------------------------- run
+
+def _row(model: str, path: str, prompt: int, runs: list[Timed], detail: dict | None = None) -> dict:
+    per_token = [x for r in runs for x in r.intervals_ms]
+    totals = [(r.token_times[-1] - r.start) * 1e3 for r in runs]
+    row = {"model": model, "path": path, "prompt_tokens": prompt, "new_tokens": len(runs[0].token_times),
+           "ttft_ms": statistics.median(r.ttft_ms for r in runs),
+           "per_token_ms_p50": p50(per_token), "per_token_ms_p90": pct(per_token, 0.9),
+           "total_ms": statistics.median(totals), "repeats": len(runs),
+           "per_token_ms": [round(x, 3) for x in runs[-1].intervals_ms]}
+    stats = runs[-1].stats
+    if stats is not None:
+        row["detail"] = stats.to_dict()
+    elif detail:
+        row["detail"] = detail
+    return row
+
+
+def measure(name: str, place, quick: bool) -> list[dict]:
+    import torch
+
+    torch.set_num_threads(1)
+    ckpt, bundle_dir = checkpoint(name), bundle(name)
+    from seamline.protos.bundle import load_bundle
+
+    m = load_bundle(bundle_dir, verify=False)
+    prompt = min(BIG_PROMPT, m.max_positions - NEW_TOKENS)
+    ids = prompt_ids(bundle_dir / m.tokenizer, prompt)
+    repeats = 1 if quick else 3
+    with tempfile.TemporaryDirectory(prefix="seamline-e2e-") as tmp:
+        cloud = Child("seamline cloud", pinned(place.cloud_cpu) + cloud_command(
+            ckpt, Path(tmp), max_chunk_tokens=max(256, prompt), session_ttl=600))
+        naive = Child("naive cloud", pinned(place.cloud_cpu) + [
+            sys.executable, "-m", "seamline.bench._naive", "--model", ckpt, "--split", str(m.default_split)])
+        try:
+            rt, worker = _runtime(bundle_dir)  # loads ORT while the clouds start
+            cloud_addr = cloud.wait_for(CLOUD_READY).group(1)
+            naive_addr = naive.wait_for(r"listening on (\S+)").group(1)
+            rtt = f"{RTT_MS / 2:g}ms"
+            with link_emulator(cloud_addr, BANDWIDTH, rtt, place.cloud_cpu) as cloud_link, \
+                    link_emulator(naive_addr, BANDWIDTH, rtt, place.cloud_cpu) as naive_link:
+                engines = _engines(rt, worker, bundle_dir, cloud_link, prompt)
+                try:
+                    runs = asyncio.run(_measure_engines(engines, ids, NEW_TOKENS, repeats))
+                finally:
+                    worker.shutdown()
+                naive_runs, naive_detail = _naive(ckpt, m.default_split, naive_link, ids, NEW_TOKENS, repeats)
+            hf_runs = _hf_generate(ckpt, ids, NEW_TOKENS, repeats)
+            del rt
+        finally:
+            naive.stop()
+            cloud.stop()
+    label = name if name in ("demo", "gpt2-124m") else Path(name).name
+    rows = [_row(label, p, prompt, runs[p]) for p in (SPLIT, LOCAL, CLOUD)]
+    rows.append(_row(label, HF, prompt, hf_runs))
+    rows.append(_row(label, NAIVE, prompt, naive_runs, naive_detail))
+    rows += [_row(label, p, prompt, runs[p]) for p in (SERIAL, ONE_CHUNK)]
+    split = rows[0]
+    for r in rows:
+        r["split"] = m.default_split if r["path"] not in (LOCAL, HF, CLOUD) else None
+        r["total_vs_split"] = r["total_ms"] / split["total_ms"]
+        r["ttft_vs_split"] = r["ttft_ms"] / split["ttft_ms"]
+    return rows
+
+
+def _plot(path: Path, rows: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        if r["path"] in PATHS:
+            a.plot(range(2, len(r["per_token_ms"]) + 2), r["per_token_ms"], marker=".", label=r["path"])
+    a.set_xlabel("generated token")
+    a.set_ylabel("ms since the previous token")
+    a.set_yscale("log")
+    a.legend(fontsize=8)
+    a.set_title("per-token latency", fontsize=9)
+    names = [r["path"] for r in rows]
+    b.barh(names, [r["ttft_ms"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
+    b.invert_yaxis()
+    b.set_xlabel("time to first token, ms")
+    b.set_title("time to first token", fontsize=9)
+    b.tick_params(axis="y", labelsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    place = placement()
+    models = ["gpt2-124m", "demo"] if args.model == "demo" else [args.model]
+    rows = [r for name in models for r in measure(name, place, args.quick)]
+    link = f"{BANDWIDTH} each way, {RTT_MS:g} ms round trip ({RTT_MS / 2:g} ms one-way each direction)"
+    table = Table(title=f"end to end over the link emulator ({link}), greedy, {NEW_TOKENS} new tokens\n"
+                        "(baselines: HF generate() on the device, naive split, all-local, all-cloud; "
+                        "ratios: path / seamline split, higher = slower)")
+    for col in ("model", "path", "prompt", "TTFT ms", "per token p50 ms", "p90 ms", "total ms", "total / split",
+                "TTFT / split"):
+        table.add_column(col, justify="left" if col in ("model", "path") else "right")
+    for r in rows:
+        table.add_row(r["model"], r["path"], str(r["prompt_tokens"]), f"{r['ttft_ms']:.1f}",
+                      "-" if r["new_tokens"] < 2 else f"{r['per_token_ms_p50']:.2f}",
+                      "-" if r["new_tokens"] < 2 else f"{r['per_token_ms_p90']:.2f}",
+                      f"{r['total_ms']:.1f}", f"{r['total_vs_split']:.2f}x", f"{r['ttft_vs_split']:.2f}x")
+    console.print(table)
+    console.print(f"[dim]placement: {place.describe()}. Serial chunked prefill = the same 64-token chunks, "
+                  "each sent after the previous reply; one-chunk = the whole prompt in one Step.[/dim]")
+    head = rows[0]["model"]
+    at = {r["path"]: r for r in rows if r["model"] == head}
+    s = at[SPLIT]
+    summary = {
+        "split_vs_hf_generate_speedup": at[HF]["total_ms"] / s["total_ms"],
+        "split_vs_naive_speedup": at[NAIVE]["total_ms"] / s["total_ms"],
+        "ttft_pipelined_vs_serial": s["ttft_ms"] / at[SERIAL]["ttft_ms"],
+        "ttft_pipelined_vs_one_chunk": s["ttft_ms"] / at[ONE_CHUNK]["ttft_ms"],
+        "split_vs_hf_generate_ttft_speedup": at[HF]["ttft_ms"] / s["ttft_ms"],
+        "split_vs_hf_generate_per_token_speedup": at[HF]["per_token_ms_p50"] / s["per_token_ms_p50"],
+        "split_vs_naive_ttft_speedup": at[NAIVE]["ttft_ms"] / s["ttft_ms"],
+        "split_vs_naive_per_token_speedup": at[NAIVE]["per_token_ms_p50"] / s["per_token_ms_p50"],
+        "split_vs_local_speedup": at[LOCAL]["total_ms"] / s["total_ms"],
+        "split_vs_all_cloud_speedup": at[CLOUD]["total_ms"] / s["total_ms"],
+        "speedups_are": f"total time of one request ({s['prompt_tokens']}-token prompt + {NEW_TOKENS} new tokens), "
+                        "baseline / seamline split",
+        "measured_on": f"{head}, {s['prompt_tokens']}-token prompt, split {s['split']}, ORT int8 + int8 codec",
+        "link": link, "placement": place.describe(),
+        "serial_prefill": "same 64-token chunks, each sent after the previous reply (ttft_pipelined_vs_serial); "
+                          "one big chunk in ttft_pipelined_vs_one_chunk",
+    }
+    summary["targets"] = {"split_vs_naive_speedup >= 2": summary["split_vs_naive_speedup"] >= 2,
+                          "ttft_pipelined_vs_serial <= 0.7": summary["ttft_pipelined_vs_serial"] <= 0.7}
+    console.print(summary)
+    png = plot_path(args)
+    if png is not None:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        _plot(png, [r for r in rows if r["model"] == head],
+              f"{head}, {s['prompt_tokens']}-token prompt, {NEW_TOKENS} new tokens, {link}")
+        console.print(f"wrote {png}")
+    return {"scenario": "e2e", "rows": rows, "summary": summary}

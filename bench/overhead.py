@@ -1,0 +1,234 @@
+"""``seamline bench overhead``: framework overhead per decode step on loopback vs a bare gRPC ping-pong.
+
+The whole seamline path runs as deployed, on loopback: ``seamline cloud`` in its own process
+(one torch thread, pinned to the second CPU) and the edge engine (``build_engine``, ORT int8, one
+thread, pinned to the first CPU) at the bundle's default split with the int8 codec. For every
+decode step:
+
+    overhead = step wall time (token to token, as the caller sees it)
+             - edge compute (the ORT forward of blocks [0, k), timed around ``EdgeRuntime.forward``)
+             - cloud compute (blocks [k, L) + head + sampling, the ``compute_ms`` the cloud reports)
+
+so the overhead holds everything seamline adds: codec encode and decode, the hops to and from the
+compute threads, protobuf, gRPC and HTTP/2 both ways, the cloud's servicer and scheduler, and the
+edge's generation loop. It is split further with the timings the loop reports (StepStats).
+
+Baseline, measured in the same run and interleaved with it: a bare ``grpc.aio`` bidirectional
+ping-pong (``_pingpong.py``: generic handler, raw bytes, no protobuf) with the same request and
+reply sizes as a decode step, server pinned like the cloud. When the overhead misses its targets
+(<= 0.5 ms, <= 2x the ping-pong) a py-spy profile of both processes during a further run lists
+where the time goes, in ms per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import _pingpong, _pyspy
+from ._harness import (
+    ForwardTimer,
+    RecordingPolicy,
+    child,
+    generate,
+    p50,
+    pct,
+    placement,
+    plot_path,
+    prompt_ids,
+    seamline_cloud,
+)
+from .models import bundle, checkpoint
+
+PROMPT = 16
+TARGET_MS, TARGET_RATIO = 0.5, 2.0
+
+
+def _decode_steps(timed, policy: RecordingPolicy, timer: ForwardTimer) -> list[dict]:
+    decode = [s for s in policy.steps if s.kind == "decode"]
+    ort = [ms for tokens, ms in timer.calls if tokens == 1]
+    rows = []
+    for wall, s, ort_ms in zip(timed.intervals_ms, decode, ort, strict=False):
+        server = s.queue_ms + s.compute_ms + s.server_decode_ms
+        rows.append({
+            "wall_ms": wall, "edge_compute_ms": ort_ms, "cloud_compute_ms": s.compute_ms,
+            "overhead_ms": wall - ort_ms - s.compute_ms,
+            "edge_encode_hop_ms": s.edge_ms - ort_ms, "network_grpc_ms": s.rtt_ms - server,
+            "cloud_queue_ms": s.queue_ms, "cloud_codec_decode_ms": s.server_decode_ms,
+            "edge_loop_ms": wall - s.edge_ms - s.rtt_ms, "bytes_sent": s.bytes_sent,
+            "bytes_received": s.bytes_received})
+    return rows
+
+
+async def _measure(bundle_dir: Path, cloud: str, pingpong: str, steps: int, rounds: int, pp_count: int,
+                   profile_pids: tuple[int, int] | None) -> dict:
+    from seamline.edge.agent import build_engine, close_engine
+    from seamline.edge.config import EdgeConfig
+
+    engine = build_engine(EdgeConfig(bundle=str(bundle_dir), cloud=[cloud], int8=True, threads=1, verify=False))
+    policy = engine.policy = RecordingPolicy(engine.policy)
+    timer = ForwardTimer(engine.runtime)
+    m = engine.manifest
+    ids = prompt_ids(bundle_dir / m.tokenizer, PROMPT)
+    steps = min(steps, m.max_positions - PROMPT)
+    out: dict = {"split": policy.choice.k, "layers": m.num_layers, "codec": policy.choice.codec.codec,
+                 "steps": [], "pingpong_ms": [], "pingpong_hop_ms": [], "profile": None}
+    try:
+        await generate(engine, ids, 8)  # warm-up: channel, session, ORT and torch allocations
+        for _ in range(rounds):
+            policy.steps.clear()
+            timer.reset()
+            timed = await generate(engine, ids, steps)
+            rows = _decode_steps(timed, policy, timer)
+            out["steps"] += rows
+            sent = int(p50(r["bytes_sent"] for r in rows))
+            received = int(p50(r["bytes_received"] for r in rows))
+            out["request_bytes"], out["reply_bytes"] = sent, received
+            out["pingpong_ms"] += await _pingpong.measure(pingpong, sent, received, pp_count)
+            out["pingpong_hop_ms"] += await _pingpong.measure(pingpong, sent, received, pp_count, hop=True)
+        if profile_pids is not None:
+            out["profile"] = await _profiled_run(engine, ids, steps, profile_pids)
+    finally:
+        await close_engine(engine)
+    return out
+
+
+async def _profiled_run(engine, ids: list[int], steps: int, pids: tuple[int, int]) -> dict:
+    with tempfile.TemporaryDirectory(prefix="seamline-prof-") as tmp, \
+            _pyspy.profile(pids[0], Path(tmp) / "edge.txt", "edge") as edge, \
+            _pyspy.profile(pids[1], Path(tmp) / "cloud.txt", "cloud") as cloud:
+        timed = await asyncio.wait_for(generate(engine, ids, steps), 600)
+    n = len(timed.token_times)
+    return {
+        "how": f"py-spy record --nonblocking --threads at {edge.rate} Hz on the edge (this process) and the "
+               f"cloud during a separate run of {n} tokens; ms per step = samples / rate / steps",
+        "errors": [p.error for p in (edge, cloud) if p.error],
+        "threads": edge.threads(n) + cloud.threads(n),
+        "top_self": edge.top(n, 12) + cloud.top(n, 12),
+        "top_total_seamline_grpc": edge.top_total(n, 12, ("seamline", "grpc", "protobuf", "asyncio"))
+        + cloud.top_total(n, 12, ("seamline", "grpc", "protobuf", "asyncio")),
+    }
+
+
+def _breakdown(steps: list[dict], pingpong: list[float], pingpong_hop: list[float]) -> list[dict]:
+    def row(what, key, note=""):
+        xs = [s[key] for s in steps]
+        return {"what": what, "key": key, "p50_ms": p50(xs), "p90_ms": pct(xs, 0.9), "note": note}
+
+    rows = [row("step wall time", "wall_ms", "token to token, as the caller sees it"),
+            row("edge compute", "edge_compute_ms", "ORT forward of blocks [0, k)"),
+            row("cloud compute", "cloud_compute_ms", "torch blocks [k, L) + head + sampling"),
+            row("framework overhead", "overhead_ms", "wall - edge compute - cloud compute"),
+            row("  edge: codec encode + worker hop", "edge_encode_hop_ms", "edge job time - ORT forward"),
+            row("  network + gRPC + cloud servicer", "network_grpc_ms", "round trip - server-reported time"),
+            row("  cloud: scheduler queue", "cloud_queue_ms", ""),
+            row("  cloud: codec decode", "cloud_codec_decode_ms", ""),
+            row("  edge: generation loop", "edge_loop_ms", "wall - edge job - round trip")]
+    rows.append({"what": "bare gRPC ping-pong (baseline)", "key": "pingpong_ms", "p50_ms": p50(pingpong),
+                 "p90_ms": pct(pingpong, 0.9), "note": "grpc.aio bidi stream, raw bytes, same sizes"})
+    rows.append({"what": "  ping-pong + a worker-thread hop each side", "key": "pingpong_hop_ms",
+                 "p50_ms": p50(pingpong_hop), "p90_ms": pct(pingpong_hop, 0.9),
+                 "note": "the same + run_in_executor(no-op) per message on client and server"})
+    return rows
+
+
+def _plot(path: Path, steps: list[dict], pingpong: list[float], pingpong_hop: list[float], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for xs, label in (([s["overhead_ms"] for s in steps], "seamline overhead per decode step"),
+                      (pingpong, "bare gRPC ping-pong (same sizes)"),
+                      (pingpong_hop, "ping-pong + worker-thread hop each side")):
+        xs = np.sort(np.asarray(xs))
+        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
+    ax.axvline(TARGET_MS, color="grey", linestyle=":", label=f"target {TARGET_MS} ms")
+    ax.set_xlabel("ms")
+    ax.set_ylabel("fraction of steps")
+    ax.set_xlim(0, max(pct([s["overhead_ms"] for s in steps], 0.98), pct(pingpong, 0.98)) * 1.2)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    place = placement()
+    name = args.model
+    steps, rounds, pp_count = (48, 2, 400) if args.quick else (200, 4, 1500)
+    b = bundle(name)
+    with seamline_cloud(checkpoint(name), place.cloud_cpu) as (cloud, address), \
+            child("ping-pong server", [sys.executable, "-m", "seamline.bench._pingpong"],
+                  r"listening on (\S+)", place.cloud_cpu, timeout=60) as (_, pp_address):
+        out = asyncio.run(_measure(b, address, pp_address, steps, rounds, pp_count, None))
+        overhead, pingpong = p50(s["overhead_ms"] for s in out["steps"]), p50(out["pingpong_ms"])
+        if overhead > TARGET_MS or overhead / pingpong > TARGET_RATIO:
+            console.print("[dim]overhead above target: profiling a further run with py-spy ...[/dim]")
+            prof = asyncio.run(_measure(b, address, pp_address, steps, 0, 0, (os.getpid(), cloud.proc.pid)))
+            out["profile"] = prof["profile"]
+    rows = _breakdown(out["steps"], out["pingpong_ms"], out["pingpong_hop_ms"])
+    where = (f"{name}, split {out['split']}/{out['layers']}, ORT int8 + {out['codec']} codec, "
+             f"{out['request_bytes']} B up / {out['reply_bytes']} B down per step")
+    table = Table(title=f"framework overhead per decode step on loopback — {where}\n"
+                        "(baseline: bare grpc.aio bidi ping-pong of the same sizes)")
+    for col in ("", "p50 ms", "p90 ms", "how"):
+        table.add_column(col, justify="left" if col in ("", "how") else "right")
+    for r in rows:
+        table.add_row(r["what"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", r["note"])
+    console.print(table)
+    console.print(f"[dim]{len(out['steps'])} decode steps ({rounds} generations after a warm-up), "
+                  f"{len(out['pingpong_ms'])} ping-pongs interleaved with them; {place.describe()}[/dim]")
+    summary = {"overhead_ms_p50": overhead, "grpc_pingpong_ms_p50": pingpong,
+               "overhead_vs_pingpong": overhead / pingpong,
+               "step_ms_p50": rows[0]["p50_ms"], "edge_compute_ms_p50": rows[1]["p50_ms"],
+               "cloud_compute_ms_p50": rows[2]["p50_ms"],
+               "grpc_pingpong_with_thread_hops_ms_p50": rows[-1]["p50_ms"],
+               "targets": {"overhead_ms_p50 <= 0.5": overhead <= TARGET_MS,
+                           "overhead_vs_pingpong <= 2": overhead / pingpong <= TARGET_RATIO},
+               "measured_on": where, "placement": place.describe()}
+    prof = out.get("profile")
+    if prof:
+        _print_profile(console, prof)
+    console.print(summary)
+    png = plot_path(args)
+    if png is not None:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        _plot(png, out["steps"], out["pingpong_ms"], out["pingpong_hop_ms"], f"overhead per decode step vs bare gRPC — {where}")
+        console.print(f"wrote {png}")
+    samples = {"overhead_ms": [round(s["overhead_ms"], 4) for s in out["steps"]],
+               "wall_ms": [round(s["wall_ms"], 4) for s in out["steps"]],
+               "pingpong_ms": [round(x, 4) for x in out["pingpong_ms"]],
+               "pingpong_hop_ms": [round(x, 4) for x in out["pingpong_hop_ms"]]}
+    return {"scenario": "overhead", "rows": rows, "summary": summary, "profile": prof, "samples": samples}
+
+
+def _print_profile(console, prof: dict) -> None:
+    from rich.table import Table
+
+    for err in prof["errors"]:
+        console.print(f"[yellow]profile: {err}[/yellow]")
+    t = Table(title="where a decode step's time goes (py-spy, busy ms per step by thread)")
+    for col in ("process", "thread", "busy ms/step"):
+        t.add_column(col, justify="right" if col.endswith("step") else "left")
+    for r in prof["threads"]:
+        t.add_row(r["process"], r["thread"], f"{r['busy_ms_per_step']:.3f}")
+    console.print(t)
+    t = Table(title="top frames by self time (py-spy), ms per step")
+    for col in ("process", "thread", "frame", "self", "total"):
+        t.add_column(col, justify="right" if col in ("self", "total") else "left", overflow="fold")
+    for r in prof["top_self"]:
+        t.add_row(r["process"], r["thread"], r["frame"], f"{r['self_ms_per_step']:.3f}",
+                  f"{r['total_ms_per_step']:.3f}")
+    console.print(t)
+    console.print(f"[dim]{prof['how']}[/dim]")
