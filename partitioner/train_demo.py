@@ -298,7 +298,8 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
     return stats
 
 
-PROMPTS = ("ROMEO:", "First Citizen.\n", "To be, or not")
+# The corpus writes speakers as "ROMEO." on a line of their own; "ROMEO:" is the customary prompt.
+PROMPTS = ("ROMEO:", "ROMEO.\n", "First Citizen.\n", "To be, or not")
 
 
 def sample_generations(model, tok, new_tokens: int = 80) -> list[dict]:
@@ -366,12 +367,28 @@ used by the test suite): perplexity {s['heldout_sample_ppl']} against a unigram
 """
 
 
+def rewrite_card(out_dir: Path) -> None:
+    from tokenizers import Tokenizer
+    from transformers import GPT2LMHeadModel
+
+    stats = json.loads((out_dir / "training_stats.json").read_text())
+    model = GPT2LMHeadModel.from_pretrained(out_dir).eval()
+    stats["generations"] = sample_generations(model, Tokenizer.from_file(str(out_dir / "tokenizer.json")))
+    (out_dir / "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    (out_dir / "README.md").write_text(model_card(stats))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m seamline.partitioner.train_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEMO_DIR, help="checkpoint folder (default: the shipped one)")
     p.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps")
+    p.add_argument("--card-only", action="store_true",
+                   help="do not train: reload the checkpoint in --out and rewrite its generations and model card")
     args = p.parse_args(argv)
+    if args.card_only:
+        rewrite_card(args.out)
+        return 0
     cfg = TrainConfig(steps=args.steps)
     stats = train(cfg, args.out)
     print(json.dumps({k: stats[k] for k in ("n_params", "train_seconds", "valid_ppl", "unigram_valid_ppl")}))
