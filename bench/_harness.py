@@ -240,6 +240,11 @@ def prompt_ids(tokenizer_json: Path, n: int) -> list[int]:
     return ids[:n]
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages: how busy the machine was (other jobs make figures noisy)."""
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg()) + f" on {os.cpu_count()} CPUs"
+
+
 def p50(xs) -> float:
     xs = list(xs)
     return statistics.median(xs) if xs else float("nan")

@@ -8,7 +8,8 @@ row, and answers the greedy token. One session at a time: a request at position 
 Client (:class:`NaiveSplit`): the same adapter runs embed + blocks [0, K) in eager torch; the
 whole prompt goes as one request (T x C float32), then one request per generated token.
 
-Wire format: request = ``<iii`` (start position, T, C) + T*C float32; reply = ``<i`` token id.
+Wire format: request = ``<iii`` (start position, T, C) + T*C float32; reply = ``<if`` (token id,
+the server's compute ms: for the benchmark's breakdown only).
 """
 
 from __future__ import annotations
@@ -63,13 +64,15 @@ def serve(model_name: str, split: int, host: str, threads: int) -> None:
 
     @torch.inference_mode()
     def forward(request: bytes, context) -> bytes:
+        t0 = time.perf_counter()
         start, t, c = struct.unpack_from("<iii", request)
         if start == 0:
             back.reset()
         h = torch.from_numpy(np.frombuffer(request, dtype=np.float32, offset=12).reshape(1, t, c).copy())
         h = back.blocks(h, start)
         logits = back.adapter.head(h[:, -1:])  # (1, 1, V)
-        return struct.pack("<i", int(logits[0, -1].argmax()))
+        token = int(logits[0, -1].argmax())
+        return struct.pack("<if", token, (time.perf_counter() - t0) * 1e3)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
@@ -87,9 +90,7 @@ class NaiveSplit:
         self.front = _Half(model_name, 0, split)
         self.channel = grpc.insecure_channel(address, options=OPTIONS)
         self.call = self.channel.unary_unary(METHOD)
-        self.front_ms = 0.0
-        self.call_ms = 0.0
-        self.bytes_sent = 0
+        self.steps: list[dict] = []  # per request: front, call and server ms, bytes
 
     def _step(self, ids: list[int], start: int) -> int:
         torch = self.front.torch
@@ -101,16 +102,16 @@ class NaiveSplit:
             payload = struct.pack("<iii", start, *h.shape) + h.contiguous().numpy().astype(np.float32).tobytes()
         t1 = time.perf_counter()
         reply = self.call(payload, timeout=600)
-        self.front_ms += (t1 - t0) * 1e3
-        self.call_ms += (time.perf_counter() - t1) * 1e3
-        self.bytes_sent += len(payload)
-        return struct.unpack("<i", reply)[0]
+        token, server_ms = struct.unpack("<if", reply)
+        self.steps.append({"tokens": len(ids), "front_ms": (t1 - t0) * 1e3, "server_ms": server_ms,
+                           "call_ms": (time.perf_counter() - t1) * 1e3, "bytes_sent": len(payload),
+                           "bytes_received": len(reply)})
+        return token
 
     def generate(self, prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
         """Greedy; returns (start time, arrival time of each token)."""
         self.front.reset()
-        self.front_ms = self.call_ms = 0.0
-        self.bytes_sent = 0
+        self.steps = []
         t0 = time.perf_counter()
         times = []
         token = self._step(prompt, 0)

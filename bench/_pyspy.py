@@ -3,7 +3,8 @@
 ``with profile(pid, out) as p: ...`` samples every thread of ``pid`` (non-blocking, so the target
 is not paused) while the block runs; ``p.top(steps)`` then lists the frames that took the most
 time: ``self`` (the frame on top of the stack) and ``total`` (the frame anywhere in the stack),
-converted from samples to ms per step. When py-spy is missing or may not attach (no ptrace
+converted from samples to ms per step. ``gil=True`` samples only the thread that holds the GIL,
+i.e. Python-level work (ORT and torch kernels release it). When py-spy is missing or may not attach (no ptrace
 permission) ``p.error`` says so and the lists are empty.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 _THREAD = re.compile(r"^thread \((\d+)\)(?::\s*(.*))?$")
 _FRAME = re.compile(r"^(.*) \((.*?)(?::(\d+))?\)$")
+_LINE = re.compile(r":\d+\)$")
 
 
 def _short(frame: str) -> str:
@@ -79,14 +81,20 @@ class Profile:
                  "total_ms_per_step": self._ms(total[(kind, f)], steps)} for (kind, f), c in own.most_common(n)]
 
     def top_total(self, steps: int, n: int = 12, contains: tuple[str, ...] = ()) -> list[dict]:
-        """Frames by inclusive time (optionally only those whose text contains one of ``contains``)."""
+        """Functions by inclusive time (line numbers merged), optionally only those whose text contains
+        one of ``contains``; frames under which nearly all of a thread's samples sit (the event loop's
+        ``run_forever``, a thread's bootstrap) are left out: they say nothing about where time goes."""
         total: Counter = Counter()
+        per_thread: Counter = Counter()
         for (thread, frames), count in self.stacks.items():
-            for f in set(frames):
+            kind = _thread_kind(thread)
+            per_thread[kind] += count
+            for f in {_LINE.sub(")", f) for f in frames}:
                 if not contains or any(c in f for c in contains):
-                    total[(_thread_kind(thread), f)] += count
+                    total[(kind, f)] += count
+        rows = [((kind, f), c) for (kind, f), c in total.most_common() if c < 0.9 * per_thread[kind]]
         return [{"process": self.label, "thread": kind, "frame": f, "total_ms_per_step": self._ms(c, steps)}
-                for (kind, f), c in total.most_common(n)]
+                for (kind, f), c in rows[:n]]
 
     def _ms(self, samples: int, steps: int) -> float:
         return samples / self.rate * 1e3 / max(1, steps)
@@ -98,7 +106,8 @@ def _thread_kind(name: str) -> str:
 
 
 @contextlib.contextmanager
-def profile(pid: int, out: Path, label: str, rate: int = 500) -> Iterator[Profile]:
+def profile(pid: int, out: Path, label: str, rate: int = 500, gil: bool = False) -> Iterator[Profile]:
+    """Sample ``pid`` while the block runs; ``gil``: only the thread holding the GIL (Python work)."""
     prof = Profile(label, rate)
     exe = shutil.which("py-spy")
     if exe is None:
@@ -106,7 +115,7 @@ def profile(pid: int, out: Path, label: str, rate: int = 500) -> Iterator[Profil
         yield prof
         return
     cmd = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--threads",
-           "--nonblocking", "-o", str(out)]
+           "--nonblocking", "-o", str(out), *(["--gil"] if gil else [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(0.5)  # attaching takes a moment; a failed attach exits at once
     if proc.poll() is not None:

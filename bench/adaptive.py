@@ -184,7 +184,7 @@ class _Worker:
         from seamline.edge.messages import GenerationRequest, SamplingParams
 
         pol = self.policies[policy]
-        self.engine.policy = pol
+        counting = self.engine.policy = _Counting(pol)
         clock = self.clocks.get(policy)
         log = getattr(pol, "log", None)
         mark = len(log) if log is not None else 0
@@ -203,7 +203,7 @@ class _Worker:
                "codec": s.codec, "resplits": s.resplits, "replays": s.replays, "served_by": dict(s.served_by),
                "edge_ms": s.edge_ms, "local_ms": s.local_ms, "network_ms": s.network_ms,
                "cloud_compute_ms": s.cloud_compute_ms, "bytes_sent": s.bytes_sent,
-               "fallback_reason": s.fallback_reason}
+               "fallback_reason": s.fallback_reason, "observed": counting.observed}
         if log is not None:
             out["decisions"] = [{"kind": d.kind, "split": d.split, "codec": d.codec, "reason": d.reason,
                                  "predicted_ms": d.predicted_ms} for d in log[mark:]]
@@ -226,6 +226,21 @@ class _Worker:
         if self.engine is not None:
             await close_engine(self.engine)
         return {"bye": True}
+
+
+class _Counting:
+    """Counts the steps the generation loop reports to ``policy`` (all-local ones apart)."""
+
+    def __init__(self, policy: Any):
+        self.policy = policy
+        self.observed = {"local": 0, "remote": 0}
+
+    def choose(self, request: Any) -> Any:
+        return self.policy.choose(request)
+
+    def observe(self, stats: Any) -> Any:
+        self.observed["local" if getattr(stats, "codec", None) == "local" else "remote"] += 1
+        return self.policy.observe(stats)
 
 
 class _Scripted:
@@ -498,6 +513,8 @@ def run(args: Any) -> dict:
     from .procs import cloud_process
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)
     quick = bool(getattr(args, "quick", False))
     name = getattr(args, "model", None) or "demo"
     n_requests, prompt_tokens, new_tokens = (6, 64, 16) if quick else (20, 64, 32)
@@ -520,7 +537,8 @@ def run(args: Any) -> dict:
             # Prompts whose all-local greedy continuation runs the full length (no early EOS), measured at
             # full speed before the quota: they are also the reference tokens for the fidelity column.
             cands = worker.call("prompts", text=TEXT, tokens=prompt_tokens, count=2 * n_requests)["prompts"]
-            worker.call("policy", name="reference", kind="local") if info["local_ok"] else None
+            if info["local_ok"]:
+                worker.call("policy", name="reference", kind="local")
             prompts, reference = [], []
             for ids in cands:
                 if len(prompts) == n_requests:
@@ -560,11 +578,11 @@ def run(args: Any) -> dict:
                              matches_local=None if ref is None else r["tokens"] == ref,
                              tokens_agree=None if ref is None else _prefix(r["tokens"], ref) / max(1, len(ref)))
                     rows.append(r)
-                ad = next(r for r in rows if r["policy"] == "adaptive" and r["request"] == i)
-                picks = " -> ".join(f"{d['split']}/{d['codec']}" + ("*" if d["kind"] != "request" else "")
-                                    for d in ad.get("decisions", []))
-                console.print(f"  request {i:2d} ({reg.name}): adaptive {ad['ms'] / 1e3:6.2f} s [{picks}], "
-                              f"fastest fixed {min((r for r in rows if r['request'] == i and r['policy'] != 'adaptive'), key=lambda r: r['ms'])['policy']}")
+                mine = [r for r in rows if r["request"] == i]
+                ad = next(r for r in mine if r["policy"] == "adaptive")
+                fastest = min((r for r in mine if r["policy"] != "adaptive"), key=lambda r: r["ms"])
+                console.print(f"  request {i:2d} ({reg.name}): adaptive {ad['ms'] / 1e3:6.2f} s [{_picks(ad)}], "
+                              f"fastest fixed {fastest['policy']} {fastest['ms'] / 1e3:.2f} s")
             throttle = weak.stats()
             emu_stats = emu.stats()
 
@@ -584,6 +602,9 @@ def run(args: Any) -> dict:
         "adaptive_switches": ctl.get("switches"), "adaptive_decisions": len(decisions),
         "adaptive_resplits": sum(r["resplits"] for r in rows if r["policy"] == "adaptive"),
         "adaptive_probes": sum(d["kind"] == "probe" for d in decisions),
+        # Does the generation loop report all-local steps to the policy? Without them the controller cannot
+        # learn what running locally costs on this device (it keeps the profile's full-speed figure).
+        "local_steps_observed": any(r["observed"]["local"] for r in rows if r["policy"] == "local"),
         "greedy_match_vs_local": match,
         "controller": "AdaptivePolicy.from_manifest defaults (seamline edge --adaptive), codecs limited to "
                       f"{', '.join(CODECS)}, every split 1..L-1 and local; "
@@ -616,16 +637,18 @@ def run(args: Any) -> dict:
     table.add_row("oracle", *[f"{summary['per_regime_s'][q][g]:.2f}" for g, q in summary["oracle_choice"].items()],
                   f"{oracle_total:.2f}", "1.00x", "", " / ".join(summary["oracle_choice"].values()))
     console.print(table)
-    dt = Table(title="adaptive decisions (* = mid-generation resplit or probe)")
+    if not summary["local_steps_observed"]:
+        console.print("[yellow]note: the generation loop reported no all-local step to the split policy, so the "
+                      "controller predicts local from the profile (full speed), not from this device[/yellow]")
+    dt = Table(title="adaptive decisions per request (*resplit = mid-generation move, *probe = a remote request "
+                     "to measure the link)")
     for col in ("request", "regime", "decisions", "s", "oracle s"):
         dt.add_column(col, justify="right")
     for i in range(n_requests):
         ad = next(r for r in rows if r["policy"] == "adaptive" and r["request"] == i)
         g = REGIMES[regime_of(i, n_requests)].name
         orc = next(r for r in rows if r["policy"] == summary["oracle_choice"][g] and r["request"] == i)
-        dt.add_row(str(i), g, " -> ".join(f"{d['split']}/{d['codec']}" + ("*" if d["kind"] != "request" else "")
-                                         for d in ad.get("decisions", [])),
-                   f"{ad['ms'] / 1e3:.2f}", f"{orc['ms'] / 1e3:.2f}")
+        dt.add_row(str(i), g, _picks(ad), f"{ad['ms'] / 1e3:.2f}", f"{orc['ms'] / 1e3:.2f}")
     console.print(dt)
     short = {k: summary[k] for k in ("adaptive_vs_oracle", "adaptive_vs_best_fixed", "oracle_vs_best_fixed",
                                      "best_fixed", "oracle_choice", "adaptive_switches", "adaptive_resplits",
@@ -642,6 +665,12 @@ def run(args: Any) -> dict:
         console.print(f"plot: {png}")
     return {"scenario": "adaptive", "rows": rows, "summary": summary, "adaptive_decisions": decisions,
             "link_emulator": emu_stats, "edge_cpu_stat": throttle}
+
+
+def _picks(row: dict) -> str:
+    """The adaptive policy's decisions in one request: ``1/int8 -> 6/local*`` (* = resplit or probe)."""
+    return " -> ".join(f"{d['split']}/{d['codec']}" + ("" if d["kind"] == "request" else f"*{d['kind'][:5]}")
+                       for d in row.get("decisions", []))
 
 
 def _prefix(a: list[int], b: list[int]) -> int:

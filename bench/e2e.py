@@ -38,10 +38,12 @@ from pathlib import Path
 from ._harness import (
     CLOUD_READY,
     Child,
+    RecordingPolicy,
     Timed,
     cloud_command,
     generate,
     link_emulator,
+    load_average,
     p50,
     pct,
     pinned,
@@ -80,8 +82,8 @@ def _engines(rt, worker, bundle_dir: Path, cloud: str, prompt_len: int) -> dict:
     def engine(remote: bool, policy=None, **settings):
         config = EdgeConfig(bundle=str(bundle_dir), cloud=[cloud] if remote else [], int8=True, threads=1,
                             verify=False, **settings)
-        return GenerationEngine(rt, worker, CloudLink(config) if remote else None,
-                                policy or FixedPolicy.from_manifest(rt.manifest), config)
+        policy = RecordingPolicy(policy or FixedPolicy.from_manifest(rt.manifest))
+        return GenerationEngine(rt, worker, CloudLink(config) if remote else None, policy, config)
 
     split = engine(True)
     engines = {SPLIT: split, LOCAL: engine(False), ONE_CHUNK: engine(True, chunk_tokens=prompt_len)}
@@ -119,19 +121,26 @@ async def _serial_prefill(engine, ids: list[int]) -> Timed:
         session.close()
 
 
-async def _measure_engines(engines: dict, ids: list[int], new: int, repeats: int) -> dict[str, list[Timed]]:
+async def _measure_engines(engines: dict, ids: list[int], new: int, repeats: int) -> tuple[dict, dict]:
+    """-> (runs per path, StepStats of the last run per remote path)."""
     out: dict[str, list[Timed]] = {}
+    steps: dict[str, list] = {}
     try:
         for path, tokens in ((SPLIT, new), (LOCAL, new), (CLOUD, new), (ONE_CHUNK, 1)):
-            await generate(engines[path], ids, 2)  # warm-up at full size: sessions, arenas, caches
-            out[path] = [await generate(engines[path], ids, tokens) for _ in range(repeats)]
+            engine = engines[path]
+            await generate(engine, ids, 2)  # warm-up at full size: sessions, arenas, caches
+            out[path] = []
+            for _ in range(repeats):
+                engine.policy.steps.clear()
+                out[path].append(await generate(engine, ids, tokens))
+            steps[path] = list(engine.policy.steps)
         await _serial_prefill(engines[SPLIT], ids)
         out[SERIAL] = [await _serial_prefill(engines[SPLIT], ids) for _ in range(repeats)]
     finally:
         for e in engines.values():
             if e.link is not None:
                 await e.link.close()
-    return out
+    return out, steps
 
 
 # ------------------------------------------------------------------------------------ torch paths
@@ -170,7 +179,8 @@ def _hf_generate(ckpt: str, ids: list[int], new: int, repeats: int) -> list[Time
     return [once(new) for _ in range(repeats)]
 
 
-def _naive(ckpt: str, split: int, address: str, ids: list[int], new: int, repeats: int) -> tuple[list[Timed], dict]:
+def _naive(ckpt: str, split: int, address: str, ids: list[int], new: int, repeats: int) -> tuple[list[Timed], list]:
+    """-> (runs, per-request timings of the last run)."""
     from ._naive import NaiveSplit
 
     client = NaiveSplit(ckpt, split, address)
@@ -180,13 +190,28 @@ def _naive(ckpt: str, split: int, address: str, ids: list[int], new: int, repeat
         for _ in range(repeats):
             t0, times = client.generate(ids, new)
             runs.append(Timed(t0, times, None))
-        detail = {"front_ms": client.front_ms, "call_ms": client.call_ms, "bytes_sent": client.bytes_sent}
     finally:
         client.close()
-    return runs, detail
+    return runs, client.steps
 
 
 # -------------------------------------------------------------------------------------------- run
+
+def _decode_breakdown(path: str, steps: list, naive: bool = False) -> dict:
+    """p50 per decode step of where the time went (engine StepStats, or the naive client's timings)."""
+    if naive:
+        d = [s for s in steps if s["tokens"] == 1]
+        return {"path": path, "edge_ms": p50(s["front_ms"] for s in d), "cloud_ms": p50(s["server_ms"] for s in d),
+                "wire_ms": p50(s["call_ms"] - s["server_ms"] for s in d),
+                "bytes_up": p50(s["bytes_sent"] for s in d), "bytes_down": p50(s["bytes_received"] for s in d),
+                "prefill_bytes_up": sum(s["bytes_sent"] for s in steps if s["tokens"] > 1)}
+    d = [s for s in steps if s.kind == "decode"]
+    return {"path": path, "edge_ms": p50(s.edge_ms for s in d),
+            "cloud_ms": p50(s.compute_ms + s.queue_ms + s.server_decode_ms for s in d),
+            "wire_ms": p50(s.network_ms for s in d), "bytes_up": p50(s.bytes_sent for s in d),
+            "bytes_down": p50(s.bytes_received for s in d),
+            "prefill_bytes_up": sum(s.bytes_sent for s in steps if s.kind == "prefill")}
+
 
 def _row(model: str, path: str, prompt: int, runs: list[Timed], detail: dict | None = None) -> dict:
     per_token = [x for r in runs for x in r.intervals_ms]
@@ -204,7 +229,7 @@ def _row(model: str, path: str, prompt: int, runs: list[Timed], detail: dict | N
     return row
 
 
-def measure(name: str, place, quick: bool) -> list[dict]:
+def measure(name: str, place, quick: bool) -> tuple[list[dict], dict]:
     import torch
 
     torch.set_num_threads(1)
@@ -229,10 +254,10 @@ def measure(name: str, place, quick: bool) -> list[dict]:
                     link_emulator(naive_addr, BANDWIDTH, rtt, place.cloud_cpu) as naive_link:
                 engines = _engines(rt, worker, bundle_dir, cloud_link, prompt)
                 try:
-                    runs = asyncio.run(_measure_engines(engines, ids, NEW_TOKENS, repeats))
+                    runs, steps = asyncio.run(_measure_engines(engines, ids, NEW_TOKENS, repeats))
                 finally:
                     worker.shutdown()
-                naive_runs, naive_detail = _naive(ckpt, m.default_split, naive_link, ids, NEW_TOKENS, repeats)
+                naive_runs, naive_steps = _naive(ckpt, m.default_split, naive_link, ids, NEW_TOKENS, repeats)
             hf_runs = _hf_generate(ckpt, ids, NEW_TOKENS, repeats)
             del rt
         finally:
@@ -241,14 +266,18 @@ def measure(name: str, place, quick: bool) -> list[dict]:
     label = name if name in ("demo", "gpt2-124m") else Path(name).name
     rows = [_row(label, p, prompt, runs[p]) for p in (SPLIT, LOCAL, CLOUD)]
     rows.append(_row(label, HF, prompt, hf_runs))
-    rows.append(_row(label, NAIVE, prompt, naive_runs, naive_detail))
+    rows.append(_row(label, NAIVE, prompt, naive_runs))
     rows += [_row(label, p, prompt, runs[p]) for p in (SERIAL, ONE_CHUNK)]
     split = rows[0]
     for r in rows:
         r["split"] = m.default_split if r["path"] not in (LOCAL, HF, CLOUD) else None
         r["total_vs_split"] = r["total_ms"] / split["total_ms"]
         r["ttft_vs_split"] = r["ttft_ms"] / split["ttft_ms"]
-    return rows
+    breakdown = {"model": label, "steps": [_decode_breakdown(SPLIT, steps[SPLIT]), _decode_breakdown(CLOUD, steps[CLOUD]),
+                                           _decode_breakdown(NAIVE, naive_steps, naive=True)]}
+    for b in breakdown["steps"]:
+        b["per_token_ms_p50"] = next(r["per_token_ms_p50"] for r in rows if r["path"] == b["path"])
+    return rows, breakdown
 
 
 def _plot(path: Path, rows: list[dict], title: str) -> None:
@@ -282,10 +311,15 @@ def run(args) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=170)
     place = placement()
+    load_before = load_average()
     models = ["gpt2-124m", "demo"] if args.model == "demo" else [args.model]
-    rows = [r for name in models for r in measure(name, place, args.quick)]
+    rows, breakdowns = [], []
+    for name in models:
+        r, b = measure(name, place, args.quick)
+        rows += r
+        breakdowns.append(b)
     link = f"{BANDWIDTH} each way, {RTT_MS:g} ms round trip ({RTT_MS / 2:g} ms one-way each direction)"
     table = Table(title=f"end to end over the link emulator ({link}), greedy, {NEW_TOKENS} new tokens\n"
                         "(baselines: HF generate() on the device, naive split, all-local, all-cloud; "
@@ -301,6 +335,17 @@ def run(args) -> dict:
     console.print(table)
     console.print(f"[dim]placement: {place.describe()}. Serial chunked prefill = the same 64-token chunks, "
                   "each sent after the previous reply; one-chunk = the whole prompt in one Step.[/dim]")
+    t = Table(title="where a decode step's time goes (p50 per step, ms; from the engine's StepStats and the "
+                    "naive client's timers)")
+    for col in ("model", "path", "edge compute+encode", "on the wire (rtt - server)", "cloud (queue+decode+compute)",
+                "per token", "bytes up / down", "prefill bytes up"):
+        t.add_column(col, justify="left" if col in ("model", "path") else "right")
+    for b in breakdowns:
+        for x in b["steps"]:
+            t.add_row(b["model"], x["path"], f"{x['edge_ms']:.2f}", f"{x['wire_ms']:.2f}", f"{x['cloud_ms']:.2f}",
+                      f"{x['per_token_ms_p50']:.2f}", f"{x['bytes_up']:.0f} / {x['bytes_down']:.0f}",
+                      f"{x['prefill_bytes_up']:,}")
+    console.print(t)
     head = rows[0]["model"]
     at = {r["path"]: r for r in rows if r["model"] == head}
     s = at[SPLIT]
@@ -319,6 +364,7 @@ def run(args) -> dict:
                         "baseline / seamline split",
         "measured_on": f"{head}, {s['prompt_tokens']}-token prompt, split {s['split']}, ORT int8 + int8 codec",
         "link": link, "placement": place.describe(),
+               "load_average_before_after": [load_before, load_average()],
         "serial_prefill": "same 64-token chunks, each sent after the previous reply (ttft_pipelined_vs_serial); "
                           "one big chunk in ttft_pipelined_vs_one_chunk",
     }
@@ -331,4 +377,4 @@ def run(args) -> dict:
         _plot(png, [r for r in rows if r["model"] == head],
               f"{head}, {s['prompt_tokens']}-token prompt, {NEW_TOKENS} new tokens, {link}")
         console.print(f"wrote {png}")
-    return {"scenario": "e2e", "rows": rows, "summary": summary}
+    return {"scenario": "e2e", "rows": rows, "decode_breakdown": breakdowns, "summary": summary}

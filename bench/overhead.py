@@ -26,6 +26,7 @@ import asyncio
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from . import _pingpong, _pyspy
@@ -34,6 +35,7 @@ from ._harness import (
     RecordingPolicy,
     child,
     generate,
+    load_average,
     p50,
     pct,
     placement,
@@ -64,7 +66,7 @@ def _decode_steps(timed, policy: RecordingPolicy, timer: ForwardTimer) -> list[d
 
 
 async def _measure(bundle_dir: Path, cloud: str, pingpong: str, steps: int, rounds: int, pp_count: int,
-                   profile_pids: tuple[int, int] | None) -> dict:
+                   profile_pids: tuple[int, int] | None = None, profile_seconds: float = 3.0) -> dict:
     from seamline.edge.agent import build_engine, close_engine
     from seamline.edge.config import EdgeConfig
 
@@ -90,27 +92,40 @@ async def _measure(bundle_dir: Path, cloud: str, pingpong: str, steps: int, roun
             out["pingpong_ms"] += await _pingpong.measure(pingpong, sent, received, pp_count)
             out["pingpong_hop_ms"] += await _pingpong.measure(pingpong, sent, received, pp_count, hop=True)
         if profile_pids is not None:
-            out["profile"] = await _profiled_run(engine, ids, steps, profile_pids)
+            out["profile"] = await _profiled_run(engine, ids, steps, profile_pids, profile_seconds)
     finally:
         await close_engine(engine)
     return out
 
 
-async def _profiled_run(engine, ids: list[int], steps: int, pids: tuple[int, int]) -> dict:
-    with tempfile.TemporaryDirectory(prefix="seamline-prof-") as tmp, \
-            _pyspy.profile(pids[0], Path(tmp) / "edge.txt", "edge") as edge, \
-            _pyspy.profile(pids[1], Path(tmp) / "cloud.txt", "cloud") as cloud:
-        timed = await asyncio.wait_for(generate(engine, ids, steps), 600)
-    n = len(timed.token_times)
-    return {
-        "how": f"py-spy record --nonblocking --threads at {edge.rate} Hz on the edge (this process) and the "
-               f"cloud during a separate run of {n} tokens; ms per step = samples / rate / steps",
-        "errors": [p.error for p in (edge, cloud) if p.error],
-        "threads": edge.threads(n) + cloud.threads(n),
-        "top_self": edge.top(n, 12) + cloud.top(n, 12),
-        "top_total_seamline_grpc": edge.top_total(n, 12, ("seamline", "grpc", "protobuf", "asyncio"))
-        + cloud.top_total(n, 12, ("seamline", "grpc", "protobuf", "asyncio")),
-    }
+async def _profiled_run(engine, ids: list[int], steps: int, pids: tuple[int, int], seconds: float) -> dict:
+    """Two py-spy passes over generations of ``steps`` tokens, each at least ``seconds`` long: every
+    busy thread, then only the GIL holder."""
+    out: dict = {"errors": []}
+    for gil in (False, True):
+        with tempfile.TemporaryDirectory(prefix="seamline-prof-") as tmp, \
+                _pyspy.profile(pids[0], Path(tmp) / "edge.txt", "edge", gil=gil) as edge, \
+                _pyspy.profile(pids[1], Path(tmp) / "cloud.txt", "cloud", gil=gil) as cloud:
+            n, t0 = 0, time.perf_counter()
+            while n == 0 or time.perf_counter() - t0 < seconds:
+                timed = await asyncio.wait_for(generate(engine, ids, steps), 600)
+                n += len(timed.token_times)
+        out["errors"] += [p.error for p in (edge, cloud) if p.error]
+        if gil:
+            out["gil_top_self"] = edge.top(n, 15) + cloud.top(n, 15)
+            ours = ("edge/", "cloud/", "protos/", "grpc/")
+            out["gil_top_total"] = edge.top_total(n, 15, ours) + cloud.top_total(n, 15, ours)
+            out["gil_threads"] = edge.threads(n) + cloud.threads(n)
+        else:
+            out["threads"] = edge.threads(n) + cloud.threads(n)
+            out["top_self"] = edge.top(n, 12) + cloud.top(n, 12)
+        out["steps_profiled"] = n
+    out["how"] = (f"py-spy record --nonblocking --threads at {edge.rate} Hz on the edge (this process) and the "
+                  f"cloud, during separate runs of >= {seconds:g} s ({out['steps_profiled']} tokens each pass); "
+                  "pass 1 samples every busy thread (a thread waiting for a CPU or the GIL counts as busy), "
+                  "pass 2 (--gil) only the thread holding the GIL, i.e. Python-level work. "
+                  "ms per step = samples / rate / tokens")
+    return out
 
 
 def _breakdown(steps: list[dict], pingpong: list[float], pingpong_hop: list[float]) -> list[dict]:
@@ -163,19 +178,21 @@ def run(args) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=170)
     place = placement()
+    load_before = load_average()
     name = args.model
     steps, rounds, pp_count = (48, 2, 400) if args.quick else (200, 4, 1500)
     b = bundle(name)
     with seamline_cloud(checkpoint(name), place.cloud_cpu) as (cloud, address), \
             child("ping-pong server", [sys.executable, "-m", "seamline.bench._pingpong"],
                   r"listening on (\S+)", place.cloud_cpu, timeout=60) as (_, pp_address):
-        out = asyncio.run(_measure(b, address, pp_address, steps, rounds, pp_count, None))
+        out = asyncio.run(_measure(b, address, pp_address, steps, rounds, pp_count))
         overhead, pingpong = p50(s["overhead_ms"] for s in out["steps"]), p50(out["pingpong_ms"])
         if overhead > TARGET_MS or overhead / pingpong > TARGET_RATIO:
             console.print("[dim]overhead above target: profiling a further run with py-spy ...[/dim]")
-            prof = asyncio.run(_measure(b, address, pp_address, steps, 0, 0, (os.getpid(), cloud.proc.pid)))
+            prof = asyncio.run(_measure(b, address, pp_address, steps, 0, 0, (os.getpid(), cloud.proc.pid),
+                                        3.0 if args.quick else 10.0))
             out["profile"] = prof["profile"]
     rows = _breakdown(out["steps"], out["pingpong_ms"], out["pingpong_hop_ms"])
     where = (f"{name}, split {out['split']}/{out['layers']}, ORT int8 + {out['codec']} codec, "
@@ -196,7 +213,8 @@ def run(args) -> dict:
                "grpc_pingpong_with_thread_hops_ms_p50": rows[-1]["p50_ms"],
                "targets": {"overhead_ms_p50 <= 0.5": overhead <= TARGET_MS,
                            "overhead_vs_pingpong <= 2": overhead / pingpong <= TARGET_RATIO},
-               "measured_on": where, "placement": place.describe()}
+               "measured_on": where, "placement": place.describe(),
+               "load_average_before_after": [load_before, load_average()]}
     prof = out.get("profile")
     if prof:
         _print_profile(console, prof)
@@ -218,17 +236,23 @@ def _print_profile(console, prof: dict) -> None:
 
     for err in prof["errors"]:
         console.print(f"[yellow]profile: {err}[/yellow]")
-    t = Table(title="where a decode step's time goes (py-spy, busy ms per step by thread)")
-    for col in ("process", "thread", "busy ms/step"):
-        t.add_column(col, justify="right" if col.endswith("step") else "left")
+    t = Table(title="where a decode step's time goes, by thread (py-spy), ms per step")
+    for col in ("process", "thread", "busy", "holding the GIL"):
+        t.add_column(col, justify="left" if col in ("process", "thread") else "right")
+    gil = {(r["process"], r["thread"]): r["busy_ms_per_step"] for r in prof.get("gil_threads", [])}
     for r in prof["threads"]:
-        t.add_row(r["process"], r["thread"], f"{r['busy_ms_per_step']:.3f}")
+        t.add_row(r["process"], r["thread"], f"{r['busy_ms_per_step']:.3f}",
+                  f"{gil.get((r['process'], r['thread']), 0.0):.3f}")
     console.print(t)
-    t = Table(title="top frames by self time (py-spy), ms per step")
-    for col in ("process", "thread", "frame", "self", "total"):
-        t.add_column(col, justify="right" if col in ("self", "total") else "left", overflow="fold")
-    for r in prof["top_self"]:
-        t.add_row(r["process"], r["thread"], r["frame"], f"{r['self_ms_per_step']:.3f}",
-                  f"{r['total_ms_per_step']:.3f}")
-    console.print(t)
+    for key, title in (("top_self", "top frames, every busy thread (self / total ms per step)"),
+                       ("gil_top_self", "top frames holding the GIL: Python work (self / total ms per step)"),
+                       ("gil_top_total", "seamline, gRPC and asyncio frames holding the GIL, inclusive")):
+        t = Table(title=title)
+        for col in ("process", "thread", "frame", "self", "total"):
+            t.add_column(col, justify="right" if col in ("self", "total") else "left", overflow="fold")
+        for r in prof.get(key, []):
+            own = r.get("self_ms_per_step")
+            t.add_row(r["process"], r["thread"], r["frame"], "" if own is None else f"{own:.3f}",
+                      f"{r['total_ms_per_step']:.3f}")
+        console.print(t)
     console.print(f"[dim]{prof['how']}[/dim]")

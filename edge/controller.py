@@ -2,14 +2,21 @@
 
 Estimates (each an EWMA, weight ``alpha`` for a new sample):
 - network time of a step = round trip - server-reported (queue + compute + codec decode);
-- RTT from small messages: ``net - bytes / bandwidth``; bandwidth from large ones (prefill chunks of at
-  least ``large_message_bytes``): ``bytes / (net - rtt)``, an EWMA of its logarithm (``bandwidth_alpha``)
+- RTT from small messages: ``net - bytes / bandwidth``, with a change detector like the bandwidth's: two
+  samples in a row beyond ``rtt_jump`` x and ``rtt_jump_ms`` on the same side replace the estimate with
+  their mean (a jump is followed in two steps, and leaving the link for the edge does not freeze the
+  estimate halfway up its EWMA);
+- bandwidth from large messages (prefill chunks of at least ``large_message_bytes``):
+  ``bytes / (net - rtt)``, an EWMA of its logarithm (``bandwidth_alpha``)
   with a change detector: two samples in a row beyond ``bandwidth_jump`` x on the same side replace the
   estimate with their geometric mean (large chunks are rare; a 100x collapse is followed after two of them,
   a single wild sample moves the estimate only by its EWMA share); a chunk whose ``net - rtt`` is under
   ``min_transfer_share`` of ``net`` is skipped (the RTT estimate is stale, e.g. right after a recovery);
 - edge and cloud compute as ratios measured / profiled (decode and prefill apart for the edge), applied to
-  every block, so a device that runs slow today is slow at every split;
+  every block, so a device that runs slow today is slow at every split; all-local steps are predicted
+  with the split-k ratio times a ratio of their own (the head, sampling and per-token overhead that only
+  they pay, measured as local ratio / split-k ratio at the time; 1 until a local step is measured), so a
+  device that slows down or speeds up while remote moves its local prediction with it;
 - the cloud queue from the replies (and from ``Info`` load reports through :meth:`Controller.observe_probe`).
 
 Decisions:
@@ -94,6 +101,8 @@ class ControllerConfig:
     alpha: float = 0.2
     bandwidth_alpha: float = 0.3
     bandwidth_jump: float = 4.0
+    rtt_jump: float = 2.0
+    rtt_jump_ms: float = 10.0
     hysteresis: float = 0.2
     min_relative_gain: float = 0.1
     min_dwell_s: float = 2.0
@@ -126,19 +135,39 @@ class Estimates:
     alpha: float
     bandwidth_alpha: float = 0.3
     bandwidth_jump: float = 4.0
+    rtt_jump: float = 2.0
+    rtt_jump_ms: float = 10.0
     rtt_ms: Ewma = field(init=False)
+    recent_rtt: deque[float] = field(init=False)
     log_bandwidth: Ewma = field(init=False)
     recent_log_bandwidth: deque[float] = field(init=False)
     queue_ms: Ewma = field(init=False)
     edge_decode_scale: Ewma = field(init=False)
     edge_prefill_scale: Ewma = field(init=False)
+    local_decode_ratio: Ewma = field(init=False)
+    local_prefill_ratio: Ewma = field(init=False)
     cloud_scale: Ewma = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("rtt_ms", "queue_ms", "edge_decode_scale", "edge_prefill_scale", "cloud_scale"):
+        for name in ("rtt_ms", "queue_ms", "edge_decode_scale", "edge_prefill_scale", "local_decode_ratio",
+                     "local_prefill_ratio", "cloud_scale"):
             setattr(self, name, Ewma(self.alpha))
         self.log_bandwidth = Ewma(self.bandwidth_alpha)
         self.recent_log_bandwidth = deque(maxlen=2)
+        self.recent_rtt = deque(maxlen=2)
+
+    def rtt_sample(self, ms: float) -> None:
+        est, recent = self.rtt_ms, self.recent_rtt
+        recent.append(ms)
+        v = est.value
+        if v is not None and len(recent) == recent.maxlen and (
+                all(r > v * self.rtt_jump and r - v > self.rtt_jump_ms for r in recent)
+                or all(r * self.rtt_jump < v and v - r > self.rtt_jump_ms for r in recent)):
+            est.value = sum(recent) / len(recent)  # a new link, not noise
+            est.samples += 1
+            recent.clear()
+        else:
+            est.update(ms)
 
     def bandwidth_sample(self, bps: float) -> None:
         x, est, recent = math.log(bps), self.log_bandwidth, self.recent_log_bandwidth
@@ -163,7 +192,8 @@ class Controller:
         self.prior_link = link
         self.config = config
         self.clock = clock
-        self.est = Estimates(config.alpha, config.bandwidth_alpha, config.bandwidth_jump)
+        self.est = Estimates(config.alpha, config.bandwidth_alpha, config.bandwidth_jump, config.rtt_jump,
+                             config.rtt_jump_ms)
         self.current: Decision | None = None
         self.switches = 0
         self.decisions = 0
@@ -183,9 +213,11 @@ class Controller:
 
     def cost_model(self) -> CostModel:
         e = self.est
-        edge = self.edge.scaled(e.edge_decode_scale.get(1.0), e.edge_prefill_scale.get(1.0))
+        dec, pre = e.edge_decode_scale.get(1.0), e.edge_prefill_scale.get(1.0)
+        edge = self.edge.scaled(dec, pre)
+        local = self.edge.scaled(dec * e.local_decode_ratio.get(1.0), pre * e.local_prefill_ratio.get(1.0))
         cloud = self.cloud.scaled(e.cloud_scale.get(1.0), e.cloud_scale.get(1.0))
-        return CostModel(edge, cloud, self.link(), self.wire, CloudLoad(max(0.0, e.queue_ms.get(0.0))))
+        return CostModel(edge, cloud, self.link(), self.wire, CloudLoad(max(0.0, e.queue_ms.get(0.0))), local)
 
     def observe(self, obs: StepObservation, now: float | None = None) -> None:
         """Fold one step's measurements into the estimates."""
@@ -200,8 +232,13 @@ class Controller:
             else:
                 predicted = self.edge.embed_ms + self.edge.prefill_ms(0, obs.split, obs.tokens)
             if predicted > 0:
-                scale = self.est.edge_decode_scale if obs.tokens == 1 else self.est.edge_prefill_scale
-                scale.update(obs.edge_ms / predicted)
+                e, decode = self.est, obs.tokens == 1
+                if obs.codec == LOCAL:  # relative to what the split-k ratio predicts now
+                    split_k = (e.edge_decode_scale if decode else e.edge_prefill_scale).get(1.0)
+                    ratio = e.local_decode_ratio if decode else e.local_prefill_ratio
+                    ratio.update(obs.edge_ms / predicted / split_k)
+                else:
+                    (e.edge_decode_scale if decode else e.edge_prefill_scale).update(obs.edge_ms / predicted)
         if obs.codec == LOCAL:
             return
         server_ms = obs.queue_ms + obs.compute_ms + obs.server_decode_ms
@@ -226,14 +263,14 @@ class Controller:
             if transfer >= self.config.min_transfer_share * net:  # else the RTT estimate is off (stale): skip
                 self.est.bandwidth_sample(min(8e3 * obs.bytes_up / transfer, self.config.max_bandwidth_bps))
         else:
-            self.est.rtt_ms.update(max(0.0, net - 8e3 * obs.bytes_up / link.bandwidth_bps))
+            self.est.rtt_sample(max(0.0, net - 8e3 * obs.bytes_up / link.bandwidth_bps))
 
     def observe_probe(self, rtt_ms: float | None = None, queue_ms: float | None = None,
                       now: float | None = None) -> None:
         """A ping (health check, ``Info``): a near-empty round trip and/or the cloud's reported queue."""
         now = self.clock() if now is None else now
         if rtt_ms is not None:
-            self.est.rtt_ms.update(max(0.0, rtt_ms))
+            self.est.rtt_sample(max(0.0, rtt_ms))
             self.last_network_at = now
         if queue_ms is not None:
             self.est.queue_ms.update(max(0.0, queue_ms))
@@ -316,6 +353,8 @@ class Controller:
         return {"split": None if cur is None else cur.split, "codec": None if cur is None else cur.codec,
                 "bandwidth_bps": link.bandwidth_bps, "rtt_ms": link.rtt_ms, "queue_ms": e.queue_ms.get(0.0),
                 "edge_decode_scale": e.edge_decode_scale.get(1.0), "edge_prefill_scale": e.edge_prefill_scale.get(1.0),
+                "local_decode_scale": e.edge_decode_scale.get(1.0) * e.local_decode_ratio.get(1.0),
+                "local_prefill_scale": e.edge_prefill_scale.get(1.0) * e.local_prefill_ratio.get(1.0),
                 "cloud_scale": e.cloud_scale.get(1.0), "switches": self.switches, "decisions": self.decisions}
 
 
@@ -395,10 +434,11 @@ class AdaptivePolicy:
             log.warning("bundle has no planner profiles (run `partition --split auto`); starting from size-based "
                         "estimates that live measurements will correct")
             per_layer_mflop = 24 * H * H / 1e6  # ~12 H^2 weights, 2 flop each, per token
-            edge = EdgeProfile.flat(L, H, per_layer_mflop / 2e3, per_layer_mflop * 64 / 1e4, 0.05,
-                                    per_layer_mflop * manifest.vocab_size / (12 * H) / 2e3,
+            head_mflop = 2 * H * manifest.vocab_size / 1e6
+            # ms = MFLOP / (GFLOP/s): the edge ~2 GFLOP/s in decode, 10 in prefill; the cloud 10x that
+            edge = EdgeProfile.flat(L, H, per_layer_mflop / 2, per_layer_mflop * 64 / 10, 0.05, head_mflop / 2,
                                     layers=manifest.edge_layers)
-            cloud = CloudProfile.flat(L, H, per_layer_mflop / 2e4, per_layer_mflop * 64 / 1e5, 0.05, 0.5)
+            cloud = CloudProfile.flat(L, H, per_layer_mflop / 20, per_layer_mflop * 64 / 100, 0.05, head_mflop / 20)
         ctl = Controller(edge, cloud, WireModel.from_manifest(manifest), Constraints.from_manifest(manifest, **constraints),
                          link or DEFAULT_LINK, config, clock)
         return cls(ctl)

@@ -352,6 +352,7 @@ class CostModel:
     link: LinkEstimate
     wire: WireModel
     load: CloudLoad = CloudLoad()
+    local: EdgeProfile | None = None  # the edge running every layer (all-local), if it differs from ``edge``
 
     @property
     def num_layers(self) -> int:
@@ -363,6 +364,7 @@ class CostModel:
     def decode_ms(self, k: int, codec: str, context: float) -> float:
         L, e, g = self.num_layers, self.edge, self.cloud
         if codec == LOCAL:
+            e = self.local or e
             return e.embed_ms + e.decode_ms(0, L, context) + (e.head_ms or 0.0)
         edge = e.embed_ms + e.decode_ms(0, k, context) if k > 0 else 0.0
         cloud = (g.embed_ms if k == 0 else 0.0) + g.decode_ms(k, L, context) + (g.head_ms or 0.0)
@@ -379,6 +381,7 @@ class CostModel:
         if tokens <= 0:
             return 0.0, "none"
         if codec == LOCAL:
+            e = self.local or e
             ms = sum(e.embed_ms + e.prefill_ms(0, L, t) for t in self._chunks(tokens))
             return ms + ((e.head_ms or 0.0) if head else 0.0), "edge"
         done_e = done_x = done_c = 0.0
