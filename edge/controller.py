@@ -13,10 +13,10 @@ Estimates (each an EWMA, weight ``alpha`` for a new sample):
   a single wild sample moves the estimate only by its EWMA share); a chunk whose ``net - rtt`` is under
   ``min_transfer_share`` of ``net`` is skipped (the RTT estimate is stale, e.g. right after a recovery);
 - edge and cloud compute as ratios measured / profiled (decode and prefill apart for the edge), applied to
-  every block, so a device that runs slow today is slow at every split; all-local steps are predicted
-  with the split-k ratio times a ratio of their own (the head, sampling and per-token overhead that only
-  they pay, measured as local ratio / split-k ratio at the time; 1 until a local step is measured), so a
-  device that slows down or speeds up while remote moves its local prediction with it;
+  every block, so a device that runs slow today is slow at every split; all-local steps keep ratios of
+  their own (they also pay the head, sampling and per-token overhead that the split-k ratio does not see),
+  which follow the split-k ratio's later changes (a device that slows down while remote is slower locally
+  too) and fall back to it until a local step is measured;
 - the cloud queue from the replies (and from ``Info`` load reports through :meth:`Controller.observe_probe`).
 
 Decisions:
@@ -144,14 +144,16 @@ class Estimates:
     queue_ms: Ewma = field(init=False)
     edge_decode_scale: Ewma = field(init=False)
     edge_prefill_scale: Ewma = field(init=False)
-    local_decode_ratio: Ewma = field(init=False)
-    local_prefill_ratio: Ewma = field(init=False)
+    local_decode_scale: Ewma = field(init=False)
+    local_prefill_scale: Ewma = field(init=False)
+    local_anchor: dict[str, float | None] = field(init=False)  # split-k ratio at the last local step
     cloud_scale: Ewma = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("rtt_ms", "queue_ms", "edge_decode_scale", "edge_prefill_scale", "local_decode_ratio",
-                     "local_prefill_ratio", "cloud_scale"):
+        for name in ("rtt_ms", "queue_ms", "edge_decode_scale", "edge_prefill_scale", "local_decode_scale",
+                     "local_prefill_scale", "cloud_scale"):
             setattr(self, name, Ewma(self.alpha))
+        self.local_anchor = {"decode": None, "prefill": None}
         self.log_bandwidth = Ewma(self.bandwidth_alpha)
         self.recent_log_bandwidth = deque(maxlen=2)
         self.recent_rtt = deque(maxlen=2)
@@ -168,6 +170,14 @@ class Estimates:
             recent.clear()
         else:
             est.update(ms)
+
+    def local_scale(self, kind: str) -> float:
+        """All-local ratio measured / profiled for ``kind`` (decode | prefill), moved by the split-k ratio since."""
+        split_k = getattr(self, f"edge_{kind}_scale").value
+        local, anchor = getattr(self, f"local_{kind}_scale").value, self.local_anchor[kind]
+        if local is None:
+            return 1.0 if split_k is None else split_k
+        return local * split_k / anchor if anchor and split_k else local
 
     def bandwidth_sample(self, bps: float) -> None:
         x, est, recent = math.log(bps), self.log_bandwidth, self.recent_log_bandwidth
@@ -215,7 +225,7 @@ class Controller:
         e = self.est
         dec, pre = e.edge_decode_scale.get(1.0), e.edge_prefill_scale.get(1.0)
         edge = self.edge.scaled(dec, pre)
-        local = self.edge.scaled(dec * e.local_decode_ratio.get(1.0), pre * e.local_prefill_ratio.get(1.0))
+        local = self.edge.scaled(e.local_scale("decode"), e.local_scale("prefill"))
         cloud = self.cloud.scaled(e.cloud_scale.get(1.0), e.cloud_scale.get(1.0))
         return CostModel(edge, cloud, self.link(), self.wire, CloudLoad(max(0.0, e.queue_ms.get(0.0))), local)
 
@@ -232,13 +242,14 @@ class Controller:
             else:
                 predicted = self.edge.embed_ms + self.edge.prefill_ms(0, obs.split, obs.tokens)
             if predicted > 0:
-                e, decode = self.est, obs.tokens == 1
-                if obs.codec == LOCAL:  # relative to what the split-k ratio predicts now
-                    split_k = (e.edge_decode_scale if decode else e.edge_prefill_scale).get(1.0)
-                    ratio = e.local_decode_ratio if decode else e.local_prefill_ratio
-                    ratio.update(obs.edge_ms / predicted / split_k)
+                e, kind = self.est, "decode" if obs.tokens == 1 else "prefill"
+                if obs.codec == LOCAL:
+                    local = getattr(e, f"local_{kind}_scale")
+                    local.value = e.local_scale(kind) if local.value is not None else None  # to the device now
+                    local.update(obs.edge_ms / predicted)
+                    e.local_anchor[kind] = getattr(e, f"edge_{kind}_scale").value
                 else:
-                    (e.edge_decode_scale if decode else e.edge_prefill_scale).update(obs.edge_ms / predicted)
+                    getattr(e, f"edge_{kind}_scale").update(obs.edge_ms / predicted)
         if obs.codec == LOCAL:
             return
         server_ms = obs.queue_ms + obs.compute_ms + obs.server_decode_ms
@@ -353,8 +364,7 @@ class Controller:
         return {"split": None if cur is None else cur.split, "codec": None if cur is None else cur.codec,
                 "bandwidth_bps": link.bandwidth_bps, "rtt_ms": link.rtt_ms, "queue_ms": e.queue_ms.get(0.0),
                 "edge_decode_scale": e.edge_decode_scale.get(1.0), "edge_prefill_scale": e.edge_prefill_scale.get(1.0),
-                "local_decode_scale": e.edge_decode_scale.get(1.0) * e.local_decode_ratio.get(1.0),
-                "local_prefill_scale": e.edge_prefill_scale.get(1.0) * e.local_prefill_ratio.get(1.0),
+                "local_decode_scale": e.local_scale("decode"), "local_prefill_scale": e.local_scale("prefill"),
                 "cloud_scale": e.cloud_scale.get(1.0), "switches": self.switches, "decisions": self.decisions}
 
 
