@@ -24,9 +24,16 @@ test: install
 demo: install
 	$(BIN)/seamline demo
 
+BENCH ?= codec edge overhead e2e throughput adaptive load
+
+# Every scenario sized for CI (--quick); JSON (and PNG plots) land in bench-results/ (git-ignored).
 bench: install
 	mkdir -p bench-results
-	$(BIN)/seamline bench codec --quick --json bench-results/codec.json
+	$(BIN)/python -c "from seamline.bench.models import bundle; bundle('demo'); bundle('gpt2-124m')"
+	@status=0; for s in $(BENCH); do \
+	  echo "== seamline bench $$s --quick"; \
+	  timeout 300 $(BIN)/seamline bench $$s --quick --json bench-results/$$s.json || status=1; \
+	done; exit $$status
 
 protos: install
 	$(BIN)/python -m seamline.protos.generate

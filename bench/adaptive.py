@@ -45,6 +45,10 @@ from pathlib import Path
 from typing import Any, Self
 
 CODECS = ("fp16", "int8", "int4-rot")
+# The controller as `seamline edge --adaptive` runs it (the headline), and one variant: the regimes here last
+# ~10 s of the policy's own time where real ones last minutes, so the default 30 s before an all-local
+# device probes the link again means it never notices regime C; the variant probes after 5 s.
+ADAPTIVE = {"adaptive": {}, "adaptive-probe5s": {"probe_after_s": 5.0}}
 WEAK_CPU_ENV = "SEAMLINE_WEAK_CPU"
 DEFAULT_WEAK_CPU = 0.25
 
@@ -398,6 +402,35 @@ def cloud_args(threads: int = 1) -> tuple[str, ...]:
     return ("--threads", str(threads), "--config", str(cfg), "--log-level", "WARNING")
 
 
+# Random-weight GPT-2s sized between the demo (6 x 192: its compute is smaller than the per-step overhead
+# of a remote step, so all-local always wins on a weak edge) and gpt2-124m (the 1-thread CPU cloud is as
+# slow per token as a quarter-core edge minus the link, so the cloud always wins): here a quarter-core edge
+# and the CPU cloud trade places as the link changes. Demo tokenizer and vocabulary.
+SYNTHETIC = {"gpt2-8x512": {"n_layer": 8, "n_embd": 512, "n_head": 8, "vocab_size": 4096, "n_positions": 256}}
+
+
+def synthetic_checkpoint(name: str) -> str:
+    import shutil
+
+    from seamline.partitioner.loading import DEMO_DIR
+
+    from .models import cache_dir
+
+    out = cache_dir() / name
+    if not (out / "model.safetensors").exists():
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        demo = json.loads((DEMO_DIR / "config.json").read_text())
+        cfg = GPT2Config(bos_token_id=demo.get("bos_token_id"), eos_token_id=demo.get("eos_token_id"),
+                         **SYNTHETIC[name])
+        out.mkdir(parents=True, exist_ok=True)
+        GPT2LMHeadModel(cfg).save_pretrained(out)
+        shutil.copyfile(DEMO_DIR / "tokenizer.json", out / "tokenizer.json")
+    return str(out)
+
+
 def planned_bundle(name: str, console: Any = None) -> tuple[str, Path]:
     """(checkpoint, bundle) of a benchmark model, the bundle planned by ``partition --split auto`` (so that
     the controller starts from measured profiles, as a deployment would), cached next to the plain one."""
@@ -415,11 +448,11 @@ def planned_bundle(name: str, console: Any = None) -> tuple[str, Path]:
         src = json.loads((plain / "manifest.json").read_text())["model_source"]
     elif name in ("demo", "gpt2-124m"):
         src, plain = checkpoint(name), bundle(name)
-    else:  # a checkpoint folder: partition it into the cache under its hash
+    else:  # a synthetic model or a checkpoint folder: partition it into the cache under its hash
         from seamline.partitioner.loading import model_hash, resolve_model
         from seamline.partitioner.partition import PartitionOptions, partition
 
-        src = checkpoint(name)
+        src = synthetic_checkpoint(name) if name in SYNTHETIC else checkpoint(name)
         plain = cache_dir() / f"bundle-{model_hash(resolve_model(src))[:16]}"
         if not (plain / "manifest.json").exists():
             partition(PartitionOptions(model=src, out=plain, force=True, quantize_edge="int8"))
@@ -448,6 +481,8 @@ def _summarize(rows: list[dict], names: list[str], fixed: list[str], n: int) -> 
     oracle_total = sum(per_regime[oracle_pick[g]][g] for g in present)
     best_fixed = min(fixed, key=lambda p: total[p])
     adaptive = total["adaptive"]
+    variants = {p: {"vs_oracle": total[p] / oracle_total, "vs_best_fixed": total[p] / total[best_fixed],
+                    "config": ADAPTIVE[p]} for p in names if p in ADAPTIVE and p != "adaptive"}
     return {
         "adaptive_vs_oracle": adaptive / oracle_total,
         "adaptive_vs_best_fixed": adaptive / total[best_fixed],
@@ -457,6 +492,7 @@ def _summarize(rows: list[dict], names: list[str], fixed: list[str], n: int) -> 
         "oracle_choice": {REGIMES[g].name: oracle_pick[g] for g in present},
         "per_regime_s": {p: {REGIMES[g].name: per_regime[p][g] / 1e3 for g in present} for p in names},
         "total_s": {p: total[p] / 1e3 for p in names},
+        "variants": variants,
         "targets": {"adaptive_vs_oracle<=1.15": adaptive / oracle_total <= 1.15,
                     "adaptive_vs_best_fixed<=0.85": adaptive / total[best_fixed] <= 0.85},
     }
@@ -481,7 +517,7 @@ def _plot(rows: list[dict], names: list[str], summary: dict, n: int, path: Path,
                     va="bottom", fontsize=9)
     best = summary["best_fixed"]
     for p in names:
-        if p in ("adaptive", best, "local"):
+        if p in ADAPTIVE or p in (best, "local"):
             continue
         ax.plot(xs, series[p], color="grey", alpha=0.45, lw=0.9, marker=".", ms=3)
     ax.plot([], [], color="grey", alpha=0.6, lw=0.9, label="fixed k/codec (each)")
@@ -490,7 +526,11 @@ def _plot(rows: list[dict], names: list[str], summary: dict, n: int, path: Path,
     ax.plot(xs, series[best], color="tab:orange", lw=1.6, marker="s", ms=4, label=f"best fixed: {best}")
     oracle = [series[summary["oracle_choice"][REGIMES[regime_of(i, n)].name]][i] for i in xs]
     ax.plot(xs, oracle, color="black", ls="--", lw=1.4, label="oracle (best fixed per regime)")
-    ax.plot(xs, series["adaptive"], color="tab:red", lw=2.2, marker="o", ms=5, label="adaptive")
+    for p in names:
+        if p in ADAPTIVE and p != "adaptive":
+            ax.plot(xs, series[p], color="tab:purple", lw=1.4, ls=":", marker="^", ms=4,
+                    label=f"{p} ({', '.join(f'{k}={v:g}' for k, v in ADAPTIVE[p].items())})")
+    ax.plot(xs, series["adaptive"], color="tab:red", lw=2.2, marker="o", ms=5, label="adaptive (defaults)")
     ax.set_yscale("log")
     ax.set_xlabel("request")
     ax.set_ylabel("latency per request, s (log)")
@@ -533,7 +573,7 @@ def run(args: Any) -> dict:
             L = info["num_layers"]
             grid = fixed_grid(L, info["local_ok"], info["min_split"])
             fixed = [g[0] for g in grid]
-            names = ["adaptive", *fixed]
+            names = [*ADAPTIVE, *fixed]
             # Prompts whose all-local greedy continuation runs the full length (no early EOS), measured at
             # full speed before the quota: they are also the reference tokens for the fidelity column.
             cands = worker.call("prompts", text=TEXT, tokens=prompt_tokens, count=2 * n_requests)["prompts"]
@@ -557,7 +597,8 @@ def run(args: Any) -> dict:
             for pname, k, codec in grid:
                 kind = "local" if codec == "local" else "fixed"
                 worker.call("policy", name=pname, kind=kind, split=k, codec=codec)
-            worker.call("policy", name="adaptive", kind="adaptive", codecs=list(CODECS))
+            for pname, config in ADAPTIVE.items():
+                worker.call("policy", name=pname, kind="adaptive", codecs=list(CODECS), config=config)
             weak.add(worker.pid)
             # Warm-up under the quota (ORT and the cloud's torch at every split), not counted.
             emu.set(bandwidth_bps=None, delay_ms=0)
@@ -580,7 +621,7 @@ def run(args: Any) -> dict:
                     rows.append(r)
                 mine = [r for r in rows if r["request"] == i]
                 ad = next(r for r in mine if r["policy"] == "adaptive")
-                fastest = min((r for r in mine if r["policy"] != "adaptive"), key=lambda r: r["ms"])
+                fastest = min((r for r in mine if r["policy"] not in ADAPTIVE), key=lambda r: r["ms"])
                 console.print(f"  request {i:2d} ({reg.name}): adaptive {ad['ms'] / 1e3:6.2f} s [{_picks(ad)}], "
                               f"fastest fixed {fastest['policy']} {fastest['ms'] / 1e3:.2f} s")
             throttle = weak.stats()
@@ -630,7 +671,7 @@ def run(args: Any) -> dict:
             note.append("best fixed")
         note += [f"oracle in {g}" for g, q in summary["oracle_choice"].items() if q == p]
         m = match.get(p)
-        table.add_row(f"[bold red]{p}[/]" if p == "adaptive" else p,
+        table.add_row(f"[bold red]{p}[/]" if p in ADAPTIVE else p,
                       *[f"{summary['per_regime_s'][p][g]:.2f}" for g in summary["oracle_choice"]],
                       f"{summary['total_s'][p]:.2f}", f"{summary['total_s'][p] / oracle_total:.2f}x",
                       "-" if m is None else f"{m:.0%}", ", ".join(note))
@@ -642,17 +683,18 @@ def run(args: Any) -> dict:
                       "controller predicts local from the profile (full speed), not from this device[/yellow]")
     dt = Table(title="adaptive decisions per request (*resplit = mid-generation move, *probe = a remote request "
                      "to measure the link)")
-    for col in ("request", "regime", "decisions", "s", "oracle s"):
+    for col in ("request", "regime", *(f"{p} decisions" for p in ADAPTIVE), *(f"{p} s" for p in ADAPTIVE), "oracle s"):
         dt.add_column(col, justify="right")
     for i in range(n_requests):
-        ad = next(r for r in rows if r["policy"] == "adaptive" and r["request"] == i)
+        ads = [next(r for r in rows if r["policy"] == p and r["request"] == i) for p in ADAPTIVE]
         g = REGIMES[regime_of(i, n_requests)].name
         orc = next(r for r in rows if r["policy"] == summary["oracle_choice"][g] and r["request"] == i)
-        dt.add_row(str(i), g, _picks(ad), f"{ad['ms'] / 1e3:.2f}", f"{orc['ms'] / 1e3:.2f}")
+        dt.add_row(str(i), g, *(_picks(a) for a in ads), *(f"{a['ms'] / 1e3:.2f}" for a in ads),
+                   f"{orc['ms'] / 1e3:.2f}")
     console.print(dt)
     short = {k: summary[k] for k in ("adaptive_vs_oracle", "adaptive_vs_best_fixed", "oracle_vs_best_fixed",
                                      "best_fixed", "oracle_choice", "adaptive_switches", "adaptive_resplits",
-                                     "targets", "weak_device")}
+                                     "variants", "targets", "local_steps_observed", "weak_device")}
     console.print(short)
     json_path = getattr(args, "json", None)
     if json_path:

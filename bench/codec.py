@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from seamline.partitioner.families import adapter_for
 from seamline.partitioner.loading import DEMO_DIR, load_model
 from seamline.protos import codec as C

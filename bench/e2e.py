@@ -213,7 +213,7 @@ def _decode_breakdown(path: str, steps: list, naive: bool = False) -> dict:
             "prefill_bytes_up": sum(s.bytes_sent for s in steps if s.kind == "prefill")}
 
 
-def _row(model: str, path: str, prompt: int, runs: list[Timed], detail: dict | None = None) -> dict:
+def _row(model: str, path: str, prompt: int, runs: list[Timed]) -> dict:
     per_token = [x for r in runs for x in r.intervals_ms]
     totals = [(r.token_times[-1] - r.start) * 1e3 for r in runs]
     row = {"model": model, "path": path, "prompt_tokens": prompt, "new_tokens": len(runs[0].token_times),
@@ -224,8 +224,6 @@ def _row(model: str, path: str, prompt: int, runs: list[Timed], detail: dict | N
     stats = runs[-1].stats
     if stats is not None:
         row["detail"] = stats.to_dict()
-    elif detail:
-        row["detail"] = detail
     return row
 
 

@@ -65,7 +65,6 @@ def _torch_step(adapter, k: int, head: bool):
 
 def measure(name: str, threads: int, repeats: int) -> list[dict]:
     import torch
-
     from seamline.edge.runtime import EdgeRuntime
     from seamline.partitioner.families import adapter_for
     from seamline.partitioner.loading import load_model

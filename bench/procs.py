@@ -17,12 +17,15 @@ def cloud_process(model: str, *extra: str, timeout: float = 180.0) -> Iterator[t
     """``seamline cloud --model M --port 0 ...`` in a subprocess; yields (process, "host:port")."""
     cmd = [sys.executable, "-m", "seamline", "cloud", "--model", model, "--host", "127.0.0.1", "--port", "0",
            "--device", "cpu", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     found: dict[str, str] = {}
+    tail: list[str] = []
 
-    def read():
+    def read():  # drain stdout+stderr for the whole run, so a chatty cloud never blocks on a full pipe
         for line in proc.stdout:
+            tail.append(line)
+            del tail[:-50]
             m = re.search(r"listening on (\S+)", line)
             if m and "address" not in found:
                 found["address"] = m.group(1)
@@ -35,8 +38,7 @@ def cloud_process(model: str, *extra: str, timeout: float = 180.0) -> Iterator[t
     ready.wait(timeout)
     try:
         if "address" not in found:
-            err = proc.stderr.read() if proc.poll() is not None else ""
-            raise RuntimeError(f"cloud did not start: {' '.join(cmd)}\n{err[-2000:]}")
+            raise RuntimeError(f"cloud did not start: {' '.join(cmd)}\n{''.join(tail)[-2000:]}")
         yield proc, found["address"]
     finally:
         if proc.poll() is None:

@@ -13,10 +13,8 @@ import time
 
 import grpc
 import numpy as np
-
-from seamline.protos import codec
+from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
-from seamline.protos import seamline_pb2_grpc
 
 from .models import checkpoint
 from .procs import cloud_process
@@ -67,14 +65,15 @@ def run(args) -> dict:
     rows = []
     for name in models:
         src = checkpoint(name)
-        with cloud_process(src, "--max-batch", "64", "--max-sessions", "128") as (_, address):
+        with cloud_process(src, "--max-batch", "64", "--max-sessions", "128", "--threads", "1") as (_, address):
             for n in counts:
                 tps = asyncio.run(_measure(address, n, tokens))
                 rows.append({"model": name, "sessions": n, "max_batch": 64, "tokens_per_s": tps})
-        with cloud_process(src, "--max-batch", "1", "--max-sessions", "128") as (_, address):
+        with cloud_process(src, "--max-batch", "1", "--max-sessions", "128", "--threads", "1") as (_, address):
             tps = asyncio.run(_measure(address, 32, tokens))
             rows.append({"model": name, "sessions": 32, "max_batch": 1, "tokens_per_s": tps})
-    table = Table(title=f"cloud decode throughput, CPU, {tokens} tokens per session (baseline: 1 session)")
+    table = Table(title=f"cloud decode throughput, CPU, 1 torch thread, {tokens} tokens per session "
+                        "(baseline: 1 session)")
     for col in ("model", "sessions", "max batch", "tokens/s", "vs 1 session"):
         table.add_column(col, justify="right")
     for r in rows:

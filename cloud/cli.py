@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -78,9 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> CloudConfig:
-    names = ("model", "host", "port", "device", "dtype", "max_sessions", "kv_budget", "session_ttl",
-             "max_batch", "batch_window_ms", "max_chunk_tokens", "min_split", "auth_tokens", "tls_cert",
-             "tls_key", "client_ca", "metrics_port", "metrics_host", "grace")
+    names = [f.name for f in dataclasses.fields(CloudConfig)]  # every setting has a flag of the same name
     return CloudConfig.from_sources(getattr(args, "config", None), **{n: getattr(args, n, None) for n in names})
 
 

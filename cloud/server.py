@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from seamline.partitioner.loading import load_model, model_hash
-from seamline.protos import codec, seamline_pb2_grpc
+from seamline.protos import codec
 from seamline.protos import seamline_pb2 as pb
 
 from .auth import Authenticator, server_credentials

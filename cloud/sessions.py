@@ -10,8 +10,8 @@ on access. Sessions are soft state: a client that loses one replays its history 
 from __future__ import annotations
 
 import asyncio
-import time
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 

@@ -14,9 +14,11 @@ Estimates (each an EWMA, weight ``alpha`` for a new sample):
   ``min_transfer_share`` of ``net`` is skipped (the RTT estimate is stale, e.g. right after a recovery);
 - edge and cloud compute as ratios measured / profiled (decode and prefill apart for the edge), applied to
   every block, so a device that runs slow today is slow at every split; all-local steps keep ratios of
-  their own (they also pay the head, sampling and per-token overhead that the split-k ratio does not see),
-  which follow the split-k ratio's later changes (a device that slows down while remote is slower locally
-  too) and fall back to it until a local step is measured;
+  their own (they also pay the head, sampling and per-token overhead that the split-k ratio does not see;
+  each stands in for the other until measured). While remote, a local ratio follows the
+  split-k ratio down, never up: a device that has sped up since is faster locally too, while a slower
+  split-k step may be the wait for the network (a CPU quota throttling the process right after it), which
+  local steps do not pay; a local estimate that is too optimistic is corrected by the next local request;
 - the cloud queue from the replies (and from ``Info`` load reports through :meth:`Controller.observe_probe`).
 
 Decisions:
@@ -172,12 +174,13 @@ class Estimates:
             est.update(ms)
 
     def local_scale(self, kind: str) -> float:
-        """All-local ratio measured / profiled for ``kind`` (decode | prefill), moved by the split-k ratio since."""
+        """All-local ratio measured / profiled for ``kind`` (decode | prefill); lowered by as much as the
+        split-k ratio has fallen since it was measured."""
         split_k = getattr(self, f"edge_{kind}_scale").value
         local, anchor = getattr(self, f"local_{kind}_scale").value, self.local_anchor[kind]
         if local is None:
             return 1.0 if split_k is None else split_k
-        return local * split_k / anchor if anchor and split_k else local
+        return local * min(1.0, split_k / anchor) if anchor and split_k else local
 
     def bandwidth_sample(self, bps: float) -> None:
         x, est, recent = math.log(bps), self.log_bandwidth, self.recent_log_bandwidth
@@ -223,9 +226,10 @@ class Controller:
 
     def cost_model(self) -> CostModel:
         e = self.est
-        dec, pre = e.edge_decode_scale.get(1.0), e.edge_prefill_scale.get(1.0)
-        edge = self.edge.scaled(dec, pre)
-        local = self.edge.scaled(e.local_scale("decode"), e.local_scale("prefill"))
+        local_dec, local_pre = e.local_scale("decode"), e.local_scale("prefill")
+        # before the first split-k step, what local steps measured stands in (the same device, slow or fast)
+        edge = self.edge.scaled(e.edge_decode_scale.get(local_dec), e.edge_prefill_scale.get(local_pre))
+        local = self.edge.scaled(local_dec, local_pre)
         cloud = self.cloud.scaled(e.cloud_scale.get(1.0), e.cloud_scale.get(1.0))
         return CostModel(edge, cloud, self.link(), self.wire, CloudLoad(max(0.0, e.queue_ms.get(0.0))), local)
 

@@ -101,7 +101,6 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
-
     from seamline.protos.bundle import BundleError
 
     from .verify import VerifyOptions, verify

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from seamline.protos.bundle import CodecDefaults, Manifest, write_manifest
 
 from . import export
@@ -73,9 +72,8 @@ def hidden_states_per_split(adapter, ids: list[int], max_split: int) -> dict[int
 
 
 def calibrate(adapter, tokenizer_path: Path, text: str, max_split: int) -> dict[str, dict]:
-    from tokenizers import Tokenizer
-
     from seamline.protos import codec
+    from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_path))
     ids = tok.encode(text).ids[:DEFAULT_CALIBRATION_TOKENS]

@@ -103,16 +103,16 @@ def fetch_corpus() -> Path:
 
 
 _GUTENBERG_BLOCK = re.compile(
-    r"\*\*\*\s*START OF.*?\*\*\*|\*\*\*\s*END OF.*\Z|\*END\*THE SMALL PRINT.*?\*END\*", re.S | re.I)
+    r"\*\*\*\s*START OF.*?\*\*\*|\*\*\*\s*END OF.*\Z|\*END\*THE SMALL PRINT.*?\*END\*", re.DOTALL | re.IGNORECASE)
 
 
 def strip_gutenberg(text: str) -> str:
     text = text.replace("\r\n", "\n")
     # Everything before a "*** START OF" marker and after an "*** END OF" marker is licence text.
-    start = re.search(r"\*\*\*\s*START OF[^\n]*\n", text, re.I)
+    start = re.search(r"\*\*\*\s*START OF[^\n]*\n", text, re.IGNORECASE)
     if start:
         text = text[start.end():]
-    end = re.search(r"\*\*\*\s*END OF", text, re.I)
+    end = re.search(r"\*\*\*\s*END OF", text, re.IGNORECASE)
     if end:
         text = text[:end.start()]
     text = _GUTENBERG_BLOCK.sub("", text)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from seamline.edge.runtime import EdgeRuntime
 from seamline.protos.bundle import load_bundle
 

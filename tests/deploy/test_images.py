@@ -14,10 +14,10 @@ import re
 import subprocess
 import sys
 import threading
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 CLOUD = REPO / "deploy" / "cloud" / "Dockerfile"

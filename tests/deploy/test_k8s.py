@@ -7,10 +7,10 @@ other and with the real `seamline cloud` CLI and config."""
 from __future__ import annotations
 
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]

@@ -33,10 +33,9 @@ def demo_cloud():
 
 def _reference(bundle, n: int) -> str:
     import torch
-    from transformers import AutoModelForCausalLM
-
     from seamline.edge.runtime import EdgeRuntime
     from seamline.partitioner.loading import DEMO_DIR
+    from transformers import AutoModelForCausalLM
 
     rt = EdgeRuntime(bundle, verify=False)
     model = AutoModelForCausalLM.from_pretrained(DEMO_DIR).eval()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import torch
-
 from seamline.partitioner.loading import DEMO_DIR, resolve_model
 from seamline.partitioner.train_demo import evaluate_ppl
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from seamline.partitioner.partition import PartitionOptions, partition
 from seamline.partitioner.verify import VerifyOptions, verify
 

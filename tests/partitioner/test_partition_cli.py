@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from seamline.partitioner.families import UnsupportedModelError
 from seamline.partitioner.loading import ModelNotFoundError, load_model, resolve_model
 from seamline.partitioner.partition import PartitionError, PartitionOptions, partition

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from seamline.protos.bundle import (FORMAT_VERSION, BundleError, CodecDefaults, Manifest, load_bundle,
-                                    write_manifest)
+from seamline.protos.bundle import (
+    FORMAT_VERSION,
+    BundleError,
+    CodecDefaults,
+    Manifest,
+    load_bundle,
+    write_manifest,
+)
 
 
 def _manifest(**kw) -> Manifest:
