@@ -155,6 +155,14 @@ class Step:
     ms: float = 0.0
     plan: list | None = None
 
+    def __str__(self) -> str:  # one line of the log an assertion shows
+        c = self.controller
+        plan = [(p["split"], p["codec"], p["response_ms"]) for p in self.plan or []]
+        return (f"{self.request:2d} {self.phase:9s} {[d['kind'] for d in self.decisions]} {self.options} "
+                f"{self.ms:.0f} ms; rtt {c['rtt_ms']:.1f} ms, bw {c['bandwidth_bps'] / 1e6:.1f} Mbit/s, edge "
+                f"x{c['edge_decode_scale']:.2f}, local x{c['local_decode_scale']:.2f}, cloud x{c['cloud_scale']:.2f}; "
+                f"plan {plan}")
+
     @property
     def options(self) -> list[tuple[int, str]]:
         return [(d["split"], d["codec"]) for d in self.decisions]
@@ -189,7 +197,6 @@ def test_controller_leaves_a_collapsed_link_and_comes_back(link, wide_bundle, to
         references = [torch_greedy(p, NEW_TOKENS) for p in prompts]
         # fp32 only, so that every answer can be compared with the unsplit model; probes after 1 s off the link
         worker.call("policy", name="adaptive", kind="adaptive", codecs=["fp32"], config={"probe_after_s": 1.0})
-        worker.call("run", policy="adaptive", prompt=prompts[0], max_tokens=2)  # warm-up at full speed
         weak.add(worker.pid)
 
         def run(phase: str, n: int, links: list[tuple[float, float]]) -> None:
@@ -205,12 +212,7 @@ def test_controller_leaves_a_collapsed_link_and_comes_back(link, wide_bundle, to
         run("good", 8, GOOD)
         run("collapsed", 5, [COLLAPSED])
         run("recovered", 12, GOOD)
-    log = "\n".join(f"{s.request:2d} {s.phase:9s} {[d['kind'][:3] for d in s.decisions]} {s.options} {s.ms:.0f} ms "
-                    f"rtt={s.controller['rtt_ms']:.1f} bw={s.controller['bandwidth_bps'] / 1e6:.1f}M "
-                    f"e={s.controller['edge_decode_scale']:.2f}/{s.controller['edge_prefill_scale']:.2f} "
-                    f"l={s.controller.get('local_decode_scale', 0):.2f}/{s.controller.get('local_prefill_scale', 0):.2f} "
-                    f"c={s.controller['cloud_scale']:.2f} plan={[(p['split'], p['codec'][:4], p['response_ms']) for p in s.plan or []]}"
-                    for s in steps)
+    log = "\n".join(map(str, steps))
     good = [s for s in steps if s.phase == "good"]
     collapsed = [s for s in steps if s.phase == "collapsed"]
     recovered = [s for s in steps if s.phase == "recovered"]

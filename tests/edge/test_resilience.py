@@ -130,3 +130,16 @@ def test_request_deadline_finishes_locally(agent, reference):
     assert r["choices"][0]["text"] == expected
     assert r["seamline"]["served_by"]["local"] == r["usage"]["completion_tokens"]
     assert "deadline" in r["seamline"]["fallback_reason"]
+
+
+def test_two_replicas_kill_the_serving_one(full_bundle, cloud, spare_cloud, start_agent, reference):
+    """Scale-out (deploy): two cloud replicas, the edge given both; the replica serving the session is
+    killed (SIGKILL) mid-generation and the generation finishes on the other, output unchanged, no error."""
+    _, expected = reference(SHORT, N)
+    first = spare_cloud()
+    agent = start_agent(edge_config(full_bundle, [first.address, cloud.address], reconnect_window=10.0))
+    text, stats = _stream_with_fault(agent, first.kill)
+    assert text == expected
+    assert stats["endpoint"] == cloud.address and stats["replays"] >= 1
+    assert stats["served_by"]["local"] == 0  # the other replica served the rest, not the local fallback
+    assert not first.alive
