@@ -7,12 +7,13 @@ Keys in the file are the field names (``kv_budget`` or ``kv-budget``); sizes acc
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from seamline.protos.settings import read_settings_file
 
 try:
     import tomllib
@@ -114,27 +115,5 @@ class CloudConfig:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (``.toml``) or JSON file of CloudConfig fields; the ``[cloud]`` table if present."""
-    path = Path(path).expanduser()
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"config file {path}: {e.strerror}") from None
-    if path.suffix != ".json" and tomllib is None:
-        raise ConfigError(f"config file {path}: TOML needs Python 3.11 or later; write it as JSON (.json)")
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except ValueError as e:  # TOMLDecodeError is a ValueError
-        kind = "JSON" if path.suffix == ".json" else "TOML (use a .json suffix for JSON)"
-        raise ConfigError(f"config file {path}: not valid {kind}: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a table/object of settings")
-    data = data.get("cloud", data)
-    known = {f.name for f in fields(CloudConfig)}
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"config file {path}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
-        out[name] = value
-    return out
+    """Read a TOML or JSON file of CloudConfig fields (the ``[cloud]`` table if present)."""
+    return read_settings_file(path, "cloud", CloudConfig, ConfigError)

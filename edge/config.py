@@ -16,14 +16,13 @@ Example ``edge.toml``::
 
 from __future__ import annotations
 
-import json
 import math
-import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from seamline.protos.codec import CODEC_NAMES
+from seamline.protos.settings import read_settings_file
 
 
 class ConfigError(ValueError):
@@ -132,25 +131,5 @@ class EdgeConfig:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (``.toml``) or JSON (``.json``) file of EdgeConfig fields; the ``[edge]`` table if present."""
-    path = Path(path).expanduser()
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"config file {path}: {e.strerror}; pass an existing TOML or JSON file") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except ValueError as e:  # tomllib.TOMLDecodeError is a ValueError
-        kind = "JSON" if path.suffix == ".json" else "TOML (use a .json suffix for JSON)"
-        raise ConfigError(f"config file {path}: not valid {kind}: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a table/object of settings")
-    data = data.get("edge", data)
-    known = {f.name for f in fields(EdgeConfig)}
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"config file {path}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
-        out[name] = value
-    return out
+    """Read a TOML or JSON file of EdgeConfig fields (the ``[edge]`` table if present)."""
+    return read_settings_file(path, "edge", EdgeConfig, ConfigError)
