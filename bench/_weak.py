@@ -185,8 +185,3 @@ class WeakDevice:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def leftover_groups() -> list[Path]:
-    """Groups of earlier runs that were not removed (a crashed benchmark), for cleanup."""
-    roots = [r for r in (_v2_root(), _v1_root()) if r is not None]
-    return [p for r in roots for p in r.glob("seamline-weak-*") if p.is_dir()]
