@@ -380,4 +380,20 @@ class Generation:
             self.edge_sched = self.hist.length
         self.local_pos = n
         self.stats.local_ms += ms
+        self._observe_local(tokens=n - start, position=start, ms=ms)
         return picked
+
+    def _observe_local(self, tokens: int, position: int, ms: float) -> None:
+        """Tell the split policy what running every layer here cost, so it can compare it with the link."""
+        L = self.engine.manifest.num_layers
+        stats = StepStats(
+            kind="decode" if tokens == 1 else "prefill", endpoint="local", split=L, codec=LOCAL, tokens=tokens,
+            position=position, remaining_tokens=self.max_new - len(self.tokens) - 1, edge_ms=ms, bytes_sent=0,
+            bytes_received=0, rtt_ms=0.0, network_ms=0.0, queue_ms=0.0, compute_ms=0.0, server_decode_ms=0.0)
+        try:
+            decision = self.engine.policy.observe(stats)
+        except Exception:  # a failing controller must not fail the generation it measures
+            log.exception("the split policy failed to observe a local step; keeping the current split")
+            return
+        if decision is not None:
+            self._pending = decision
