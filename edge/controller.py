@@ -471,7 +471,9 @@ class AdaptivePolicy:
         self.controller.observe(obs)
         remaining = _get(step_stats, ("remaining_tokens",)) if not isinstance(step_stats, StepObservation) else None
         cur = self.controller.current
-        if not remaining or cur is None or (cur.split, cur.codec) != (obs.split, obs.codec):
+        # An all-local generation finishes on the edge (the loop does not move it back onto the link): no
+        # resplit is proposed for it, so the controller's ``current`` stays what the loop runs.
+        if not remaining or cur is None or obs.codec == LOCAL or (cur.split, cur.codec) != (obs.split, obs.codec):
             return None
         d = self.controller.maybe_resplit(cur, int(remaining), obs.position + obs.tokens)
         if d is not None:
