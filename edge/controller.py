@@ -15,10 +15,9 @@ Estimates (each an EWMA, weight ``alpha`` for a new sample):
 - edge and cloud compute as ratios measured / profiled (decode and prefill apart for the edge), applied to
   every block, so a device that runs slow today is slow at every split; all-local steps keep ratios of
   their own (they also pay the head, sampling and per-token overhead that the split-k ratio does not see;
-  each stands in for the other until measured). While remote, a local ratio follows the
-  split-k ratio down, never up: a device that has sped up since is faster locally too, while a slower
-  split-k step may be the wait for the network (a CPU quota throttling the process right after it), which
-  local steps do not pay; a local estimate that is too optimistic is corrected by the next local request;
+  each stands in for the other until measured). The two are not coupled: split-k steps measured on a slow
+  link can run slower than the same work between back-to-back steps (a CPU quota throttles the process
+  right after each wait), which local steps do not pay;
 - the cloud queue from the replies (and from ``Info`` load reports through :meth:`Controller.observe_probe`).
 
 Decisions:
@@ -148,14 +147,12 @@ class Estimates:
     edge_prefill_scale: Ewma = field(init=False)
     local_decode_scale: Ewma = field(init=False)
     local_prefill_scale: Ewma = field(init=False)
-    local_anchor: dict[str, float | None] = field(init=False)  # split-k ratio at the last local step
     cloud_scale: Ewma = field(init=False)
 
     def __post_init__(self) -> None:
         for name in ("rtt_ms", "queue_ms", "edge_decode_scale", "edge_prefill_scale", "local_decode_scale",
                      "local_prefill_scale", "cloud_scale"):
             setattr(self, name, Ewma(self.alpha))
-        self.local_anchor = {"decode": None, "prefill": None}
         self.log_bandwidth = Ewma(self.bandwidth_alpha)
         self.recent_log_bandwidth = deque(maxlen=2)
         self.recent_rtt = deque(maxlen=2)
@@ -174,13 +171,9 @@ class Estimates:
             est.update(ms)
 
     def local_scale(self, kind: str) -> float:
-        """All-local ratio measured / profiled for ``kind`` (decode | prefill); lowered by as much as the
-        split-k ratio has fallen since it was measured."""
-        split_k = getattr(self, f"edge_{kind}_scale").value
-        local, anchor = getattr(self, f"local_{kind}_scale").value, self.local_anchor[kind]
-        if local is None:
-            return 1.0 if split_k is None else split_k
-        return local * min(1.0, split_k / anchor) if anchor and split_k else local
+        """All-local ratio measured / profiled for ``kind`` (decode | prefill); the split-k one until measured."""
+        local, split_k = getattr(self, f"local_{kind}_scale").value, getattr(self, f"edge_{kind}_scale").value
+        return local if local is not None else 1.0 if split_k is None else split_k
 
     def bandwidth_sample(self, bps: float) -> None:
         x, est, recent = math.log(bps), self.log_bandwidth, self.recent_log_bandwidth
@@ -247,13 +240,7 @@ class Controller:
                 predicted = self.edge.embed_ms + self.edge.prefill_ms(0, obs.split, obs.tokens)
             if predicted > 0:
                 e, kind = self.est, "decode" if obs.tokens == 1 else "prefill"
-                if obs.codec == LOCAL:
-                    local = getattr(e, f"local_{kind}_scale")
-                    local.value = e.local_scale(kind) if local.value is not None else None  # to the device now
-                    local.update(obs.edge_ms / predicted)
-                    e.local_anchor[kind] = getattr(e, f"edge_{kind}_scale").value
-                else:
-                    getattr(e, f"edge_{kind}_scale").update(obs.edge_ms / predicted)
+                getattr(e, f"{'local' if obs.codec == LOCAL else 'edge'}_{kind}_scale").update(obs.edge_ms / predicted)
         if obs.codec == LOCAL:
             return
         server_ms = obs.queue_ms + obs.compute_ms + obs.server_decode_ms
