@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import re
 import shutil
@@ -18,7 +17,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -64,11 +62,12 @@ def pinned(cpu: int | None) -> list[str]:
 class Child:
     """A child process whose output (stdout + stderr) is read continuously, so it never blocks."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str] | None = None):
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str] | None = None, one_thread: bool = True):
         self.name = name
         self.cmd = cmd
+        base = {**os.environ, **ONE_THREAD_ENV} if one_thread else {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **ONE_THREAD_ENV, **(env or {})}, start_new_session=True)
+                                     env={**base, **(env or {})}, start_new_session=True)
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -123,12 +122,11 @@ def child(name: str, cmd: list[str], ready: str, cpu: int | None = None,
         c.stop()
 
 
-def cloud_command(model: str, workdir: Path, **settings) -> list[str]:
-    """``seamline cloud`` with one torch thread, configured through a file (``threads`` included)."""
-    cfg = {"model": model, "host": "127.0.0.1", "port": 0, "device": "cpu", "threads": 1, **settings}
-    path = Path(workdir) / f"cloud-{abs(hash(json.dumps(cfg, sort_keys=True)))}.json"
-    path.write_text(json.dumps(cfg))
-    return [sys.executable, "-m", "seamline", "cloud", "--config", str(path), "--log-level", "WARNING"]
+def cloud_command(model: str, **settings) -> list[str]:
+    """``seamline cloud`` on loopback, CPU, one torch thread; ``settings`` are CloudConfig fields as flags."""
+    cfg = {"host": "127.0.0.1", "port": 0, "device": "cpu", "threads": 1, **settings}
+    flags = [x for name, value in cfg.items() for x in (f"--{name.replace('_', '-')}", str(value))]
+    return [sys.executable, "-m", "seamline", "cloud", "--model", model, *flags, "--log-level", "WARNING"]
 
 
 CLOUD_READY = r"listening on (\S+)"
@@ -137,9 +135,21 @@ CLOUD_READY = r"listening on (\S+)"
 @contextlib.contextmanager
 def seamline_cloud(model: str, cpu: int | None, **settings) -> Iterator[tuple[Child, str]]:
     """``seamline cloud`` (one torch thread) pinned to ``cpu``; yields (child, address)."""
-    with tempfile.TemporaryDirectory(prefix="seamline-bench-") as tmp, \
-            child("seamline cloud", cloud_command(model, Path(tmp), **settings), CLOUD_READY, cpu) as pair:
+    with child("seamline cloud", cloud_command(model, **settings), CLOUD_READY, cpu) as pair:
         yield pair
+
+
+@contextlib.contextmanager
+def cloud_process(model: str, *extra: str, timeout: float = 180.0) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``seamline cloud --model M --port 0 EXTRA...`` with the environment's thread settings (no pinning,
+    torch's default threads unless EXTRA says ``--threads``); yields (process, "host:port")."""
+    cmd = [sys.executable, "-m", "seamline", "cloud", "--model", model, "--host", "127.0.0.1", "--port", "0",
+           "--device", "cpu", *extra]
+    c = Child("seamline cloud", cmd, one_thread=False)
+    try:
+        yield c.proc, c.wait_for(CLOUD_READY, timeout).group(1)
+    finally:
+        c.stop()
 
 
 @contextlib.contextmanager

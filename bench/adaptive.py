@@ -548,8 +548,8 @@ def run(args: Any) -> dict:
     from rich.table import Table
     from seamline.edge.linkemu import LinkEmulator
 
+    from ._harness import cloud_process
     from ._weak import WeakDevice
-    from .procs import cloud_process
 
     console = Console()
     if not console.is_terminal:

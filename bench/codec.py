@@ -68,19 +68,23 @@ def _heldout_ids(tokenizer_path: Path, n_tokens: int) -> list[int]:
 
 @torch.no_grad()
 def _hidden_and_logits(adapter, ids: list[int], k: int, hidden_override=None):
-    """Run the model over ``ids`` in windows; returns (hidden at split k per window, logits per window)."""
+    """Run the model over ``ids`` in windows; returns (hidden at split k per window, logits per window).
+
+    With ``hidden_override`` (one decoded hidden state per window), blocks [0, k) are not run and no
+    hidden states are returned."""
     L = adapter.shape.num_layers
     hs, logits = [], []
     for w, start in enumerate(range(0, len(ids), WINDOW)):
         chunk = ids[start:start + WINDOW]
         x = torch.tensor([chunk])
         pos = torch.arange(len(chunk)).unsqueeze(0)
-        h = adapter.embed(x, pos)
-        for i in range(k):
-            h, _, _ = adapter.block(i, h, None, None, pos)
-        hs.append(h[0].numpy().copy())
-        if hidden_override is not None:
+        if hidden_override is not None:  # the decoded hidden state stands in for blocks [0, k)
             h = torch.from_numpy(hidden_override[w]).unsqueeze(0)
+        else:
+            h = adapter.embed(x, pos)
+            for i in range(k):
+                h, _, _ = adapter.block(i, h, None, None, pos)
+            hs.append(h[0].numpy().copy())
         for i in range(k, L):
             h, _, _ = adapter.block(i, h, None, None, pos)
         logits.append(adapter.head(h)[0].float().numpy())
@@ -161,6 +165,7 @@ def bench_decoder(model_name: str, n_tokens: int, splits: list[int] | None, prog
             got = np.concatenate([lg.argmax(-1) for lg in logits])
             dec_flat = np.concatenate(decoded)
             decode_bytes = _bytes_per_token(flat, cfg, 1)
+            ppl = _ppl(logits, ids)
             rows.append({
                 "model": model_name, "split": k, "codec": name,
                 "decode_bytes_per_token": decode_bytes,
@@ -170,8 +175,7 @@ def bench_decoder(model_name: str, n_tokens: int, splits: list[int] | None, prog
                 "codec_us_per_token": _codec_us(flat, cfg, 64),
                 "rel_l2_error": float(np.linalg.norm(dec_flat - flat) / np.linalg.norm(flat)),
                 "agreement": float((got == ref_argmax).mean()),
-                "ppl": _ppl(logits, ids), "ppl_unsplit": ref_ppl,
-                "ppl_change_pct": 100.0 * (_ppl(logits, ids) / ref_ppl - 1.0),
+                "ppl": ppl, "ppl_unsplit": ref_ppl, "ppl_change_pct": 100.0 * (ppl / ref_ppl - 1.0),
                 "tokens": len(ids),
             })
             if progress:

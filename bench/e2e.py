@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -238,29 +237,28 @@ def measure(name: str, place, quick: bool) -> tuple[list[dict], dict]:
     prompt = min(BIG_PROMPT, m.max_positions - NEW_TOKENS)
     ids = prompt_ids(bundle_dir / m.tokenizer, prompt)
     repeats = 1 if quick else 3
-    with tempfile.TemporaryDirectory(prefix="seamline-e2e-") as tmp:
-        cloud = Child("seamline cloud", pinned(place.cloud_cpu) + cloud_command(
-            ckpt, Path(tmp), max_chunk_tokens=max(256, prompt), session_ttl=600))
-        naive = Child("naive cloud", pinned(place.cloud_cpu) + [
-            sys.executable, "-m", "seamline.bench._naive", "--model", ckpt, "--split", str(m.default_split)])
-        try:
-            rt, worker = _runtime(bundle_dir)  # loads ORT while the clouds start
-            cloud_addr = cloud.wait_for(CLOUD_READY).group(1)
-            naive_addr = naive.wait_for(r"listening on (\S+)").group(1)
-            rtt = f"{RTT_MS / 2:g}ms"
-            with link_emulator(cloud_addr, BANDWIDTH, rtt, place.cloud_cpu) as cloud_link, \
-                    link_emulator(naive_addr, BANDWIDTH, rtt, place.cloud_cpu) as naive_link:
-                engines = _engines(rt, worker, bundle_dir, cloud_link, prompt)
-                try:
-                    runs, steps = asyncio.run(_measure_engines(engines, ids, NEW_TOKENS, repeats))
-                finally:
-                    worker.shutdown()
-                naive_runs, naive_steps = _naive(ckpt, m.default_split, naive_link, ids, NEW_TOKENS, repeats)
-            hf_runs = _hf_generate(ckpt, ids, NEW_TOKENS, repeats)
-            del rt
-        finally:
-            naive.stop()
-            cloud.stop()
+    cloud = Child("seamline cloud", pinned(place.cloud_cpu) + cloud_command(
+        ckpt, max_chunk_tokens=max(256, prompt), session_ttl=600))
+    naive = Child("naive cloud", pinned(place.cloud_cpu) + [
+        sys.executable, "-m", "seamline.bench._naive", "--model", ckpt, "--split", str(m.default_split)])
+    try:
+        rt, worker = _runtime(bundle_dir)  # loads ORT while the clouds start
+        cloud_addr = cloud.wait_for(CLOUD_READY).group(1)
+        naive_addr = naive.wait_for(r"listening on (\S+)").group(1)
+        rtt = f"{RTT_MS / 2:g}ms"
+        with link_emulator(cloud_addr, BANDWIDTH, rtt, place.cloud_cpu) as cloud_link, \
+                link_emulator(naive_addr, BANDWIDTH, rtt, place.cloud_cpu) as naive_link:
+            engines = _engines(rt, worker, bundle_dir, cloud_link, prompt)
+            try:
+                runs, steps = asyncio.run(_measure_engines(engines, ids, NEW_TOKENS, repeats))
+            finally:
+                worker.shutdown()
+            naive_runs, naive_steps = _naive(ckpt, m.default_split, naive_link, ids, NEW_TOKENS, repeats)
+        hf_runs = _hf_generate(ckpt, ids, NEW_TOKENS, repeats)
+        del rt
+    finally:
+        naive.stop()
+        cloud.stop()
     label = name if name in ("demo", "gpt2-124m") else Path(name).name
     rows = [_row(label, p, prompt, runs[p]) for p in (SPLIT, LOCAL, CLOUD)]
     rows.append(_row(label, HF, prompt, hf_runs))

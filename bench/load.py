@@ -30,8 +30,8 @@ import numpy as np
 from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
 
+from ._harness import cloud_process
 from .models import checkpoint
-from .procs import cloud_process
 
 SESSIONS = 64
 PREFILL = 16

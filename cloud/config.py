@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from seamline.protos.settings import read_settings_file
+from seamline.protos.settings import config_from_sources, read_settings_file
 
 try:
     import tomllib
@@ -103,12 +103,7 @@ class CloudConfig:
     @classmethod
     def from_sources(cls, file: str | Path | None = None, **overrides: Any) -> CloudConfig:
         """Defaults < ``file`` (TOML or JSON) < ``overrides`` (CLI flags; None means not given)."""
-        values: dict[str, Any] = load_config_file(file) if file else {}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls(**values)
-        except TypeError as e:
-            raise ConfigError(str(e)) from None
+        return config_from_sources(cls, "cloud", ConfigError, file, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,6 +14,7 @@ import urllib.request
 from seamline.protos.bundle import BundleError
 
 from .config import ConfigError, EdgeConfig
+from .openai_compat import read_sse
 
 EDGE_DESCRIPTION = """\
 Run the edge agent: the bundle's first k layers in ONNX Runtime, the rest on a seamline cloud over
@@ -202,14 +203,7 @@ def _through_agent(args: argparse.Namespace) -> int:
         if not args.chat:
             sys.stdout.write(args.prompt)
         stats: dict = {}
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == "[DONE]":
-                break
-            data = json.loads(payload)
+        for data in read_sse(resp):
             if "error" in data:
                 print(f"\nseamline generate: {data['error'].get('message')}", file=sys.stderr)
                 return 1

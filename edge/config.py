@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from seamline.protos.codec import CODEC_NAMES
-from seamline.protos.settings import read_settings_file
+from seamline.protos.settings import config_from_sources, read_settings_file
 
 
 class ConfigError(ValueError):
@@ -115,13 +115,8 @@ class EdgeConfig:
 
     @classmethod
     def from_sources(cls, file: str | Path | None = None, **overrides: Any) -> EdgeConfig:
-        """Defaults < ``file`` (TOML or JSON) < ``overrides`` (flags; None means not given)."""
-        values: dict[str, Any] = load_config_file(file) if file else {}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls(**values)
-        except TypeError as e:
-            raise ConfigError(str(e)) from None
+        """Defaults < ``file`` (TOML or JSON) < ``overrides`` (CLI flags; None means not given)."""
+        return config_from_sources(cls, "edge", ConfigError, file, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

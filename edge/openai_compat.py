@@ -15,10 +15,12 @@ queue and compute ms), bytes each way, split and codec, which path served how ma
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,3 +249,15 @@ class ResponseShaper:
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def read_sse(lines: Iterable[bytes]) -> Iterator[dict]:
+    """Client side of a streamed completion: the JSON object of each ``data:`` line, until ``[DONE]``."""
+    for raw in lines:
+        line = raw.decode().strip()
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        yield json.loads(payload)

@@ -9,7 +9,6 @@ the whole of the edge's compute parallelism; inter-op parallelism stays at 1.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,7 +96,6 @@ class EdgeRuntime:
         self.embed = _Graph(self.bundle_dir / names["embed"], threads)
         self.blocks = [_Graph(self.bundle_dir / b, threads) for b in names["blocks"]]
         self.head = _Graph(self.bundle_dir / names["head"], threads) if names.get("head") else None
-        self.layer_ms = [0.0] * len(self.blocks)  # EWMA of the last decode-step time per block
         self._tokenizer = None
 
     # -- properties ---------------------------------------------------------------------
@@ -144,7 +142,6 @@ class EdgeRuntime:
         (hidden,) = self.embed.run(input_ids=ids_arr, position_ids=pos)  # (1, T, C)
         m = self.manifest
         for i in range(k):
-            t0 = time.perf_counter()
             if m.causal:
                 c = cache.layers[i]
                 if c is None:
@@ -156,9 +153,6 @@ class EdgeRuntime:
             else:
                 mask = np.ones((1, t), dtype=np.int64)
                 (hidden,) = self.blocks[i].run(hidden=hidden, attention_mask=mask)
-            if t == 1:
-                ms = (time.perf_counter() - t0) * 1e3
-                self.layer_ms[i] = ms if self.layer_ms[i] == 0 else 0.8 * self.layer_ms[i] + 0.2 * ms
         return np.ascontiguousarray(hidden[0], dtype=np.float32)  # (T, C)
 
     def continue_from(self, hidden: np.ndarray, start: int, k_from: int, k_to: int,

@@ -36,10 +36,11 @@ class PartitionOptions:
     force: bool = False
 
 
-def _progress():
+def _progress(console=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)
 
 
 def calibration_text(path: Path | None) -> str:
@@ -121,7 +122,7 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
 
     to_quantize = [g for g in graphs if g != "embed.onnx"] if int8 else []
     n_steps = len(graphs) + len(to_quantize) + 1
-    with _progress() as progress:
+    with _progress(console) as progress:
         task = progress.add_task("exporting ONNX graphs", total=n_steps)
         export.export_embed(adapter, out / "embed.onnx", opts.opset)
         progress.advance(task)

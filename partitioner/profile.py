@@ -37,7 +37,7 @@ def _contexts(max_positions: int) -> list[int]:
 
 
 def profile_edge(bundle_dir, threads: int = 1, int8: bool = False, repeats: int = 7) -> dict:
-    from seamline.edge.runtime import EdgeRuntime, session_options  # noqa: F401
+    from seamline.edge.runtime import EdgeRuntime
 
     rt = EdgeRuntime(bundle_dir, threads=threads, int8=int8)
     m = rt.manifest

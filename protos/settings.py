@@ -34,3 +34,14 @@ def read_settings_file(path: str | Path, section: str, config_type: type,
             raise error(f"config file {path}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
         out[name] = value
     return out
+
+
+def config_from_sources(config_type: type, section: str, error: type[Exception], file: str | Path | None,
+                        overrides: dict[str, Any]):
+    """Defaults < ``file`` (TOML or JSON) < ``overrides`` (CLI flags; None means not given)."""
+    values: dict[str, Any] = read_settings_file(file, section, config_type, error) if file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return config_type(**values)
+    except TypeError as e:
+        raise error(str(e)) from None

@@ -26,6 +26,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from seamline.edge.openai_compat import read_sse
+
 DEFAULT_PROMPT = "ROMEO.\n"  # the corpus writes speakers as "ROMEO." on a line of their own
 
 
@@ -141,14 +143,7 @@ def stream_completion(url: str, body: dict, on_text) -> tuple[dict, dict]:
     stats: dict = {}
     usage: dict = {}
     with urllib.request.urlopen(req, timeout=600) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == "[DONE]":
-                break
-            data = json.loads(payload)
+        for data in read_sse(resp):
             if "error" in data:
                 raise RuntimeError(data["error"].get("message"))
             if data.get("choices"):

@@ -6,8 +6,6 @@ many tests, each with its own client loop. Readiness is the health service answe
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,13 +13,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from seamline.cloud.config import CloudConfig
-from seamline.cloud.server import RunningServer, serve
-from seamline.partitioner.families import adapter_for
 from seamline.partitioner.loading import load_model, model_hash
 from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
+
+from ..cloudkit import EdgeSim, ServerThread, wait_serving  # noqa: F401 - re-exported to the tests
 
 VOCAB = 256
 
@@ -61,61 +58,6 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-class ServerThread:
-    """``serve(config)`` on an event loop of its own thread."""
-
-    def __init__(self, config: CloudConfig):
-        self.config = config
-        self.loop = asyncio.new_event_loop()
-        self.running: RunningServer | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.running = self.loop.run_until_complete(serve(self.config))
-        except BaseException as e:  # noqa: BLE001 - reported to the test thread
-            self._error = e
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_until_complete(self.running.wait_closed())
-
-    def start(self, credentials: grpc.ChannelCredentials | None = None) -> ServerThread:
-        self._thread.start()
-        self._ready.wait(120)
-        if self._error is not None:
-            raise self._error
-        wait_serving(self.address, credentials)
-        return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.running.port}"
-
-    def call(self, fn, *args):
-        """Run ``fn(*args)`` on the server's loop (to inspect or poke its state safely)."""
-        async def wrapper():
-            return fn(*args)
-        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(30)
-
-    def stop(self) -> None:
-        if self.running is not None and self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self.running.stop(grace=1.0), self.loop).result(60)
-        self._thread.join(30)
-
-
-def wait_serving(address: str, credentials: grpc.ChannelCredentials | None = None, timeout: float = 30) -> None:
-    """Block until the health service answers SERVING."""
-    channel = (grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address))
-    with channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
-                                                          wait_for_ready=True, timeout=timeout)
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
 def cloud_config(model: Path, **overrides) -> CloudConfig:
     base = CloudConfig(model=str(model), host="127.0.0.1", port=0, device="cpu", max_sessions=64,
                        kv_budget=256 * 2**20, batch_window_ms=2.0, grace=2.0)
@@ -148,36 +90,6 @@ def start_server(checkpoints):
     yield start
     for server in started:
         server.stop()
-
-
-class EdgeSim:
-    """The edge's share in torch: embed + blocks [0, k) with a KV cache (the ONNX path is elsewhere)."""
-
-    def __init__(self, model, k: int):
-        self.adapter = adapter_for(model)
-        self.k = k
-        self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.position = 0
-
-    @torch.inference_mode()
-    def run(self, ids: list[int]) -> np.ndarray:
-        """Hidden state after block k-1 for ``ids`` at the next positions -> (T, C) float32."""
-        t = len(ids)
-        pos = torch.arange(self.position, self.position + t)[None]  # (1, T)
-        x = self.adapter.embed(torch.tensor([ids]), pos)  # (1, T, C)
-        for i in range(self.k):
-            pk, pv = self.cache[i] if i < len(self.cache) else (None, None)
-            x, key, value = self.adapter.block(i, x, pk, pv, pos)
-            if i < len(self.cache):
-                self.cache[i] = (key, value)
-            else:
-                self.cache.append((key, value))
-        self.position += t
-        return x[0].float().numpy()
-
-    def rewind(self, position: int) -> None:
-        self.cache = [(k[:, :, :position], v[:, :, :position]) for k, v in self.cache]
-        self.position = position
 
 
 @pytest.fixture(scope="session")

@@ -22,12 +22,12 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from seamline.edge.agent import EdgeAgent
 from seamline.edge.config import EdgeConfig
+
+from ..cloudkit import ServerThread, wait_serving
 
 SPLIT = 2
 PROMPT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First Citizen: You are "
@@ -38,13 +38,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_serving(address: str, timeout: float = 60) -> None:
-    with grpc.insecure_channel(address) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
-                                                          wait_for_ready=True, timeout=timeout)
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 class CloudProcess:
@@ -128,47 +121,14 @@ class CloudProcess:
                 self.kill()
 
 
-class CloudThread:
+class CloudThread(ServerThread):
     """``serve(config)`` on an event loop of its own thread, in this process (cheap: torch is loaded)."""
 
     def __init__(self, model: Path, **overrides):
         from seamline.cloud.config import CloudConfig
 
-        self.config = CloudConfig(model=str(model), host="127.0.0.1", port=0, device="cpu", grace=1.0, **overrides)
-        self.loop = asyncio.new_event_loop()
-        self.running = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        from seamline.cloud.server import serve
-
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.running = self.loop.run_until_complete(serve(self.config))
-        except BaseException as e:  # noqa: BLE001 - reported to the test thread
-            self._error = e
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_until_complete(self.running.wait_closed())
-
-    def start(self) -> CloudThread:
-        self._thread.start()
-        self._ready.wait(120)
-        if self._error is not None:
-            raise self._error
-        return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.running.port}"
-
-    def stop(self) -> None:
-        if self.running is not None and self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self.running.stop(grace=1.0), self.loop).result(60)
-        self._thread.join(30)
+        super().__init__(CloudConfig(model=str(model), host="127.0.0.1", port=0, device="cpu", grace=1.0,
+                                     **overrides))
 
 
 class AgentThread:

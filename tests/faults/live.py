@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -25,11 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
-import numpy as np
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
+
+from ..cloudkit import SERVING, EdgeSim, ServerThread, health_status, wait_serving  # noqa: F401 - re-exported
 
 VOCAB = 256
 HIDDEN = 64
@@ -56,24 +55,6 @@ def tiny_gpt2(path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- health
-
-
-def health_status(address: str, credentials: grpc.ChannelCredentials | None = None, timeout: float = 10,
-                  wait: bool = False) -> int:
-    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
-    with channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
-                                                          wait_for_ready=wait, timeout=timeout)
-    return reply.status
-
-
-def wait_serving(address: str, credentials: grpc.ChannelCredentials | None = None, timeout: float = 60) -> None:
-    status = health_status(address, credentials, timeout=timeout, wait=True)
-    if status != health_pb2.HealthCheckResponse.SERVING:
-        raise RuntimeError(f"cloud at {address} answers health status {status}, not SERVING")
-
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 # -------------------------------------------------------------------------------------- servers
@@ -155,54 +136,6 @@ class CloudProcess:
         return self.proc.returncode
 
 
-class ServerThread:
-    """``serve(config)`` in this process, on an event loop of its own thread."""
-
-    def __init__(self, config):
-        self.config = config
-        self.loop = asyncio.new_event_loop()
-        self.running = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        from seamline.cloud.server import serve
-
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.running = self.loop.run_until_complete(serve(self.config))
-        except BaseException as e:  # noqa: BLE001 - reported to the test thread
-            self._error = e
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_until_complete(self.running.wait_closed())
-
-    def start(self, credentials: grpc.ChannelCredentials | None = None) -> ServerThread:
-        self._thread.start()
-        self._ready.wait(120)
-        if self._error is not None:
-            raise self._error
-        wait_serving(self.address, credentials)
-        return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.running.port}"
-
-    def call(self, fn, *args):
-        """Run ``fn(*args)`` on the server's loop (to read its state safely)."""
-        async def wrapper():
-            return fn(*args)
-        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(30)
-
-    def stop(self) -> None:
-        if self.running is not None and self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self.running.stop(grace=1.0), self.loop).result(60)
-        self._thread.join(30)
-
-
 def cloud_config(model: Path, **overrides):
     from seamline.cloud.config import CloudConfig
 
@@ -212,34 +145,6 @@ def cloud_config(model: Path, **overrides):
 
 
 # ------------------------------------------------------------------------------------- the edge
-
-
-class EdgeSim:
-    """The edge's share in torch: embed + blocks [0, k) with a KV cache."""
-
-    def __init__(self, model, k: int):
-        from seamline.partitioner.families import adapter_for
-
-        self.adapter = adapter_for(model)
-        self.k = k
-        self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.position = 0
-
-    @torch.inference_mode()
-    def run(self, ids: Sequence[int]) -> np.ndarray:
-        """Hidden state after block k-1 for ``ids`` at the next positions -> (T, C) float32."""
-        t = len(ids)
-        pos = torch.arange(self.position, self.position + t)[None]  # (1, T)
-        x = self.adapter.embed(torch.tensor([list(ids)]), pos)  # (1, T, C)
-        for i in range(self.k):
-            pk, pv = self.cache[i] if i < len(self.cache) else (None, None)
-            x, key, value = self.adapter.block(i, x, pk, pv, pos)
-            if i < len(self.cache):
-                self.cache[i] = (key, value)
-            else:
-                self.cache.append((key, value))
-        self.position += t
-        return x[0].float().numpy()
 
 
 def metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
