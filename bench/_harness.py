@@ -11,21 +11,24 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import re
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                  "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-
+from seamline.testing.procs import (  # noqa: F401 - the launchers, re-exported to the scenarios
+    CLOUD_READY,
+    ONE_THREAD_ENV,
+    Child,
+    CloudProcess,
+    child,
+    cloud_command,
+    link_emulator,
+    pinned,
+)
 
 # ------------------------------------------------------------------------------------------ pinning
 
@@ -53,112 +56,23 @@ def placement() -> Placement:
     return Placement(edge, cloud)
 
 
-def pinned(cpu: int | None) -> list[str]:
-    return ["taskset", "-c", str(cpu)] if cpu is not None else []
-
-
-# ---------------------------------------------------------------------------------------- children
-
-class Child:
-    """A child process whose output (stdout + stderr) is read continuously, so it never blocks."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str] | None = None, one_thread: bool = True):
-        self.name = name
-        self.cmd = cmd
-        base = {**os.environ, **ONE_THREAD_ENV} if one_thread else {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**base, **(env or {})}, start_new_session=True)
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self.lines.append("")
-            self._cond.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float = 300.0) -> re.Match:
-        end, seen = time.monotonic() + timeout, 0
-        with self._cond:
-            while True:
-                for line in self.lines[seen:]:
-                    m = re.search(pattern, line)
-                    if m:
-                        return m
-                seen = len(self.lines)
-                if self.proc.poll() is not None and self.lines and self.lines[-1] == "":
-                    break
-                left = end - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(min(left, 0.5))
-        tail = "\n".join(self.lines[-25:])
-        self.stop()
-        raise RuntimeError(f"{self.name} did not get ready ({' '.join(self.cmd)}):\n{tail}")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@contextlib.contextmanager
-def child(name: str, cmd: list[str], ready: str, cpu: int | None = None,
-          timeout: float = 300.0) -> Iterator[tuple[Child, str]]:
-    """Start ``cmd`` (pinned to ``cpu``), wait for ``ready`` in its output; yields (child, group 1)."""
-    c = Child(name, pinned(cpu) + cmd)
-    try:
-        yield c, c.wait_for(ready, timeout).group(1)
-    finally:
-        c.stop()
-
-
-def cloud_command(model: str, **settings) -> list[str]:
-    """``seamline cloud`` on loopback, CPU, one torch thread; ``settings`` are CloudConfig fields as flags."""
-    cfg = {"host": "127.0.0.1", "port": 0, "device": "cpu", "threads": 1, **settings}
-    flags = [x for name, value in cfg.items() for x in (f"--{name.replace('_', '-')}", str(value))]
-    return [sys.executable, "-m", "seamline", "cloud", "--model", model, *flags, "--log-level", "WARNING"]
-
-
-CLOUD_READY = r"listening on (\S+)"
-
-
 @contextlib.contextmanager
 def seamline_cloud(model: str, cpu: int | None, **settings) -> Iterator[tuple[Child, str]]:
-    """``seamline cloud`` (one torch thread) pinned to ``cpu``; yields (child, address)."""
-    with child("seamline cloud", cloud_command(model, **settings), CLOUD_READY, cpu) as pair:
+    """``seamline cloud`` (one torch thread, quiet) pinned to ``cpu``; yields (child, address)."""
+    with child("seamline cloud", cloud_command(model, threads=1, log_level="WARNING", **settings), CLOUD_READY,
+               cpu) as pair:
         yield pair
 
 
 @contextlib.contextmanager
 def cloud_process(model: str, *extra: str, timeout: float = 180.0) -> Iterator[tuple[subprocess.Popen, str]]:
-    """``seamline cloud --model M --port 0 EXTRA...`` with the environment's thread settings (no pinning,
+    """``seamline cloud --model M EXTRA...`` on loopback with the environment's thread settings (no pinning,
     torch's default threads unless EXTRA says ``--threads``); yields (process, "host:port")."""
-    cmd = [sys.executable, "-m", "seamline", "cloud", "--model", model, "--host", "127.0.0.1", "--port", "0",
-           "--device", "cpu", *extra]
-    c = Child("seamline cloud", cmd, one_thread=False)
+    cloud = CloudProcess(model, *extra, log_level=None, one_thread=False, timeout=timeout)
     try:
-        yield c.proc, c.wait_for(CLOUD_READY, timeout).group(1)
+        yield cloud.proc, cloud.wait_for(CLOUD_READY, timeout).group(1)
     finally:
-        c.stop()
-
-
-@contextlib.contextmanager
-def link_emulator(target: str, bandwidth: str, one_way_delay: str, cpu: int | None) -> Iterator[str]:
-    """``python -m seamline.edge.linkemu`` in its own process in front of ``target``; yields its address."""
-    cmd = [sys.executable, "-m", "seamline.edge.linkemu", "--listen", "127.0.0.1:0", "--target", target,
-           "--bandwidth", bandwidth, "--delay", one_way_delay]
-    with child("link emulator", cmd, r"^linkemu: (\S+) ->", cpu, timeout=60) as (_, address):
-        yield address
+        cloud.stop()
 
 
 # --------------------------------------------------------------------------------- timed generation
@@ -172,13 +86,19 @@ class RecordingPolicy:
 
     @property
     def choice(self):
-        return getattr(self.inner, "choice", None)
+        return self.inner.status().choice
 
     def choose(self, request):
         return self.inner.choose(request)
 
     def observe(self, stats):
         self.steps.append(stats)
+
+    def observe_info(self, info, rtt_ms):
+        self.inner.observe_info(info, rtt_ms)
+
+    def status(self):
+        return self.inner.status()
 
 
 class ForwardTimer:

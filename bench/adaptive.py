@@ -7,7 +7,7 @@ Set-up (all on loopback, every piece real):
   ``GenerationEngine`` on the bundle, one ONNX Runtime thread, made a *weak device* by a CPU quota on its
   process (``bench/_weak.py``: cgroup ``cpu.max``/CFS quota, ``SEAMLINE_WEAK_CPU`` of one core, 0.25 by
   default; the output says which method was used, and says so loudly when none was available);
-- between them a :class:`~seamline.edge.linkemu.LinkEmulator` (in this process) carries every byte.
+- between them a :class:`~seamline.testing.linkemu.LinkEmulator` (in this process) carries every byte.
 
 Workload: 20 requests (``--quick``: 6) of 64-token prompts and 32 (16) new tokens, greedy. The link follows
 a trace of three regimes applied by request index, so that every policy sees the same conditions:
@@ -162,14 +162,15 @@ class _Worker:
 
     async def op_policy(self, name: str, kind: str, split: int | None = None, codec: str | None = None,
                         codecs: list[str] | None = None, config: dict | None = None) -> dict:
-        from seamline.edge.controller import ControllerConfig, Decision
+        from seamline.edge.controller import ControllerConfig
+        from seamline.edge.messages import SplitChoice
         from seamline.edge.policy import FixedPolicy
 
         m = self.engine.manifest
         if kind == "fixed":
             policy: Any = FixedPolicy.from_manifest(m, split, codec)
         elif kind == "local":
-            policy = _Scripted(Decision(m.num_layers, "local", "all-local"))
+            policy = FixedPolicy(SplitChoice(m.num_layers, local=True, reason="all-local"))
         elif kind == "adaptive":
             clock = self.clocks[name] = ActiveClock()
             policy = _recording_policy_class().from_manifest(m, config=ControllerConfig(**(config or {})), clock=clock,
@@ -211,9 +212,9 @@ class _Worker:
                "cloud_compute_ms": s.cloud_compute_ms, "bytes_sent": s.bytes_sent,
                "fallback_reason": s.fallback_reason, "observed": counting.observed}
         if log is not None:
-            out["decisions"] = [{"kind": d.kind, "split": d.split, "codec": d.codec, "reason": d.reason,
+            out["decisions"] = [{"kind": d.kind, "split": d.k, "codec": d.codec_name, "reason": d.reason,
                                  "predicted_ms": d.predicted_ms} for d in log[mark:]]
-            out["controller"] = pol.metrics()
+            out["controller"] = _status_dict(pol)
             plan = pol.controller.last_plan
             if plan is not None:  # the planner's view at this request's choice: the best few and local
                 top = list(plan.rows[:4]) + [r for r in plan.rows[4:] if r.codec == "local"]
@@ -224,7 +225,7 @@ class _Worker:
 
     async def op_metrics(self, policy: str) -> dict:
         pol = self.policies[policy]
-        return pol.metrics() if hasattr(pol, "metrics") else {}
+        return _status_dict(pol)
 
     async def op_quit(self) -> dict:
         from seamline.edge.agent import close_engine
@@ -232,6 +233,16 @@ class _Worker:
         if self.engine is not None:
             await close_engine(self.engine)
         return {"bye": True}
+
+
+def _status_dict(policy: Any) -> dict:
+    """A policy's ``status()`` as JSON: its current choice, counts and (adaptive) live estimates."""
+    import dataclasses
+
+    s = policy.status()
+    return {"split": s.choice.k if s.choice else None, "codec": s.choice.codec_name if s.choice else None,
+            "switches": s.switches, "decisions": s.decisions,
+            **(dataclasses.asdict(s.estimates) if s.estimates else {})}
 
 
 class _Counting:
@@ -245,21 +256,14 @@ class _Counting:
         return self.policy.choose(request)
 
     def observe(self, stats: Any) -> Any:
-        self.observed["local" if getattr(stats, "codec", None) == "local" else "remote"] += 1
+        self.observed["local" if stats.codec == "local" else "remote"] += 1
         return self.policy.observe(stats)
 
+    def observe_info(self, info: Any, rtt_ms: float | None) -> None:
+        self.policy.observe_info(info, rtt_ms)
 
-class _Scripted:
-    """A policy that always answers ``decision`` (e.g. all-local)."""
-
-    def __init__(self, decision: Any):
-        self.decision = decision
-
-    def choose(self, request: Any) -> Any:
-        return self.decision
-
-    def observe(self, stats: Any) -> None:
-        return None
+    def status(self) -> Any:
+        return self.policy.status()
 
 
 def _recording_policy_class():
@@ -409,24 +413,16 @@ SYNTHETIC = {"gpt2-8x512": {"n_layer": 8, "n_embd": 512, "n_head": 8, "vocab_siz
 
 
 def synthetic_checkpoint(name: str) -> str:
-    import shutil
-
     from seamline.partitioner.loading import DEMO_DIR
+    from seamline.testing.models import random_checkpoint
 
     from .models import cache_dir
 
     out = cache_dir() / name
     if not (out / "model.safetensors").exists():
-        import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        torch.manual_seed(0)
         demo = json.loads((DEMO_DIR / "config.json").read_text())
-        cfg = GPT2Config(bos_token_id=demo.get("bos_token_id"), eos_token_id=demo.get("eos_token_id"),
-                         **SYNTHETIC[name])
-        out.mkdir(parents=True, exist_ok=True)
-        GPT2LMHeadModel(cfg).save_pretrained(out)
-        shutil.copyfile(DEMO_DIR / "tokenizer.json", out / "tokenizer.json")
+        random_checkpoint("gpt2", out, seed=0, tokenizer=DEMO_DIR / "tokenizer.json", config={
+            "bos_token_id": demo.get("bos_token_id"), "eos_token_id": demo.get("eos_token_id"), **SYNTHETIC[name]})
     return str(out)
 
 
@@ -546,7 +542,7 @@ def _plot(rows: list[dict], names: list[str], summary: dict, n: int, path: Path,
 def run(args: Any) -> dict:
     from rich.console import Console
     from rich.table import Table
-    from seamline.edge.linkemu import LinkEmulator
+    from seamline.testing.linkemu import LinkEmulator
 
     from ._harness import cloud_process
     from ._weak import WeakDevice

@@ -1,7 +1,7 @@
 """``seamline bench e2e``: time to first token and per-token latency through the whole path, over an emulated link.
 
 Every path generates the same greedy tokens count from the same prompt; the remote ones talk
-through ``seamline.edge.linkemu`` (its own process) at 20 Mbit/s each way and 20 ms round trip
+through ``seamline.testing.linkemu`` (its own process) at 20 Mbit/s each way and 20 ms round trip
 (10 ms one-way delay each direction):
 
 - **seamline split**: the edge engine (ORT int8 graphs, the bundle's default split, int8 codec,
@@ -238,7 +238,7 @@ def measure(name: str, place, quick: bool) -> tuple[list[dict], dict]:
     ids = prompt_ids(bundle_dir / m.tokenizer, prompt)
     repeats = 1 if quick else 3
     cloud = Child("seamline cloud", pinned(place.cloud_cpu) + cloud_command(
-        ckpt, max_chunk_tokens=max(256, prompt), session_ttl=600))
+        ckpt, threads=1, log_level="WARNING", max_chunk_tokens=max(256, prompt), session_ttl=600))
     naive = Child("naive cloud", pinned(place.cloud_cpu) + [
         sys.executable, "-m", "seamline.bench._naive", "--model", ckpt, "--split", str(m.default_split)])
     try:

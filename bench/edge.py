@@ -8,25 +8,12 @@ default split (k = L/2) and all layers (+ head, i.e. a fully local step).
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
+from seamline.partitioner.profile import _median_ms
 
 from .models import bundle, checkpoint
 
 CONTEXT = 64
-
-
-def _median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 def _ort_step(rt, k: int, head: bool):
@@ -78,9 +65,9 @@ def measure(name: str, threads: int, repeats: int) -> list[dict]:
     L = adapter.shape.num_layers
     rows = []
     for k, head in ((L // 2, False), (L, True)):
-        torch_ms = _median_ms(_torch_step(adapter, k, head), repeats)
-        fp32_ms = _median_ms(_ort_step(rt32, k, head), repeats)
-        int8_ms = _median_ms(_ort_step(rt8, k, head), repeats)
+        torch_ms = _median_ms(_torch_step(adapter, k, head), repeats, warmup=3)
+        fp32_ms = _median_ms(_ort_step(rt32, k, head), repeats, warmup=3)
+        int8_ms = _median_ms(_ort_step(rt8, k, head), repeats, warmup=3)
         rows.append({"model": name, "layers": k, "head": head, "threads": threads, "context": CONTEXT,
                      "torch_eager_ms": torch_ms, "ort_fp32_ms": fp32_ms, "ort_int8_ms": int8_ms,
                      "ort_fp32_vs_torch_speedup": torch_ms / fp32_ms,
@@ -103,7 +90,7 @@ def run(args) -> dict:
                       f"{r['ort_fp32_ms']:.3f}", f"{r['ort_int8_ms']:.3f}", f"{r['ort_fp32_vs_torch_speedup']:.2f}x",
                       f"{r['ort_int8_vs_torch_speedup']:.2f}x")
     Console().print(table)
-    big = [r for r in rows if r["model"] == models[-1] and r["head"]][0]
+    big = next(r for r in rows if r["model"] == models[-1] and r["head"])
     summary = {"ort_int8_vs_torch_speedup": big["ort_int8_vs_torch_speedup"],
                "ort_fp32_vs_torch_speedup": big["ort_fp32_vs_torch_speedup"],
                "measured_on": f"{big['model']}, all {big['layers']} layers + head, 1 thread"}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import tempfile
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ import grpc
 import numpy as np
 from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
+from seamline.testing.procs import rss_mb
 
 from ._harness import cloud_process
 from .models import checkpoint
@@ -39,11 +39,6 @@ DECODE = (16, 64)        # tokens decoded per session, drawn uniformly
 CHANNELS = 4             # client channels the sessions share (HTTP/2 streams are multiplexed)
 BASELINE_SESSIONS = 3
 RSS_EVERY_S = 0.25
-
-
-def rss_mb(pid: int) -> float:
-    m = re.search(r"^VmRSS:\s+(\d+)\s+kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
-    return int(m.group(1)) / 1024 if m else float("nan")
 
 
 @dataclass
@@ -72,35 +67,35 @@ class Driver:
 
     async def session(self, tokens: int, tally: Tally) -> None:
         """One generation: open, prefill, decode ``tokens``, close; a failure is counted by its status."""
-        session = None
+        call = None
         try:
-            opened = await self.stub.Open(pb.OpenRequest(model_hash=self.info.model_hash, split=self.k,
-                                                         codec=self.spec, sampling=pb.SamplingParams()), timeout=60)
-            session = opened.session_id
-            call = self.stub.Step(timeout=600)
+            call = self.stub.Generate(timeout=600)  # one stream = one session (protocol v2)
+            await call.write(pb.GenerateRequest(open=pb.OpenRequest(
+                model_hash=self.info.model_hash, split=self.k, codec=self.spec, sampling=pb.SamplingParams())))
+            await call.read()  # opened (an error status raises)
             t0 = time.perf_counter()
-            await call.write(pb.StepRequest(session_id=session, start_position=0, hidden=self.prompt, sample=True))
-            reply = await call.read()
+            await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=0, hidden=self.prompt,
+                                                                    sample=True)))
+            reply = (await call.read()).step
             tally.prefill_ms.append((time.perf_counter() - t0) * 1e3)
             for _ in range(tokens):
                 t0 = time.perf_counter()
-                await call.write(pb.StepRequest(session_id=session, start_position=reply.position,
-                                                hidden=self.one, sample=True))
-                reply = await call.read()
+                await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=reply.position,
+                                                                        hidden=self.one, sample=True)))
+                reply = (await call.read()).step
                 tally.step_ms.append((time.perf_counter() - t0) * 1e3)
                 tally.tokens += 1
-            await call.done_writing()
-            await self.stub.Close(pb.CloseRequest(session_id=session), timeout=60)
-            session = None
+            await call.done_writing()  # the end of the stream frees the session at once
+            await call.read()
+            call = None
             tally.sessions += 1
         except grpc.aio.AioRpcError as e:
             tally.errors[e.code().name] += 1
         except Exception as e:  # noqa: BLE001 - counted, never silent
             tally.errors[type(e).__name__] += 1
         finally:
-            if session is not None:
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await self.stub.Close(pb.CloseRequest(session_id=session), timeout=60)
+            if call is not None:
+                call.cancel()  # frees the session
 
 
 async def _sample_rss(pid: int, out: dict, stop: asyncio.Event) -> None:
@@ -163,14 +158,11 @@ async def _measure(address: str, pid: int, seconds: float) -> dict:
 
 def _small_gpt2(folder: Path) -> str:
     """A small random GPT-2 (6 layers, 256 wide) for when the demo checkpoint is absent."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from seamline.testing.models import random_checkpoint
 
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=256, n_head=8, n_positions=256, vocab_size=4096,
-                                bos_token_id=1, eos_token_id=2)).save_pretrained(
-        folder)
-    return str(folder)
+    return str(random_checkpoint("gpt2", folder, seed=0, config={
+        "n_layer": 6, "n_embd": 256, "n_head": 8, "n_positions": 256, "vocab_size": 4096,
+        "bos_token_id": 1, "eos_token_id": 2}))
 
 
 @contextlib.contextmanager

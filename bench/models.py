@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from seamline.partitioner.loading import DEMO_DIR
@@ -26,16 +25,11 @@ def checkpoint(name: str) -> str:
         return name
     out = cache_dir() / "gpt2-124m"
     if not (out / "model.safetensors").exists():
-        import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from seamline.testing.models import random_checkpoint
 
-        torch.manual_seed(0)
-        cfg = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
-        model = GPT2LMHeadModel(cfg)
         # The demo tokenizer has 4096 ids, all valid for this vocabulary.
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        shutil.copyfile(DEMO_DIR / "tokenizer.json", out / "tokenizer.json")
+        random_checkpoint("gpt2", out, seed=0, tokenizer=DEMO_DIR / "tokenizer.json", config={
+            "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12})
     return str(out)
 
 

@@ -24,17 +24,18 @@ PROMPT = 16
 
 async def _session(stub, info, k: int, tokens: int, msgs) -> int:
     spec = codec.CodecConfig("int8").to_proto()
-    session = (await stub.Open(pb.OpenRequest(model_hash=info.model_hash, split=k, codec=spec,
-                                              sampling=pb.SamplingParams()))).session_id
-    call = stub.Step()
-    await call.write(pb.StepRequest(session_id=session, start_position=0, hidden=msgs["prompt"], sample=True))
-    reply = await call.read()
+    call = stub.Generate()  # one stream = one session (protocol v2)
+    await call.write(pb.GenerateRequest(open=pb.OpenRequest(model_hash=info.model_hash, split=k, codec=spec,
+                                                            sampling=pb.SamplingParams())))
+    await call.read()  # opened
+    await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=0, hidden=msgs["prompt"], sample=True)))
+    reply = (await call.read()).step
     for _ in range(tokens):
-        await call.write(pb.StepRequest(session_id=session, start_position=reply.position, hidden=msgs["one"],
-                                        sample=True))
-        reply = await call.read()
-    await call.done_writing()
-    await stub.Close(pb.CloseRequest(session_id=session))
+        await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=reply.position, hidden=msgs["one"],
+                                                                sample=True)))
+        reply = (await call.read()).step
+    await call.done_writing()  # the end of the stream frees the session
+    await call.read()
     return tokens
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 import sys
 
-from .config import CloudConfig, ConfigError, parse_size
+from .config import CloudConfig, ConfigError
 
 DESCRIPTION = """\
 Serve layers k..L and the LM head of a model to seamline edges over gRPC (seamline.v1.Seamline,
-plus grpc.health.v1 and reflection). Settings come from defaults < --config FILE < flags.
-On SIGTERM the server drains: Open answers UNAVAILABLE, in-flight steps finish within --grace
+plus grpc.health.v1 and reflection). Settings come from defaults < --config FILE < environment
+(SEAMLINE_CLOUD_<NAME>, e.g. SEAMLINE_CLOUD_KV_BUDGET=8GiB) < flags.
+On SIGTERM the server drains: new streams answer UNAVAILABLE, in-flight steps finish within --grace
 seconds, then it exits."""
 
 EPILOG = """\
@@ -24,71 +24,28 @@ examples:
   seamline cloud --model ./my-llama --host 0.0.0.0 --device cuda --kv-budget 8GiB --metrics-port 9100
   seamline cloud --config cloud.toml --auth-tokens tokens.txt --tls-cert srv.pem --tls-key srv.key
 
-config file (TOML, or JSON with a .json suffix): the long flag names as keys, e.g.
+config file (TOML, or JSON with a .json suffix; optionally in a [cloud] table): the long flag names as
+keys, e.g.
   model = "demo"
   kv_budget = "2GiB"
   max_batch = 16
 tokens file: one `TOKEN DEVICE_ID` per line, or a JSON object {"TOKEN": "DEVICE_ID"}."""
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text, "--kv-budget")
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `seamline cloud` flags; every default is None so a config file can supply it."""
-    d = CloudConfig()
-
-    def a(*flags, **kw):  # SUPPRESS: absent unless given, and no "(default: None)" in --help
-        parser.add_argument(*flags, default=argparse.SUPPRESS, **kw)
-
-    a("--model", help=f"`demo` or a local Hugging Face checkpoint folder (default {d.model})")
-    a("--config", metavar="FILE", help="TOML or JSON file of settings; flags override it")
-    a("--host", help=f"address to listen on (default {d.host}; 0.0.0.0 for every interface)")
-    a("--port", type=int, help=f"port to listen on, 0 = a free one (default {d.port})")
-    a("--device", help=f"auto | cpu | cuda | cuda:N (default {d.device}: CUDA when available)")
-    a("--dtype", choices=("auto", "fp32", "fp16", "bf16"),
-      help="weights and KV dtype (default auto: bf16/fp16 on CUDA, fp32 on CPU)")
-    a("--max-sessions", type=int, help=f"open sessions at most (default {d.max_sessions})")
-    a("--max-sessions-per-device", type=int, metavar="N",
-      help="open sessions one device (bearer token) may hold; 0 = no per-device limit (default 0)")
-    a("--kv-budget", type=_size, metavar="SIZE",
-      help="KV cache bytes held by all sessions together, e.g. 2GiB or 512MB (default 2GiB)")
-    a("--session-ttl", type=float, metavar="SECONDS",
-      help=f"evict sessions idle this long (default {d.session_ttl:g})")
-    a("--max-batch", type=int, help=f"decode steps per forward pass (default {d.max_batch})")
-    a("--batch-window-ms", type=float,
-      help=f"how long a decode step waits for others to join its batch (default {d.batch_window_ms:g})")
-    a("--max-chunk-tokens", type=int, help=f"tokens per step request (default {d.max_chunk_tokens})")
-    a("--min-split", type=int, help="smallest split k served; 0 allows token ids in (default 0)")
-    a("--auth-tokens", metavar="FILE", help="require bearer tokens; file of `TOKEN DEVICE_ID` lines or JSON")
-    a("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (needs --tls-key)")
-    a("--tls-key", metavar="PEM", help="private key of --tls-cert")
-    a("--client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
-    a("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0 = a free one; default off)")
-    a("--metrics-host", help=f"address of the metrics server (default {d.metrics_host})")
-    a("--grace", type=float, metavar="SECONDS",
-      help=f"on SIGTERM, time to finish in-flight steps (default {d.grace:g})")
-    a("--threads", type=int, metavar="N",
-      help="torch intra-op threads on CPU (default 0: torch's default, every core). Set it when the host "
-           "also runs other work, e.g. an edge agent in a demo: oversubscribed cores slow torch many times over")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING")
+    """``--config FILE`` and one flag per ``CloudConfig`` setting (absent unless given)."""
+    CloudConfig.add_flags(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> CloudConfig:
-    names = [f.name for f in dataclasses.fields(CloudConfig)]  # every setting has a flag of the same name
-    return CloudConfig.from_sources(getattr(args, "config", None), **{n: getattr(args, n, None) for n in names})
+    return CloudConfig.from_args(args)
 
 
 def run(args: argparse.Namespace) -> int:
-    level = str(getattr(args, "log_level", "INFO")).upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        logging.basicConfig(level=getattr(logging, config.log_level),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bar in a server's log

@@ -6,11 +6,15 @@ maps ``error.status`` to ``grpc.StatusCode``. Every message a client can meet sa
 
 from __future__ import annotations
 
+from seamline.protos.status import server_position_metadata
+
 
 class CloudError(Exception):
-    """Base: ``status`` is the name of the grpc.StatusCode member the service answers with."""
+    """Base: ``status`` is the name of the grpc.StatusCode member the service answers with;
+    ``metadata`` the structured fields sent as trailing metadata (``protos/status.py``)."""
 
     status = "INTERNAL"
+    metadata: tuple[tuple[str, str], ...] = ()
 
     @property
     def message(self) -> str:
@@ -23,6 +27,15 @@ class InvalidArgument(CloudError):
 
 class FailedPrecondition(CloudError):
     status = "FAILED_PRECONDITION"
+
+
+class PositionMismatch(FailedPrecondition):
+    """A chunk that does not start at the session's position; the position travels as metadata."""
+
+    def __init__(self, message: str, server_position: int):
+        super().__init__(message)
+        self.server_position = server_position
+        self.metadata = server_position_metadata(server_position)
 
 
 class NotFound(CloudError):
@@ -39,6 +52,10 @@ class Unauthenticated(CloudError):
 
 class PermissionDenied(CloudError):
     status = "PERMISSION_DENIED"
+
+
+class IdleStream(CloudError):
+    status = "DEADLINE_EXCEEDED"
 
 
 class Unavailable(CloudError):

@@ -1,11 +1,12 @@
 """``TorchExecutor``: the back half (blocks k..L + head) of a batch of sessions, on one worker thread.
 
 Every torch call runs on the executor's single worker thread (``await executor.run(fn, ...)``), so
-the event loop never blocks and the session KV buffers have one writer. A forward pass takes rows
-of the same split k and the same chunk length T. Rows with different past lengths are batched by
-left-padding: each row's KV is right-aligned in a (B, Hkv, Pmax, D) tensor, the attention mask
-hides the padding and each row gets its own position ids, so a row sees exactly the keys it
-would see alone.
+the event loop never blocks and the KV buffers have one writer. The executor owns the KV cache
+(``self.pool``, keyed by session id). A forward pass takes rows of the same split k and the same
+chunk length T. Rows with different past lengths are batched by left-padding: for one layer at a
+time, each row's KV is right-aligned in a (2, B, Hkv, Pmax, D) scratch tensor (counted against
+--kv-budget while it exists), the attention mask hides the padding and each row gets its own
+position ids, so a row sees exactly the keys it would see alone.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import torch
 from seamline.partitioner.families import adapter_for
 
 from .config import CloudConfig, ConfigError
+from .kvpool import KVPool
 from .messages import Row
 from .sampling import Sample, sample
-from .sessions import Session
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -56,13 +57,11 @@ class TorchExecutor:
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seamline-torch")
+        self.pool = KVPool(self.shape, self.dtype, self.device)  # the KV of every session; worker writes
 
     async def run(self, fn, *args):
         """Run ``fn(*args)`` on the worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
-
-    def close(self) -> None:
-        self.worker.shutdown(wait=True, cancel_futures=True)
 
     @property
     def device_name(self) -> str:
@@ -72,16 +71,25 @@ class TorchExecutor:
 
     def bytes_per_token(self, split: int) -> int:
         """KV bytes one position costs for layers split..L."""
-        s = self.shape
-        return (s.num_layers - split) * 2 * s.num_kv_heads * s.head_dim * self.dtype.itemsize
+        return self.pool.bytes_per_token(split)
+
+    def scratch_bytes(self, rows: list[Row]) -> int:
+        """Bytes of the padded copy ``forward(rows)`` will allocate (0 for a single row or no layers)."""
+        if rows[0].session.split >= self.shape.num_layers:
+            return 0
+        return self.pool.scratch_bytes(len(rows), max(r.session.position for r in rows))
 
     # ---------------------------------------------------------------- worker thread only below
 
     @torch.inference_mode()
     def forward(self, rows: list[Row]) -> tuple[list[Sample | None], float]:
-        """One forward pass over rows of the same split and chunk length; returns (samples, ms)."""
+        """One forward pass over rows of the same split and chunk length; returns (samples, ms).
+
+        Each session's buffer must have room for its new positions (``SessionStore.reserve``); a
+        batch of several rows also needs ``scratch_bytes(rows)`` held (``SessionStore.hold_scratch``).
+        """
         t0 = time.perf_counter()
-        s, dev = self.shape, self.device
+        s, dev, pool = self.shape, self.device, self.pool
         k, t = rows[0].session.split, rows[0].tokens
         b, n = len(rows), s.num_layers - k
         starts = [r.session.position for r in rows]
@@ -93,46 +101,37 @@ class TorchExecutor:
         else:
             x = torch.from_numpy(np.stack([r.hidden for r in rows])).to(dev, self.dtype)  # (B, T, C)
         if n:
-            for r in rows:
-                self._ensure_buffer(r.session, n)
-            if b == 1:  # alone: attend to the session's own buffer, no padding
-                past = rows[0].session.kv[:, :, None, :, :pmax]  # (n, 2, 1, Hkv, P, D)
-                mask = None
-            else:
-                past = torch.zeros(n, 2, b, s.num_kv_heads, pmax, s.head_dim, dtype=self.dtype, device=dev)
+            kvs = [pool.ensure(r.session.id, n, r.session.capacity, p) for r, p in zip(rows, starts, strict=True)]
+            mask = scratch = None
+            if b > 1:  # rows of different past lengths: left-pad one layer's past at a time
                 mask = torch.zeros(b, pmax + t, dtype=torch.long, device=dev)  # (B, Pmax + T)
-                for i, (r, p) in enumerate(zip(rows, starts, strict=True)):
-                    if p:
-                        past[:, :, i, :, pmax - p:] = r.session.kv[:, :, :, :p]
+                for i, p in enumerate(starts):
                     mask[i, pmax - p:] = 1
-            new = torch.empty(n, 2, b, s.num_kv_heads, t, s.head_dim, dtype=self.dtype, device=dev)
-            for j in range(n):
-                x, key, value = self.adapter.block(k + j, x, past[j, 0], past[j, 1], pos, mask)
-                new[j, 0], new[j, 1] = key[:, :, pmax:], value[:, :, pmax:]  # (B, Hkv, T, D)
-            for i, (r, p) in enumerate(zip(rows, starts, strict=True)):
-                r.session.kv[:, :, :, p:p + t] = new[:, :, i]
+                scratch = pool.new_scratch(b, pmax)  # (2, B, Hkv, Pmax, D), zero padding
+            try:
+                for j in range(n):
+                    if b == 1:  # alone: attend to the session's own buffer, no copy
+                        past_k, past_v = kvs[0][j, 0, None, :, :pmax], kvs[0][j, 1, None, :, :pmax]
+                    else:
+                        for i, (kv, p) in enumerate(zip(kvs, starts, strict=True)):
+                            if p:
+                                scratch[:, i, :, pmax - p:] = kv[j, :, :, :p]
+                        past_k, past_v = scratch[0], scratch[1]
+                    x, key, value = self.adapter.block(k + j, x, past_k, past_v, pos, mask)
+                    for i, (kv, p) in enumerate(zip(kvs, starts, strict=True)):  # key: (B, Hkv, Pmax + T, D)
+                        kv[j, 0, :, p:p + t] = key[i, :, pmax:]
+                        kv[j, 1, :, p:p + t] = value[i, :, pmax:]
+            finally:
+                pool.drop_scratch()
         samples: list[Sample | None] = [None] * b
         wanted = [i for i, r in enumerate(rows) if r.sample]
         if wanted:
             logits = self.adapter.head(x[wanted, -1:, :])[:, -1].float().cpu()  # (S, V)
             for row_logits, i in zip(logits, wanted, strict=True):
-                session = rows[i].session
-                samples[i] = sample(row_logits, session.sampling, session.rng, starts[i] + t)
+                samples[i] = sample(row_logits, rows[i].session.sampling, starts[i] + t)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return samples, (time.perf_counter() - t0) * 1e3
-
-    def _ensure_buffer(self, session: Session, n_layers: int) -> None:
-        """Grow the session's KV buffer to the capacity the store reserved, keeping cached positions."""
-        kv = session.kv
-        if kv is not None and kv.shape[3] >= session.capacity:
-            return
-        s = self.shape
-        grown = torch.empty(n_layers, 2, s.num_kv_heads, session.capacity, s.head_dim, dtype=self.dtype,
-                            device=self.device)  # (n, 2, Hkv, capacity, D)
-        if kv is not None and session.position:
-            grown[:, :, :, :session.position] = kv[:, :, :, :session.position]
-        session.kv = grown
 
     @torch.inference_mode()
     def measure_layer_ms(self, past: int = 16, repeats: int = 5) -> tuple[list[float], float]:

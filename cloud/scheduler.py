@@ -178,18 +178,30 @@ class BatchScheduler:
             ready.append(work)
         if not ready:
             return
+        scratch = self.executor.scratch_bytes([w.row for w in ready])
+        if scratch and not self.store.hold_scratch(scratch):
+            # the padded copy of a batch does not fit in --kv-budget: alone, a row needs none
+            for work in ready:
+                await self._run([work])
+            return
+        await self._run(ready, scratch)
+
+    async def _run(self, ready: list[StepWork], scratch: int = 0) -> None:
+        """One forward pass over ``ready`` (reserved, running), holding ``scratch`` bytes of the budget."""
         started = time.perf_counter()
         try:
             samples, compute_ms = await self.executor.run(self.executor.forward, [w.row for w in ready])
         except Exception as e:  # noqa: BLE001 - every row of a failed pass gets an answer
+            self.store.release_scratch(scratch)
             if len(ready) == 1:
                 self._finish(ready[0], exc=self._executor_error(e, 1))
                 return
             # Run the rows one by one so that only the row that broke the pass fails. Cached
             # entries a failed pass wrote beyond a session's position are simply overwritten later.
             for work in ready:
-                await self._execute([work])
+                await self._run([work])
             return
+        self.store.release_scratch(scratch)
         self.metrics.observe_batch(ready[0].kind, len(ready), compute_ms)
         # ------------------------------------------------------------------------------ update
         for work, smp in zip(ready, samples, strict=True):

@@ -1,7 +1,7 @@
 """``serve(config)``: load the model, measure it, and run the gRPC server until ``stop()``.
 
 Besides ``seamline.v1.Seamline`` the server answers the standard health service (SERVING, then
-NOT_SERVING while draining) and reflection. ``stop()`` drains: Open and new steps answer
+NOT_SERVING while draining) and reflection. ``stop()`` drains: new streams and new steps answer
 UNAVAILABLE, steps already submitted finish within the grace period, then the server stops.
 """
 
@@ -50,12 +50,8 @@ def tolerant_handlers(service: SeamlineService) -> grpc.GenericRpcHandler:
     handlers = {
         "Info": grpc.unary_unary_rpc_method_handler(service.Info, loads(pb.InfoRequest),
                                                     pb.InfoReply.SerializeToString),
-        "Open": grpc.unary_unary_rpc_method_handler(service.Open, loads(pb.OpenRequest),
-                                                    pb.OpenReply.SerializeToString),
-        "Step": grpc.stream_stream_rpc_method_handler(service.Step, loads(pb.StepRequest),
-                                                      pb.StepReply.SerializeToString),
-        "Close": grpc.unary_unary_rpc_method_handler(service.Close, loads(pb.CloseRequest),
-                                                     pb.CloseReply.SerializeToString),
+        "Generate": grpc.stream_stream_rpc_method_handler(service.Generate, loads(pb.GenerateRequest),
+                                                          pb.GenerateReply.SerializeToString),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
@@ -130,6 +126,7 @@ async def serve(config: CloudConfig) -> RunningServer:
     scheduler = BatchScheduler(config, executor, store, metrics)
     metrics.bind(lambda: len(store), lambda: store.kv_bytes, lambda: scheduler.queue_depth)
     store.on_evict = lambda _session: metrics.evictions.inc()
+    store.on_release = executor.pool.release
     service = SeamlineService(config, info, store, scheduler, executor, auth, metrics)
 
     max_message = config.max_chunk_tokens * shape.hidden_size * 4 + (1 << 16)  # an fp32 chunk + headroom

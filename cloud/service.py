@@ -1,4 +1,4 @@
-"""The ``seamline.v1.Seamline`` servicer: Info, Open, Step (bidi stream), Close.
+"""The ``seamline.v1.Seamline`` servicer: Info, and Generate (one bidi stream = one session).
 
 It authenticates, converts (``wire``), delegates (``SessionStore``, ``BatchScheduler``) and maps
 domain errors to gRPC status codes. An error ends only the call that caused it.
@@ -17,17 +17,17 @@ from seamline.protos import seamline_pb2_grpc
 from . import wire
 from .auth import Authenticator
 from .config import CloudConfig
-from .errors import CloudError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from .errors import CloudError, IdleStream, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from .executor import TorchExecutor
 from .messages import Load, ModelInfo, Row
 from .metrics import CloudMetrics
 from .scheduler import BatchScheduler
-from .sessions import SessionStore
+from .sessions import Session, SessionStore
 
 log = logging.getLogger("seamline.cloud")
 
 THREAD_DECODE_BYTES = 64 * 1024  # decode tensors larger than this off the event loop
-DRAINING = "the server is draining (shutting down); open a session on another replica and replay"
+DRAINING = "the server is draining (shutting down); open a new stream (another replica) and replay"
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
         self.metrics.errors.labels(error.status).inc()
         if error.status == "INTERNAL":
             log.error("internal error: %s", error.message)
-        await context.abort(grpc.StatusCode[error.status], error.message)
+        await context.abort(grpc.StatusCode[error.status], error.message, trailing_metadata=error.metadata)
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
         try:
@@ -74,51 +74,76 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
             await self._abort(context, e)
         return wire.info_reply(self.model, self.load())
 
-    async def Open(self, request: pb.OpenRequest, context: grpc.aio.ServicerContext) -> pb.OpenReply:
+    async def Generate(self, request_iterator, context: grpc.aio.ServicerContext):
+        """One generation on one stream: open, steps, end (see the sequence in seamline.proto)."""
+        session, freed = None, False
+        requests = request_iterator.__aiter__()
         try:
-            _parsed(request)
+            first = await self._next(requests)
+            if first is None:
+                return  # the client ended the stream before opening anything
+            # authenticate after the first message arrived: a client whose write raced an early
+            # abort would see INTERNAL ("Failed execute_batch") instead of UNAUTHENTICATED
             device = self.auth.device_for(context.invocation_metadata())
-            if self.draining:
-                raise Unavailable(DRAINING)
-            params = wire.open_params(request, self.model)
-            session = self.store.open(device, params.split, params.codec, params.sampling,
-                                      self.executor.bytes_per_token(params.split))
-        except CloudError as e:
-            await self._abort(context, e)
-        self.metrics.bytes_in.labels("Open").inc(request.ByteSize())
-        return wire.open_reply(session, self.model)
-
-    async def Close(self, request: pb.CloseRequest, context: grpc.aio.ServicerContext) -> pb.CloseReply:
-        try:
-            _parsed(request)
-            device = self.auth.device_for(context.invocation_metadata())
-            session = self.store.get(request.session_id, device)
-            async with session.lock:  # let a running step finish first
-                freed = self.store.close(request.session_id, device)
-        except CloudError as e:
-            await self._abort(context, e)
-        return pb.CloseReply(freed_kv_bytes=freed)
-
-    async def Step(self, request_iterator, context: grpc.aio.ServicerContext):
-        device = None
-        try:
-            async for request in request_iterator:
-                # authenticate after the first message arrived: a client whose write raced an early
-                # abort would see INTERNAL ("Failed execute_batch") instead of UNAUTHENTICATED
-                device = device or self.auth.device_for(context.invocation_metadata())
+            _parsed(first)
+            if first.WhichOneof("kind") != "open":
+                raise InvalidArgument(f"the first message of a Generate stream must be `open` (got "
+                                      f"{first.WhichOneof('kind') or 'an empty message'}); send an OpenRequest "
+                                      "first, then the steps")
+            session = self._open(first.open, device)
+            yield pb.GenerateReply(opened=wire.open_reply(session, self.model))
+            while (request := await self._next(requests)) is not None:
                 _parsed(request)
-                self.metrics.bytes_in.labels("Step").inc(request.ByteSize())
-                reply = await self._step(request, device)
-                self.metrics.bytes_out.labels("Step").inc(reply.ByteSize())
-                yield reply
+                kind = request.WhichOneof("kind")
+                if kind == "step":
+                    self.metrics.bytes_in.labels("Step").inc(request.ByteSize())
+                    reply = pb.GenerateReply(step=await self._step(request.step, session))
+                    self.metrics.bytes_out.labels("Step").inc(reply.ByteSize())
+                    yield reply
+                elif kind == "close":
+                    freed = True
+                    yield pb.GenerateReply(closed=pb.CloseReply(freed_kv_bytes=self.store.end(session)))
+                    return
+                elif kind == "open":
+                    raise InvalidArgument("a second `open` on a Generate stream: one stream is one session; start "
+                                          "a new stream for a new generation")
+                else:
+                    raise InvalidArgument("an empty GenerateRequest: set one of open, step or close")
         except CloudError as e:
+            if session is not None:
+                freed = True
+                self.store.end(session)
             await self._abort(context, e)
+        finally:
+            if session is not None and not freed:
+                self.store.end(session)  # the stream ended (half-close, cancel, disconnect): free its KV now
 
-    async def _step(self, request: pb.StepRequest, device: str) -> pb.StepReply:
-        session = self.store.get(request.session_id, device)
+    async def _next(self, requests):
+        """The next message of the stream, None at its end; DEADLINE_EXCEEDED when it stays silent."""
+        timeout = self.config.stream_idle_timeout
+        try:
+            return await asyncio.wait_for(requests.__anext__(), timeout)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise IdleStream(f"the stream sent nothing for {timeout:g}s (--stream-idle-timeout); its session is "
+                             "closed: open a new stream and replay the history") from None
+
+    def _open(self, request: pb.OpenRequest, device: str) -> Session:
+        if self.draining:
+            raise Unavailable(DRAINING)
+        params = wire.open_params(request, self.model)
+        session = self.store.open(device, params.split, params.codec, params.sampling,
+                                  self.executor.bytes_per_token(params.split))
+        self.metrics.bytes_in.labels("Open").inc(request.ByteSize())
+        return session
+
+    async def _step(self, request: pb.StepRequest, session: Session) -> pb.StepReply:
+        self.store.touch(session)
         async with session.lock:
             if session.closed:
-                raise NotFound(f"session {session.id} was closed or evicted; open a new session and replay")
+                raise NotFound(f"session {session.id} was evicted (idle past --session-ttl); open a new stream "
+                               "and replay")
             if self.draining:
                 raise Unavailable(DRAINING)
             session.check_start(request.start_position)

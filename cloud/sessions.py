@@ -1,10 +1,13 @@
-"""Sessions and their KV caches, bounded by a session count and a byte budget.
+"""Session bookkeeping, bounded by a session count and a KV byte budget: positions, bytes, timestamps.
 
 A ``Session`` is one generation of one device at one split ``k``: its codec, its sampling
-parameters, its position and one KV buffer for layers k..L. The ``SessionStore`` decides how
-much KV memory each session may hold (``reserve``) and counts it; the executor's worker thread
-allocates exactly that much. Idle sessions are evicted after the TTL, by a background task and
-on access. Sessions are soft state: a client that loses one replays its history on a new one.
+parameters, its position and how many positions of KV it may hold. The KV tensors themselves
+belong to the executor (``kvpool.KVPool``, keyed by session id); this module imports no torch.
+The ``SessionStore`` decides how much KV memory each session may hold (``reserve``) and how much
+a batched pass may borrow for its padded copy (``hold_scratch``), and counts both against
+``--kv-budget``; the pool allocates exactly that much. Idle sessions are evicted after the TTL, by
+a background task and on access. Sessions are soft state: a client that loses one replays its
+history on a new one.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
-from seamline.protos.codec import CodecConfig
+from typing import TYPE_CHECKING
 
 from .config import CloudConfig
-from .errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted
-from .sampling import SamplingParams
+from .errors import NotFound, PositionMismatch, ResourceExhausted
+
+if TYPE_CHECKING:
+    from seamline.protos.codec import CodecConfig
+
+    from .sampling import SamplingParams
 
 GROWTH_QUANTUM = 64  # KV buffers grow in multiples of this many positions (and by 1.5x)
 
@@ -35,11 +40,9 @@ class Session:
     bytes_per_token: int              # KV bytes one position costs for layers k..L
     last_used: float
     position: int = 0                 # positions held in the cache (the next chunk's start)
-    capacity: int = 0                 # positions the KV buffer may hold, reserved by the store
-    kv: torch.Tensor | None = None    # (L - k, 2, n_kv_heads, capacity, head_dim); worker thread only
+    capacity: int = 0                 # positions the KV buffer (in the executor's pool) may hold
     first_sample_position: int | None = None  # position after the chunk that sampled the first token
     closed: bool = False
-    rng: torch.Generator = field(default_factory=torch.Generator)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step of a session at a time
 
     @property
@@ -54,10 +57,10 @@ class Session:
 
     def check_start(self, start: int) -> None:
         if start > self.position:
-            raise FailedPrecondition(
-                f"chunk starts at position {start} but session {self.id} holds {self.position} positions "
-                f"(server_position={self.position}); resend from position {self.position}, or replay "
-                "the history on a new session")
+            raise PositionMismatch(
+                f"chunk starts at position {start} but session {self.id} holds {self.position} positions; "
+                f"resend from position {self.position}, or replay the history on a new session",
+                server_position=self.position)
 
     def rewind(self, start: int) -> None:
         """Drop cached positions >= start (the buffer keeps its size; later writes overwrite them)."""
@@ -84,9 +87,11 @@ class SessionStore:
         self.max_positions = max_positions
         self.clock = clock
         self.sessions: dict[str, Session] = {}
-        self.kv_bytes = 0          # sum of kv_bytes over open sessions
+        self.kv_bytes = 0          # sum of kv_bytes over open sessions + scratch_bytes: what the pool holds
+        self.scratch_bytes = 0     # the padded copy of a batched pass while it runs
         self.evicted_total = 0
         self.on_evict: Callable[[Session], None] | None = None
+        self.on_release: Callable[[str], None] | None = None  # frees a dropped session's KV (the pool)
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -107,24 +112,18 @@ class SessionStore:
         self.sessions[session.id] = session
         return session
 
-    def get(self, session_id: str, device_id: str) -> Session:
-        """The open session ``session_id`` of ``device_id``; refreshes its idle timer."""
-        session = self.sessions.get(session_id)
-        if session is not None and self._expired(session, self.clock()):
+    def touch(self, session: Session) -> None:
+        """Refresh the session's idle timer; NOT_FOUND when it was evicted meanwhile."""
+        if not session.closed and self._expired(session, self.clock()):
             self._drop(session, evicted=True)
-            session = None
-        if session is None:
-            raise NotFound(f"session {session_id!r} is unknown, closed or evicted; open a new session and "
+        if session.closed:
+            raise NotFound(f"session {session.id} was evicted (idle past --session-ttl); open a new stream and "
                            "replay the history")
-        if session.device_id != device_id:
-            raise PermissionDenied(f"session {session_id} belongs to another device; open your own session")
         session.last_used = self.clock()
-        return session
 
-    def close(self, session_id: str, device_id: str) -> int:
-        """Close a session; returns the KV bytes freed."""
-        session = self.get(session_id, device_id)
-        return self._drop(session, evicted=False)
+    def end(self, session: Session) -> int:
+        """Close a session (its stream ended); returns the KV bytes freed (0 when it was already gone)."""
+        return 0 if session.closed else self._drop(session, evicted=False)
 
     def reserve(self, session: Session, positions: int) -> None:
         """Make room for ``positions`` cached positions, within --kv-budget; grows by 1.5x when it can."""
@@ -145,6 +144,18 @@ class SessionStore:
             f"KV budget reached: {self.kv_bytes} of {budget} bytes (--kv-budget) are held by "
             f"{len(self.sessions)} sessions and this chunk needs {extra} more; close finished sessions, "
             "lower --session-ttl, or raise --kv-budget")
+
+    def hold_scratch(self, nbytes: int) -> bool:
+        """Borrow ``nbytes`` of the budget for a batched pass's padded copy; False when it does not fit."""
+        if self.kv_bytes + nbytes > self.config.kv_budget:
+            return False
+        self.kv_bytes += nbytes
+        self.scratch_bytes += nbytes
+        return True
+
+    def release_scratch(self, nbytes: int) -> None:
+        self.kv_bytes -= nbytes
+        self.scratch_bytes -= nbytes
 
     def evict_expired(self, now: float | None = None) -> list[Session]:
         now = self.clock() if now is None else now
@@ -169,7 +180,8 @@ class SessionStore:
         self.kv_bytes -= freed
         session.closed = True
         session.capacity = 0
-        session.kv = None  # the worker may still hold a reference while finishing a step
+        if self.on_release:
+            self.on_release(session.id)
         if evicted:
             self.evicted_total += 1
             if self.on_evict:

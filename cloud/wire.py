@@ -14,7 +14,7 @@ from seamline.protos import seamline_pb2 as pb
 
 from .errors import FailedPrecondition, InvalidArgument
 from .messages import Load, ModelInfo, OpenParams, StepInput, StepOutcome
-from .sampling import SamplingParams
+from .sampling import SamplingParams, validate
 from .sessions import Session
 
 
@@ -39,7 +39,7 @@ def open_params(req: pb.OpenRequest, model: ModelInfo) -> OpenParams:
     sampling = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
                               stop_token_ids=tuple(s.stop_token_ids), max_new_tokens=s.max_new_tokens,
                               top_logprobs=s.top_logprobs)
-    sampling.validate(model.shape.vocab_size)
+    validate(sampling, model.shape.vocab_size)
     return OpenParams(req.split, cfg, sampling)
 
 
@@ -75,7 +75,7 @@ def step_input(req: pb.StepRequest, session: Session, model: ModelInfo) -> StepI
             hidden = codec.decode(req.hidden, session.codec, codec.DecodeLimits(model.shape.hidden_size, limit))
         except codec.CodecError as e:
             raise InvalidArgument(f"bad hidden-state tensor: {e}") from None
-    return StepInput(req.session_id, req.start_position, hidden, token_ids, req.sample, req.step_id,
+    return StepInput(session.id, req.start_position, hidden, token_ids, req.sample, req.step_id,
                      decode_ms=(time.perf_counter() - t0) * 1e3)
 
 

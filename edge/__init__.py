@@ -10,6 +10,6 @@ policy      SplitPolicy hook, FixedPolicy                    sampling    local s
 text        detokenizing, stop strings, chat template        openai_compat  request parsing, reply shapes
 api         Starlette routes                                 metrics     Prometheus text by hand
 agent       EdgeAgent daemon (uvicorn, SIGTERM drain)        cli         `seamline edge`, `seamline generate`
-errors      EdgeError and its kinds                          linkemu     TCP link emulator (tests, benches)
+errors      EdgeError and its kinds
 planner, controller  the adaptive split (cost model, live decisions)
 """

@@ -36,12 +36,21 @@ def build_engine(config: EdgeConfig, policy: SplitPolicy | None = None) -> Gener
         raise ConfigError("no bundle: pass --bundle DIR (a folder written by `seamline partition`) or set "
                           "`bundle` in the config file")
     bundle = Path(config.bundle).expanduser()
-    runtime = EdgeRuntime(bundle, threads=config.threads, int8=config.int8, verify=config.verify)
+    runtime = EdgeRuntime(bundle, threads=config.threads, int8=config.int8, verify=config.verify,
+                          precision=config.precision)
     m = runtime.manifest
     if not config.cloud and not m.has_all_layers:
         raise ConfigError(f"no cloud endpoint, and {bundle} exports only {m.edge_layers} of {m.num_layers} layers "
                           "(no LM head), so it cannot generate alone: pass --cloud HOST:PORT, or partition with "
                           "every layer (no --max-edge-layers)")
+    if config.max_token_recovery is not None:  # the privacy floor from the measured curve (seamline privacy)
+        from .planner import Constraints, PlanError
+
+        try:
+            m.min_split = Constraints.from_manifest(m, max_token_recovery=config.max_token_recovery).min_split
+        except PlanError as e:
+            raise ConfigError(f"{bundle}: {e}") from None
+        m.default_split = max(m.default_split, m.min_split)
     if policy is None and config.adaptive:
         from .controller import AdaptivePolicy
         from .planner import LinkEstimate, parse_bandwidth, parse_duration_ms
@@ -78,7 +87,7 @@ class EdgeAgent:
         self.config = config
         self.engine = build_engine(config, policy)
         m = self.engine.manifest
-        self.metrics = EdgeMetrics()
+        self.metrics = EdgeMetrics(lambda: self.engine.policy.status())
         self.state = AgentState(self.engine, self.metrics, config.model_name or m.model_id, self._health)
         self.app = create_app(self.state)
         self.server: _Server | None = None
@@ -86,13 +95,13 @@ class EdgeAgent:
         self._tasks: list[asyncio.Task] = []
 
     def _health(self) -> dict:
-        m, policy = self.engine.manifest, self.engine.policy
-        choice = getattr(policy, "choice", None)
+        m, choice = self.engine.manifest, self.engine.policy.status().choice
         link = self.engine.link
         return {
             "bundle": str(self.engine.runtime.bundle_dir), "layers": m.num_layers, "edge_layers": m.edge_layers,
-            "split": choice.k if choice else None, "codec": choice.codec.codec if choice else None,
-            "int8": self.engine.runtime.int8, "offline_fallback": m.has_all_layers,
+            "split": choice.k if choice else None, "codec": choice.codec_name if choice else None,
+            "int8": self.engine.runtime.int8, "precision": self.engine.runtime.precision,
+            "offline_fallback": m.has_all_layers,
             "cloud": [{"endpoint": ep, "status": link.status.get(ep, "unknown")}
                       for ep in (link.endpoints if link else [])],
             "last_cloud_error": link.last_error if link else None,
@@ -101,13 +110,11 @@ class EdgeAgent:
     async def _probe_cloud(self) -> None:
         """At start-up: ask every endpoint for Info and log what it serves (never fatal)."""
         link = self.engine.link
-        observe_info = getattr(self.engine.policy, "observe_info", None)
         for ep in link.endpoints:
             try:
                 t0 = asyncio.get_running_loop().time()
                 info = await link.info(ep)
-                if observe_info is not None:
-                    observe_info(info, rtt_ms=(asyncio.get_running_loop().time() - t0) * 1e3)
+                self.engine.policy.observe_info(info, (asyncio.get_running_loop().time() - t0) * 1e3)
             except Exception as e:  # noqa: BLE001 - a probe; generations retry on their own
                 link.status[ep] = f"unreachable at start-up: {getattr(e, 'message', e)}"
                 log.warning("cloud %s is not reachable yet: %s", ep, getattr(e, "message", e))
@@ -164,10 +171,11 @@ class EdgeAgent:
 
     async def run_until_signal(self) -> int:
         url = await self.start()
-        m, choice = self.engine.manifest, getattr(self.engine.policy, "choice", None)
+        m, choice = self.engine.manifest, self.engine.policy.status().choice
         where = ", ".join(self.engine.link.endpoints) if self.engine.link else "none (local only)"
-        print(f"seamline edge listening on {url} (model {self.state.model_name}, split "
-              f"{choice.k if choice else '?'} of {m.num_layers}, codec {choice.codec.codec if choice else '?'}, "
+        split = (f"split {choice.k} of {m.num_layers}, codec {choice.codec_name}" if choice
+                 else f"adaptive split of {m.num_layers} layers")
+        print(f"seamline edge listening on {url} (model {self.state.model_name}, {split}, "
               f"cloud {where}, offline fallback {'yes' if m.has_all_layers else 'no'})", flush=True)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()

@@ -6,20 +6,20 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 import urllib.error
 import urllib.request
 
 from seamline.protos.bundle import BundleError
 
-from .config import ConfigError, EdgeConfig
+from .config import DAEMON, ConfigError, EdgeConfig
 from .openai_compat import read_sse
 
 EDGE_DESCRIPTION = """\
 Run the edge agent: the bundle's first k layers in ONNX Runtime, the rest on a seamline cloud over
 gRPC, and a local OpenAI-compatible HTTP API (POST /v1/completions, /v1/chat/completions; GET
-/v1/models, /healthz, /metrics). Settings come from defaults < --config FILE < flags. When the cloud
+/v1/models, /healthz, /metrics). Settings come from defaults < --config FILE < environment
+(SEAMLINE_EDGE_<NAME>, e.g. SEAMLINE_EDGE_THREADS=4; the token: SEAMLINE_TOKEN) < flags. When the cloud
 is unreachable and the bundle holds every layer, generations finish on the device. SIGTERM drains:
 in-flight requests finish, new ones are refused, then the agent exits."""
 
@@ -29,63 +29,23 @@ examples:
   seamline edge --bundle ./bundle --cloud a.example:443,b.example:443 --tls-ca ca.pem --token T --split 3
   curl -s localhost:8080/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 32, "temperature": 0}'
 
-config file (TOML, or JSON with a .json suffix; keys are the long flag names):
+config file (TOML, or JSON with a .json suffix; optionally in an [edge] table; keys are the long flag
+names):
   bundle = "bundle"
   cloud = ["127.0.0.1:50051"]
   codec = "int8"
-The token may also come from the environment variable SEAMLINE_TOKEN (kept out of `ps`)."""
-
-
-def _add_link_arguments(a) -> None:
-    a("--cloud", metavar="HOST:PORT[,HOST:PORT...]",
-      help="cloud replicas, tried in order with failover (default: none, local generation only)")
-    a("--token", help="bearer token for the cloud (default: $SEAMLINE_TOKEN)")
-    a("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA file")
-    a("--tls", action="store_true", default=None, help="connect with TLS, trusting the system's CA roots")
-    a("--split", type=int, metavar="K", help="run blocks [0, K) on the edge (default: the bundle's split)")
-    a("--codec", help="hidden-state codec: fp32 fp16 int8 int4 int4-rot int8-outlier (default: the bundle's)")
-    a("--adaptive", action="store_true", default=None,
-      help="let the controller choose split and codec per request (and move them mid-generation when a replay "
-           "pays off) from live bandwidth, RTT and cloud-load estimates; --split/--codec are then ignored")
-    a("--bandwidth", metavar="RATE", help="--adaptive: prior uplink bandwidth until measured, e.g. 20mbit")
-    a("--rtt", metavar="TIME", help="--adaptive: prior round-trip time until measured, e.g. 30ms")
-    a("--threads", type=int, help="ONNX Runtime intra-op threads per graph (default 1)")
-    a("--int8", action="store_true", default=None, help="run the bundle's int8-quantized graphs")
-    a("--chunk-tokens", type=int, help="prefill chunk size in tokens (default 64)")
-    a("--deadline", type=float, metavar="SECONDS",
-      help="per-request deadline: past it the rest is generated locally (full bundle) or fails (default none)")
-    a("--step-timeout", type=float, metavar="SECONDS",
-      help="a cloud reply slower than this counts as a broken link: reconnect and replay (default 30)")
-    a("--reconnect-window", type=float, metavar="SECONDS",
-      help="how long one generation keeps reconnecting before it falls back or fails (default 10)")
+Pass the token in the environment variable SEAMLINE_TOKEN: it stays out of `ps` and of config files."""
 
 
 def add_edge_arguments(p: argparse.ArgumentParser) -> None:
     p.description = EDGE_DESCRIPTION
     p.epilog = EDGE_EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    a = p.add_argument
-    a("--bundle", metavar="DIR", help="bundle folder written by `seamline partition` (required)")
-    a("--config", metavar="FILE", help="TOML or JSON file of settings; flags override it")
-    a("--listen", metavar="HOST:PORT", help="local HTTP API address (default 127.0.0.1:8080; port 0 = a free one)")
-    _add_link_arguments(a)
-    a("--no-verify", dest="verify", action="store_false", default=None,
-      help="skip the sha256 check of the bundle's files at start-up")
-    a("--model-name", help="model id shown on /v1/models (default: the bundle's model id)")
-    a("--grace", type=float, metavar="SECONDS", help="on SIGTERM, time in-flight requests get (default 30)")
-    a("--log-level", default=None, help="DEBUG | INFO | WARNING (default INFO)")
+    EdgeConfig.add_flags(p)
 
 
-def _config(args: argparse.Namespace, **extra) -> EdgeConfig:
-    names = ("bundle", "cloud", "listen", "token", "tls_ca", "tls", "split", "codec", "adaptive", "bandwidth", "rtt",
-             "threads", "int8",
-             "chunk_tokens", "deadline", "step_timeout", "reconnect_window", "verify", "model_name", "grace",
-             "log_level")
-    values = {n: getattr(args, n, None) for n in names}
-    if values["token"] is None:
-        values["token"] = os.environ.get("SEAMLINE_TOKEN") or None
-    values.update(extra)
-    return EdgeConfig.from_sources(getattr(args, "config", None), **values)
+def _config(args: argparse.Namespace, **extra: object) -> EdgeConfig:
+    return EdgeConfig.from_args(args, **extra)
 
 
 def _logging(level: str | None) -> None:
@@ -124,9 +84,6 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("prompt", help="the prompt text")
     a("--agent", metavar="URL", help="base URL of a running agent (default http://127.0.0.1:8080 unless --bundle)")
-    a("--bundle", metavar="DIR", help="run standalone with this bundle instead of through an agent")
-    a("--config", metavar="FILE", help="standalone: an edge config file")
-    _add_link_arguments(a)
     a("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     a("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
@@ -136,6 +93,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     a("--stream", action="store_true", help="print tokens as they arrive")
     a("--json", action="store_true", help="print the whole response (and its timings) as JSON instead of the text")
     a("--log-level", default="WARNING", help="standalone log level (default WARNING)")
+    # --bundle runs standalone, with the agent's settings (those of its HTTP API aside)
+    EdgeConfig.add_flags(p, skip_groups=(DAEMON,))
 
 
 def timing_line(s: dict, usage: dict | None = None) -> str:
@@ -225,8 +184,10 @@ async def _standalone(args: argparse.Namespace) -> int:
     engine = build_engine(config)
     try:
         _, body = _body(args)
-        parse = parse_chat if args.chat else parse_completion
-        api_req = parse(body, engine.encode_prompt, config.default_max_tokens, config.deadline)
+        if args.chat:
+            api_req = parse_chat(body, engine.encode_prompt, config.default_max_tokens, config.deadline, engine.chat)
+        else:
+            api_req = parse_completion(body, engine.encode_prompt, config.default_max_tokens, config.deadline)
         gen = engine.start(api_req.generation)
         if not args.chat and not args.json:
             sys.stdout.write(args.prompt)
@@ -252,10 +213,11 @@ async def _standalone(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    if args.bundle and args.agent:
+    standalone = getattr(args, "bundle", None) is not None  # a setting flag: absent unless given
+    if standalone and args.agent:
         print("seamline generate: pass either --agent URL or --bundle DIR, not both", file=sys.stderr)
         return 2
-    if not args.bundle:
+    if not standalone:
         return _through_agent(args)
     _logging(args.log_level)
     try:

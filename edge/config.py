@@ -1,14 +1,15 @@
-"""``EdgeConfig``: every knob of the edge agent in one dataclass.
+"""``EdgeConfig``: every setting of the edge agent, declared once (``seamline.protos.settings``).
 
-Sources, later wins: the defaults below < a TOML or JSON config file (``--config``; keys are the
-field names, ``-`` or ``_``, optionally inside an ``[edge]`` table) < command-line flags.
+Each field is a flag (``--chunk-tokens``), a config-file key (``chunk_tokens`` or ``chunk-tokens``,
+optionally inside an ``[edge]`` table) and an environment variable (``SEAMLINE_EDGE_CHUNK_TOKENS``;
+the token is ``SEAMLINE_TOKEN``, kept out of ``ps`` and of world-readable files). Sources, later
+wins: the defaults below < ``--config FILE`` (TOML or JSON) < the environment < flags.
 
 Example ``edge.toml``::
 
     bundle = "~/bundles/demo"
     cloud = ["cloud-a.example:50051", "cloud-b.example:50051"]
     listen = "127.0.0.1:8080"
-    token = "device-token"
     tls_ca = "ca.pem"
     codec = "int8"
     threads = 2
@@ -16,24 +17,23 @@ Example ``edge.toml``::
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
+from seamline.protos.bundle import PRECISIONS
 from seamline.protos.codec import CODEC_NAMES
-from seamline.protos.settings import config_from_sources, read_settings_file
+from seamline.protos.settings import LOG_LEVELS, ConfigError, Settings, parse_log_level, setting
+
+__all__ = ["ConfigError", "EdgeConfig", "parse_endpoints", "split_listen"]
+DAEMON = "daemon"  # flags of `seamline edge` only (not of `seamline generate --bundle`)
 
 
-class ConfigError(ValueError):
-    """A bad setting; the message names the setting and what it accepts."""
-
-
-def parse_endpoints(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
+def parse_endpoints(value: object) -> list[str]:
     """``"a:1,b:2"`` or ``["a:1", "b:2"]`` -> ``["a:1", "b:2"]``; each must be HOST:PORT."""
     if value is None:
         return []
-    items = value.split(",") if isinstance(value, str) else list(value)
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"expected HOST:PORT endpoints (a list, or one string, comma-separated), got {value!r}")
     out = []
     for item in items:
         ep = str(item).strip()
@@ -55,76 +55,75 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _listen(value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"expected HOST:PORT, got {value!r}")
+    split_listen(value)
+    return value
+
+
+
 @dataclass
-class EdgeConfig:
-    bundle: str | None = None         # bundle folder written by `seamline partition`
-    cloud: list[str] = field(default_factory=list)  # HOST:PORT of cloud replicas, tried in order
-    listen: str = "127.0.0.1:8080"    # local HTTP API (keep it on loopback: it serves raw text)
-    token: str | None = None          # bearer token sent as `authorization: Bearer TOKEN`
-    tls_ca: str | None = None         # PEM CA file: connect with TLS and trust this CA
-    tls: bool = False                 # TLS with the system's trusted roots (implied by tls_ca)
-    split: int | None = None          # k, the edge runs blocks [0, k); None = the bundle's default
-    codec: str | None = None          # hidden-state codec; None = the bundle's default
-    adaptive: bool = False            # let the controller move split and codec with the live link
-    bandwidth: str | None = None      # adaptive: prior uplink bandwidth (e.g. 20mbit) until measured
-    rtt: str | None = None            # adaptive: prior round-trip time (e.g. 30ms) until measured
-    zstd: bool = True                 # zstd-compress multi-token chunks (prefill, replay)
-    threads: int = 1                  # ONNX Runtime intra-op threads per graph
-    int8: bool = False                # run the bundle's int8 graphs
-    verify: bool = True               # check every bundle file's sha256 at start-up
-    chunk_tokens: int = 64            # prefill chunk size (tokens per Step request)
-    connect_timeout: float = 5.0      # seconds for Info / Open / Close calls
-    step_timeout: float = 30.0        # seconds a Step reply may take before the link counts as broken
-    reconnect_window: float = 10.0    # seconds one generation keeps reconnecting (backoff, failover)
-    backoff_initial: float = 0.05     # first reconnect delay (doubles up to backoff_max, with jitter)
-    backoff_max: float = 2.0
-    max_replays: int = 8              # replays per generation before the cloud counts as unreachable
-    deadline: float | None = None     # per-request seconds; past it the rest is generated locally
-    keepalive: float = 30.0           # seconds between HTTP/2 keepalive pings on an active stream
-    default_max_tokens: int = 16      # when a request names no max_tokens (the OpenAI default)
-    model_name: str | None = None     # model id served on /v1/models; None = the bundle's model_id
-    grace: float = 30.0               # on SIGTERM, seconds in-flight requests may take to finish
-    log_level: str = "INFO"
-
-    def __post_init__(self) -> None:
-        self.cloud = parse_endpoints(self.cloud)
-        self.validate()
-
-    def validate(self) -> None:
-        split_listen(self.listen)
-        if self.codec is not None and self.codec not in CODEC_NAMES:
-            raise ConfigError(f"codec: expected one of {', '.join(CODEC_NAMES)}, got {self.codec!r}")
-        for name, low in (("threads", 1), ("chunk_tokens", 1), ("max_replays", 0), ("default_max_tokens", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"{name}: expected an integer >= {low}, got {value!r}")
-        if self.split is not None and (not isinstance(self.split, int) or self.split < 0):
-            raise ConfigError(f"split: expected an integer >= 0, got {self.split!r}")
-        for name in ("connect_timeout", "step_timeout", "reconnect_window", "backoff_initial", "backoff_max",
-                     "keepalive", "grace", "deadline"):
-            value = getattr(self, name)
-            if name == "deadline" and value is None:
-                continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-                    or value < 0:
-                raise ConfigError(f"{name}: expected a finite number of seconds >= 0, got {value!r}")
+class EdgeConfig(Settings, section="edge"):
+    bundle: str | None = setting(None, "bundle folder written by `seamline partition` (required)", metavar="DIR")
+    cloud: list[str] = setting(
+        help="cloud replicas, tried in order with failover (default: none, local generation only)",
+        default_factory=list, parse=parse_endpoints, metavar="HOST:PORT[,HOST:PORT...]")
+    listen: str = setting("127.0.0.1:8080", "local HTTP API address; port 0 = a free one (keep it on loopback: "
+                          "it serves raw text)", parse=_listen, metavar="HOST:PORT", group=DAEMON)
+    token: str | None = setting(None, "bearer token sent to the cloud as `authorization: Bearer TOKEN`",
+                                env="SEAMLINE_TOKEN", secret=True)
+    tls_ca: str | None = setting(None, "connect with TLS, trusting this CA file", metavar="PEM")
+    tls: bool = setting(False, "connect with TLS, trusting the system's CA roots (implied by --tls-ca)")
+    split: int | None = setting(None, "run blocks [0, K) on the edge (default: the bundle's split)", low=0,
+                                metavar="K")
+    codec: str | None = setting(None, "hidden-state codec (default: the bundle's)", choices=CODEC_NAMES)
+    max_token_recovery: float | None = setting(
+        None, "risk budget, e.g. 0.1: the privacy floor becomes the smallest split whose measured top-1 token "
+        "recovery (`seamline privacy BUNDLE --record`) is at most SHARE", low=0, high=1, metavar="SHARE")
+    adaptive: bool = setting(False, "let the controller choose split and codec per request (and move them "
+                             "mid-generation when a replay pays off) from live bandwidth, RTT and cloud-load "
+                             "estimates; --split/--codec are then ignored")
+    bandwidth: str | None = setting(None, "--adaptive: prior uplink bandwidth until measured, e.g. 20mbit",
+                                    metavar="RATE")
+    rtt: str | None = setting(None, "--adaptive: prior round-trip time until measured, e.g. 30ms", metavar="TIME")
+    zstd: bool = setting(True, "zstd-compress multi-token chunks (prefill, replay)")
+    threads: int = setting(1, "ONNX Runtime intra-op threads per graph", low=1, metavar="N")
+    int8: bool = setting(False, "run the bundle's int8-quantized graphs (alias of --precision int8)")
+    precision: str | None = setting(None, "precision of the edge graphs to run (default: the one the bundle was "
+                                    "partitioned with; others only when shipped, e.g. fp32 with --keep-fp32)",
+                                    choices=PRECISIONS)
+    verify: bool = setting(True, "check every bundle file's sha256 at start-up")
+    chunk_tokens: int = setting(64, "prefill chunk size, tokens per Step request", low=1, metavar="N")
+    connect_timeout: float = setting(5.0, "seconds for Info / Open / Close calls", low=0, metavar="SECONDS")
+    step_timeout: float = setting(30.0, "a cloud reply slower than this counts as a broken link: reconnect and "
+                                  "replay", low=0, metavar="SECONDS")
+    reconnect_window: float = setting(10.0, "how long one generation keeps reconnecting (backoff, failover) "
+                                      "before it falls back or fails", low=0, metavar="SECONDS")
+    backoff_initial: float = setting(0.05, "first reconnect delay (doubles up to --backoff-max, with jitter)",
+                                     low=0, metavar="SECONDS")
+    backoff_max: float = setting(2.0, "longest reconnect delay", low=0, metavar="SECONDS")
+    max_replays: int = setting(8, "replays per generation before the cloud counts as unreachable", low=0,
+                               metavar="N")
+    probe_interval: float = setting(1.0, "--adaptive: while a generation runs every layer on the device, how "
+                                    "often it asks the cloud (Info) whether the link works, so that it can move "
+                                    "back when that pays", gt=0, metavar="SECONDS")
+    deadline: float | None = setting(None, "per-request deadline: past it the rest is generated locally (full "
+                                     "bundle) or fails (default none)", low=0, metavar="SECONDS")
+    keepalive: float = setting(30.0, "seconds between HTTP/2 keepalive pings on an active stream", low=0,
+                               metavar="SECONDS")
+    default_max_tokens: int = setting(16, "max_tokens of a request that names none (the OpenAI default)", low=1,
+                                      metavar="N", group=DAEMON)
+    max_body_bytes: int = setting(4 * 2**20, "larger HTTP request bodies are refused with 413", low=1024,
+                                  metavar="BYTES", group=DAEMON)
+    max_prompt_chars: int = setting(1_000_000, "longer prompts (text, chat messages joined) are refused with 413",
+                                    low=1, metavar="N", group=DAEMON)
+    model_name: str | None = setting(None, "model id on /v1/models (default: the bundle's model id)",
+                                     group=DAEMON)
+    grace: float = setting(30.0, "on SIGTERM, seconds in-flight requests may take to finish", low=0,
+                           metavar="SECONDS", group=DAEMON)
+    log_level: str = setting("INFO", "log level", parse=parse_log_level, choices=LOG_LEVELS, group=DAEMON)
 
     @property
     def use_tls(self) -> bool:
         return self.tls or bool(self.tls_ca)
-
-    @classmethod
-    def from_sources(cls, file: str | Path | None = None, **overrides: Any) -> EdgeConfig:
-        """Defaults < ``file`` (TOML or JSON) < ``overrides`` (CLI flags; None means not given)."""
-        return config_from_sources(cls, "edge", ConfigError, file, overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if d.get("token"):
-            d["token"] = "***"
-        return d
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML or JSON file of EdgeConfig fields (the ``[edge]`` table if present)."""
-    return read_settings_file(path, "edge", EdgeConfig, ConfigError)

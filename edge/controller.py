@@ -30,7 +30,10 @@ Decisions:
 - mid-generation (:meth:`Controller.maybe_resplit`): only after ``min_dwell_s`` since the last switch, when
   the best option is faster per token by ``min_relative_gain`` and the gain over the remaining tokens
   exceeds the replay cost (re-running the edge layers over the history and resending it) by the
-  ``hysteresis`` margin: ``(T_cur - T_new) * remaining > (1 + hysteresis) * replay``.
+  ``hysteresis`` margin: ``(T_cur - T_new) * remaining > (1 + hysteresis) * replay``. Moves go both ways:
+  a generation running every layer on the edge (moved there, or fallen back while the cloud was unreachable)
+  is moved back by the same rule once a network observation newer than its local run shows the link
+  working (``AdaptivePolicy.observe``; the generation probes with ``Info`` while local).
 
 Time is injected (``clock``, or ``now=`` on each call), so this is tested without sleeping.
 """
@@ -43,9 +46,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from seamline.protos.bundle import Manifest
+from seamline.protos.codec import CodecConfig
+
+from .messages import CloudInfo, SplitChoice, SplitRequest, StepStats
 from .planner import (
+    IDS,
     LOCAL,
     CloudLoad,
     CloudProfile,
@@ -61,22 +68,15 @@ from .planner import (
     options,
     plan,
 )
+from .policy import CodecFactory, LiveEstimates, PolicyStatus, manifest_codecs
 
 log = logging.getLogger("seamline.edge.controller")
 DEFAULT_LINK = LinkEstimate(bandwidth_bps=20e6, rtt_ms=30.0)  # prior until the first transfers are measured
 
 
-@dataclass(frozen=True)
-class Decision:
-    split: int
-    codec: str  # a wire codec, "ids" (k = 0) or "local" (all layers on the edge)
-    reason: str
-    predicted_ms: float = 0.0  # response (per request) or per-token decode (resplit)
-    kind: str = "request"  # request | resplit | probe
-
-    @property
-    def local(self) -> bool:
-        return self.codec == LOCAL
+def plain_codec(k: int, name: str) -> CodecConfig:
+    """The default :data:`CodecFactory` of a bare controller: the codec's defaults, no calibration."""
+    return CodecConfig(codec=name)
 
 
 @dataclass(frozen=True)
@@ -193,14 +193,15 @@ class Controller:
 
     def __init__(self, edge: EdgeProfile, cloud: CloudProfile, wire: WireModel, constraints: Constraints,
                  link: LinkEstimate, config: ControllerConfig = ControllerConfig(),
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, codec_config: CodecFactory = plain_codec):
         self.edge, self.cloud, self.wire, self.constraints = edge, cloud, wire, constraints
         self.prior_link = link
         self.config = config
         self.clock = clock
+        self.codec_config = codec_config
         self.est = Estimates(config.alpha, config.bandwidth_alpha, config.bandwidth_jump, config.rtt_jump,
                              config.rtt_jump_ms)
-        self.current: Decision | None = None
+        self.current: SplitChoice | None = None
         self.switches = 0
         self.decisions = 0
         self.last_switch_at = float("-inf")
@@ -278,38 +279,47 @@ class Controller:
             self.est.queue_ms.update(max(0.0, queue_ms))
 
     # -- decisions -----------------------------------------------------------------------
-    def _record(self, d: Decision, now: float) -> Decision:
+    def decision(self, k: int, codec: str, reason: str, predicted_ms: float, kind: str = "request") -> SplitChoice:
+        """The :class:`SplitChoice` of planner option (``k``, ``codec``): ``codec`` is a wire codec, ``"ids"``
+        or ``"local"``."""
+        if codec == LOCAL:
+            return SplitChoice(k, local=True, reason=reason, predicted_ms=predicted_ms, kind=kind)
+        if codec == IDS or k == 0:
+            return SplitChoice(0, reason=reason, predicted_ms=predicted_ms, kind=kind)
+        return SplitChoice(k, self.codec_config(k, codec), reason=reason, predicted_ms=predicted_ms, kind=kind)
+
+    def _record(self, d: SplitChoice, now: float) -> SplitChoice:
         cur = self.current
-        moved = cur is None or (cur.split, cur.codec) != (d.split, d.codec)
+        moved = cur is None or option(cur) != option(d)
         if moved:
             self.switches += cur is not None
             self.last_switch_at = now
-        log.info("%s: split %d, codec %s (%s): %s", d.kind, d.split, d.codec,
-                 "first choice" if cur is None else f"from {cur.split}/{cur.codec}" if moved else "unchanged",
+        log.info("%s: split %d, codec %s (%s): %s", d.kind, d.k, d.codec_name,
+                 "first choice" if cur is None else f"from {cur.k}/{cur.codec_name}" if moved else "unchanged",
                  d.reason)
         self.current = d
         self.decisions += 1
         return d
 
-    def choose(self, prompt_tokens: int, max_new_tokens: int, now: float | None = None) -> Decision:
+    def choose(self, prompt_tokens: int, max_new_tokens: int, now: float | None = None) -> SplitChoice:
         """The (split, codec) for a new request of ``prompt_tokens`` + ``max_new_tokens``."""
         now = self.clock() if now is None else now
         p = plan(self.cost_model(), self.constraints, Workload(max(prompt_tokens, 1), max(max_new_tokens, 1)),
                  self.config.prefer_fidelity_within)
         self.last_plan = p
-        best, cur = p.choice, None if self.current is None else p.row(self.current.split, self.current.codec)
+        best, cur = p.choice, None if self.current is None else p.row(*option(self.current))
         seen = self.started_at if self.last_network_at is None else self.last_network_at
         if best.codec == LOCAL and now - seen >= self.config.probe_after_s:
             remote = next((r for r in p.rows if r.codec != LOCAL), None)
             if remote is not None:
                 why = (f"probing the link: no network observation for {now - seen:.0f} s "
                        f"(local predicted {best.response_ms:.1f} ms, {describe(remote)} {remote.response_ms:.1f} ms)")
-                return self._record(Decision(remote.split, remote.codec, why, remote.response_ms, "probe"), now)
+                return self._record(self.decision(remote.split, remote.codec, why, remote.response_ms, "probe"), now)
         if cur is not None and cur is not best and self._keep(cur, best, p):
             why = (f"keeping {describe(cur)}: {cur.response_ms:.1f} ms is within {self.config.min_relative_gain:.0%} "
                    f"of the best ({describe(best)} at {best.response_ms:.1f} ms)")
-            return self._record(Decision(cur.split, cur.codec, why, cur.response_ms), now)
-        return self._record(Decision(best.split, best.codec, p.reason, best.response_ms), now)
+            return self._record(self.decision(cur.split, cur.codec, why, cur.response_ms), now)
+        return self._record(self.decision(best.split, best.codec, p.reason, best.response_ms), now)
 
     def _keep(self, cur: PlanRow, best: PlanRow, p: Plan) -> bool:
         if best.fidelity > cur.fidelity and best.response_ms <= cur.response_ms * (
@@ -320,8 +330,8 @@ class Controller:
             return cur.response_ms <= self.constraints.deadline_ms and cur.fidelity >= best.fidelity and close
         return close
 
-    def maybe_resplit(self, current: Decision, remaining_tokens: int, position: int,
-                      now: float | None = None) -> Decision | None:
+    def maybe_resplit(self, current: SplitChoice, remaining_tokens: int, position: int,
+                      now: float | None = None) -> SplitChoice | None:
         """A move worth its replay cost mid-generation, or None (see the module docstring)."""
         now = self.clock() if now is None else now
         if remaining_tokens <= 0 or now - self.last_switch_at < self.config.min_dwell_s:
@@ -331,9 +341,10 @@ class Controller:
         opts, _ = options(model, self.constraints)
         t_new, _, k, codec = min((model.decode_ms(k, c, ctx), -self.constraints.agreement(c)[0], k, c)
                                  for k, c in opts)
-        if (k, codec) == (current.split, current.codec):
+        here = option(current)
+        if (k, codec) == here:
             return None
-        t_cur = model.decode_ms(current.split, current.codec, ctx)
+        t_cur = model.decode_ms(*here, ctx)
         if t_new > t_cur * (1 - self.config.min_relative_gain):
             return None
         gain = (t_cur - t_new) * remaining_tokens
@@ -343,87 +354,60 @@ class Controller:
             log.debug("no resplit to %s: gain %.1f ms over %d tokens <= replay %.1f ms x %.2f", target,
                       gain, remaining_tokens, replay, 1 + self.config.hysteresis)
             return None
-        why = (f"resplit {current.split}/{current.codec} -> {target}: {t_cur:.1f} -> {t_new:.1f} ms/token "
+        why = (f"resplit {here[0]}/{here[1]} -> {target}: {t_cur:.1f} -> {t_new:.1f} ms/token "
                f"saves {gain:.0f} ms over {remaining_tokens} tokens > replay {replay:.0f} ms "
                f"x {1 + self.config.hysteresis:.2f}")
-        return self._record(Decision(k, codec, why, t_new, "resplit"), now)
+        return self._record(self.decision(k, codec, why, t_new, "resplit"), now)
 
     # -- metrics -------------------------------------------------------------------------
-    def metrics(self) -> dict[str, Any]:
+    def estimates(self) -> LiveEstimates:
         link, e = self.link(), self.est
-        cur = self.current
-        return {"split": None if cur is None else cur.split, "codec": None if cur is None else cur.codec,
-                "bandwidth_bps": link.bandwidth_bps, "rtt_ms": link.rtt_ms, "queue_ms": e.queue_ms.get(0.0),
-                "edge_decode_scale": e.edge_decode_scale.get(1.0), "edge_prefill_scale": e.edge_prefill_scale.get(1.0),
-                "local_decode_scale": e.local_scale("decode"), "local_prefill_scale": e.local_scale("prefill"),
-                "cloud_scale": e.cloud_scale.get(1.0), "switches": self.switches, "decisions": self.decisions}
+        return LiveEstimates(
+            bandwidth_bps=link.bandwidth_bps, rtt_ms=link.rtt_ms, queue_ms=e.queue_ms.get(0.0),
+            edge_decode_scale=e.edge_decode_scale.get(1.0), edge_prefill_scale=e.edge_prefill_scale.get(1.0),
+            local_decode_scale=e.local_scale("decode"), local_prefill_scale=e.local_scale("prefill"),
+            cloud_scale=e.cloud_scale.get(1.0))
 
 
-# -------------------------------------------------------------------------------- agent adapter
-
-_ALIASES = {
-    "split": ("split", "k"), "codec": ("codec",), "tokens": ("tokens", "n_tokens", "rows"),
-    "position": ("position", "start_position"), "bytes_up": ("bytes_up", "bytes_sent"),
-    "round_trip_ms": ("round_trip_ms", "roundtrip_ms", "rtt_ms"), "network_ms": ("network_ms", "net_ms"),
-    "queue_ms": ("queue_ms", "cloud_queue_ms"), "compute_ms": ("compute_ms", "cloud_compute_ms"),
-    "server_decode_ms": ("server_decode_ms", "cloud_decode_ms"), "edge_ms": ("edge_ms", "edge_compute_ms"),
-    "pipelined": ("pipelined",),
-}
+def option(choice: SplitChoice) -> tuple[int, str]:
+    """The planner option (k, codec name) of a choice."""
+    return choice.k, choice.codec_name
 
 
-def _get(obj: Any, names: tuple[str, ...], default: Any = None) -> Any:
-    for n in names:
-        v = obj.get(n) if isinstance(obj, dict) else getattr(obj, n, None)
-        if v is not None:
-            return v
-    return default
+def observation_from(stats: StepStats) -> StepObservation:
+    """What the controller learns from one step of the generation loop."""
+    return StepObservation(
+        split=stats.split, codec=stats.codec, tokens=stats.tokens, position=stats.position,
+        bytes_up=stats.bytes_sent, round_trip_ms=stats.rtt_ms, network_ms=stats.network_ms,
+        queue_ms=stats.queue_ms, compute_ms=stats.compute_ms, server_decode_ms=stats.server_decode_ms,
+        edge_ms=stats.edge_ms, pipelined=stats.pipelined)
 
 
-def observation_from(stats: Any) -> StepObservation:
-    """A :class:`StepObservation` from the agent's step statistics (object or dict, common field names)."""
-    if isinstance(stats, StepObservation):
-        return stats
-    kw = {name: _get(stats, names) for name, names in _ALIASES.items()}
-    kw = {k: v for k, v in kw.items() if v is not None}
-    if "split" not in kw or "codec" not in kw:
-        raise ValueError("step statistics need `split` and `codec` for the controller")
-    return StepObservation(**kw)
-
-
-@dataclass(frozen=True)
-class CodecName:
-    codec: str
-
-
-@dataclass(frozen=True)
-class ChoiceView:
-    """``policy.choice`` for the agent's health and banner: ``.k`` and ``.codec.codec`` ("local" included)."""
-
-    k: int
-    codec: CodecName
-
+# -------------------------------------------------------------------------------- the agent's policy
 
 class AdaptivePolicy:
-    """The agent's ``SplitPolicy`` (``edge/policy.py``): ``choose(request)`` and ``observe(stats)``.
+    """The controller as the agent's :class:`~seamline.edge.policy.SplitPolicy`.
 
-    ``choose`` reads ``prompt_tokens`` (or the length of ``prompt_ids``/``input_ids``) and ``max_tokens``
-    (or ``max_new_tokens``) from the request (``SplitRequest``) and returns a :class:`Decision` (``split``
-    and a codec name: ``"local"``, ``"ids"`` or a wire codec; ``policy.normalize`` turns it into a
-    ``SplitChoice``). ``observe`` folds one step (``StepStats``, or a dict with the same names) into the
-    estimates and, when the stats carry ``remaining_tokens`` > 0, returns a mid-generation :class:`Decision`
-    worth its replay (else None); it is also kept in ``pending_resplit`` until the next ``choose``.
-    One policy may serve concurrent generations: the estimates are shared, and a resplit is only proposed
-    to a generation that runs the controller's latest choice.
+    ``choose`` plans for the request's prompt and ``max_tokens``. ``observe`` folds one step into the
+    estimates and, while tokens remain, returns a mid-generation :class:`SplitChoice` worth its replay
+    (else None); it is also kept in ``pending_resplit`` until the next ``choose``. Moves go both ways: a
+    generation that runs every layer on the edge (moved there, or fallen back offline) is sent back to the
+    cloud once the link was seen working again after it went local (an ``Info`` probe, another
+    generation's step) and the gain over the remaining tokens exceeds the replay. One policy may serve
+    concurrent generations: the estimates are shared, and a remote step's resplit is only proposed to a
+    generation that runs the controller's latest choice.
     """
 
     def __init__(self, controller: Controller):
         self.controller = controller
-        self.pending_resplit: Decision | None = None
+        self.pending_resplit: SplitChoice | None = None
+        self.local_since: float | None = None  # when the latest run of all-local steps began
 
     @classmethod
-    def from_manifest(cls, manifest: Any, link: LinkEstimate | None = None,
+    def from_manifest(cls, manifest: Manifest, link: LinkEstimate | None = None,
                       config: ControllerConfig = ControllerConfig(), clock: Callable[[], float] = time.monotonic,
-                      **constraints: Any) -> AdaptivePolicy:
+                      codecs: tuple[str, ...] | None = None, min_agreement: float | None = None,
+                      deadline_ms: float | None = None, zstd: bool = True) -> AdaptivePolicy:
         """Profiles from ``manifest.plan["profiles"]`` (written by ``partition --split auto``), else rough
         estimates from the model size that live measurements then correct."""
         profiles = (manifest.plan or {}).get("profiles") or {}
@@ -440,65 +424,52 @@ class AdaptivePolicy:
             edge = EdgeProfile.flat(L, H, per_layer_mflop / 2, per_layer_mflop * 64 / 10, 0.05, head_mflop / 2,
                                     layers=manifest.edge_layers)
             cloud = CloudProfile.flat(L, H, per_layer_mflop / 20, per_layer_mflop * 64 / 100, 0.05, head_mflop / 20)
-        ctl = Controller(edge, cloud, WireModel.from_manifest(manifest), Constraints.from_manifest(manifest, **constraints),
-                         link or DEFAULT_LINK, config, clock)
+        constraints = Constraints.from_manifest(manifest, codecs=codecs, min_agreement=min_agreement,
+                                                deadline_ms=deadline_ms)
+        ctl = Controller(edge, cloud, WireModel.from_manifest(manifest), constraints, link or DEFAULT_LINK, config,
+                         clock, manifest_codecs(manifest, zstd))
         return cls(ctl)
 
-    def choose(self, request: Any) -> Decision:
-        n = _get(request, ("prompt_tokens", "n_prompt_tokens"))
-        if n is None:
-            ids = _get(request, ("prompt_ids", "input_ids", "ids"), [])
-            n = len(ids)
-        m = _get(request, ("max_tokens", "max_new_tokens"), 32)
+    def choose(self, request: SplitRequest) -> SplitChoice:
         self.pending_resplit = None
-        return self.controller.choose(int(n), int(m))
+        return self.controller.choose(request.prompt_tokens, request.max_tokens)
 
-    def observe(self, step_stats: Any) -> Decision | None:
-        obs = observation_from(step_stats)
-        self.controller.observe(obs)
-        remaining = _get(step_stats, ("remaining_tokens",)) if not isinstance(step_stats, StepObservation) else None
-        cur = self.controller.current
-        # An all-local generation finishes on the edge (the loop does not move it back onto the link): no
-        # resplit is proposed for it, so the controller's ``current`` stays what the loop runs.
-        if not remaining or cur is None or obs.codec == LOCAL or (cur.split, cur.codec) != (obs.split, obs.codec):
+    def observe(self, stats: StepStats) -> SplitChoice | None:
+        ctl = self.controller
+        now = ctl.clock()
+        obs = observation_from(stats)
+        ctl.observe(obs, now)
+        cur = ctl.current
+        if stats.remaining_tokens <= 0 or cur is None:
             return None
-        d = self.controller.maybe_resplit(cur, int(remaining), obs.position + obs.tokens)
+        if obs.codec == LOCAL:
+            # Every layer runs here (the controller moved the generation, or it fell back when the cloud was
+            # unreachable). Back to the cloud only on evidence that the link works again: a network
+            # observation (a step of another generation, an ``Info`` probe) newer than the local run.
+            if self.local_since is None:
+                self.local_since = now
+            if ctl.last_network_at is None or ctl.last_network_at <= self.local_since:
+                return None
+            here = ctl.decision(obs.split, LOCAL, "running every layer on the edge", 0.0)
+        else:
+            self.local_since = None
+            if option(cur) != (obs.split, obs.codec):
+                return None  # another generation's step: resplits go to the one that runs the latest choice
+            here = cur
+        d = ctl.maybe_resplit(here, stats.remaining_tokens, obs.position + obs.tokens, now)
         if d is not None:
             self.pending_resplit = d
         return d
 
-    def observe_info(self, info: Any, rtt_ms: float | None = None) -> None:
-        """A cloud ``Info`` (``CloudInfo``): its queue, its per-layer decode ms (rescales the cloud profile)
-        and, if the caller timed the call, its round trip as an RTT sample."""
+    def observe_info(self, info: CloudInfo, rtt_ms: float | None) -> None:
+        """A cloud ``Info``: its queue, its per-layer decode ms (rescales the cloud profile) and, if the
+        caller timed the call, its round trip as an RTT sample."""
         ctl = self.controller
-        layer_ms = list(_get(info, ("layer_ms",), ()) or ())
         profiled = ctl.cloud.decode_ms(0, ctl.cloud.num_layers, 64)
-        if len(layer_ms) == ctl.cloud.num_layers and sum(layer_ms) > 0 and profiled > 0:
-            ctl.est.cloud_scale.update(sum(layer_ms) / profiled)
-        ctl.observe_probe(rtt_ms=rtt_ms, queue_ms=_get(info, ("queue_ms_p50", "queue_ms")))
+        if len(info.layer_ms) == ctl.cloud.num_layers and sum(info.layer_ms) > 0 and profiled > 0:
+            ctl.est.cloud_scale.update(sum(info.layer_ms) / profiled)
+        ctl.observe_probe(rtt_ms=rtt_ms, queue_ms=info.queue_ms_p50)
 
-    @property
-    def current(self) -> Decision | None:
-        return self.controller.current
-
-    @property
-    def choice(self) -> ChoiceView | None:
-        cur = self.controller.current
-        return None if cur is None else ChoiceView(cur.split, CodecName(cur.codec))
-
-    def metrics(self) -> dict[str, Any]:
-        return self.controller.metrics()
-
-    def render_metrics(self, prefix: str = "seamline_edge_controller") -> list[str]:
-        """Prometheus text lines (gauges): the current split and codec, the live estimates, switches."""
-        m = self.metrics()
-        out = [f"# HELP {prefix}_split current split k (num_layers = all-local), labelled with the codec",
-               f"# TYPE {prefix}_split gauge"]
-        if m["split"] is not None:
-            out.append(f'{prefix}_split{{codec="{m["codec"]}"}} {m["split"]}')
-        for key, help_text in (("bandwidth_bps", "estimated uplink bandwidth, bits/s"),
-                               ("rtt_ms", "estimated round-trip time, ms"), ("queue_ms", "estimated cloud queue, ms"),
-                               ("switches", "split/codec changes so far")):
-            out += [f"# HELP {prefix}_{key} {help_text}", f"# TYPE {prefix}_{key} gauge",
-                    f"{prefix}_{key} {float(m[key]):g}"]
-        return out
+    def status(self) -> PolicyStatus:
+        ctl = self.controller
+        return PolicyStatus(ctl.current, ctl.decisions, ctl.switches, ctl.estimates())

@@ -26,6 +26,17 @@ class BadRequest(EdgeError):
         self.param = param
 
 
+class PayloadTooLarge(EdgeError):
+    """A request body or prompt over one of the agent's limits (HTTP 413); ``param`` names the setting."""
+
+    http_status = 413
+    kind = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 # -- the cloud link: raised by CloudLink, handled by the generation loop -------------------------------
 
 class LinkError(EdgeError):
@@ -49,6 +60,14 @@ class LinkBroken(LinkError):
 
 class CloudRejected(LinkError):
     """The cloud refused the request for a reason a retry will not fix (bad tensor, auth, model)."""
+
+
+class CloudRefusedRequest(CloudRejected):
+    """INVALID_ARGUMENT: the cloud refused what the caller asked for (e.g. a sampling value out of range).
+    The caller's mistake, not an outage: no fallback, the caller gets HTTP 400 with the cloud's reason."""
+
+    http_status = 400
+    kind = "invalid_request_error"
 
 
 class CloudUnavailable(EdgeError):

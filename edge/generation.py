@@ -12,16 +12,20 @@ the last: a prefill (many rows), a decode step (one row) and a replay (everythin
 cloud lost the session) are the same operation. Pipelining: chunk j+1 is computed and encoded on
 the worker thread while chunk j is written and the cloud works on it; replies are read in order.
 
-Replay: NOT_FOUND (unknown or evicted session) -> a new session, resend from 0;
-FAILED_PRECONDITION with ``server_position=N`` -> resend from N on the same session; a broken
-stream, a dead endpoint or a step past ``step_timeout`` -> a new session on the same or the next
-endpoint (``CloudLink.open`` backs off and fails over), resend from 0. Greedy output does not
+Replay: one generation is one Generate stream, and the stream is the cloud session (protocol v2),
+so after NOT_FOUND (evicted session), FAILED_PRECONDITION (position mismatch), a broken stream, a
+dead endpoint or a step past ``step_timeout`` the loop opens a new stream on the same or the next
+endpoint (``CloudLink.open`` backs off and fails over) and resends the kept hidden states from 0. Greedy output does not
 change: the cloud sees the same hidden states, and temperature sampling is seeded per position.
 
 Offline fallback: when no endpoint answers within the reconnect window, after ``max_replays``, or
 past the request's deadline, a bundle with every layer finishes locally: blocks [k, L) run over the
 history from ``hist`` (once), then every token runs the whole model on the edge and is sampled
 with the same parameters. Without the full model the generation fails with :class:`NoRoute`.
+While it runs locally with an adaptive policy, a probe asks the cloud for ``Info`` every
+``probe_interval`` s and hands the timing to the policy; once the link works again and the policy
+predicts the cloud saves more over the remaining tokens than the replay costs, the generation moves
+back (at the split it left, the history is resent as it is; at another, it is recomputed first).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import numpy as np
 from seamline.protos.codec import CodecConfig
 
 from . import sampling, wire
-from .errors import CloudUnavailable, LinkBroken, NoRoute, SessionLost
+from .errors import CloudUnavailable, EdgeError, LinkBroken, NoRoute, SessionLost
 from .link import LinkSession
 from .messages import (
     CLOUD,
@@ -53,7 +57,7 @@ from .messages import (
     StepStats,
     TokenInfo,
 )
-from .policy import FixedPolicy, normalize
+from .policy import FixedPolicy
 from .runtime import EdgeCache
 from .text import TextTracker
 
@@ -116,7 +120,8 @@ class Generation:
         self.finish_reason: str | None = None
         self.stats = GenerationStats(prompt_tokens=self.n_prompt)
         self.deadline: float | None = None
-        self._pending = None  # a mid-generation decision of the policy, applied after the current token
+        self._pending: SplitChoice | None = None  # a mid-generation choice, applied after the current token
+        self._probe: asyncio.Task | None = None  # asks the cloud whether the link works while running locally
         if self.mode == LOCAL:
             self.stats.fallback_reason = "no cloud endpoint configured"
 
@@ -137,8 +142,9 @@ class Generation:
                     except CloudUnavailable as e:
                         self._require_local(e.message)
                         log.warning("cloud unavailable, generating locally: %s", e.message)
-                        self.mode, self.stats.fallback_reason = LOCAL, e.message
+                        self.stats.fallback_reason = e.message
                         self._close_session()
+                        self._go_local()
                         continue
                 else:
                     token, logprob, top = await self._local_token()
@@ -165,6 +171,7 @@ class Generation:
                 yield GenerationEvent(tail)
         finally:
             self._close_session()
+            self._stop_probing()
             self.stats.completion_tokens = len(self.tokens)
             self.stats.total_ms = (time.perf_counter() - t0) * 1e3
 
@@ -188,42 +195,91 @@ class Generation:
 
     # -- split choice -------------------------------------------------------------------------------
     def _first_choice(self) -> None:
-        if self.mode == LOCAL:  # no cloud at all: every layer on the edge
-            self.choice = SplitChoice(0, CodecConfig())
-            self.stats.split, self.stats.codec = self.engine.manifest.num_layers, "local"
-            return
         m = self.engine.manifest
-        decision = self.engine.policy.choose(SplitRequest(self.n_prompt, self.max_new, len(self.ids), None))
-        choice = normalize(decision, m, self.config.zstd)
-        if choice is None and not self.engine.can_run_locally:
+        if self.mode == LOCAL:  # no cloud at all: every layer on the edge
+            self._run_locally(m.num_layers)
+            return
+        choice = self.engine.policy.choose(SplitRequest(self.n_prompt, self.max_new, len(self.ids), None))
+        if choice.local and not self.engine.can_run_locally:
             log.warning("the split policy chose the edge alone, but the bundle lacks layers; using the cloud")
-            choice = normalize(FixedPolicy.from_manifest(m).choice, m)
-        if choice is None:
-            self.mode, self.choice = LOCAL, SplitChoice(0, CodecConfig())
-            self.stats.split, self.stats.codec = m.num_layers, "local"
+            choice = FixedPolicy.from_manifest(m, zstd=self.config.zstd).choice
+        if choice.local:
+            self._run_locally(m.num_layers)
             return
         m.check_split(choice.k)
         self.choice = choice
         self.stats.split, self.stats.codec = choice.k, choice.codec.codec
 
-    def _move(self, decision) -> None:
-        """Apply a mid-generation decision of the policy (after the current token)."""
+    def _run_locally(self, num_layers: int) -> None:
+        """Every layer on the edge from the first token: the local path starts at k = 0."""
+        self.choice = SplitChoice(0, CodecConfig())
+        self.stats.split, self.stats.codec = num_layers, LOCAL
+        self._go_local()
+
+    def _go_local(self) -> None:
+        """Generate on the edge from now on; while doing so, probe the link for the policy (see _probe_link)."""
+        self.mode = LOCAL
+        link = self.engine.link
+        if link is not None and link.endpoints and self._probe is None \
+                and (self.deadline is None or time.monotonic() < self.deadline) \
+                and self.engine.policy.status().estimates is not None:  # a policy that measures nothing: no probe
+            self._probe = asyncio.get_running_loop().create_task(self._probe_link(), name="seamline-probe-link")
+
+    def _stop_probing(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+
+    async def _probe_link(self) -> None:
+        """Every ``probe_interval`` s, a timed ``Info`` to the first endpoint that answers, handed to the
+        policy: with nothing else measuring the link while the edge runs every layer, this is what lets
+        the policy see it recover (and move the generation back, ``_move``)."""
+        link, policy = self.engine.link, self.engine.policy
+        while True:
+            await asyncio.sleep(self.config.probe_interval)
+            for endpoint in link.endpoints:
+                t0 = time.perf_counter()
+                try:
+                    info = await link.info(endpoint, self.config.connect_timeout)
+                except EdgeError as e:
+                    log.debug("link probe of %s: %s", endpoint, e.message)
+                    continue
+                try:
+                    policy.observe_info(info, (time.perf_counter() - t0) * 1e3)
+                except Exception:  # a failing controller must not fail the generation it measures
+                    log.exception("the split policy failed to observe a link probe")
+                break
+
+    def _move(self, choice: SplitChoice) -> None:
+        """Apply a mid-generation choice of the policy (after the current token), either way between the
+        link and the edge alone."""
         m = self.engine.manifest
-        choice = normalize(decision, m, self.config.zstd)
-        if self.mode == LOCAL or choice == self.choice or (choice is None and not self.engine.can_run_locally):
+        if choice.local:
+            if self.mode == LOCAL or not self.engine.can_run_locally:
+                return
+            self.stats.resplits += 1
+            self._close_session()
+            log.info("the split policy moved the rest of the generation onto the edge")
+            self._go_local()
             return
+        if (self.mode == CLOUD and choice == self.choice) or self.engine.link is None or not self.engine.link.endpoints:
+            return
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return  # past the deadline the rest is generated here
+        m.check_split(choice.k)
         self.stats.resplits += 1
         self._close_session()
-        if choice is None:
-            log.info("the split policy moved the rest of the generation onto the edge")
-            self.mode = LOCAL
-            return
-        m.check_split(choice.k)
-        log.info("moving the split from %d to %d (%s)", self.choice.k, choice.k, choice.codec.codec)
-        # The new split's hidden states are not in the history: recompute it at the new k, then replay.
-        self.cache = self.engine.runtime.new_cache()
-        self.hist = HiddenHistory(m.hidden_size)
-        self.edge_sched = self.local_pos = 0
+        self._stop_probing()
+        back, self.mode = self.mode == LOCAL, CLOUD
+        log.info("moving %s to split %d (%s)", "the generation back to the cloud" if back
+                 else f"the split from {self.choice.k}", choice.k, choice.codec_name)
+        if choice.k != self.choice.k:
+            # The new split's hidden states are not in the history: recompute it at the new k, then replay.
+            self.cache = self.engine.runtime.new_cache()
+            self.hist = HiddenHistory(m.hidden_size)
+            self.edge_sched = self.local_pos = 0
+        # else: back at the split it fell back from; the history at k is whole (the local path kept it), so
+        # the new session's replay resends it without recomputing
         self.choice = choice
         self.stats.split, self.stats.codec = choice.k, choice.codec.codec
 
@@ -249,13 +305,9 @@ class Generation:
                 self.stats.endpoint = self.session.endpoint
             try:
                 return await self._feed(self.session)
-            except SessionLost as e:
+            except SessionLost as e:  # the stream (= the session) is gone: a new stream, resend from 0
                 error = e
-                if e.server_position is not None and e.server_position <= self.edge_sched:
-                    self.session.abort()  # a new stream on the same session,
-                    self.cloud_pos = min(self.cloud_pos, e.server_position)  # resending from there
-                else:
-                    self._close_session()
+                self._close_session()
             except LinkBroken as e:
                 error = e
                 link.mark_failed(self.session.endpoint)
@@ -341,7 +393,7 @@ class Generation:
         t = result.timings
         stats = StepStats(
             kind="decode" if tokens == 1 else "prefill", endpoint=session.endpoint, split=self.choice.k,
-            codec=self.choice.codec.codec if self.choice.k else "ids", tokens=tokens, position=chunk.start,
+            codec=self.choice.codec_name, tokens=tokens, position=chunk.start,
             remaining_tokens=self.max_new - len(self.tokens) - 1, edge_ms=chunk.edge_ms,
             bytes_sent=result.bytes_sent, bytes_received=result.bytes_received, rtt_ms=result.rtt_ms,
             network_ms=result.network_ms, queue_ms=t.queue_ms, compute_ms=t.compute_ms,
@@ -380,7 +432,8 @@ class Generation:
             self.edge_sched = self.hist.length
         self.local_pos = n
         self.stats.local_ms += ms
-        self._observe_local(tokens=n - start, position=start, ms=ms)
+        if k == 0 or n - start == 1:  # a step that ran every layer here (not the tail of a replay at split k)
+            self._observe_local(tokens=n - start, position=start, ms=ms)
         return picked
 
     def _observe_local(self, tokens: int, position: int, ms: float) -> None:

@@ -6,8 +6,9 @@
   failure it backs off exponentially (with jitter) and retries until the reconnect window or the
   request's deadline is spent, then raises :class:`CloudUnavailable`. When the whole cloud was
   unreachable moments ago, it makes one quick pass instead of waiting again (a short circuit).
-- A :class:`LinkSession` owns one bidirectional Step stream. Requests may be pipelined (several
-  written before the first reply is read); replies come back in order. Each reply's network time
+- A :class:`LinkSession` is one generation's bidirectional Generate stream (protocol v2): its first
+  message opens the session and its end frees it. Steps may be pipelined (several written before
+  the first reply is read); replies come back in order. Each reply's network time
   is its round trip minus the server's queue, compute and decode time, where the round trip of a
   pipelined chunk starts when the server could start on it (after the previous reply).
 
@@ -30,7 +31,7 @@ from seamline.protos import seamline_pb2_grpc
 
 from . import wire
 from .config import ConfigError, EdgeConfig
-from .errors import CloudRejected, CloudUnavailable, LinkBroken, LinkError
+from .errors import CloudRefusedRequest, CloudRejected, CloudUnavailable, LinkBroken, LinkError
 from .messages import CloudInfo, OpenParams, OutgoingChunk, StepResult
 
 log = logging.getLogger("seamline.edge")
@@ -39,45 +40,42 @@ MAX_MESSAGE = 64 * 2**20
 
 
 class LinkSession:
-    """One cloud session and its Step stream (reopened on demand after a failure)."""
+    """One cloud session = one Generate stream (protocol v2), opened by ``CloudLink.open``.
 
-    def __init__(self, link: CloudLink, endpoint: str, session_id: str, info: CloudInfo, reply: pb.OpenReply):
+    The stream's end frees the session's KV on the cloud at once. After any error the stream and
+    its session are gone: the generation replays on a new stream (to any replica).
+    """
+
+    def __init__(self, link: CloudLink, endpoint: str, call, info: CloudInfo, reply: pb.OpenReply):
         self.link = link
         self.endpoint = endpoint
-        self.session_id = session_id
-        self.info = info
+        self._call = call
+        self.session_id = reply.session_id  # for logs only: nothing sent names the session
         self.max_chunk_tokens = reply.max_chunk_tokens or info.max_chunk_tokens or 256
-        self.max_positions = reply.max_positions or info.max_positions
-        self._call = None
         self._in_flight: deque[tuple[float, int]] = deque()  # (sent at, bytes) per unanswered request
         self._last_reply = 0.0
         self._step_id = 0
         self.closed = False
 
-    def _stream(self):
-        if self._call is None:
-            self._call = self.link.stub(self.endpoint).Step(metadata=self.link.metadata)
-            self._in_flight.clear()
-        return self._call
-
     async def _status_error(self, what: str) -> LinkError:
         """The status of a stream that ended (a failed write, or EOF where a reply was due)."""
         call = self._call
         try:
-            code, details = await asyncio.wait_for(asyncio.gather(call.code(), call.details()), 1.0)
+            code, details, trailing = await asyncio.wait_for(
+                asyncio.gather(call.code(), call.details(), call.trailing_metadata()), 1.0)
         except (TimeoutError, grpc.RpcError):
-            code, details = None, "the stream ended without a status"
+            code, details, trailing = None, "the stream ended without a status", None
         self.abort()
-        return wire.link_error(code, details, self.endpoint, what)
+        return wire.link_error(code, details, self.endpoint, what, trailing)
 
     async def send(self, chunk: OutgoingChunk, timeout: float) -> None:
         """Write one chunk on the stream (does not wait for its reply; LinkBroken after ``timeout`` s of
         HTTP/2 flow control holding it back, e.g. a frozen server)."""
-        if self.closed:
-            raise LinkBroken(f"session {self.session_id} on {self.endpoint} is closed")
-        call = self._stream()
+        call = self._call
+        if self.closed or call is None:
+            raise LinkBroken(f"the stream of session {self.session_id[:8]} on {self.endpoint} has ended")
         self._step_id += 1
-        req = wire.step_request(self.session_id, chunk, self._step_id)
+        req = pb.GenerateRequest(step=wire.step_request(chunk, self._step_id))
         size = req.ByteSize()
         sent_at = time.perf_counter()
         try:
@@ -87,7 +85,7 @@ class LinkSession:
             raise LinkBroken(f"Step on {self.endpoint}: could not send within {timeout:.1f}s") from None
         except grpc.aio.AioRpcError as e:
             self.abort()
-            raise wire.link_error(e.code(), e.details(), self.endpoint, "Step") from None
+            raise wire.link_error(e.code(), e.details(), self.endpoint, "Step", e.trailing_metadata()) from None
         except (asyncio.InvalidStateError, grpc.aio.UsageError):
             raise await self._status_error("Step") from None
         if not self._in_flight:
@@ -107,43 +105,46 @@ class LinkSession:
                              "(raise step_timeout if the cloud is just slow)") from None
         except grpc.aio.AioRpcError as e:
             self.abort()
-            raise wire.link_error(e.code(), e.details(), self.endpoint, "Step") from None
+            raise wire.link_error(e.code(), e.details(), self.endpoint, "Step", e.trailing_metadata()) from None
         if reply is grpc.aio.EOF:
             raise await self._status_error("Step")
+        if reply.WhichOneof("kind") != "step":
+            self.abort()
+            raise LinkBroken(f"{self.endpoint} answered a step with {reply.WhichOneof('kind') or 'nothing'}")
         now = time.perf_counter()
         sent_at, size = self._in_flight.popleft()
         rtt_ms = (now - max(sent_at, self._last_reply)) * 1e3
         self._last_reply = now
-        return wire.step_result(reply, size, rtt_ms)
+        return wire.step_result(reply.step, size, rtt_ms)
 
     def abort(self) -> None:
-        """Drop the stream (the session may live on; the next ``send`` opens a new stream)."""
+        """Cancel the stream at once (the cloud frees the session)."""
+        self.closed = True
         if self._call is not None:
             self._call.cancel()
             self._call = None
         self._in_flight.clear()
 
     def close(self) -> None:
-        """Close the stream and, in the background, the cloud session (frees its KV cache)."""
+        """End the stream: the cloud frees the session's KV at once. Half-closes, then (in the background)
+        waits briefly for the OK status before cancelling."""
         if self.closed:
             return
         self.closed = True
         call, self._call = self._call, None
-        self.link.spawn(self._close(call), f"close {self.session_id[:8]}")
+        self._in_flight.clear()
+        if call is not None:
+            self.link.spawn(self._close(call), f"close {self.session_id[:8]}")
 
     async def _close(self, call) -> None:
-        if call is not None:
-            try:
-                await call.done_writing()
-            except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
-                pass
-            call.cancel()
         try:
-            await self.link.stub(self.endpoint).Close(wire.close_request(self.session_id),
-                                                      metadata=self.link.metadata,
-                                                      timeout=self.link.config.connect_timeout)
-        except grpc.RpcError:
-            pass  # evicted, or the endpoint is gone: the session dies with its TTL
+            await asyncio.wait_for(call.done_writing(), self.link.config.connect_timeout)
+            while await asyncio.wait_for(call.read(), self.link.config.connect_timeout) is not grpc.aio.EOF:
+                pass  # replies to pipelined steps nobody waits for any more
+        except (TimeoutError, grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            pass
+        finally:
+            call.cancel()  # no-op after the OK status; otherwise the cloud sees the cancel and frees the session
 
 
 class CloudLink:
@@ -247,12 +248,30 @@ class CloudLink:
         if not info.min_split <= k <= info.max_split:
             raise CloudRejected(f"{endpoint} serves splits [{info.min_split}, {info.max_split}], not {k}; "
                                 "choose --split in that range")
+        call = self.stub(endpoint).Generate(metadata=self.metadata)
         try:
-            reply = await self.stub(endpoint).Open(wire.open_request(params), metadata=self.metadata,
-                                                   timeout=timeout)
+            await asyncio.wait_for(call.write(pb.GenerateRequest(open=wire.open_request(params))), timeout)
+            reply = await asyncio.wait_for(call.read(), timeout)
+            if reply is grpc.aio.EOF:
+                code, details, trailing = await asyncio.wait_for(
+                    asyncio.gather(call.code(), call.details(), call.trailing_metadata()), timeout)
+                raise wire.link_error(code, details, endpoint, "Open", trailing)
+        except TimeoutError:
+            call.cancel()
+            raise LinkBroken(f"Open on {endpoint}: no answer within {timeout:.1f}s") from None
         except grpc.aio.AioRpcError as e:
-            raise wire.link_error(e.code(), e.details(), endpoint, "Open") from None
-        return LinkSession(self, endpoint, reply.session_id, info, reply)
+            call.cancel()
+            raise wire.link_error(e.code(), e.details(), endpoint, "Open", e.trailing_metadata()) from None
+        except (asyncio.InvalidStateError, grpc.aio.UsageError):
+            call.cancel()
+            raise LinkBroken(f"Open on {endpoint}: the stream ended before the session opened") from None
+        except LinkError:
+            call.cancel()
+            raise
+        if reply.WhichOneof("kind") != "opened":
+            call.cancel()
+            raise LinkBroken(f"{endpoint} answered open with {reply.WhichOneof('kind') or 'nothing'}")
+        return LinkSession(self, endpoint, call, info, reply.opened)
 
     async def open(self, params: OpenParams, deadline: float | None = None) -> LinkSession:
         """A new session on the first endpoint that takes it; CloudUnavailable when none does in time.
@@ -278,6 +297,8 @@ class CloudLink:
                 timeout = max(0.05, min(self.config.connect_timeout, give_up - time.monotonic()))
                 try:
                     session = await self._open_on(endpoint, params, timeout)
+                except CloudRefusedRequest:
+                    raise  # the request is wrong, not the cloud down: no other endpoint, no fallback
                 except LinkError as e:
                     errors[endpoint] = e.message
                     retryable = retryable or not isinstance(e, CloudRejected)

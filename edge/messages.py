@@ -9,25 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seamline.protos.codec import CodecConfig
+from seamline.protos.sampling import SamplingParams
 
 CLOUD = "cloud"
 LOCAL = "local"
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Mirrors ``seamline.v1.SamplingParams``; the same values drive local sampling."""
-
-    temperature: float = 0.0          # 0 = greedy (argmax)
-    top_k: int = 0                    # 0 = off
-    top_p: float = 1.0                # 1 (or 0) = off
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    top_logprobs: int = 0             # 0 = none; up to 20
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+IDS = "ids"  # the codec name of k = 0: token ids go to the cloud
 
 
 @dataclass(frozen=True)
@@ -43,10 +29,25 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class SplitChoice:
-    """Where to cut (k) and how to encode the hidden state at the cut."""
+    """Where to cut and how to encode: the one answer of every split policy (``policy.SplitPolicy``).
+
+    ``k`` blocks run on the edge and ``codec`` encodes the hidden state at the cut (k = 0 sends token
+    ids; its codec is unused). ``local``: every layer and the head run on the edge, nothing goes to the
+    cloud (k is then the layer count). ``reason``, ``predicted_ms`` and ``kind`` (request | resplit |
+    probe) explain a decision in logs and benchmarks; they take no part in equality.
+    """
 
     k: int
-    codec: CodecConfig
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    local: bool = False
+    reason: str = field(default="", compare=False)
+    predicted_ms: float = field(default=0.0, compare=False)
+    kind: str = field(default="request", compare=False)
+
+    @property
+    def codec_name(self) -> str:
+        """The planner's name of this choice: ``"local"``, ``"ids"`` (k = 0) or the wire codec."""
+        return LOCAL if self.local else IDS if self.k == 0 else self.codec.codec
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,13 @@ chat: a boolean with ``top_logprobs``), ``stream`` with ``stream_options.include
 extension ``deadline`` (seconds; past it the rest is generated locally). Anything that would change
 the output and is not supported (n > 1, echo, suffix, penalties, logit_bias, tools) is a 400.
 
+Every value is range-checked against what the wire and the model accept, and a bad one is a 400
+that names the field: ``top_k`` in [0, vocab size], ``temperature`` in [0, 100] (below
+``GREEDY_BELOW`` it counts as 0, greedy, on the cloud and the local path alike), ``top_p`` in
+[0, 1], ``seed`` a uint64, ``max_tokens`` below 2**31, ``deadline`` up to ``MAX_DEADLINE`` s, at
+most ``MAX_STOP`` stop strings of ``MAX_STOP_CHARS`` characters, ``model`` up to ``MAX_MODEL_CHARS``.
+``parse_json`` refuses bodies nested deeper than ``MAX_DEPTH``, NaN/Infinity and lone surrogates.
+
 Every reply carries ``usage`` and a ``seamline`` object: the timing breakdown (edge, network, cloud
 queue and compute ms), bytes each way, split and codec, which path served how many tokens
 (``served_by``), replays and the fallback reason. A stream carries them in its last chunk.
@@ -21,15 +28,33 @@ import random
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import BadRequest
+from seamline.protos.sampling import GREEDY_BELOW, MAX_TEMPERATURE, MAX_TOP_LOGPROBS
+
+from .chat import PLAIN, ChatFormat
+from .errors import BadRequest, PayloadTooLarge
 from .messages import GenerationRequest, GenerationResult, GenerationStats, SamplingParams, TokenInfo
 from .text import CHAT_STOP, chat_prompt
 
-MAX_TOP_LOGPROBS = 20
 COMPLETION, CHAT = "text_completion", "chat.completion"
+MAX_DEPTH = 32                        # JSON nesting levels of a request body
+MAX_INT32 = 2**31 - 1                 # the wire's int32 fields (top_k, ...)
+MAX_DEADLINE = 1e6                    # seconds
+MAX_STOP, MAX_STOP_CHARS = 16, 256
+MAX_MODEL_CHARS = 256
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request is checked against: the agent's settings and the model's sizes."""
+
+    default_max_tokens: int = 16
+    deadline: float | None = None     # the agent's default per-request deadline
+    vocab_size: int | None = None     # top_k and token ids must fit (None: not checked here)
+    max_positions: int | None = None  # token-id prompts this long are refused at once
+    max_prompt_chars: int | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +66,62 @@ class ApiRequest:
     include_usage: bool
     logprobs: bool                    # report the chosen tokens' logprobs
     top_logprobs: int
+    prompt_text: str | None = None    # the text to tokenize (``generation.prompt_ids`` is empty until then)
+    chat_format: str = ""             # chat: "template" (the model's own, edge/chat.py) or "plain"
+
+    def with_prompt_ids(self, ids: list[int] | tuple[int, ...]) -> ApiRequest:
+        return replace(self, generation=replace(self.generation, prompt_ids=tuple(ids)), prompt_text=None)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """A request body -> JSON value; BadRequest for invalid JSON, NaN/Infinity, nesting deeper than
+    ``MAX_DEPTH`` and strings with lone surrogates (they cannot be tokenized or sent back as UTF-8)."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadRequest(f"the request body nests deeper than {MAX_DEPTH} levels; flatten it") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an over-long integer
+        raise BadRequest(f"the request body is not valid JSON ({str(e)[:200]})") from None
+    _check_tree(body)
+    return body
+
+
+def _field(path: str) -> str | None:
+    return path.split(".")[0].split("[")[0] or None
+
+
+def _check_tree(body: Any) -> None:
+    """Depth and string checks over the parsed body, without recursion."""
+    todo: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while todo:
+        value, path, depth = todo.pop()
+        if isinstance(value, str):
+            _check_text(value, path or "the body")
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise BadRequest(f"the request body nests deeper than {MAX_DEPTH} levels (at {path[:80]}); "
+                                 "flatten it", _field(path))
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    _check_text(k, f"a key of {path or 'the body'}")
+                    todo.append((v, f"{path}.{k}" if path else k, depth + 1))
+            else:
+                todo.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+
+
+def _check_text(s: str, path: str) -> None:
+    if s.isascii():
+        return
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(f"{path[:80]} holds a lone surrogate ({s[e.start]!a} at index {e.start}), which "
+                         "is no character: send valid UTF-8 text (a \\uD800-\\uDBFF escape must be followed by a "
+                         "\\uDC00-\\uDFFF one)", _field(path)) from None
 
 
 def _get(body: dict, name: str, types: tuple, default: Any = None) -> Any:
@@ -99,73 +180,125 @@ def _stop(body: dict) -> tuple[str, ...]:
     if stop is None:
         return ()
     if isinstance(stop, str):
-        return (stop,)
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return tuple(s for s in stop if s)
-    raise BadRequest("stop must be a string or a list of strings", "stop")
+        stop = [stop]
+    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise BadRequest("stop must be a string or a list of strings", "stop")
+    if len(stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise BadRequest(f"stop: at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters each",
+                         "stop")
+    return tuple(s for s in stop if s)
 
 
-def _common(body: dict, default_max_tokens: int, max_tokens_names: tuple[str, ...]) -> dict:
+def _common(body: dict, limits: RequestLimits, max_tokens_names: tuple[str, ...]) -> dict:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     _unsupported(body)
     max_tokens = None
     for name in max_tokens_names:
-        max_tokens = _integer(body, name, None, 1)
+        max_tokens = _integer(body, name, None, 1, MAX_INT32)
         if max_tokens is not None:
             break
     seed = _integer(body, "seed", None, 0, 2**64 - 1)
-    temperature = _number(body, "temperature", 1.0, 0.0, 100.0)
+    temperature = _number(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE)
+    if temperature < GREEDY_BELOW:
+        temperature = 0.0  # greedy, as the cloud treats a float32 zero; x / 5e-324 would overflow locally
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    top_k = _integer(body, "top_k", 0, 0)
+    top_k = _integer(body, "top_k", 0, 0, min(MAX_INT32, limits.vocab_size or MAX_INT32))
     stream_options = _get(body, "stream_options", (dict,), {})
     deadline = _get(body, "deadline", (int, float), None)
-    if deadline is not None and (not math.isfinite(deadline) or deadline <= 0):
-        raise BadRequest(f"deadline must be a positive number of seconds, got {deadline}", "deadline")
+    if deadline is not None and (not math.isfinite(deadline) or not 0 < deadline <= MAX_DEADLINE):
+        raise BadRequest(f"deadline must be a number of seconds in (0, {MAX_DEADLINE:g}], got {deadline}",
+                         "deadline")
+    model = _get(body, "model", (str,), None)
+    if model is not None and len(model) > MAX_MODEL_CHARS:
+        raise BadRequest(f"model must be at most {MAX_MODEL_CHARS} characters, got {len(model)}", "model")
     return {
-        "max_tokens": max_tokens or default_max_tokens,
+        "max_tokens": max_tokens or limits.default_max_tokens,
         "temperature": temperature, "top_p": top_p, "top_k": top_k,
         "seed": seed if seed is not None else random.getrandbits(63),
         "stop": _stop(body), "stream": bool(_get(body, "stream", (bool,), False)),
-        "include_usage": bool(stream_options.get("include_usage", False)),
-        "model": _get(body, "model", (str,), None), "deadline": deadline}
+        "include_usage": bool(_get(stream_options, "include_usage", (bool,), False)),
+        "model": model, "deadline": deadline}
 
 
-def parse_completion(body: Any, encode, default_max_tokens: int, deadline: float | None) -> ApiRequest:
-    """``POST /v1/completions`` body -> ApiRequest; ``encode(text) -> ids``."""
-    c = _common(body, default_max_tokens, ("max_tokens",))
+def read_completion(body: Any, limits: RequestLimits) -> ApiRequest:
+    """``POST /v1/completions`` body -> ApiRequest; a text prompt stays in ``prompt_text`` (not tokenized)."""
+    c = _common(body, limits, ("max_tokens",))
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = encode(prompt)
+        text, ids = _prompt_text(prompt, limits, "prompt"), []
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = list(prompt)
+        text, ids = None, _prompt_ids(prompt, limits)
     else:
         raise BadRequest("prompt must be a string, a list of one string, or a list of token ids (one prompt per "
                          "request)", "prompt")
     top = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
-    return _build(COMPLETION, c, ids, c["stop"], top is not None, top or 0, deadline)
+    return _build(COMPLETION, c, ids, c["stop"], top is not None, top or 0, limits.deadline, text)
 
 
-def parse_chat(body: Any, encode, default_max_tokens: int, deadline: float | None) -> ApiRequest:
-    """``POST /v1/chat/completions`` body -> ApiRequest (prompt from ``text.chat_prompt``)."""
-    c = _common(body, default_max_tokens, ("max_completion_tokens", "max_tokens"))
-    ids = encode(chat_prompt(body.get("messages")))
+def read_chat(body: Any, limits: RequestLimits, chat: ChatFormat | None = None) -> ApiRequest:
+    """``POST /v1/chat/completions`` body -> ApiRequest. With the model's chat template (``chat``, see
+    ``edge/chat.py``) the prompt is rendered and tokenized here; else the plain ``text.chat_prompt`` text
+    is left to tokenize."""
+    c = _common(body, limits, ("max_completion_tokens", "max_tokens"))
     want = bool(_get(body, "logprobs", (bool,), False))
     top = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS) or 0
     if top and not want:
         raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
-    return _build(CHAT, c, ids, c["stop"] + CHAT_STOP, want, top, deadline)
+    if chat is not None and chat.template is not None:
+        prompt = chat.prompt(body.get("messages"))
+        _prompt_text(prompt.text, limits, "messages")
+        ids = _prompt_ids(chat.encode(prompt), limits)
+        return _build(CHAT, c, ids, c["stop"] + prompt.stop, want, top, limits.deadline,
+                      stop_ids=prompt.stop_token_ids, chat_format=prompt.format)
+    text = _prompt_text(chat_prompt(body.get("messages")), limits, "messages")
+    return _build(CHAT, c, [], c["stop"] + CHAT_STOP, want, top, limits.deadline, text, chat_format=PLAIN)
+
+
+def _prompt_text(text: str, limits: RequestLimits, param: str) -> str:
+    if limits.max_prompt_chars is not None and len(text) > limits.max_prompt_chars:
+        raise PayloadTooLarge(f"the prompt has {len(text)} characters; this agent accepts at most "
+                              f"{limits.max_prompt_chars} (the max_prompt_chars setting): shorten it", param)
+    _check_text(text, param)
+    return text
+
+
+def _prompt_ids(ids: list[int], limits: RequestLimits) -> list[int]:
+    if limits.max_positions is not None and len(ids) >= limits.max_positions:
+        raise BadRequest(f"the prompt has {len(ids)} tokens; this model's context holds "
+                         f"{limits.max_positions}, and at least one must be left for the answer: shorten the "
+                         "prompt", "prompt")
+    if limits.vocab_size is not None:
+        bad = [t for t in ids if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise BadRequest(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                             f"[0, {limits.vocab_size})", "prompt")
+    return list(ids)
+
+
+def parse_completion(body: Any, encode, default_max_tokens: int, deadline: float | None) -> ApiRequest:
+    """``POST /v1/completions`` body -> ApiRequest, a text prompt tokenized with ``encode(text) -> ids``."""
+    req = read_completion(body, RequestLimits(default_max_tokens, deadline))
+    return req if req.prompt_text is None else req.with_prompt_ids(encode(req.prompt_text))
+
+
+def parse_chat(body: Any, encode, default_max_tokens: int, deadline: float | None,
+               chat: ChatFormat | None = None) -> ApiRequest:
+    """``POST /v1/chat/completions`` body -> ApiRequest, tokenized (``chat``: see ``read_chat``)."""
+    req = read_chat(body, RequestLimits(default_max_tokens, deadline), chat)
+    return req if req.prompt_text is None else req.with_prompt_ids(encode(req.prompt_text))
 
 
 def _build(kind: str, c: dict, ids: list[int], stop: tuple[str, ...], want: bool, top: int,
-           deadline: float | None) -> ApiRequest:
+           deadline: float | None, text: str | None = None, stop_ids: tuple[int, ...] = (),
+           chat_format: str = "") -> ApiRequest:
     sampling = SamplingParams(temperature=c["temperature"], top_k=c["top_k"], top_p=c["top_p"], seed=c["seed"],
-                              top_logprobs=top)
+                              top_logprobs=top, stop_token_ids=tuple(stop_ids))
     gen = GenerationRequest(prompt_ids=tuple(ids), max_tokens=c["max_tokens"], sampling=sampling, stop=stop,
                             deadline=c["deadline"] if c["deadline"] is not None else deadline)
-    return ApiRequest(kind, gen, c["model"] or "", c["stream"], c["include_usage"], want, top)
+    return ApiRequest(kind, gen, c["model"] or "", c["stream"], c["include_usage"], want, top, text, chat_format)
 
 
 # ----------------------------------------------------------------------------------------- responses
@@ -185,6 +318,12 @@ class ResponseShaper:
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def _seamline(self, stats: GenerationStats) -> dict:
+        out = stats.to_dict()
+        if self.req.chat_format:
+            out["chat_format"] = self.req.chat_format
+        return out
 
     @staticmethod
     def usage(stats: GenerationStats) -> dict:
@@ -217,7 +356,7 @@ class ResponseShaper:
             choice = {"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
                       "logprobs": lp, "finish_reason": result.finish_reason}
             body = self._head(CHAT)
-        body.update(choices=[choice], usage=self.usage(result.stats), seamline=result.stats.to_dict())
+        body.update(choices=[choice], usage=self.usage(result.stats), seamline=self._seamline(result.stats))
         return body
 
     def chunk(self, text: str, tokens: tuple[TokenInfo, ...], first: bool = False) -> dict:
@@ -238,11 +377,11 @@ class ResponseShaper:
         else:
             body = self._head("chat.completion.chunk")
             body["choices"] = [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}]
-        body["seamline"] = stats.to_dict()
+        body["seamline"] = self._seamline(stats)
         out = [body]
         if self.req.include_usage:
             usage = self._head(body["object"])
-            usage.update(choices=[], usage=self.usage(stats), seamline=stats.to_dict())
+            usage.update(choices=[], usage=self.usage(stats), seamline=self._seamline(stats))
             out.append(usage)
         return out
 

@@ -43,11 +43,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-WIRE_CODECS = ("fp32", "fp16", "int8", "int4", "int4-rot", "int8-outlier")
+from seamline.protos import codecs
+from seamline.protos.codecs import varint_len as _varint_len
+
+WIRE_CODECS = codecs.NAMES  # the codec registry (protos/codecs), in enum order
 IDS, LOCAL = "ids", "local"  # pseudo-codecs of k = 0 and of the all-local k = L
 # Greedy agreement with the unsplit model when the manifest has no measurement (ordering only).
-PRIOR_AGREEMENT = {"fp32": 1.0, "fp16": 0.999, "int8-outlier": 0.995, "int8": 0.99, "int4-rot": 0.97,
-                   "int4": 0.95, IDS: 1.0, LOCAL: 1.0}
+PRIOR_AGREEMENT = {**{c.name: c.prior_agreement for c in codecs.REGISTRY.values()}, IDS: 1.0, LOCAL: 1.0}
 MESSAGE_OVERHEAD_BYTES = 60  # StepRequest envelope (session id, positions) + gRPC and HTTP/2 frame headers
 
 
@@ -205,30 +207,7 @@ class CodecSpeed:
     fixed_ms: float = 0.02
 
 
-DEFAULT_CODEC_SPEEDS = {"fp32": CodecSpeed(0.3, 0.3), "fp16": CodecSpeed(1.0, 1.0), "int8": CodecSpeed(3.0, 2.0),
-                        "int4": CodecSpeed(6.0, 5.0), "int4-rot": CodecSpeed(10.0, 9.0),
-                        "int8-outlier": CodecSpeed(5.0, 4.0)}
-
-
-def _varint_len(n: int) -> int:
-    return max(1, (int(n).bit_length() + 6) // 7)
-
-
-def _bytes_field(n: int) -> int:
-    return 1 + _varint_len(n) + n if n else 0
-
-
-def tensor_nbytes(codec: str, tokens: int, hidden: int, group_size: int = 32, n_outliers: int = 0) -> int:
-    """Exact serialized size of a ``seamline.v1.Tensor`` (no zstd), from the layouts in ``protos/codec.py``."""
-    n = tokens * hidden
-    payload, scales = {
-        "fp32": (4 * n, 0), "fp16": (2 * n, 0), "int8": (n, 4 * tokens),
-        "int4": (n // 2, 2 * (n // group_size)), "int4-rot": (n // 2, 2 * (n // group_size)),
-        "int8-outlier": (tokens * (hidden - n_outliers) + 2 * tokens * n_outliers, 4 * tokens),
-    }[codec]
-    shape = _varint_len(tokens) + _varint_len(hidden)
-    size = 1 + _varint_len(shape) + shape + 2 + _bytes_field(scales) + _bytes_field(payload)
-    return size + (1 + _varint_len(group_size) if codec in ("int4", "int4-rot") else 0)
+DEFAULT_CODEC_SPEEDS = {c.name: CodecSpeed(c.encode_ns, c.decode_ns) for c in codecs.REGISTRY.values()}
 
 
 @dataclass(frozen=True)
@@ -252,19 +231,16 @@ class WireModel:
 
     def unsupported(self, k: int, codec: str) -> str | None:
         """Why ``codec`` cannot carry the hidden state at split ``k``, or None."""
-        if codec in ("int4", "int4-rot") and self.hidden_size % self.group_size:
-            return f"{codec}: hidden size {self.hidden_size} is not divisible by the group size {self.group_size}"
-        if codec == "int8-outlier" and not self.outliers.get(k):
-            return f"int8-outlier at split {k}: no calibrated outlier channels"
-        return None
+        why = codecs.get(codec).unsupported(self.hidden_size, self.group_size, self.outliers.get(k, 0))
+        return None if why is None else f"split {k}, {why}"
 
     def message_bytes(self, k: int, codec: str, tokens: int) -> int:
         if codec == LOCAL:
             return 0
         if codec == IDS:  # packed varints in TokenIds
             return self.overhead_bytes + 2 + tokens * _varint_len(max(1, self.vocab_size - 1))
-        return self.overhead_bytes + tensor_nbytes(codec, tokens, self.hidden_size, self.group_size,
-                                                   self.outliers.get(k, 0))
+        return self.overhead_bytes + codecs.get(codec).nbytes(tokens, self.hidden_size, self.group_size,
+                                                              self.outliers.get(k, 0))
 
     def encode_ms(self, codec: str, tokens: int) -> float:
         s = self.speeds.get(codec)
@@ -295,8 +271,14 @@ class Constraints:
     fidelity: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     min_agreement: float | None = None
     deadline_ms: float | None = None
+    # Risk budget: the floor rises to the smallest k whose measured top-1 token recovery (``seamline
+    # privacy``, manifest.privacy["recovery_top1"]: str(k) -> share) and that of every deeper k is <= it.
+    max_token_recovery: float | None = None
+    token_recovery: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.max_token_recovery is not None:
+            self._apply_recovery_budget()
         top = self.num_layers if self.max_split is None else self.max_split
         if not 0 <= self.min_split <= top <= self.num_layers:
             raise PlanError(f"split range [{self.min_split}, {top}] is not inside [0, {self.num_layers}]; "
@@ -308,10 +290,49 @@ class Constraints:
         if self.deadline_ms is not None and not self.deadline_ms > 0:
             raise PlanError(f"deadline {self.deadline_ms} ms must be positive")
 
+    def _apply_recovery_budget(self) -> None:
+        budget, top = self.max_token_recovery, self.num_layers if self.max_split is None else self.max_split
+        if not 0 <= budget <= 1:
+            raise PlanError(f"--max-token-recovery {budget}: a share of tokens in [0, 1], e.g. 0.1")
+        if not self.token_recovery:
+            raise PlanError("--max-token-recovery needs the bundle's measured token-recovery curve; run "
+                            "`seamline privacy BUNDLE --record` or `partition --max-token-recovery`")
+        floor = privacy_floor(self.token_recovery, budget, self.num_layers if self.local_ok else None)
+        if floor is None or floor > top:
+            raise PlanError(f"no allowed split meets --max-token-recovery {budget:g}: measured top-1 recovery "
+                            f"{_curve_text(self.token_recovery)}, splits up to {top}; raise the budget or export "
+                            "more edge layers (--max-edge-layers)")
+        object.__setattr__(self, "min_split", max(self.min_split, floor))
+
+    def recovery_at(self, k: int) -> float | None:
+        """Measured top-1 token recovery at split k (0.0 all-local: nothing leaves), or None."""
+        if k == self.num_layers and self.local_ok:
+            return 0.0
+        if k == 0:
+            return 1.0  # the token ids travel
+        v = self.token_recovery.get(str(k))
+        return None if v is None else float(v)
+
+    def privacy_notes(self) -> list[str]:
+        """Why splits below the budget floor are not offered, with the figures behind it."""
+        if self.max_token_recovery is None:
+            return []
+        b = self.max_token_recovery
+        notes = [f"split {k}: measured token recovery {self.recovery_at(k):.3f} > budget {b:g}"
+                 for k in range(self.min_split) if self.recovery_at(k) is not None and self.recovery_at(k) > b]
+        f = privacy_floor(self.token_recovery, b, self.num_layers if self.local_ok else None)
+        r = self.recovery_at(f) if f is not None else None
+        notes.append(f"privacy floor: split {f} from --max-token-recovery {b:g}"
+                     + (f" (measured top-1 recovery {r:.3f} there)" if r is not None else "")
+                     + (f"; the bundle's floor {self.min_split} is higher" if f is not None and self.min_split > f
+                        else ""))
+        return notes
+
     @classmethod
     def from_manifest(cls, manifest: Any, **overrides: Any) -> Constraints:
         kw = {"num_layers": manifest.num_layers, "min_split": manifest.min_split, "max_split": manifest.max_split,
-              "local_ok": bool(manifest.has_all_layers), "fidelity": dict(manifest.codec.fidelity)}
+              "local_ok": bool(manifest.has_all_layers), "fidelity": dict(manifest.codec.fidelity),
+              "token_recovery": dict((getattr(manifest, "privacy", None) or {}).get("recovery_top1", {}))}
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
@@ -334,6 +355,25 @@ class Constraints:
             else:
                 allowed.append(c)
         return allowed, excluded
+
+
+def privacy_floor(recovery: Mapping[Any, float], budget: float, local_split: int | None = None) -> int | None:
+    """The smallest measured split k whose top-1 token recovery, and that of every deeper measured split,
+    is <= ``budget``; ``local_split`` (L, all-local: nothing leaves the device) always meets it. None if none.
+    Split 0 sends the token ids themselves: it counts as full recovery whatever the embedding attack measured."""
+    curve = {int(k): float(v) for k, v in recovery.items() if local_split is None or int(k) < local_split}
+    if 0 in curve:
+        curve[0] = 1.0
+    floor = local_split
+    for k in sorted(curve, reverse=True):
+        if curve[k] > budget:
+            break
+        floor = k
+    return floor
+
+
+def _curve_text(recovery: Mapping[Any, float]) -> str:
+    return ", ".join(f"k={k}: {float(v):.3f}" for k, v in sorted(recovery.items(), key=lambda kv: int(kv[0])))
 
 
 # ------------------------------------------------------------------------------------ cost model
@@ -428,6 +468,7 @@ class PlanRow:
     decode_bytes: int
     chunk_bytes: int  # one full prefill chunk
     bottleneck: str
+    token_recovery: float | None = None  # measured top-1 token recovery at this split (seamline privacy)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -458,7 +499,7 @@ def options(model: CostModel, constraints: Constraints) -> tuple[list[tuple[int,
     """Every allowed (split, codec), and why the others are not offered."""
     L = constraints.num_layers
     codecs, excluded_by_codec = constraints.codec_verdicts()
-    excluded = list(excluded_by_codec.values())
+    excluded = list(excluded_by_codec.values()) + constraints.privacy_notes()
     if constraints.min_split > 0:
         excluded.append(f"split 0 (token ids leave the device): below the privacy floor {constraints.min_split}")
     out: list[tuple[int, str]] = []
@@ -499,7 +540,8 @@ def evaluate(model: CostModel, constraints: Constraints, workload: Workload,
             split=k, codec=c, decode_ms=model.decode_ms(k, c, n + max(m - 2, 0) / 2), prefill_ms=prefill,
             response_ms=model.response_ms(k, c, workload), fidelity=fid, fidelity_measured=measured,
             decode_bytes=model.wire.message_bytes(k, c, 1),
-            chunk_bytes=model.wire.message_bytes(k, c, min(model.edge.chunk, max(n, 1))), bottleneck=bottleneck))
+            chunk_bytes=model.wire.message_bytes(k, c, min(model.edge.chunk, max(n, 1))), bottleneck=bottleneck,
+            token_recovery=constraints.recovery_at(k)))
     rows.sort(key=lambda r: (r.response_ms, -r.fidelity, r.split))
     return rows
 

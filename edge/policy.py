@@ -1,34 +1,64 @@
 """``SplitPolicy``: where to cut and how to encode, chosen per request (the controller's hook).
 
-The generation loop calls ``choose`` once when a generation starts and ``observe`` after every
-cloud step with the measured timings (:class:`StepStats`: edge, network, cloud queue and compute
-ms, bytes, position, remaining tokens). ``observe`` may return a new choice: the loop then moves
-the split mid-generation — after the current token, by replaying the history at the new k on a new
-session (DESIGN.md §2) — or continues on the edge alone.
+The generation loop calls ``choose`` once when a generation starts and ``observe`` after every step
+with the measured timings (:class:`StepStats`: edge, network, cloud queue and compute ms, bytes,
+position, remaining tokens; all-local steps too, with codec ``"local"``). ``observe`` may return a new
+:class:`SplitChoice`: the loop then moves the split mid-generation — after the current token, by
+replaying the history at the new k on a new session (DESIGN.md §2) — or continues on the edge alone
+(``SplitChoice.local``). The agent reads ``status()`` for ``/healthz``, its start-up line and
+``/metrics``, and hands every cloud ``Info`` it fetches to ``observe_info``.
 
-A choice is a :class:`SplitChoice` (k and a ``CodecConfig``), or any object with ``split`` and a
-codec name in ``codec`` (the controller's ``Decision``): ``"local"`` runs every layer on the edge
-(full bundles only) and ``"ids"`` means k = 0. :func:`normalize` turns either into a SplitChoice
-(None for local). ``FixedPolicy`` — the default — always answers the configured split and codec.
+Two implementations: :class:`FixedPolicy` (the default: always the configured split and codec) and
+``controller.AdaptivePolicy`` (live estimates and the planner).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from seamline.protos.bundle import Manifest
 from seamline.protos.codec import CodecConfig
 
-from .messages import SplitChoice, SplitRequest, StepStats
+from .messages import CloudInfo, SplitChoice, SplitRequest, StepStats
 
-LOCAL_CODEC = "local"
-IDS_CODEC = "ids"
+CodecFactory = Callable[[int, str], CodecConfig]  # (k, wire codec name) -> the session's codec at k
 
 
+@dataclass(frozen=True)
+class LiveEstimates:
+    """An adaptive policy's current view of the link, the cloud and the device."""
+
+    bandwidth_bps: float
+    rtt_ms: float
+    queue_ms: float
+    edge_decode_scale: float  # measured / profiled edge time at split k
+    edge_prefill_scale: float
+    local_decode_scale: float  # measured / profiled time of all-local steps
+    local_prefill_scale: float
+    cloud_scale: float
+
+
+@dataclass(frozen=True)
+class PolicyStatus:
+    """What the agent shows of its split policy (``/healthz``, the start-up line, ``/metrics``)."""
+
+    choice: SplitChoice | None  # the latest choice; None before an adaptive policy's first request
+    decisions: int = 0
+    switches: int = 0  # split/codec changes so far
+    estimates: LiveEstimates | None = None  # None for a policy that measures nothing
+
+
+@runtime_checkable
 class SplitPolicy(Protocol):
-    def choose(self, request: SplitRequest) -> Any: ...
+    def choose(self, request: SplitRequest) -> SplitChoice: ...
 
-    def observe(self, stats: StepStats) -> Any | None: ...
+    def observe(self, stats: StepStats) -> SplitChoice | None: ...
+
+    def observe_info(self, info: CloudInfo, rtt_ms: float | None) -> None: ...
+
+    def status(self) -> PolicyStatus: ...
 
 
 def codec_for(manifest: Manifest, k: int, name: str | None = None, zstd: bool = True) -> CodecConfig:
@@ -42,16 +72,9 @@ def codec_for(manifest: Manifest, k: int, name: str | None = None, zstd: bool = 
                        outlier_channels=outliers)
 
 
-def normalize(decision: Any, manifest: Manifest, zstd: bool = True) -> SplitChoice | None:
-    """A policy's answer -> SplitChoice, or None for "every layer on the edge"."""
-    if isinstance(decision, SplitChoice):
-        return decision
-    k, name = int(decision.split), str(decision.codec)
-    if name == LOCAL_CODEC:
-        return None
-    if name == IDS_CODEC or k == 0:
-        return SplitChoice(0, CodecConfig())
-    return SplitChoice(k, codec_for(manifest, k, name, zstd))
+def manifest_codecs(manifest: Manifest, zstd: bool = True) -> CodecFactory:
+    """A :data:`CodecFactory` with the bundle's codec settings and calibration."""
+    return lambda k, name: codec_for(manifest, k, name, zstd)
 
 
 class FixedPolicy:
@@ -64,10 +87,16 @@ class FixedPolicy:
     def from_manifest(cls, manifest: Manifest, split: int | None = None, codec: str | None = None,
                       zstd: bool = True) -> FixedPolicy:
         k = manifest.check_split(manifest.default_split if split is None else split)
-        return cls(SplitChoice(k, codec_for(manifest, k, codec, zstd)))
+        return cls(SplitChoice(k, codec_for(manifest, k, codec, zstd), reason="fixed"))
 
     def choose(self, request: SplitRequest) -> SplitChoice:
         return self.choice
 
-    def observe(self, stats: StepStats) -> None:
+    def observe(self, stats: StepStats) -> SplitChoice | None:
         return None
+
+    def observe_info(self, info: CloudInfo, rtt_ms: float | None) -> None:
+        return None
+
+    def status(self) -> PolicyStatus:
+        return PolicyStatus(self.choice)

@@ -5,6 +5,10 @@ per session: many sessions with spinning thread pools on 2 cores ran 6-7x slower
 sequential execution, full graph optimisation. The agent calls every session from one worker
 thread (``worker.ComputeWorker``), so ``seamline edge --threads N`` (``intra_op_num_threads``) is
 the whole of the edge's compute parallelism; inter-op parallelism stays at 1.
+
+Start-up checks the whole bundle, so that a broken one fails to start (never at the first request):
+every graph is loaded and its inputs and outputs checked against the conventions of ``bundle.py``,
+the embedding runs once (its width must be ``hidden_size``), and the tokenizer is loaded and tried.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from seamline.protos.bundle import BundleError, Manifest, load_bundle
+from seamline.protos.bundle import BundleError, Manifest, bundle_file, load_bundle
 
 
 @dataclass
@@ -43,14 +47,6 @@ class EdgeCache:
             lens.add(0)
         return lens.pop() if len(lens) == 1 else -1
 
-    def truncate(self, n: int) -> None:
-        for i, c in enumerate(self.layers):
-            if c is not None and c.length > n:
-                self.layers[i] = LayerCache(c.key[:, :, :n].copy(), c.value[:, :, :n].copy())
-
-    def nbytes(self) -> int:
-        return sum(c.key.nbytes + c.value.nbytes for c in self.layers if c is not None)
-
 
 def session_options(threads: int = 1):
     import onnxruntime as ort
@@ -66,16 +62,34 @@ def session_options(threads: int = 1):
     return so
 
 
+_REPARTITION = "re-run `partition` (or copy the bundle again)"
+
+
 class _Graph:
     """One ORT session; feeds only the inputs the graph kept (exporters drop unused ones)."""
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, shown: Path | None = None, need: tuple[str, ...] = (),
+                 outputs: int = 1):
         import onnxruntime as ort
 
         self.path = path
-        self.session = ort.InferenceSession(str(path), session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+        shown = shown or path
+        try:
+            self.session = ort.InferenceSession(str(path), session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for a bad model
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise BundleError(f"{shown}: ONNX Runtime cannot load this graph ({first}); the file is corrupt "
+                              f"or not an ONNX model: {_REPARTITION}") from None
         self.inputs = {i.name for i in self.session.get_inputs()}
+        missing = [n for n in need if n not in self.inputs]
+        if missing:
+            raise BundleError(f"{shown}: the graph lacks the inputs {missing} (it has "
+                              f"{sorted(self.inputs)}); it is not a graph of this bundle's kind: "
+                              f"{_REPARTITION}")
+        if len(self.session.get_outputs()) < outputs:
+            raise BundleError(f"{shown}: the graph has {len(self.session.get_outputs())} outputs, {outputs} "
+                              f"expected: {_REPARTITION}")
 
     def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, {k: v for k, v in feeds.items() if k in self.inputs})
@@ -84,19 +98,63 @@ class _Graph:
 class EdgeRuntime:
     """Runs embed + blocks [0, k) (+ head when the bundle has it) for one device."""
 
-    def __init__(self, bundle_dir: Path | str, threads: int = 1, int8: bool = False, verify: bool = True):
+    def __init__(self, bundle_dir: Path | str, threads: int = 1, int8: bool = False, verify: bool = True,
+                 precision: str | None = None):
+        """``precision``: which of the bundle's graph sets to run (fp32, int4, int8, int8-dynamic; default:
+        the one it was partitioned with). ``int8`` (legacy) = "int8", else "int8-dynamic"."""
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = load_bundle(self.bundle_dir, verify=verify)
         m = self.manifest
-        if int8 and not m.int8:
-            raise BundleError(f"{self.bundle_dir}: no int8 graphs in this bundle; re-run `partition "
-                              "--quantize-edge int8` or drop the int8 option")
-        names = m.int8 if int8 else {"embed": m.embed, "blocks": m.blocks, "head": m.head}
-        self.int8 = int8
-        self.embed = _Graph(self.bundle_dir / names["embed"], threads)
-        self.blocks = [_Graph(self.bundle_dir / b, threads) for b in names["blocks"]]
-        self.head = _Graph(self.bundle_dir / names["head"], threads) if names.get("head") else None
-        self._tokenizer = None
+        if int8 and precision is None:
+            precision = "int8-dynamic" if "int8-dynamic" in m.precisions() and "int8" not in m.precisions() else "int8"
+        names = m.graph_set(precision)  # BundleError naming the precisions shipped
+        self.precision = precision or m.precision
+        self.int8 = self.precision.startswith("int8")
+        self._embed_name = names["embed"]
+
+        def graph(name: str, need: tuple[str, ...], outputs: int) -> _Graph:
+            return _Graph(bundle_file(self.bundle_dir, name), threads, self.bundle_dir / name, need, outputs)
+
+        block_in = ("hidden",) if not m.causal else ("hidden", "past_key", "past_value")
+        self.embed = graph(names["embed"], ("input_ids",), 1)
+        self.blocks = [graph(b, block_in, 3 if m.causal else 1) for b in names["blocks"]]
+        self.head = graph(names["head"], ("hidden",), 1) if names.get("head") else None
+        self._tokenizer = self._load_tokenizer()
+        self._check_embed()
+
+    def _load_tokenizer(self):
+        from tokenizers import Tokenizer
+
+        shown = self.bundle_dir / self.manifest.tokenizer
+        path = bundle_file(self.bundle_dir, self.manifest.tokenizer)
+        try:
+            tok = Tokenizer.from_file(str(path))
+            tok.no_padding()  # some tokenizer.json files pad or truncate to a fixed length (encoders)
+            tok.no_truncation()
+            ids = tok.encode("Hello, world.").ids
+            tok.decode(ids)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception
+            raise BundleError(f"{shown}: the tokenizer cannot be loaded or used ({str(e)[:300]}): "
+                              f"{_REPARTITION}") from None
+        size = tok.get_vocab_size(with_added_tokens=True)
+        if size > self.manifest.vocab_size or any(not 0 <= i < self.manifest.vocab_size for i in ids):
+            raise BundleError(f"{shown}: the tokenizer has {size} tokens, more than the model's vocab_size "
+                              f"{self.manifest.vocab_size}; it belongs to another model: {_REPARTITION}")
+        return tok
+
+    def _check_embed(self) -> None:
+        """Run the embedding on one token: it must load its weights and produce hidden_size columns."""
+        m = self.manifest
+        shown = self.bundle_dir / self._embed_name
+        try:
+            (hidden,) = self.embed.run(input_ids=np.zeros((1, 1), dtype=np.int64),
+                                       position_ids=np.zeros((1, 1), dtype=np.int64))[:1]
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            raise BundleError(f"{shown}: the embedding graph fails on one token ({str(e)[:300]}): "
+                              f"{_REPARTITION}") from None
+        if hidden.shape[-1] != m.hidden_size:
+            raise BundleError(f"{shown}: the embedding produces width {hidden.shape[-1]}, the manifest says "
+                              f"hidden_size {m.hidden_size}: {_REPARTITION}")
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -105,17 +163,14 @@ class EdgeRuntime:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_file(str(self.bundle_dir / self.manifest.tokenizer))
-            tok.no_padding()  # some tokenizer.json files pad or truncate to a fixed length (encoders)
-            tok.no_truncation()
-            self._tokenizer = tok
         return self._tokenizer
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text; releases the GIL while it works (call it from a thread)."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
 
     def decode_ids(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)

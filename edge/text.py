@@ -21,43 +21,138 @@ from .errors import BadRequest
 
 CHAT_STOP = ("\nUser:", "\nSystem:")
 _REPLACEMENT = "\ufffd"  # an incomplete UTF-8 sequence at the end of a byte-level decode
+MAX_PENDING = 8  # tokens that may wait for a complete character before their text counts as final
+
+
+class IncrementalDecoder:
+    """The text of a growing id sequence, decoding a window of a few ids per token (O(1) amortised).
+
+    The standard prefix/read offset scheme: ``context`` holds the ids of the last chunk whose text is
+    already out (``context_text``); the text of the new ids ``ids[read:]`` is ``decode(context + new)``
+    minus ``context_text``, so the decoder still sees what came before (WordPiece ``##`` pieces, leading
+    spaces). A chunk whose ids decode to nothing on their own (skipped special tokens) does not replace
+    the context, so the window stays a few ids long however many of them come in a row.
+
+    While the text ends in U+FFFD (a UTF-8 sequence split across byte-level tokens) the new ids wait.
+    After ``MAX_PENDING`` of them the text up to a boundary ``j`` at least 3 ids back is released when
+    decoding the two sides apart gives the same text as decoding them together: with 3 or more bytes
+    after it, no character can still straddle ``j`` (a UTF-8 sequence has at most 3 continuation bytes).
+    Only when no boundary passes (not a byte-level decoder) does the U+FFFD count as final; the output
+    then differs from ``decode(all ids)`` only if that U+FFFD would later have become a character.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self._decode = decode
+        self.ids: list[int] = []
+        self._read = 0  # ids[read:] have not been turned into final text yet
+        self._context: list[int] = []
+        self._context_text = ""
+
+    def push(self, token_id: int) -> str:
+        """Add a token; returns the text that became final (maybe empty)."""
+        self.ids.append(token_id)
+        window = self._decode(self._context + self.ids[self._read:])
+        if not window.endswith(_REPLACEMENT):
+            return self._advance(window)
+        if len(self.ids) - self._read < MAX_PENDING:
+            return ""
+        return self._release_before_incomplete(window)
+
+    def flush(self) -> str:
+        """The text of the ids still waiting (at the end of the generation)."""
+        if self._read == len(self.ids):
+            return ""
+        return self._advance(self._decode(self._context + self.ids[self._read:]))
+
+    def _advance(self, window: str) -> str:
+        delta = window[len(self._context_text):]
+        new = self.ids[self._read:]
+        own = self._decode(new)
+        if own:  # the new ids become the context of the next ones; if they decode to nothing, the old
+            self._context, self._context_text = new, own  # context still gives the next id its left side
+        self._read = len(self.ids)
+        return delta
+
+    def _release_before_incomplete(self, window: str) -> str:
+        """``MAX_PENDING`` ids wait on U+FFFD: release the text up to a boundary no character straddles."""
+        ids, n = self.ids, len(self.ids)
+        for j in range(n - 3, self._read, -1):
+            left = self._decode(self._context + ids[self._read:j])
+            if left + self._decode(ids[j:n]) == window:
+                delta = left[len(self._context_text):]
+                self._read, self._context, self._context_text = j, [], ""  # ids[j:] decode alone as in context
+                return delta
+        return self._advance(window)
 
 
 class TextTracker:
-    """Decoded text of the generated ids; holds back what could still become a stop string."""
+    """Decoded text of the generated ids; holds back what could still become a stop string.
+
+    Work per token is bounded: the ids go through an :class:`IncrementalDecoder`, and stop strings are
+    searched in the new text plus the few characters before it that a stop string could start in.
+    """
 
     def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()):
-        self._decode = decode
+        self._decoder = IncrementalDecoder(decode)
         self.stop = tuple(s for s in stop if s)
-        self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0  # characters of ``text`` already handed out
+        self._reach = max((len(s) for s in self.stop), default=1) - 1  # chars a stop may start before new text
+        self._parts: list[str] = []  # the text so far, in pieces (joined on demand)
+        self._tail = ""  # the last ``_reach`` characters of the text
+        self._unemitted = ""  # the end of the text not handed out yet
+        self.emitted = 0  # characters of the text already handed out
         self.stopped = False
+
+    @property
+    def ids(self) -> list[int]:
+        return self._decoder.ids
+
+    @property
+    def text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
     def push(self, token_id: int) -> str:
         """Add a token; returns the new text that is safe to show (maybe empty)."""
-        self.ids.append(token_id)
-        full = self._decode(self.ids)
-        hits = [i for i in (full.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = full[:min(hits)]
-            self.stopped = True
-            return self.flush()
-        self.text = full
-        safe = len(full) - self._holdback(full)
-        while safe > 0 and full[safe - 1] == _REPLACEMENT:
-            safe -= 1
-        if safe <= self.emitted:
-            return ""
-        delta = full[self.emitted:safe]
-        self.emitted = safe
-        return delta
+        return self._add(self._decoder.push(token_id), final=False)
 
     def flush(self) -> str:
         """Everything not handed out yet (at the end of the generation)."""
-        delta = self.text[self.emitted:]
-        self.emitted = len(self.text)
-        return delta
+        if self.stopped:
+            out, self._unemitted = self._unemitted, ""
+            self.emitted += len(out)
+            return out
+        return self._add(self._decoder.flush(), final=True)
+
+    def _add(self, delta: str, final: bool) -> str:
+        if delta and not self.stopped:
+            region = self._tail + delta
+            hits = [i for i in (region.find(s) for s in self.stop) if i >= 0]
+            if hits:
+                self.stopped = True
+                cut = min(hits) - len(self._tail)  # where the text ends, relative to the start of delta
+                if cut < 0:
+                    self._truncate(-cut)
+                    delta = ""
+                else:
+                    delta = delta[:cut]
+            self._parts.append(delta)
+            self._tail = (self._tail + delta)[-self._reach:] if self._reach else ""
+            self._unemitted += delta
+        if self.stopped or final:
+            out, self._unemitted = self._unemitted, ""
+        else:
+            safe = len(self._unemitted) - self._holdback(self._unemitted)
+            out, self._unemitted = self._unemitted[:safe], self._unemitted[safe:]
+        self.emitted += len(out)
+        return out
+
+    def _truncate(self, n: int) -> None:
+        """Drop the last ``n`` characters of the text (a stop string that began before the new text)."""
+        text = self.text[:-n]
+        self._parts, self._tail = [text], text[-self._reach:] if self._reach else ""
+        self._unemitted = self._unemitted[:max(0, len(self._unemitted) - n)]
+        self.emitted = min(self.emitted, len(text))
 
     def _holdback(self, text: str) -> int:
         """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""

@@ -1,25 +1,25 @@
 """The one place where protobuf meets the edge's domain objects, both directions.
 
 Also maps gRPC status codes to the link errors that drive replay (DESIGN.md §2, §3):
-NOT_FOUND and FAILED_PRECONDITION with ``server_position=N`` -> :class:`SessionLost`;
+NOT_FOUND and FAILED_PRECONDITION with the ``seamline-server-position`` trailing metadata (a structured
+field, ``protos/status.py``; the message text is never parsed) -> :class:`SessionLost`;
 UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, UNKNOWN, INTERNAL, RESOURCE_EXHAUSTED -> :class:`LinkBroken`
 (another attempt or replica may succeed); the rest -> :class:`CloudRejected`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 import grpc
 import numpy as np
 from seamline.protos import codec
 from seamline.protos import seamline_pb2 as pb
+from seamline.protos.status import server_position
 
-from .errors import CloudRejected, LinkBroken, LinkError, SessionLost
+from .errors import CloudRefusedRequest, CloudRejected, LinkBroken, LinkError, SessionLost
 from .messages import CloudInfo, OpenParams, OutgoingChunk, ServerTimings, StepResult
 
-_SERVER_POSITION = re.compile(r"server_position=(\d+)")
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
               grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.ABORTED}
@@ -66,8 +66,8 @@ def encode_chunk(start: int, hidden: np.ndarray | None, ids: list[int] | None, c
     return OutgoingChunk(start, start + t, sample, codec.encode(hidden, cfg))
 
 
-def step_request(session_id: str, chunk: OutgoingChunk, step_id: int) -> pb.StepRequest:
-    req = pb.StepRequest(session_id=session_id, start_position=chunk.start, sample=chunk.sample, step_id=step_id)
+def step_request(chunk: OutgoingChunk, step_id: int) -> pb.StepRequest:
+    req = pb.StepRequest(start_position=chunk.start, sample=chunk.sample, step_id=step_id)
     if isinstance(chunk.payload, pb.TokenIds):
         req.tokens.CopyFrom(chunk.payload)
     else:
@@ -86,23 +86,23 @@ def step_result(reply: pb.StepReply, bytes_sent: int, rtt_ms: float) -> StepResu
                       network_ms=max(0.0, rtt_ms - timings.total_ms))
 
 
-def close_request(session_id: str) -> pb.CloseRequest:
-    return pb.CloseRequest(session_id=session_id)
-
-
-def link_error(code: grpc.StatusCode | None, details: str | None, endpoint: str, what: str) -> LinkError:
-    """A gRPC status from ``endpoint`` during ``what`` -> the LinkError the generation loop handles."""
+def link_error(code: grpc.StatusCode | None, details: str | None, endpoint: str, what: str,
+               trailing_metadata=None) -> LinkError:
+    """A gRPC status from ``endpoint`` during ``what`` (and its trailing metadata) -> the LinkError the
+    generation loop handles."""
     details = details or ""
     text = f"{what} on {endpoint}: {code.name if code else 'stream ended'}: {details}".rstrip(": ")
     if code == grpc.StatusCode.NOT_FOUND:
         return SessionLost(text)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
-        m = _SERVER_POSITION.search(details)
-        if m:
-            return SessionLost(text, server_position=int(m.group(1)))
+        position = server_position(trailing_metadata)
+        if position is not None:
+            return SessionLost(text, server_position=position)
         return CloudRejected(text)
     if code is None or code in _RETRYABLE:
         return LinkBroken(text)
+    if code == grpc.StatusCode.INVALID_ARGUMENT and what == "Open":  # the caller's sampling values: HTTP 400
+        return CloudRefusedRequest(f"the cloud refused the request: {details}")
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return CloudRejected(f"{text} — pass the device's token with --token (or `token` in the config file)")
     return CloudRejected(text)

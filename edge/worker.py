@@ -19,7 +19,6 @@ T = TypeVar("T")
 class ComputeWorker:
     def __init__(self, name: str = "seamline-ort"):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self.busy_ms = 0.0  # total time spent running jobs
 
     async def run(self, fn: Callable[..., T], *args) -> tuple[T, float]:
         """Run ``fn(*args)`` on the worker thread; returns (result, milliseconds it ran)."""
@@ -29,7 +28,6 @@ class ComputeWorker:
             return out, (time.perf_counter() - t0) * 1e3
 
         out, ms = await asyncio.get_running_loop().run_in_executor(self._pool, timed)
-        self.busy_ms += ms
         return out, ms
 
     def shutdown(self) -> None:

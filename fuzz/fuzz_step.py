@@ -1,17 +1,19 @@
 #!/usr/bin/env python
-"""Coverage-guided fuzzing of what a hostile client can send to the cloud's Step path (issue 10).
+"""Coverage-guided fuzzing of what a hostile client can send on the cloud's Generate stream (issues 10, 16).
 
 Each input is one byte string; its first byte picks the mode:
 
 - 0 ``step``: the rest parsed as a ``StepRequest`` and run through the cloud's own conversion
   (``cloud/wire.step_input``, which calls ``protos/codec.decode``) for a session of the codec the
-  second byte picks; one such input in 8 also goes to a LIVE in-process server on that session
-  (the request's session id replaced by a real one), whose status must match the local verdict;
+  second byte picks; one such input in 8 also goes to a LIVE in-process server, as the step after
+  an open on a new Generate stream (protocol v2: the stream is the session), whose status must
+  match the local verdict;
 - 1 ``tensor``: the rest parsed as a codec ``Tensor`` and decoded under one session codec;
 - 2 ``structured``: a tensor built field by field from the bytes (shape, codec, compression,
   declared sizes, scales, payload — mostly consistent lengths, so decoding reaches the
   dequantizers and zstd), decoded locally and, one in 8, sent to the live server;
-- 3 ``raw``: the rest sent as-is on a live Step stream (the generic stub of the tests).
+- 3 ``raw``: the rest sent as-is after a valid open on a live Generate stream (the generic stub of
+  the tests); what it parses to (a step, a second open, a close, nothing) decides the status.
 
 What counts as a finding (an uncaught exception, saved by the fuzzer as a crash input): any
 exception other than ``CodecError`` / ``CloudError(INVALID_ARGUMENT)``; a decoded array that is not
@@ -195,21 +197,14 @@ class LiveServer:
         self.channel = grpc.insecure_channel(self.server.address)
         self.stub = seamline_pb2_grpc.SeamlineStub(self.channel)
         ident = lambda b: b
-        self.raw = self.channel.stream_stream(live.STEP_METHOD, request_serializer=ident,
+        self.raw = self.channel.stream_stream(live.GENERATE_METHOD, request_serializer=ident,
                                               response_deserializer=ident)
         info = self.stub.Info(pb.InfoRequest(), timeout=30)
         self.mhash = info.model_hash
-        self.sessions: list[tuple[str, codec.CodecConfig]] = []
-        self.positions: dict[str, int] = {}
-        for cfg in CODECS:
-            sid = self.stub.Open(pb.OpenRequest(model_hash=self.mhash, split=2, codec=cfg.to_proto()),
-                                 timeout=30).session_id
-            self.sessions.append((sid, cfg))
-            self.positions[sid] = 0
         self.model_info = self.server.running.model
 
     def code(self, messages, serialized: bool = False) -> tuple[str, list]:
-        call = (self.raw if serialized else self.stub.Step)(iter(messages), timeout=30)
+        call = (self.raw if serialized else self.stub.Generate)(iter(messages), timeout=30)
         replies: list = []
         try:
             replies.extend(call)
@@ -218,14 +213,12 @@ class LiveServer:
         return "OK", replies
 
     def step(self, req: pb.StepRequest, index: int) -> str:
-        """Send ``req`` on live session ``index``; the status must be the local verdict's."""
-        sid, cfg = self.sessions[index % len(self.sessions)]
-        req.session_id = sid
-        position = self.positions[sid]
+        """Send ``req`` after an open (codec ``index``) on a new stream; the status must be the local verdict's."""
+        cfg = CODECS[index % len(CODECS)]
         local, tokens = local_step(req, _session(cfg))
         if req.ByteSize() > MAX_MESSAGE - 64:
             return "skipped"  # near the gRPC limit the framing decides; test_hostile covers oversize
-        if req.start_position > position:
+        if req.start_position > 0:  # a new session holds no positions
             want = "FAILED_PRECONDITION"
         elif req.start_position < 0 or local != "OK":
             want = "INVALID_ARGUMENT"
@@ -233,28 +226,31 @@ class LiveServer:
             want = "RESOURCE_EXHAUSTED"
         else:
             want = "OK"
-        got, replies = self.code([req])
+        got, replies = self.code([live.open_message(self.mhash, 2, cfg), pb.GenerateRequest(step=req)])
         if got != want:
-            raise Finding(f"live server answered {got}, expected {want} (session position {position})")
+            raise Finding(f"live server answered {got}, expected {want} (a new session)")
         if got == "OK":
-            self.positions[sid] = replies[0].position
-            if replies[0].position != req.start_position + tokens:
-                raise Finding(f"live position {replies[0].position} != {req.start_position} + {tokens}")
+            position = replies[-1].step.position
+            if position != req.start_position + tokens:
+                raise Finding(f"live position {position} != {req.start_position} + {tokens}")
         return got
 
     def raw_bytes(self, data: bytes) -> str:
         try:
-            parsed = pb.StepRequest.FromString(data)
+            parsed = pb.GenerateRequest.FromString(data)
         except DecodeError:
             parsed = None
-        got, _ = self.code([data], serialized=True)
+        opening = live.open_message(self.mhash, 2, CODECS[0]).SerializeToString()
+        got, _ = self.code([opening, data], serialized=True)
         if parsed is None:
             if got not in ("UNKNOWN", "INVALID_ARGUMENT"):  # UNKNOWN: the documented gap of issue 10
                 raise Finding(f"unparsable bytes answered {got}")
         elif len(data) > MAX_MESSAGE - 64:
             return "skipped"
-        elif parsed.session_id not in self.positions and got != "NOT_FOUND":
-            raise Finding(f"a step for an unknown session answered {got}")
+        elif parsed.WhichOneof("kind") in ("open", None) and got != "INVALID_ARGUMENT":
+            raise Finding(f"a second open or an empty message after the open answered {got}")
+        elif parsed.WhichOneof("kind") == "close" and got != "OK":
+            raise Finding(f"a close after the open answered {got}")
         return got
 
     def check_serving(self) -> None:
@@ -364,10 +360,10 @@ def seeds() -> list[bytes]:
     for i, cfg in enumerate(CODECS):
         for tokens in (1, 3):
             t = codec.encode(rng.standard_normal((tokens, HIDDEN)).astype(np.float32), cfg)
-            req = pb.StepRequest(session_id="s", start_position=0, hidden=t, sample=True)
+            req = pb.StepRequest(start_position=0, hidden=t, sample=True)
             out.append(bytes([0 * 4 + 0, i]) + req.SerializeToString())   # step mode, live
             out.append(bytes([4 * 1 + 1, i]) + t.SerializeToString())     # tensor mode
-            out.append(bytes([3, i]) + req.SerializeToString())           # raw mode
+            out.append(bytes([3, i]) + pb.GenerateRequest(step=req).SerializeToString())  # raw mode
         out.append(bytes([2, i, 0xFF]) + bytes(range(64)))                # structured, consistent lengths
     return out
 

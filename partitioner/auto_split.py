@@ -103,9 +103,8 @@ def measure_codec_speeds(manifest: Manifest, codecs: tuple[str, ...] = WIRE_CODE
     speeds = {}
     for name in codecs:
         try:
-            cfg = C.CodecConfig(codec=name, group_size=manifest.codec.group_size,
-                                rotation_seed=manifest.codec.rotation_seed,
-                                outlier_channels=outliers if name == "int8-outlier" else ())
+            cfg = C.CodecConfig.for_codec(name, group_size=manifest.codec.group_size,
+                                          rotation_seed=manifest.codec.rotation_seed, outlier_channels=outliers)
             xs = {t: rng.standard_normal((t, hidden)).astype(np.float32) for t in (1, 64)}
             wires = {t: C.encode(x, cfg) for t, x in xs.items()}
             fit = []
@@ -133,14 +132,19 @@ def _table(p: Plan, title: str, max_rows: int = 24):
     if len(rows) < len(p.rows):
         caption += f"; {len(p.rows) - len(rows)} more rows in manifest.json plan.table"
     t = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
+    recov = any(getattr(r, "token_recovery", None) is not None for r in rows)
+    if recov:
+        caption += "; recov: measured top-1 token recovery at k (seamline privacy)"
+        t.caption = caption
     for col in ("k", "codec", "decode\nms/tok", "prefill\nms", "response\nms", "bytes\n/tok", "agree",
-                "prefill\nlimit"):
+                "prefill\nlimit") + (("recov",) if recov else ()):
         t.add_column(col, justify="left" if col in ("codec", "prefill\nlimit") else "right", no_wrap=True)
     for r in rows:
         chosen = r is p.choice
+        extra = (("-" if r.token_recovery is None else f"{r.token_recovery:.3f}"),) if recov else ()
         t.add_row(str(r.split), ("> " if chosen else "") + r.codec, f"{r.decode_ms:.2f}", f"{r.prefill_ms:.1f}",
                   f"{r.response_ms:.1f}", str(r.decode_bytes),
-                  f"{r.fidelity:.3f}" + ("" if r.fidelity_measured else "*"), r.bottleneck,
+                  f"{r.fidelity:.3f}" + ("" if r.fidelity_measured else "*"), r.bottleneck, *extra,
                   style="bold green" if chosen else None)
     return t
 
@@ -191,8 +195,10 @@ def choose_split(args: Any, manifest: Manifest, console) -> dict:
     _check(cloud, manifest, "cloud", console)
     speeds = measure_codec_speeds(manifest)
     model = CostModel(edge, cloud, link, WireModel.from_manifest(manifest, speeds))
+    budget = getattr(args, "max_token_recovery", None) if getattr(args, "min_edge_layers", None) is None else None
     constraints = Constraints.from_manifest(manifest, deadline_ms=getattr(args, "deadline_ms", None),
-                                            min_agreement=getattr(args, "min_agreement", None))
+                                            min_agreement=getattr(args, "min_agreement", None),
+                                            max_token_recovery=budget)
     workload = Workload(int(getattr(args, "prompt_tokens", None) or 64), int(getattr(args, "new_tokens", None) or 32))
     p = plan(model, constraints, workload)
 

@@ -25,15 +25,35 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-edge-layers", type=int, default=None,
                    help="export only blocks [0, N) for small devices (default: every layer, which also allows "
                         "offline fallback)")
-    p.add_argument("--min-edge-layers", type=int, default=1,
+    p.add_argument("--min-edge-layers", type=int, default=None,
                    help="privacy floor: the edge always runs at least this many blocks (default 1; 0 allows the "
-                        "all-cloud split where token ids leave the device)")
-    p.add_argument("--quantize-edge", choices=["none", "int8"], default="none",
-                   help="also write int8 copies of the graphs (onnxruntime dynamic quantization)")
+                        "all-cloud split where token ids leave the device); overrides --max-token-recovery")
+    p.add_argument("--max-token-recovery", type=float, default=None, metavar="SHARE",
+                   help="risk budget, e.g. 0.1: measure token recovery (`seamline privacy`, quick settings) and set "
+                        "the floor to the smallest split whose top-1 recovery is at most SHARE; the curve is "
+                        "recorded in the manifest")
+    from . import quantize as q
+
+    p.add_argument("--quantize-edge", choices=["none", *q.PRECISIONS], default="none",
+                   help="weight-only quantized block graphs (ONNX Runtime MatMulNBits, activations in float): "
+                        "int4 or int8; the bundle then ships only those blocks (see --keep-fp32). int8-dynamic: "
+                        "the former int8 weights and activations per tensor (quantize_dynamic)")
+    p.add_argument("--quant-method", choices=q.METHODS, default="rtn",
+                   help="rtn: round-to-nearest (default); hqq: half-quadratic, data-free, int4 only on CPU")
+    p.add_argument("--quant-block-size", type=int, default=q.DEFAULT_BLOCK_SIZE,
+                   help=f"weights per quantization block along K (default {q.DEFAULT_BLOCK_SIZE})")
+    p.add_argument("--quant-accuracy-level", type=int, default=q.DEFAULT_ACCURACY_LEVEL, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits compute: 0 float activations, 4 int8 blocks of the activations on the fly "
+                        f"(faster; default {q.DEFAULT_ACCURACY_LEVEL})")
+    p.add_argument("--keep-fp32", action="store_true",
+                   help="with --quantize-edge: also ship the fp32 block graphs (`seamline edge --precision fp32`)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--calibration", type=Path, default=None,
                    help="UTF-8 text for codec calibration (default: a sample of the demo corpus)")
-    p.add_argument("--codec", default="int8", help="default hidden-state codec recorded in the manifest")
+    from seamline.protos.codec import CODEC_NAMES
+
+    p.add_argument("--codec", default="int8", choices=CODEC_NAMES,
+                   help="default hidden-state codec recorded in the manifest")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
     p.add_argument("--bandwidth", default="20mbit", help="--split auto: uplink bandwidth, e.g. 20mbit, 1mbit")
     p.add_argument("--rtt", default="30ms", help="--split auto: round-trip time, e.g. 30ms")
@@ -53,13 +73,26 @@ def run_partition(args: argparse.Namespace) -> int:
     auto = str(args.split).lower() == "auto"
     split = None if args.split is None or auto else int(args.split)
     opts = PartitionOptions(model=args.model, out=args.out, split=split, max_edge_layers=args.max_edge_layers,
-                            min_edge_layers=args.min_edge_layers, quantize_edge=args.quantize_edge,
+                            min_edge_layers=1 if args.min_edge_layers is None else args.min_edge_layers,
+                            quantize_edge=args.quantize_edge,
+                            quant_method=args.quant_method, quant_block_size=args.quant_block_size,
+                            quant_accuracy_level=args.quant_accuracy_level, keep_fp32=args.keep_fp32,
                             opset=args.opset, calibration=args.calibration, codec=args.codec, force=args.force)
     try:
         manifest, summary = partition(opts, console)
     except (PartitionError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]partition: {e}[/red]")
         return 2
+    if args.max_token_recovery is not None:
+        from .partition import summarize
+        from .privacy import PrivacyError, apply_budget
+
+        try:
+            manifest = apply_budget(args.out, manifest, args.max_token_recovery, args.min_edge_layers, split, console)
+        except (PrivacyError, ValueError) as e:
+            console.print(f"[red]partition: {e}[/red]")
+            return 2
+        summary = summarize(manifest, args.out)
     if auto:
         try:
             from .auto_split import choose_split
@@ -76,12 +109,15 @@ def run_partition(args: argparse.Namespace) -> int:
     table.add_column("item")
     table.add_column("value")
     for key in ("model", "family", "layers", "edge_layers_exported", "default_split", "edge_runs", "cloud_runs",
-                "split_range", "offline_fallback"):
+                "split_range", "offline_fallback", "precisions"):
         table.add_row(key, str(summary[key]))
     for name, size in summary["files"].items():
         table.add_row(name, f"{size / 1e6:.2f} MB")
     table.add_row("total", f"{summary['bytes_total'] / 1e6:.2f} MB")
     Console().print(table)
+    print(f"bundle {summary['bundle']}: {summary['bytes_total'] / 1e6:.2f} MB on disk, edge graphs in "
+          f"{summary['precision']}" + (f" ({', '.join(summary['precisions'][1:])} too)"
+                                       if len(summary["precisions"]) > 1 else ""))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
@@ -92,7 +128,11 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
                      "prefill of 32 tokens and 16 decode steps at every allowed split. Exit 1 when parity fails.")
     p.add_argument("bundle", type=Path)
     p.add_argument("--model", default=None, help="source checkpoint (default: the one the manifest names)")
-    p.add_argument("--int8", action="store_true", help="verify the int8 graphs (criterion: agreement >= 0.95)")
+    p.add_argument("--quant", default=None, choices=["fp32", "int4", "int8", "int8-dynamic"],
+                   help="precision of the edge graphs to verify (default: fp32 when shipped, else the bundle's "
+                        "own); quantized graphs "
+                        "pass on greedy agreement (int8 >= 0.95, int4 >= 0.9, worst split)")
+    p.add_argument("--int8", action="store_true", help="alias of --quant int8")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON")
@@ -106,11 +146,12 @@ def run_verify(args: argparse.Namespace) -> int:
     from .verify import VerifyOptions, verify
 
     try:
-        report = verify(VerifyOptions(args.bundle, args.model, args.prompt_tokens, args.decode_steps, args.int8))
+        report = verify(VerifyOptions(args.bundle, args.model, args.prompt_tokens, args.decode_steps, args.int8,
+                                      quant=args.quant))
     except (BundleError, FileNotFoundError, ValueError) as e:
         print(f"verify: {e}", file=sys.stderr)
         return 2
-    table = Table(title=f"parity of {args.bundle} ({report['family']}, {'int8' if args.int8 else 'fp32'})")
+    table = Table(title=f"parity of {args.bundle} ({report['family']}, {report['precision']})")
     for col in ("split", "max |logit diff|", "greedy agreement"):
         table.add_column(col)
     for r in report["splits"]:

@@ -2,7 +2,7 @@
 
 Each graph is exported with torch's dynamo exporter from a small wrapper around the family
 adapter (so the graph computes exactly what the cloud computes in torch), checked with
-``onnx.checker``, and optionally quantized to int8 with onnxruntime's dynamic quantization.
+``onnx.checker``; ``quantize.py`` writes the weight-only quantized copies of the blocks.
 """
 
 from __future__ import annotations
@@ -134,26 +134,17 @@ def export_head(adapter: FamilyAdapter, path: Path, opset: int = DEFAULT_OPSET) 
                 {"hidden": {1: t}, "attention_mask": {1: t}}, opset)
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """int8 weights, dynamic activation quantization (onnxruntime.quantization.quantize_dynamic)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with _quiet():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"])
-
-
 TIED_FILE = "tied_embedding.bin"
 
 
-def share_tied_embedding(bundle_dir: Path, embed_file: str, head_file: str) -> bool:
+def share_tied_embedding(bundle_dir: Path, embed_file: str, head_file: str, fp16: bool = False) -> bool:
     """Store a tied embedding / LM-head matrix once, in ``tied_embedding.bin``, for both graphs.
 
     The embed graph gathers rows of W (V, C); the exported head multiplies by W^T (C, V). When the
     head's matrix is exactly the transpose of the embedding, both graphs are rewritten to read W
     from one external-data file, and the head gets a Transpose node (ORT folds it at load time).
-    Returns False (and changes nothing) when the weights are not tied.
+    Returns False (and changes nothing) when the weights are not tied. ``fp16``: the file holds W in
+    float16 (half the bytes) and both graphs Cast it to float first (ORT folds the Cast at load time).
     """
     import numpy as np
     import onnx
@@ -167,11 +158,12 @@ def share_tied_embedding(bundle_dir: Path, embed_file: str, head_file: str) -> b
     h_init = next((t for t in head.graph.initializer if list(t.dims) == [w.shape[1], w.shape[0]]), None)
     if w.ndim != 2 or h_init is None or not np.array_equal(numpy_helper.to_array(h_init), w.T):
         return False
-    data = np.ascontiguousarray(w, dtype="<f4").tobytes()
+    data = np.ascontiguousarray(w, dtype="<f2" if fp16 else "<f4").tobytes()
     (bundle_dir / TIED_FILE).write_bytes(data)
+    dtype = onnx.TensorProto.FLOAT16 if fp16 else onnx.TensorProto.FLOAT
 
     def external(name: str) -> onnx.TensorProto:
-        t = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=list(w.shape))
+        t = onnx.TensorProto(name=name + ("_fp16" if fp16 else ""), data_type=dtype, dims=list(w.shape))
         t.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", TIED_FILE), ("offset", "0"), ("length", str(len(data)))):
             entry = t.external_data.add()
@@ -184,6 +176,10 @@ def share_tied_embedding(bundle_dir: Path, embed_file: str, head_file: str) -> b
     head.graph.initializer.append(external("tied_embedding"))
     head.graph.node.insert(0, helper.make_node("Transpose", ["tied_embedding"], [transposed], perm=[1, 0],
                                                name="tied_embedding_transpose"))
+    if fp16:
+        for model, name in ((embed, e_init.name[:-len("_fp16")]), (head, "tied_embedding")):
+            model.graph.node.insert(0, helper.make_node("Cast", [name + "_fp16"], [name], to=onnx.TensorProto.FLOAT,
+                                                        name=name + "_to_float"))
     for model, name in ((embed, embed_file), (head, head_file)):
         onnx.save(model, str(bundle_dir / name))
         onnx.checker.check_model(str(bundle_dir / name), full_check=True)

@@ -1,7 +1,8 @@
-"""Resolve ``demo`` or a local checkpoint path, load it, and fingerprint it.
+"""Resolve ``demo``, a local checkpoint folder, a hub id or a ``.gguf`` file; load it, and fingerprint it.
 
-The fingerprint (``model_hash``) is the sha256 over config.json and the weight files; the bundle
-records it, and the cloud refuses a session whose bundle was cut from other weights.
+Hub ids and GGUF files become local checkpoint folders first (``sources.py``). The fingerprint
+(``model_hash``) is the sha256 over config.json and the weight files; the bundle records it, and the
+cloud refuses a session whose bundle was cut from other weights.
 """
 
 from __future__ import annotations
@@ -10,27 +11,44 @@ import hashlib
 import json
 from pathlib import Path
 
+from .sources import ModelNotFoundError, ModelOrigin, convert_gguf, download_hub, is_hub_id
+
 DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 
-
-class ModelNotFoundError(FileNotFoundError):
-    pass
+__all__ = ["DEMO_DIR", "ModelNotFoundError", "ModelOrigin", "load_model", "model_hash", "resolve_model",
+           "resolve_source"]
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
-    """``demo`` -> the shipped checkpoint; otherwise a local Hugging Face checkpoint folder."""
-    if str(name_or_path) == "demo":
+    """``demo``, a folder, a hub id or a .gguf file -> a local Hugging Face checkpoint folder."""
+    return resolve_source(name_or_path)[0]
+
+
+def resolve_source(name_or_path: str | Path) -> tuple[Path, ModelOrigin]:
+    """Like ``resolve_model``, and what the reference was (for the manifest's ``model_origin``)."""
+    ref = str(name_or_path)
+    if ref == "demo":
         path = DEMO_DIR
         if not (path / "config.json").exists():
             raise ModelNotFoundError(
                 f"the demo model is missing from {path}; reinstall seamline or run `make demo-model`")
-        return path
+        return path, ModelOrigin("demo", "demo")
     path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        folder, origin = convert_gguf(path)
+        return _check_folder(folder), origin
+    if not path.exists() and is_hub_id(ref):
+        folder, origin = download_hub(ref)
+        return _check_folder(folder), origin
     if not path.exists():
         raise ModelNotFoundError(
-            f"{path}: no such folder. Pass `demo` or a local Hugging Face checkpoint folder "
-            "(config.json + model.safetensors); hub names are not downloaded.")
+            f"{path}: no such folder or file. Pass `demo`, a local Hugging Face checkpoint folder "
+            "(config.json + model.safetensors), a hub id ORG/NAME, or a .gguf file")
+    return _check_folder(path), ModelOrigin("folder", str(path.resolve()))
+
+
+def _check_folder(path: Path) -> Path:
     if path.is_file() or not (path / "config.json").exists():
         raise ModelNotFoundError(
             f"{path}: not a Hugging Face checkpoint folder; expected config.json and model weights "

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from seamline.protos.bundle import CodecDefaults, Manifest, write_manifest
+from seamline.edge.chat import CHAT_FILE, ChatTemplate
+from seamline.protos.bundle import CodecDefaults, GraphSet, Manifest, write_manifest
 
-from . import export
+from . import export, quantize
 from .families import adapter_for
-from .loading import load_model, load_tokenizer_path, model_hash
+from .loading import load_model, load_tokenizer_path, model_hash, resolve_source
 
 DEFAULT_CALIBRATION_TOKENS = 2048
 
@@ -29,7 +30,11 @@ class PartitionOptions:
     split: int | None = None  # default split recorded in the manifest; None = middle
     max_edge_layers: int | None = None  # None = every layer (offline fallback possible)
     min_edge_layers: int = 1  # privacy floor
-    quantize_edge: str | None = None  # None | "int8"
+    quantize_edge: str | None = None  # None | "int4" | "int8" (weight-only MatMulNBits) | "int8-dynamic"
+    quant_method: str = "rtn"  # rtn | hqq (quantize.py)
+    quant_block_size: int = quantize.DEFAULT_BLOCK_SIZE
+    quant_accuracy_level: int = quantize.DEFAULT_ACCURACY_LEVEL
+    keep_fp32: bool = False  # a quantized bundle also ships the fp32 block graphs
     opset: int = export.DEFAULT_OPSET
     calibration: Path | None = None  # text file; default: the demo corpus sample
     codec: str = "int8"
@@ -91,7 +96,8 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
         if not opts.force:
             raise PartitionError(f"{out} exists and is not empty; pass --force to overwrite it")
         shutil.rmtree(out)
-    model, path = load_model(opts.model)
+    path, origin = resolve_source(opts.model)  # a hub id is downloaded, a .gguf converted (once, cached)
+    model, path = load_model(path)
     adapter = adapter_for(model)
     s = adapter.shape
     L = s.num_layers
@@ -112,15 +118,14 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
     blocks = [f"block_{i:02d}.onnx" for i in range(edge_layers)]
     head = "head.onnx" if edge_layers == L else None
     graphs = ["embed.onnx", *blocks] + ([head] if head else [])
-    int8 = {}
-    if opts.quantize_edge == "int8":
-        # Embedding lookups are not quantized (Gather): the int8 set reuses embed.onnx.
-        int8 = {"embed": "embed.onnx", "blocks": [f"int8/{b}" for b in blocks],
-                "head": f"int8/{head}" if head else None}
-    elif opts.quantize_edge not in (None, "none"):
-        raise PartitionError(f"--quantize-edge {opts.quantize_edge}: supported: int8")
-
-    to_quantize = [g for g in graphs if g != "embed.onnx"] if int8 else []
+    spec = None  # the embedding (Gather) and the head (tied to it, or the LM head) stay float
+    if opts.quantize_edge not in (None, "none", "fp32"):
+        try:
+            spec = quantize.QuantSpec(opts.quantize_edge, opts.quant_method, opts.quant_block_size,
+                                      opts.quant_accuracy_level).validate()
+        except quantize.QuantizeError as e:
+            raise PartitionError(str(e)) from None
+    to_quantize = blocks if spec else []
     n_steps = len(graphs) + len(to_quantize) + 1
     with _progress(console) as progress:
         task = progress.add_task("exporting ONNX graphs", total=n_steps)
@@ -135,35 +140,56 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
             export.export_head(adapter, out / head, opts.opset)
             progress.advance(task)
         for name in to_quantize:
-            progress.update(task, description=f"quantizing {name} to int8")
-            export.quantize_int8(out / name, out / "int8" / name)
+            progress.update(task, description=f"quantizing {name} to {spec.precision}")
+            quantize.quantize_graph(out / name, out / spec.precision / name, spec)
             progress.advance(task)
-        tied = bool(head) and export.share_tied_embedding(out, "embed.onnx", head)
+        if spec and not opts.keep_fp32:  # the bundle holds only the precision it runs
+            for name in to_quantize:
+                (out / name).unlink()
+        # a quantized-only bundle stores the tied embedding / LM head in fp16 (float graphs keep fp32 parity)
+        fp16_embed = bool(spec) and not opts.keep_fp32
+        tied = bool(head) and export.share_tied_embedding(out, "embed.onnx", head, fp16=fp16_embed)
         progress.update(task, description="calibrating codecs")
         calib = calibrate(adapter, tok_path, calibration_text(opts.calibration), max_split)
         progress.advance(task)
     shutil.copyfile(tok_path, out / "tokenizer.json")
+    chat = ChatTemplate.from_model_folder(path, tok_path) if s.causal else None
+    if chat is not None:
+        (out / CHAT_FILE).write_text(chat.to_json(), encoding="utf-8")
 
     config = json.loads((path / "config.json").read_text())
     manifest = Manifest(
-        model_id="demo" if opts.model == "demo" else path.name,
-        model_source="demo" if opts.model == "demo" else str(path.resolve()), family=adapter.family,
+        model_id="demo" if opts.model == "demo" else origin.display_name,
+        model_source="demo" if opts.model == "demo" else origin.reference, family=adapter.family,
         model_type=config.get("model_type", ""), model_config=config, source_model_hash=model_hash(path),
         num_layers=L, hidden_size=s.hidden_size, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
         head_dim=s.head_dim, vocab_size=s.vocab_size, max_positions=s.max_positions, causal=s.causal,
         edge_layers=edge_layers, default_split=split, min_split=min_split, max_split=max_split,
-        opset=opts.opset, blocks=blocks, head=head, int8=int8,
-        eos_token_id=getattr(model.config, "eos_token_id", None), tied_embedding=export.TIED_FILE if tied else None,
+        opset=opts.opset, blocks=[f"{spec.precision}/{b}" for b in blocks] if spec else blocks, head=head,
+        precision=spec.precision if spec else "fp32",
+        quantization={**spec.to_manifest(), "tied_embedding": "fp16" if fp16_embed and tied else "fp32"} if spec else {},
+        variants={"fp32": GraphSet("embed.onnx", blocks, head)} if spec and opts.keep_fp32 else {},
+        eos_token_id=_first(getattr(model.config, "eos_token_id", None)), tied_embedding=export.TIED_FILE if tied else None,
+        chat_template=CHAT_FILE if chat is not None else None, model_origin=origin.to_dict(),
         codec=CodecDefaults(codec=opts.codec, calibration=calib))
     write_manifest(manifest, out)
     return manifest, summarize(manifest, out)
 
 
+def _first(eos):
+    """config.eos_token_id may list several ids (the chat template's stop ids cover the others)."""
+    return eos[0] if isinstance(eos, list) and eos else (eos if isinstance(eos, int) else None)
+
+
 def summarize(manifest: Manifest, out: Path) -> dict:
     sizes = {name: e.bytes for name, e in manifest.files.items()}
-    fp32 = sum(v for k, v in sizes.items() if not k.startswith("int8/"))
-    int8 = sum(v for k, v in sizes.items() if k.startswith("int8/"))
+    quantized = ("int4/", "int8/", "int8-dynamic/")
+    fp32 = sum(v for k, v in sizes.items() if not k.startswith(quantized))
+    int8 = sum(v for k, v in sizes.items() if k.startswith(("int8/", "int8-dynamic/")))
     return {
+        "precision": manifest.precision,
+        "precisions": manifest.precisions(),
+        "quantization": manifest.quantization,
         "bundle": str(out),
         "model": manifest.model_id,
         "family": manifest.family,
@@ -177,5 +203,6 @@ def summarize(manifest: Manifest, out: Path) -> dict:
         "files": sizes,
         "bytes_fp32_graphs": fp32,
         "bytes_int8_graphs": int8,
-        "bytes_total": fp32 + int8,
+        "bytes_quantized_graphs": sum(v for k, v in sizes.items() if k.startswith(quantized)),
+        "bytes_total": sum(sizes.values()),
     }

@@ -13,6 +13,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -54,17 +55,17 @@ def profile_edge(bundle_dir, threads: int = 1, int8: bool = False, repeats: int 
                 past = rng.standard_normal((1, m.num_kv_heads, ctx, m.head_dim), dtype=np.float32)
                 pos = np.array([[ctx]], dtype=np.int64)
                 row["decode_ms"][str(ctx)] = _median_ms(
-                    lambda: g.run(hidden=h1, past_key=past, past_value=past, position_ids=pos), repeats)
+                    partial(g.run, hidden=h1, past_key=past, past_value=past, position_ids=pos), repeats)
             else:
                 row["decode_ms"][str(ctx)] = _median_ms(
-                    lambda: g.run(hidden=h1, attention_mask=np.ones((1, 1), np.int64)), repeats)
+                    partial(g.run, hidden=h1, attention_mask=np.ones((1, 1), np.int64)), repeats)
         if m.causal:
             z = np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
             pos = np.arange(chunk, dtype=np.int64)[None]
-            row["prefill_ms"] = _median_ms(lambda: g.run(hidden=hc, past_key=z, past_value=z, position_ids=pos),
+            row["prefill_ms"] = _median_ms(partial(g.run, hidden=hc, past_key=z, past_value=z, position_ids=pos),
                                            repeats)
         else:
-            row["prefill_ms"] = _median_ms(lambda: g.run(hidden=hc, attention_mask=np.ones((1, chunk), np.int64)),
+            row["prefill_ms"] = _median_ms(partial(g.run, hidden=hc, attention_mask=np.ones((1, chunk), np.int64)),
                                            repeats)
         layers.append(row)
     ids1 = np.zeros((1, 1), np.int64)
@@ -113,11 +114,11 @@ def profile_cloud(model: str, device: str = "cpu", dtype: str = "auto", repeats:
             if s.causal:
                 past = torch.randn(1, s.num_kv_heads, ctx, s.head_dim, device=dev, dtype=tdtype)
                 pos = torch.tensor([[ctx]], device=dev)
-                row["decode_ms"][str(ctx)] = _median_ms(sync(lambda: a.block(i, h1, past, past, pos)), repeats)
+                row["decode_ms"][str(ctx)] = _median_ms(sync(partial(a.block, i, h1, past, past, pos)), repeats)
             else:
-                row["decode_ms"][str(ctx)] = _median_ms(sync(lambda: a.block(i, h1, None, None, None)), repeats)
+                row["decode_ms"][str(ctx)] = _median_ms(sync(partial(a.block, i, h1, None, None, None)), repeats)
         pos = torch.arange(chunk, device=dev)[None]
-        row["prefill_ms"] = _median_ms(sync(lambda: a.block(i, hc, None, None, pos)), repeats)
+        row["prefill_ms"] = _median_ms(sync(partial(a.block, i, hc, None, None, pos)), repeats)
         layers.append(row)
     ids1 = torch.zeros(1, 1, dtype=torch.long, device=dev)
     return {

@@ -73,11 +73,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SEAMLINE_CACHE", Path.home() / ".cache" / "seamline"))
 
 
+_LEADING_WORDS = ("the", "a", "king")  # dropped as whole words only: "A Lover's Complaint", "King John"
+
+
 def title_key(title: str) -> str:
-    key = re.sub(r"[^a-z]", "", title.lower())
-    for prefix in ("the", "king", "a"):
-        if key.startswith(prefix) and len(key) > len(prefix) + 4:
-            key = key[len(prefix):]
+    """One key per work: lower-case letters and digits of the title, without a leading "The", "A" or
+    "King" (whole words: "All's Well" keeps its "a"; "Part 1" and "Part 2" stay apart), folio spellings
+    mapped to the modern ones."""
+    words = re.findall(r"[a-z0-9]+", title.lower())
+    while len(words) > 1 and words[0] in _LEADING_WORDS:
+        words = words[1:]
+    key = "".join(words)
     return _TITLE_ALIASES.get(key, key)
 
 
@@ -120,21 +126,24 @@ def strip_gutenberg(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
 
 
+def choose_editions(editions: dict[str, str]) -> dict[str, str]:
+    """``{file name: title}`` -> ``{title key: file name}``: one edition per work, the modern-spelling
+    one (``*_gut``) over the folio one (``*_gut_f``)."""
+    chosen: dict[str, str] = {}
+    for name in sorted(editions):
+        key = title_key(editions[name])
+        if key not in chosen or chosen[key].endswith("_gut_f") and not name.endswith("_gut_f"):
+            chosen[key] = name
+    return dict(sorted(chosen.items()))
+
+
 def select_works(texts: Path) -> dict[str, str]:
     """Map title key -> cleaned text, one edition per work (modern preferred)."""
     meta = configparser.ConfigParser(interpolation=None)
     meta.read(texts / "metadata.txt")
-    chosen: dict[str, tuple[bool, str]] = {}
-    for name in sorted(meta.sections()):
-        path = texts / f"{name}.txt"
-        if not path.exists():
-            continue
-        folio = name.endswith("_gut_f")
-        key = title_key(meta[name].get("title", name))
-        if key in chosen and (folio or not chosen[key][0]):
-            continue  # keep the modern edition
-        chosen[key] = (folio, path.read_text(encoding="latin-1"))
-    return {k: strip_gutenberg(t) for k, (_, t) in sorted(chosen.items())}
+    editions = {name: meta[name].get("title", name) for name in meta.sections() if (texts / f"{name}.txt").exists()}
+    return {key: strip_gutenberg((texts / f"{name}.txt").read_text(encoding="latin-1"))
+            for key, name in choose_editions(editions).items()}
 
 
 def split_corpus(works: dict[str, str]) -> tuple[str, str]:
@@ -263,7 +272,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict:
     heldout_sample = valid_text[:24000]
     calibration_sample = train_text[len(train_text) // 2: len(train_text) // 2 + 16000]
     sample_ids = tok.encode(heldout_sample).ids
-    sample_loss, sample_ppl = evaluate_ppl(model, sample_ids, cfg.n_positions)
+    _, sample_ppl = evaluate_ppl(model, sample_ids, cfg.n_positions)
     sample_uni = unigram_perplexity(train_ids, sample_ids, cfg.vocab_size)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -310,8 +319,8 @@ def sample_generations(model, tok, new_tokens: int = 80) -> list[dict]:
         ids = torch.tensor([tok.encode(prompt).ids])
         for mode in ("greedy", "sampled"):
             torch.manual_seed(0)
-            kwargs = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=0.8,
-                                                                         top_k=40)
+            kwargs = ({"do_sample": False} if mode == "greedy"
+                      else {"do_sample": True, "temperature": 0.8, "top_k": 40})
             with torch.no_grad():
                 res = model.generate(ids, max_new_tokens=new_tokens, pad_token_id=model.config.eos_token_id,
                                      **kwargs)

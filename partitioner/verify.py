@@ -23,6 +23,8 @@ from .loading import DEMO_DIR, load_model, model_hash
 
 FP32_TOLERANCE = 1e-4
 INT8_MIN_AGREEMENT = 0.95
+# greedy agreement floor per precision of the edge graphs (teacher-forced, worst split)
+MIN_AGREEMENT = {"int8": INT8_MIN_AGREEMENT, "int8-dynamic": INT8_MIN_AGREEMENT, "int4": 0.9}
 
 
 @dataclass
@@ -31,8 +33,9 @@ class VerifyOptions:
     model: str | None = None  # default: the manifest's model_source
     prompt_tokens: int = 32
     decode_steps: int = 16
-    int8: bool = False
+    int8: bool = False  # legacy alias of quant="int8" (or "int8-dynamic" in an older bundle)
     threads: int = 1
+    quant: str | None = None  # precision of the edge graphs to verify; default: fp32 if shipped, else the bundle's
 
 
 PROMPT_TEXT = (
@@ -106,7 +109,11 @@ def verify(opts: VerifyOptions) -> dict:
         raise ValueError(f"{path}: its weights differ from the ones {opts.bundle} was cut from "
                          "(model hash mismatch); pass --model with the original checkpoint")
     adapter = adapter_for(model)
-    runtime = EdgeRuntime(opts.bundle, threads=opts.threads, int8=opts.int8, verify=False)
+    quant = opts.quant
+    if quant is None and not opts.int8:  # default: exact parity of the fp32 graphs when shipped, else the bundle's
+        quant = "fp32" if "fp32" in manifest.precisions() else manifest.precision
+    runtime = EdgeRuntime(opts.bundle, threads=opts.threads, int8=opts.int8, verify=False, precision=quant)
+    precision = runtime.precision
     ids = _prompt_ids(runtime, opts.prompt_tokens)
     if not manifest.causal:
         rows = _verify_encoder(runtime, adapter, model, ids)
@@ -120,12 +127,14 @@ def verify(opts: VerifyOptions) -> dict:
                          "greedy_agreement": float((got.argmax(-1) == ref_argmax).mean())})
     worst = max(r["max_abs_logit_diff"] for r in rows)
     agreement = min(r["greedy_agreement"] for r in rows)
-    passed = agreement >= INT8_MIN_AGREEMENT if opts.int8 else (worst <= FP32_TOLERANCE and agreement == 1.0)
+    floor = MIN_AGREEMENT.get(precision)
+    passed = agreement >= floor if floor is not None else (worst <= FP32_TOLERANCE and agreement == 1.0)
     return {
-        "bundle": str(opts.bundle), "model": source, "family": manifest.family, "int8": opts.int8,
+        "bundle": str(opts.bundle), "model": source, "family": manifest.family, "int8": runtime.int8,
+        "precision": precision, "quantization": manifest.graph_set(precision)["quantization"],
         "prompt_tokens": len(ids), "decode_steps": opts.decode_steps if manifest.causal else 0,
         "max_abs_logit_diff": worst, "greedy_agreement": agreement,
-        "criterion": (f"greedy_agreement >= {INT8_MIN_AGREEMENT}" if opts.int8
+        "criterion": (f"greedy_agreement >= {floor}" if floor is not None
                       else f"max_abs_logit_diff <= {FP32_TOLERANCE} and greedy_agreement == 1.0"),
         "passed": passed, "splits": rows,
     }

@@ -17,19 +17,42 @@ ONNX graph conventions (batch B = 1 on the edge):
 - head: ``hidden`` -> ``logits`` (B, T, V); encoders: ``hidden``, ``attention_mask`` -> ``embedding`` (B, C)
 An exporter may drop an input a graph does not use: feed only the names in ``session.get_inputs()``.
 
+The bundle is a closed box. ``load_bundle`` validates the manifest against its schema (the
+dataclasses below: every key known, every value of its declared type, ranges and cross-field
+rules in ``Manifest.validate``) and raises one ``BundleError`` naming the field. Every path the
+manifest names must be relative, without ``..``, and resolve (symlinks followed) to a regular file
+inside the bundle folder; sizes are compared before anything is hashed. Nothing outside the
+bundle is opened or stat-ed. A new optional field is a dataclass field with a default: the
+schema follows the type annotation (``str``, ``int``, ``float``, ``bool``, ``X | None``,
+``list[X]``, ``dict[str, X]``, a nested dataclass, ``Any``); add range rules to ``validate``.
+
 Pure data and validation: reading and hashing files is the only I/O here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
+import os
+import re
+import stat
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+from seamline.protos.codec import CODEC_NAMES
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+PRECISIONS = ("fp32", "int4", "int8", "int8-dynamic")  # of a bundle's edge graphs (partition --quantize-edge)
+MAX_MANIFEST_BYTES = 16 * 2**20  # a manifest is a few KB; refuse to read a huge one
+MAX_INT = 2**31 - 1  # what the wire's int32 fields carry
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FIX = "re-run `partition` with this version of seamline (or correct the field)"
 
 
 class BundleError(ValueError):
@@ -85,10 +108,20 @@ class Manifest:
     head: str | None = None
     tokenizer: str = "tokenizer.json"
     int8: dict[str, Any] = field(default_factory=dict)  # {"embed":..., "blocks":[...], "head":...}
+    # precision of the graphs embed/blocks/head name (one of PRECISIONS); `quantization` says how they were
+    # quantized (method, bits, block_size, accuracy_level, tool); `variants` are other precisions shipped
+    # next to them (e.g. "fp32" with `partition --keep-fp32`). The legacy `int8` set reads as "int8-dynamic".
+    precision: str = "fp32"
+    quantization: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, GraphSet] = field(default_factory=dict)
     eos_token_id: int | None = None
     tied_embedding: str | None = None  # external-data file shared by embed and head (tied weights, stored once)
+    chat_template: str | None = None  # the model's chat template (edge/chat.py); None: plain chat format
+    model_origin: dict[str, Any] = field(default_factory=dict)  # what --model named: kind, reference, sha256
     codec: CodecDefaults = field(default_factory=CodecDefaults)
     plan: dict[str, Any] = field(default_factory=dict)  # `partition --split auto` choice and table
+    # `seamline privacy` measurement: recovery_top1 (str(k) -> share of tokens read back), its settings
+    privacy: dict[str, Any] = field(default_factory=dict)
     files: dict[str, FileEntry] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -109,6 +142,24 @@ class Manifest:
                 "pick a split in range or re-run `partition` with other --min-edge-layers/--max-edge-layers")
         return k
 
+    def precisions(self) -> list[str]:
+        """The precisions whose graphs this bundle ships, its own first."""
+        out = [self.precision, *self.variants]
+        return out + ["int8-dynamic"] if self.int8 and "int8-dynamic" not in out else out
+
+    def graph_set(self, precision: str | None = None) -> dict[str, Any]:
+        """``{"embed", "blocks", "head", "quantization"}`` of the graphs at ``precision`` (default: the bundle's)."""
+        p = precision or self.precision
+        if p == self.precision:
+            return {"embed": self.embed, "blocks": self.blocks, "head": self.head, "quantization": self.quantization}
+        if p in self.variants:
+            return asdict(self.variants[p])
+        if p == "int8-dynamic" and self.int8:
+            return {"embed": self.int8["embed"], "blocks": self.int8["blocks"], "head": self.int8.get("head"),
+                    "quantization": {"method": "dynamic", "bits": 8}}
+        raise BundleError(f"no {p} graphs in this bundle (it ships {', '.join(self.precisions())}); pick one of "
+                          f"those, or re-run `partition --quantize-edge {p}` (--keep-fp32 keeps fp32 graphs too)")
+
     # -- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,27 +169,109 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest:
+        """Build and validate a manifest from parsed JSON; BundleError names the first bad field."""
+        if not isinstance(d, dict):
+            raise BundleError(f"{where}: expected a JSON object; {_FIX}")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version != FORMAT_VERSION or isinstance(version, bool):
             raise BundleError(
-                f"{where}: bundle format version {version!r}, this seamline reads {FORMAT_VERSION}; "
+                f"{where}: bundle format version {_show(version)}, this seamline reads {FORMAT_VERSION}; "
                 "re-run `partition` with this version of seamline")
-        known = {f.name for f in fields(cls)}
         missing = [f.name for f in fields(cls)
                    if f.name not in d and f.default is f.default_factory is _MISSING]
         if missing:
             raise BundleError(f"{where}: missing keys {missing}; re-run `partition`")
-        kw = {k: v for k, v in d.items() if k in known}
-        kw["codec"] = CodecDefaults(**d.get("codec", {}))
-        kw["files"] = {name: FileEntry(**e) for name, e in d.get("files", {}).items()}
-        return cls(**kw)
+        manifest = _build(cls, d, "", where)
+        manifest.validate(where)
+        return manifest
+
+    def validate(self, where: str = MANIFEST_NAME) -> None:
+        """Ranges and cross-field rules (types were checked by the schema)."""
+        def bad(name: str, why: str) -> BundleError:
+            return BundleError(f"{where}: field `{name}`: {why}; {_FIX}")
+
+        for name, lo in (("num_layers", 1), ("hidden_size", 1), ("num_heads", 1), ("num_kv_heads", 1),
+                         ("head_dim", 1), ("vocab_size", 1), ("max_positions", 2), ("opset", 1)):
+            value = getattr(self, name)
+            if not lo <= value <= MAX_INT:
+                raise bad(name, f"must be an integer in [{lo}, {MAX_INT}], got {value}")
+        if not 0 <= self.edge_layers <= self.num_layers:
+            raise bad("edge_layers", f"must be in [0, num_layers={self.num_layers}], got {self.edge_layers}")
+        if not 0 <= self.min_split <= self.max_split <= self.edge_layers:
+            raise bad("min_split", f"need 0 <= min_split ({self.min_split}) <= max_split ({self.max_split}) "
+                                   f"<= edge_layers ({self.edge_layers})")
+        if not self.min_split <= self.default_split <= self.max_split:
+            raise bad("default_split", f"must be in [min_split={self.min_split}, "
+                                       f"max_split={self.max_split}], got {self.default_split}")
+        if len(self.blocks) != self.edge_layers:
+            raise bad("blocks", f"lists {len(self.blocks)} graphs for edge_layers={self.edge_layers}")
+        if self.head is not None and self.edge_layers != self.num_layers:
+            raise bad("head", f"a head graph needs every layer on the edge (edge_layers={self.edge_layers}, "
+                              f"num_layers={self.num_layers})")
+        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
+            raise bad("eos_token_id",
+                      f"must be in [0, vocab_size={self.vocab_size}), got {self.eos_token_id}")
+        c = self.codec
+        if c.codec not in CODEC_NAMES:
+            raise bad("codec.codec",
+                      f"unknown codec {_show(c.codec)}; expected one of {', '.join(CODEC_NAMES)}")
+        if not 0 <= c.zstd_min_tokens <= MAX_INT:
+            raise bad("codec.zstd_min_tokens", f"must be in [0, {MAX_INT}], got {c.zstd_min_tokens}")
+        if not 1 <= c.group_size <= MAX_INT:
+            raise bad("codec.group_size", f"must be in [1, {MAX_INT}], got {c.group_size}")
+        if not 0 <= c.rotation_seed < 2**64:
+            raise bad("codec.rotation_seed", f"must be in [0, 2**64), got {c.rotation_seed}")
+        if self.int8:
+            extra = sorted(set(self.int8) - {"embed", "blocks", "head"})
+            if extra:
+                raise bad(f"int8.{extra[0]}", "unknown key (expected embed, blocks, head)")
+            _build(_Int8Graphs, self.int8, "int8.", where)
+            if len(self.int8["blocks"]) != self.edge_layers:
+                raise bad("int8.blocks",
+                          f"lists {len(self.int8['blocks'])} graphs for edge_layers={self.edge_layers}")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"unknown precision {_show(self.precision)}; expected one of {', '.join(PRECISIONS)}")
+        for p, v in self.variants.items():
+            if p not in PRECISIONS or p == self.precision:
+                raise bad(f"variants.{p}", f"must be one of {', '.join(PRECISIONS)} other than {self.precision}")
+            if len(v.blocks) != self.edge_layers:
+                raise bad(f"variants.{p}.blocks", f"lists {len(v.blocks)} graphs for edge_layers={self.edge_layers}")
+        for name, entry in self.files.items():
+            if not _SHA256.fullmatch(entry.sha256):
+                raise bad(f"files.{name}.sha256", "must be 64 lowercase hex digits")
+            if not 0 <= entry.bytes <= 2**40:
+                raise bad(f"files.{name}.bytes", f"must be in [0, 2**40], got {entry.bytes}")
+        for name, path in self.named_paths():
+            _relative(path, name, where)
+
+    def named_paths(self) -> list[tuple[str, str]]:
+        """(field, path) of every path the manifest names."""
+        out = [("embed", self.embed), *((f"blocks[{i}]", b) for i, b in enumerate(self.blocks)),
+               ("tokenizer", self.tokenizer)]
+        if self.head is not None:
+            out.append(("head", self.head))
+        if self.tied_embedding is not None:
+            out.append(("tied_embedding", self.tied_embedding))
+        if self.chat_template is not None:
+            out.append(("chat_template", self.chat_template))
+        if self.int8:
+            out.append(("int8.embed", self.int8["embed"]))
+            out += [(f"int8.blocks[{i}]", b) for i, b in enumerate(self.int8["blocks"])]
+            if self.int8.get("head") is not None:
+                out.append(("int8.head", self.int8["head"]))
+        for p, v in self.variants.items():
+            out += [(f"variants.{p}.embed", v.embed), *((f"variants.{p}.blocks[{i}]", b) for i, b in enumerate(v.blocks))]
+            if v.head is not None:
+                out.append((f"variants.{p}.head", v.head))
+        out += [(f"files.{name}", name) for name in self.files]
+        return out
 
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST_NAME) -> Manifest:
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{where}: not valid JSON ({e}); re-run `partition`") from e
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise BundleError(f"{where}: not valid JSON ({e}); re-run `partition`") from None
         if not isinstance(d, dict):
             raise BundleError(f"{where}: expected a JSON object; re-run `partition`")
         return cls.from_dict(d, where)
@@ -155,11 +288,181 @@ class Manifest:
 _MISSING = fields(Manifest)[0].default  # dataclasses.MISSING, without importing the private name
 
 
-def sha256_file(path: Path) -> str:
+@dataclass
+class GraphSet:
+    """The graphs of one more precision a bundle ships (``Manifest.variants``)."""
+
+    embed: str
+    blocks: list[str]
+    head: str | None = None
+    quantization: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Int8Graphs:
+    """The schema of ``Manifest.int8`` when it is not empty."""
+
+    embed: str
+    blocks: list[str]
+    head: str | None = None
+
+
+# -- the schema: the dataclasses' annotations -------------------------------------------------------
+
+def _show(value: Any) -> str:
+    scalar = isinstance(value, (str, int, float, bool, type(None)))
+    text = json.dumps(value) if scalar else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _type_name(tp: Any) -> str:
+    if tp is Any:
+        return "any value"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict or tp is dict:
+        return "an object"
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
+
+
+def _conform(value: Any, tp: Any, name: str, where: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (nested dataclasses built); BundleError otherwise."""
+    def bad() -> BundleError:
+        return BundleError(f"{where}: field `{name}`: expected {_type_name(tp)}, got {_show(value)}; {_FIX}")
+
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _conform(value, a, name, where)
+                except BundleError:
+                    if len(args) > 2:
+                        continue
+                    raise bad() from None
+        raise bad()
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad()
+        (item,) = typing.get_args(tp)
+        return [_conform(v, item, f"{name}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        item = typing.get_args(tp)[1] if typing.get_args(tp) else Any
+        return {k: _conform(v, item, f"{name}.{k}", where) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(tp, value, f"{name}.", where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise bad()
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str, where: str) -> Any:
+    """A dataclass from a JSON object: unknown keys, missing keys and wrong types name the field."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in d:
+        if key not in known:
+            raise BundleError(f"{where}: field `{prefix}{key}`: unknown key (this seamline reads bundle "
+                              f"format {FORMAT_VERSION}); {_FIX}")
+    kw = {}
+    for name, f in known.items():
+        if name not in d:
+            if f.default is _MISSING and f.default_factory is _MISSING:
+                raise BundleError(f"{where}: field `{prefix}{name}`: missing; {_FIX}")
+            continue
+        kw[name] = _conform(d[name], hints[name], prefix + name, where)
+    return cls(**kw)
+
+
+# -- paths: every one stays inside the bundle ---------------------------------------------------------
+
+def _relative(path: str, name: str, where: str) -> None:
+    """A manifest path must be relative, plain, and never climb out (checked before any file access)."""
+    p = PurePosixPath(path)
+    why = None
+    if not path or path.strip() != path:
+        why = "is empty or has surrounding whitespace"
+    elif "\x00" in path or "\\" in path:
+        why = "contains a NUL or a backslash"
+    elif p.is_absolute() or re.match(r"[A-Za-z]:", path):
+        why = "is an absolute path"
+    elif ".." in p.parts:
+        why = "climbs out with `..`"
+    elif path == MANIFEST_NAME:
+        why = "names the manifest itself"
+    if why:
+        raise BundleError(f"{where}: field `{name}`: the path {_show(path)} {why}; every file must be named "
+                          f"relative to the bundle folder and lie inside it; {_FIX}")
+
+
+def bundle_file(bundle_dir: Path | str, name: str, max_bytes: int | None = None) -> Path:
+    """The real path of ``name`` inside ``bundle_dir``: a regular file that does not leave the folder.
+
+    Symlinks are followed only while they stay inside; nothing outside is stat-ed or opened.
+    """
+    _relative(name, name, str(Path(bundle_dir) / MANIFEST_NAME))
+    root = Path(bundle_dir).resolve()
+    shown = Path(bundle_dir) / name
+    real = (root / name).resolve()
+    if real != root and root not in real.parents:
+        raise BundleError(f"{shown}: a symlink that leads outside the bundle folder; copy the file into the "
+                          "bundle instead of linking it (or re-run `partition`)")
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise BundleError(f"{shown}: missing — re-run `partition` or copy the bundle again") from None
+    except OSError as e:
+        raise BundleError(f"{shown}: cannot be read ({e.strerror}); fix its permissions or copy the bundle "
+                          "again") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{shown}: not a regular file; a bundle holds only plain files — re-run "
+                          "`partition` or copy the bundle again")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise BundleError(f"{shown}: {st.st_size} bytes, more than the {max_bytes} allowed; "
+                          "re-run `partition`")
+    return real
+
+
+def sha256_file(path: Path, limit: int | None = None) -> str:
+    """sha256 of the file; with ``limit``, reading stops after limit + 1 bytes (a file that grew)."""
     h = hashlib.sha256()
+    left = None if limit is None else limit + 1
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
+        while left is None or left > 0:
+            chunk = fh.read(1 << 20 if left is None else min(1 << 20, left))
+            if not chunk:
+                break
             h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
     return h.hexdigest()
 
 
@@ -181,33 +484,55 @@ def write_manifest(manifest: Manifest, bundle_dir: Path) -> Path:
 
 
 def load_bundle(bundle_dir: Path | str, verify: bool = True) -> Manifest:
-    """Read ``manifest.json`` and (by default) check every file's presence, size and sha256."""
+    """Read and validate ``manifest.json``; check every file's place, kind and size, and (by default)
+    its sha256."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST_NAME
     if not path.exists():
         raise BundleError(f"{path}: not found; is {bundle_dir} a bundle written by `partition`?")
-    manifest = Manifest.from_json(path.read_text(), where=str(path))
-    if verify:
-        verify_files(manifest, bundle_dir)
+    real = _manifest_path(bundle_dir)
+    try:
+        text = real.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: cannot be read ({e}); re-run `partition`") from None
+    manifest = Manifest.from_json(text, where=str(path))
+    verify_files(manifest, bundle_dir, hashes=verify)
     return manifest
 
 
-def verify_files(manifest: Manifest, bundle_dir: Path) -> None:
+def _manifest_path(bundle_dir: Path) -> Path:
+    root = bundle_dir.resolve()
+    real = (root / MANIFEST_NAME).resolve()
+    shown = bundle_dir / MANIFEST_NAME
+    if real.parent != root:
+        raise BundleError(f"{shown}: a symlink that leads outside the bundle folder; copy the manifest in")
+    st = os.stat(real)
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{shown}: not a regular file; re-run `partition`")
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{shown}: {st.st_size} bytes, more than {MAX_MANIFEST_BYTES}; this is no manifest "
+                          "written by `partition`")
+    return real
+
+
+def verify_files(manifest: Manifest, bundle_dir: Path, hashes: bool = True) -> None:
+    """Every file the manifest names is listed in ``files``, lies inside the bundle, is a regular file of
+    the listed size, and (``hashes``) has the listed sha256. Sizes are checked before any hashing."""
     bundle_dir = Path(bundle_dir)
-    needed = set(manifest.graph_files()) | {manifest.tokenizer}
-    if manifest.tied_embedding:
-        needed.add(manifest.tied_embedding)
-    if manifest.int8:
-        needed |= set(manifest.graph_files(int8=True))
+    needed = {path for _, path in manifest.named_paths()}
     for name in sorted(needed - set(manifest.files)):
         raise BundleError(f"{bundle_dir / name}: listed by the manifest but has no sha256 entry; "
                           "re-run `partition`")
+    real: dict[str, Path] = {}
     for name, entry in sorted(manifest.files.items()):
-        p = bundle_dir / name
-        if not p.exists():
-            raise BundleError(f"{p}: missing — re-run `partition` or copy the bundle again")
-        if p.stat().st_size != entry.bytes:
-            raise BundleError(f"{p}: size {p.stat().st_size} != {entry.bytes} in the manifest — "
+        p = real[name] = bundle_file(bundle_dir, name)
+        size = p.stat().st_size
+        if size != entry.bytes:
+            raise BundleError(f"{bundle_dir / name}: size {size} != {entry.bytes} in the manifest — "
                               "the file is truncated or altered; re-run `partition` or copy the bundle again")
-        if sha256_file(p) != entry.sha256:
-            raise BundleError(f"{p}: sha256 mismatch — re-run `partition` or copy the bundle again")
+    if not hashes:
+        return
+    for name, entry in sorted(manifest.files.items()):
+        if sha256_file(real[name], entry.bytes) != entry.sha256:
+            raise BundleError(f"{bundle_dir / name}: sha256 mismatch — re-run `partition` or copy the bundle "
+                              "again")

@@ -3,27 +3,11 @@
 Pure logic (numpy, protobuf, zstandard); no torch, no I/O. The edge calls :func:`encode`, the cloud
 calls :func:`decode`, the partitioner calls :func:`calibrate`.
 
-Wire layouts (every multi-byte value little-endian, every array row-major; T tokens, H hidden, g the
-group size, K the number of outlier channels):
-
-- fp32: payload float32 ``[T, H]``; no scales. Exact.
-- fp16: payload float16 ``[T, H]``; no scales.
-- int8: payload int8 ``[T, H]`` in [-127, 127]; scales float32 ``[T]`` = per-token absmax / 127.
-- int4: payload uint8 ``[T, H/2]`` (two values per byte); scales float16 ``[T, H/g]`` = group absmax / 7.
-- int4-rot: the int4 layout of ``x @ R``; decode multiplies by ``R.T``.
-- int8-outlier: payload = int8 ``[T, H-K]`` (the regular channels, ascending) followed by float16
-  ``[T, K]`` (the outlier channels, ascending); scales float32 ``[T]`` = absmax / 127 of each token's
-  regular channels (the outliers do not widen it).
-
-int4 nibble order: a value ``q`` in [-7, 7] is stored as the 4-bit two's complement ``q & 0xF``; channel
-``2i`` of a row goes in the LOW nibble of byte ``i``, channel ``2i+1`` in the HIGH nibble. The nibble
-``0x8`` (-8) is never produced and is rejected on decode. A group is ``g`` (32 or 64) consecutive
-channels of one row; its fp16 scale is rounded up so that ``7 * scale >= absmax`` (no clipping).
-
-int4-rot rotation (see :func:`rotation_matrix`): ``R = diag(s) @ blockdiag(H_b, ..., H_b)`` where ``b`` is
-the largest power of two dividing ``hidden``, ``H_b`` the normalized Sylvester Hadamard matrix and ``s``
-a ±1 vector derived from SHAKE-256 of ``(hidden, seed)`` (stable across numpy versions and machines).
-Encode and decode apply it with a fast Walsh-Hadamard transform (O(H log b) per token).
+Each codec (fp32, fp16, int8, int4, int4-rot, int8-outlier) is one class in ``protos/codecs/``: its
+name, enum, wire layout (the class docstring: every multi-byte value little-endian, every array
+row-major), exact byte count and the (payload, scales) encoding. This module is the framing they share:
+:class:`CodecConfig` (the session's parameters), the ``Tensor`` message, zstd and the checks of
+:func:`decode`.
 
 Optional zstd (level 3) applies to ``payload`` only; the frame declares its content size, and
 ``uncompressed_size`` carries it too. :func:`encode` falls back to an uncompressed payload when zstd
@@ -33,60 +17,41 @@ fp16 (codec fp16, int4 scales, int8-outlier outlier values): a value outside the
 :func:`encode` raise :class:`CodecError` rather than silently clip.
 
 :func:`decode` is the cloud's first line of defence against hostile clients: it checks the codec, the
-shape against :class:`DecodeLimits`, and the exact scales and payload lengths before it reads a byte of
-payload; it checks the zstd frame's declared size before decompressing (and caps the output at that
-size); it rejects NaN / Inf / negative scales and out-of-range quantized values. Every bad input raises
-:class:`CodecError`; memory use stays within a small multiple of ``max_tokens * hidden * 4`` bytes.
+shape against :class:`DecodeLimits`, and the exact scales and payload lengths (``Codec.sizes``) before it
+reads a byte of payload; it checks the zstd frame's declared size before decompressing (and caps the
+output at that size); the codec rejects NaN / Inf / negative scales and out-of-range quantized values.
+Every bad input raises :class:`CodecError`; memory use stays within a small multiple of
+``max_tokens * hidden * 4`` bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import zstandard
+from seamline.protos import codecs
 from seamline.protos import seamline_pb2 as pb
+from seamline.protos.codecs import CodecError, rotation_matrix
+from seamline.protos.codecs.rotation import UINT64_MAX
 
-CODEC_NAMES = ("fp32", "fp16", "int8", "int4", "int4-rot", "int8-outlier")
+CODEC_NAMES = codecs.NAMES  # ("fp32", "fp16", "int8", "int4", "int4-rot", "int8-outlier"), in enum order
 GROUP_SIZES = (32, 64)
 ZSTD_LEVEL = 3
 OUTLIER_RATIO = 6.0  # calibrate: a channel is an outlier when its absmax > OUTLIER_RATIO * median
 
-_ENUMS = {
-    "fp32": pb.FP32,
-    "fp16": pb.FP16,
-    "int8": pb.INT8,
-    "int4": pb.INT4,
-    "int4-rot": pb.INT4_ROT,
-    "int8-outlier": pb.INT8_OUTLIER,
-}
-_NAMES = {v: k for k, v in _ENUMS.items()}
-_INT4_CODECS = ("int4", "int4-rot")
-_FP16_MAX = float(np.finfo(np.float16).max)
-_UINT64_MAX = 2**64 - 1
-
-
-class CodecError(ValueError):
-    """A tensor, codec configuration or limit that cannot be used; the message says what was wrong."""
+__all__ = ["CODEC_NAMES", "CodecConfig", "CodecError", "DecodeLimits", "calibrate", "codec_enum", "codec_name",
+           "decode", "encode", "encoded_nbytes", "rotation_matrix"]
 
 
 def codec_enum(name: str) -> int:
     """``"int8"`` -> ``pb.INT8``; unknown names raise :class:`CodecError`."""
-    try:
-        return _ENUMS[name]
-    except (KeyError, TypeError):
-        raise CodecError(f"unknown codec {name!r}; expected one of {', '.join(CODEC_NAMES)}") from None
+    return codecs.get(name).enum
 
 
 def codec_name(value: int) -> str:
     """``pb.INT8`` -> ``"int8"``; ``CODEC_UNSPECIFIED`` and unknown values raise :class:`CodecError`."""
-    try:
-        return _NAMES[value]
-    except (KeyError, TypeError):
-        raise CodecError(f"unknown codec enum value {value!r}") from None
+    return codecs.by_enum(value).name
 
 
 @dataclass(frozen=True)
@@ -111,7 +76,7 @@ class CodecConfig:
             raise CodecError(f"group size {self.group_size!r} is not one of {GROUP_SIZES}")
         if (
             not isinstance(self.rotation_seed, (int, np.integer))
-            or not 0 <= self.rotation_seed <= _UINT64_MAX
+            or not 0 <= self.rotation_seed <= UINT64_MAX
         ):
             raise CodecError(f"rotation seed {self.rotation_seed!r} is not an integer in [0, 2**64)")
         try:
@@ -135,13 +100,33 @@ class CodecConfig:
         )
 
     @classmethod
+    def for_codec(cls, name: str, *, zstd: bool = False, group_size: int = 32, rotation_seed: int = 0,
+                  outlier_channels: tuple[int, ...] = ()) -> CodecConfig:
+        """The config of codec ``name`` from a bundle's defaults; outlier channels kept only where they matter."""
+        keep = codecs.get(name).uses_outliers
+        return cls(codec=name, zstd=zstd, group_size=group_size, rotation_seed=rotation_seed,
+                   outlier_channels=tuple(outlier_channels) if keep else ())
+
+    @classmethod
+    def for_split(cls, name: str, calibration: dict | None, *, zstd: bool = False, group_size: int = 32,
+                  rotation_seed: int = 0) -> CodecConfig:
+        """The config of codec ``name`` at one split from that split's :func:`calibrate` statistics.
+
+        A codec that wants finer groups than the bundle's default (``Codec.group_size``) gets them."""
+        codec = codecs.get(name)
+        calibration = calibration or {}
+        group_size = codec.group_size or group_size
+        return cls.for_codec(name, zstd=zstd, group_size=group_size, rotation_seed=rotation_seed,
+                             outlier_channels=tuple(calibration.get(codec.outlier_key, ())))
+
+    @classmethod
     def from_proto(cls, spec: pb.CodecSpec, hidden_size: int) -> CodecConfig:
         """Validate a client's ``CodecSpec`` against the model's hidden size; :class:`CodecError` if bad."""
         if not isinstance(spec, pb.CodecSpec):
             raise CodecError(f"expected a seamline.v1.CodecSpec, got {type(spec).__name__}")
         name = codec_name(spec.codec)
         group_size = spec.group_size
-        if name not in _INT4_CODECS and group_size == 0:
+        if not codecs.get(name).has_group_size and group_size == 0:
             group_size = 32  # unused by this codec; proto3 default
         cfg = cls(
             codec=name,
@@ -177,10 +162,10 @@ def _check_config(cfg: CodecConfig, hidden: int) -> None:
         raise CodecError(f"expected a CodecConfig, got {type(cfg).__name__}")
     if not isinstance(hidden, (int, np.integer)) or isinstance(hidden, bool) or hidden < 1:
         raise CodecError(f"hidden size must be a positive integer, got {hidden!r}")
-    if cfg.codec in _INT4_CODECS and hidden % cfg.group_size:
-        raise CodecError(
-            f"codec {cfg.codec}: hidden size {hidden} is not divisible by group size {cfg.group_size}"
-        )
+    try:
+        codecs.get(cfg.codec).check(hidden, cfg.group_size, len(cfg.outlier_channels))
+    except CodecError as e:
+        raise CodecError(f"codec {cfg.codec}: {e}") from None
     if cfg.outlier_channels:
         if cfg.outlier_channels[-1] >= hidden:
             raise CodecError(f"outlier channel {cfg.outlier_channels[-1]} is out of range [0, {hidden})")
@@ -192,81 +177,7 @@ def _check_config(cfg: CodecConfig, hidden: int) -> None:
 
 def _layout(cfg: CodecConfig, tokens: int, hidden: int) -> tuple[int, int]:
     """Exact (payload bytes, scales bytes) of a ``[tokens, hidden]`` tensor under ``cfg``."""
-    n = tokens * hidden
-    if cfg.codec == "fp32":
-        return 4 * n, 0
-    if cfg.codec == "fp16":
-        return 2 * n, 0
-    if cfg.codec == "int8":
-        return n, 4 * tokens
-    if cfg.codec in _INT4_CODECS:
-        return n // 2, 2 * (n // cfg.group_size)
-    k = len(cfg.outlier_channels)  # int8-outlier
-    return tokens * (hidden - k) + 2 * tokens * k, 4 * tokens
-
-
-# ----------------------------------------------------------------------------------------- rotation
-
-
-@lru_cache(maxsize=64)
-def _rotation_signs(hidden: int, seed: int) -> np.ndarray:
-    """±1 float32 ``[hidden]`` from SHAKE-256("seamline-rot:{hidden}:{seed}"), bit i -> sign i."""
-    digest = hashlib.shake_256(f"seamline-rot:{hidden}:{seed}".encode()).digest((hidden + 7) // 8)
-    bits = np.unpackbits(np.frombuffer(digest, dtype=np.uint8), bitorder="little")[:hidden]
-    signs = (1.0 - 2.0 * bits).astype(np.float32)
-    signs.flags.writeable = False
-    return signs
-
-
-def _hadamard_block(hidden: int) -> int:
-    """Largest power of two dividing ``hidden`` (the Hadamard block size)."""
-    return hidden & -hidden
-
-
-def _fwht(x: np.ndarray, block: int) -> np.ndarray:
-    """``x @ blockdiag(H_block, ...)`` for ``x`` float32 ``[T, H]``, normalized Sylvester Hadamard."""
-    tokens, hidden = x.shape
-    y = x.reshape(tokens, hidden // block, block)
-    h = 1
-    while h < block:
-        y = y.reshape(tokens, hidden // block, block // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = np.stack((a + b, a - b), axis=-2)
-        h *= 2
-    return (y.reshape(tokens, hidden) * np.float32(1.0 / math.sqrt(block))).astype(np.float32, copy=False)
-
-
-def _rotate(x: np.ndarray, seed: int, inverse: bool = False) -> np.ndarray:
-    """``x @ R`` (or ``x @ R.T`` when ``inverse``) for ``x`` float32 ``[T, H]``, without forming ``R``."""
-    hidden = x.shape[1]
-    signs = _rotation_signs(hidden, int(seed))
-    block = _hadamard_block(hidden)
-    if inverse:  # R.T = blockdiag(H) @ diag(s): H is symmetric
-        return _fwht(x, block) * signs
-    return _fwht(x * signs, block)
-
-
-@lru_cache(maxsize=16)
-def _rotation_matrix_cached(hidden: int, seed: int) -> np.ndarray:
-    r = _rotate(np.eye(hidden, dtype=np.float32), seed)  # rows of I @ R = R
-    r.flags.writeable = False
-    return r
-
-
-def rotation_matrix(hidden: int, seed: int) -> np.ndarray:
-    """Orthogonal float32 ``[hidden, hidden]`` used by int4-rot: ``R = diag(s) @ blockdiag(H_b, ...)``.
-
-    ``b`` is the largest power of two dividing ``hidden`` (192 -> three 64-blocks, 768 -> three
-    256-blocks, 4096 -> one block), ``H_b`` is the Sylvester Hadamard matrix scaled by ``1/sqrt(b)``
-    (exactly orthogonal: entries ±1/sqrt(b)), and ``s`` is a ±1 vector derived from SHAKE-256 of
-    ``(hidden, seed)``. Each int4 group (32 or 64 channels, both dividing ``b``) lies inside one block.
-    Cached per ``(hidden, seed)``; the returned array is read-only.
-    """
-    if not isinstance(hidden, (int, np.integer)) or isinstance(hidden, bool) or hidden < 1:
-        raise CodecError(f"rotation hidden size must be a positive integer, got {hidden!r}")
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= _UINT64_MAX:
-        raise CodecError(f"rotation seed {seed!r} is not an integer in [0, 2**64)")
-    return _rotation_matrix_cached(int(hidden), int(seed))
+    return codecs.get(cfg.codec).sizes(tokens, hidden, cfg.group_size, len(cfg.outlier_channels))
 
 
 # ------------------------------------------------------------------------------------------- encode
@@ -286,51 +197,6 @@ def _check_input(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _to_fp16(x: np.ndarray, what: str) -> np.ndarray:
-    """float32 -> little-endian float16; :class:`CodecError` when a value is outside the fp16 range."""
-    with np.errstate(over="ignore"):
-        h = x.astype("<f2")
-    if not np.isfinite(h).all():
-        raise CodecError(
-            f"{what}: absmax {float(np.abs(x).max()):g} is outside the fp16 range (max {_FP16_MAX:g}); "
-            "use fp32 or an int8 codec"
-        )
-    return h
-
-
-def _quant_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row symmetric int8: ``x`` float32 ``[T, C]`` -> (int8 ``[T, C]``, float32 scales ``[T]``)."""
-    scale = (np.abs(x).max(axis=1) / np.float32(127.0)).astype(np.float32)
-    safe = np.where(scale > 0, scale, np.float32(1.0))[:, None]
-    q = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)
-    return q, scale
-
-
-def _quant_int4(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-group int4: ``x`` float32 ``[T, H]`` -> (packed uint8 ``[T, H/2]``, float16 scales ``[T, H/g]``)."""
-    tokens, hidden = x.shape
-    xg = x.reshape(tokens, hidden // group, group)
-    absmax = np.abs(xg).max(axis=2)
-    scale16 = _to_fp16(absmax / np.float32(7.0), "int4 group scale")
-    short = scale16.astype(np.float32) * np.float32(7.0) < absmax  # round the scale up: never clip
-    scale16 = np.where(short, np.nextafter(scale16, np.float16(np.inf)), scale16).astype("<f2")
-    if not np.isfinite(scale16).all():
-        raise CodecError(f"int4 group scale: absmax {float(absmax.max()):g} is outside the fp16 range")
-    s = scale16.astype(np.float32)[:, :, None]
-    q = np.clip(np.rint(xg / np.where(s > 0, s, np.float32(1.0))), -7, 7).astype(np.int8)
-    nib = (q.reshape(tokens, hidden) & 0x0F).astype(np.uint8)
-    packed = nib[:, 0::2] | (nib[:, 1::2] << 4)
-    return packed, scale16
-
-
-def _split_outliers(hidden: int, outliers: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(regular channel indices, outlier channel indices), both ascending int64."""
-    out_idx = np.asarray(outliers, dtype=np.int64)
-    mask = np.ones(hidden, dtype=bool)
-    mask[out_idx] = False
-    return np.flatnonzero(mask), out_idx
-
-
 def encode(x: np.ndarray, cfg: CodecConfig) -> pb.Tensor:
     """Encode a hidden state ``x`` float32 ``[tokens, hidden]`` into a ``pb.Tensor`` under ``cfg``.
 
@@ -340,24 +206,11 @@ def encode(x: np.ndarray, cfg: CodecConfig) -> pb.Tensor:
     x = _check_input(x)
     tokens, hidden = x.shape
     _check_config(cfg, hidden)
-    t = pb.Tensor(shape=[tokens, hidden], codec=codec_enum(cfg.codec))
-    if cfg.codec == "fp32":
-        payload = x.astype("<f4", copy=False).tobytes()
-    elif cfg.codec == "fp16":
-        payload = _to_fp16(x, "fp16 codec").tobytes()
-    elif cfg.codec == "int8":
-        q, scale = _quant_int8(x)
-        payload, t.scales = q.tobytes(), scale.astype("<f4").tobytes()
-    elif cfg.codec in _INT4_CODECS:
-        if cfg.codec == "int4-rot":
-            x = _rotate(x, cfg.rotation_seed)
-        packed, scale16 = _quant_int4(x, cfg.group_size)
-        payload, t.scales, t.group_size = packed.tobytes(), scale16.tobytes(), cfg.group_size
-    else:  # int8-outlier
-        regular, outliers = _split_outliers(hidden, cfg.outlier_channels)
-        q, scale = _quant_int8(x[:, regular])
-        out16 = _to_fp16(x[:, outliers], "int8-outlier outlier channels")
-        payload, t.scales = q.tobytes() + out16.tobytes(), scale.astype("<f4").tobytes()
+    codec = codecs.get(cfg.codec)
+    payload, scales = codec.encode(x, cfg)
+    t = pb.Tensor(shape=[tokens, hidden], codec=codec.enum, scales=scales)
+    if codec.has_group_size:
+        t.group_size = cfg.group_size
     if cfg.zstd:
         packed_z = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(payload)
         if len(packed_z) < len(payload):
@@ -414,37 +267,6 @@ def _payload_bytes(t: pb.Tensor, expected: int) -> bytes:
     return out
 
 
-def _checked_scales(raw: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Scales as float32 ``shape``; :class:`CodecError` for NaN, Inf or negative values."""
-    s = np.frombuffer(raw, dtype=dtype).astype(np.float32).reshape(shape)
-    if not np.isfinite(s).all():
-        raise CodecError("scales contain NaN or Inf")
-    if (s < 0).any():
-        raise CodecError(f"scales must be >= 0, found {float(s.min()):g}")
-    return s
-
-
-def _dequant_int8(raw: bytes, scale: np.ndarray, tokens: int, cols: int) -> np.ndarray:
-    """int8 ``[T, C]`` bytes times per-row ``scale`` ``[T]`` -> float32 ``[T, C]``."""
-    q = np.frombuffer(raw, dtype=np.int8).reshape(tokens, cols)
-    if (q == -128).any():
-        raise CodecError("int8 payload contains -128; quantized values must be in [-127, 127]")
-    return q.astype(np.float32) * scale[:, None]
-
-
-def _dequant_int4(raw: bytes, scale: np.ndarray, tokens: int, hidden: int, group: int) -> np.ndarray:
-    """Packed uint8 ``[T, H/2]`` with float32 scales ``[T, H/g]`` -> float32 ``[T, H]``."""
-    packed = np.frombuffer(raw, dtype=np.uint8).reshape(tokens, hidden // 2)
-    nib = np.empty((tokens, hidden), dtype=np.uint8)
-    nib[:, 0::2] = packed & 0x0F
-    nib[:, 1::2] = packed >> 4
-    if (nib == 0x08).any():
-        raise CodecError("int4 payload contains the nibble 0x8 (-8); quantized values must be in [-7, 7]")
-    q = (nib.astype(np.int8) ^ 0x08) - 0x08  # sign-extend 4-bit two's complement
-    x = q.reshape(tokens, hidden // group, group).astype(np.float32) * scale[:, :, None]
-    return x.reshape(tokens, hidden)
-
-
 def _check_shape(t: pb.Tensor, limits: DecodeLimits) -> tuple[int, int]:
     shape = list(t.shape)
     if len(shape) != 2:
@@ -473,43 +295,19 @@ def decode(t: pb.Tensor, cfg: CodecConfig, limits: DecodeLimits) -> np.ndarray:
     if name != cfg.codec:
         raise CodecError(f"tensor codec {name} differs from the session's codec {cfg.codec}")
     tokens, hidden = _check_shape(t, limits)
+    codec = codecs.get(name)
     payload_len, scales_len = _layout(cfg, tokens, hidden)
     if len(t.scales) != scales_len:
         raise CodecError(f"scales are {len(t.scales)} bytes; shape and codec {name} need {scales_len}")
-    if name in _INT4_CODECS and t.group_size != cfg.group_size:
+    if codec.has_group_size and t.group_size != cfg.group_size:
         raise CodecError(f"tensor group size {t.group_size} differs from the session's {cfg.group_size}")
     raw = _payload_bytes(t, payload_len)
 
     with np.errstate(all="ignore"):  # a huge scale may overflow to Inf: rejected below, not warned
-        x = _dequantize(name, raw, t.scales, cfg, tokens, hidden)
+        x = codec.decode(raw, t.scales, cfg, tokens, hidden)
     if not np.isfinite(x).all():
         raise CodecError(f"decoded {name} tensor contains NaN or Inf")
     return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _dequantize(
-    name: str, raw: bytes, scales: bytes, cfg: CodecConfig, tokens: int, hidden: int
-) -> np.ndarray:
-    """Payload and scales whose lengths match the shape -> float32 ``[tokens, hidden]``."""
-    if name == "fp32":
-        return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(tokens, hidden)
-    if name == "fp16":
-        return np.frombuffer(raw, dtype="<f2").astype(np.float32).reshape(tokens, hidden)
-    if name == "int8":
-        return _dequant_int8(raw, _checked_scales(scales, "<f4", (tokens,)), tokens, hidden)
-    if name in _INT4_CODECS:
-        scale = _checked_scales(scales, "<f2", (tokens, hidden // cfg.group_size))
-        x = _dequant_int4(raw, scale, tokens, hidden, cfg.group_size)
-        return _rotate(x, cfg.rotation_seed, inverse=True) if name == "int4-rot" else x
-    # int8-outlier: int8 [T, H-K] of the regular channels, then fp16 [T, K] of the outliers
-    regular, outliers = _split_outliers(hidden, cfg.outlier_channels)
-    n_int8 = tokens * len(regular)
-    scale = _checked_scales(scales, "<f4", (tokens,))
-    view = memoryview(raw)
-    x = np.empty((tokens, hidden), dtype=np.float32)
-    x[:, regular] = _dequant_int8(view[:n_int8], scale, tokens, len(regular))
-    x[:, outliers] = np.frombuffer(view[n_int8:], dtype="<f2").reshape(tokens, len(outliers))
-    return x
 
 
 # ---------------------------------------------------------------------------------------- calibrate

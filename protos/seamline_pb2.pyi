@@ -166,20 +166,18 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "start_position", "hidden", "tokens", "sample", "step_id")
-    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("start_position", "hidden", "tokens", "sample", "step_id")
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
-    session_id: str
     start_position: int
     hidden: Tensor
     tokens: TokenIds
     sample: bool
     step_id: int
-    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., sample: _Optional[bool] = ..., step_id: _Optional[int] = ...) -> None: ...
+    def __init__(self, start_position: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., sample: _Optional[bool] = ..., step_id: _Optional[int] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -222,13 +220,31 @@ class StepReply(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., position: _Optional[int] = ..., has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., finished: _Optional[bool] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ...) -> None: ...
 
 class CloseRequest(_message.Message):
-    __slots__ = ("session_id",)
-    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class CloseReply(_message.Message):
     __slots__ = ("freed_kv_bytes",)
     FREED_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     freed_kv_bytes: int
     def __init__(self, freed_kv_bytes: _Optional[int] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("open", "step", "close")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    open: OpenRequest
+    step: StepRequest
+    close: CloseRequest
+    def __init__(self, open: _Optional[_Union[OpenRequest, _Mapping]] = ..., step: _Optional[_Union[StepRequest, _Mapping]] = ..., close: _Optional[_Union[CloseRequest, _Mapping]] = ...) -> None: ...
+
+class GenerateReply(_message.Message):
+    __slots__ = ("opened", "step", "closed")
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    opened: OpenReply
+    step: StepReply
+    closed: CloseReply
+    def __init__(self, opened: _Optional[_Union[OpenReply, _Mapping]] = ..., step: _Optional[_Union[StepReply, _Mapping]] = ..., closed: _Optional[_Union[CloseReply, _Mapping]] = ...) -> None: ...

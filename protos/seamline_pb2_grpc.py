@@ -39,20 +39,10 @@ class SeamlineStub:
                 request_serializer=seamline_dot_protos_dot_seamline__pb2.InfoRequest.SerializeToString,
                 response_deserializer=seamline_dot_protos_dot_seamline__pb2.InfoReply.FromString,
                 _registered_method=True)
-        self.Open = channel.unary_unary(
-                '/seamline.v1.Seamline/Open',
-                request_serializer=seamline_dot_protos_dot_seamline__pb2.OpenRequest.SerializeToString,
-                response_deserializer=seamline_dot_protos_dot_seamline__pb2.OpenReply.FromString,
-                _registered_method=True)
-        self.Step = channel.stream_stream(
-                '/seamline.v1.Seamline/Step',
-                request_serializer=seamline_dot_protos_dot_seamline__pb2.StepRequest.SerializeToString,
-                response_deserializer=seamline_dot_protos_dot_seamline__pb2.StepReply.FromString,
-                _registered_method=True)
-        self.Close = channel.unary_unary(
-                '/seamline.v1.Seamline/Close',
-                request_serializer=seamline_dot_protos_dot_seamline__pb2.CloseRequest.SerializeToString,
-                response_deserializer=seamline_dot_protos_dot_seamline__pb2.CloseReply.FromString,
+        self.Generate = channel.stream_stream(
+                '/seamline.v1.Seamline/Generate',
+                request_serializer=seamline_dot_protos_dot_seamline__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=seamline_dot_protos_dot_seamline__pb2.GenerateReply.FromString,
                 _registered_method=True)
 
 
@@ -66,23 +56,9 @@ class SeamlineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Open(self, request, context):
-        """Open a session for one generation at split k with a codec and sampling parameters.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Step(self, request_iterator, context):
-        """Bidirectional stream: hidden-state chunks (or token ids when k = 0) in, tokens out.
-        One StepReply per StepRequest, in order.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Close(self, request, context):
-        """Free a session and its KV cache.
+    def Generate(self, request_iterator, context):
+        """One generation: open, then hidden-state chunks (or token ids when k = 0) in and tokens out,
+        then the end of the stream closes the session (see the sequence above).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,20 +72,10 @@ def add_SeamlineServicer_to_server(servicer, server):
                     request_deserializer=seamline_dot_protos_dot_seamline__pb2.InfoRequest.FromString,
                     response_serializer=seamline_dot_protos_dot_seamline__pb2.InfoReply.SerializeToString,
             ),
-            'Open': grpc.unary_unary_rpc_method_handler(
-                    servicer.Open,
-                    request_deserializer=seamline_dot_protos_dot_seamline__pb2.OpenRequest.FromString,
-                    response_serializer=seamline_dot_protos_dot_seamline__pb2.OpenReply.SerializeToString,
-            ),
-            'Step': grpc.stream_stream_rpc_method_handler(
-                    servicer.Step,
-                    request_deserializer=seamline_dot_protos_dot_seamline__pb2.StepRequest.FromString,
-                    response_serializer=seamline_dot_protos_dot_seamline__pb2.StepReply.SerializeToString,
-            ),
-            'Close': grpc.unary_unary_rpc_method_handler(
-                    servicer.Close,
-                    request_deserializer=seamline_dot_protos_dot_seamline__pb2.CloseRequest.FromString,
-                    response_serializer=seamline_dot_protos_dot_seamline__pb2.CloseReply.SerializeToString,
+            'Generate': grpc.stream_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=seamline_dot_protos_dot_seamline__pb2.GenerateRequest.FromString,
+                    response_serializer=seamline_dot_protos_dot_seamline__pb2.GenerateReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -150,34 +116,7 @@ class Seamline:
             _registered_method=True)
 
     @staticmethod
-    def Open(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/seamline.v1.Seamline/Open',
-            seamline_dot_protos_dot_seamline__pb2.OpenRequest.SerializeToString,
-            seamline_dot_protos_dot_seamline__pb2.OpenReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Step(request_iterator,
+    def Generate(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -190,36 +129,9 @@ class Seamline:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/seamline.v1.Seamline/Step',
-            seamline_dot_protos_dot_seamline__pb2.StepRequest.SerializeToString,
-            seamline_dot_protos_dot_seamline__pb2.StepReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Close(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/seamline.v1.Seamline/Close',
-            seamline_dot_protos_dot_seamline__pb2.CloseRequest.SerializeToString,
-            seamline_dot_protos_dot_seamline__pb2.CloseReply.FromString,
+            '/seamline.v1.Seamline/Generate',
+            seamline_dot_protos_dot_seamline__pb2.GenerateRequest.SerializeToString,
+            seamline_dot_protos_dot_seamline__pb2.GenerateReply.FromString,
             options,
             channel_credentials,
             insecure,

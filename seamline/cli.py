@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "parity of a bundle's split model with the unsplit model"),
     "profile": ("seamline.partitioner.cli", "add_profile_arguments", "run_profile",
                 "per-layer latency on this machine (edge: a bundle; cloud: --model)"),
+    "privacy": ("seamline.partitioner.privacy_cli", "add_arguments", "run",
+                "how many tokens the cloud can read back from the hidden state at each split (inversion attacks)"),
     "cloud": ("seamline.cloud.cli", "add_arguments", "run", "serve the back half over gRPC"),
     "edge": ("seamline.edge.cli", "add_edge_arguments", "run_edge",
              "the edge agent daemon: front half + local OpenAI-compatible HTTP API"),

@@ -15,18 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from seamline.edge.openai_compat import read_sse
+from seamline.testing.procs import CLOUD_READY, EDGE_READY, Child, cloud_command, seamline_command
 
 DEFAULT_PROMPT = "ROMEO.\n"  # the corpus writes speakers as "ROMEO." on a line of their own
 
@@ -49,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(greedy decoding of a small model loops on phrases)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--split", type=int, default=None, help="edge runs blocks [0, K) (default: the bundle's)")
-    p.add_argument("--codec", default=None, help="hidden-state codec (default: the bundle's, int8)")
+    from seamline.protos.codec import CODEC_NAMES
+
+    p.add_argument("--codec", default=None, choices=CODEC_NAMES, help="hidden-state codec (default: the bundle's, int8)")
     p.add_argument("--model", default="demo", metavar="PATH|demo",
                    help="checkpoint to demo (default: the embedded demo model)")
     p.add_argument("--calibration", type=Path, default=None,
@@ -84,53 +80,6 @@ def ensure_bundle(model: str, calibration: Path | None, rebuild: bool, console) 
     out.parent.mkdir(parents=True, exist_ok=True)
     partition(PartitionOptions(model=model, out=out, calibration=calibration, force=True), console)
     return out
-
-
-# ----------------------------------------------------------------------------------------- children
-
-class Child:
-    """A `seamline` subcommand in a child process; ``wait_for(pattern)`` reads its output lines."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None):
-        self.name = name
-        self.proc = subprocess.Popen([sys.executable, "-m", "seamline", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put("")
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        end = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.1, end - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line:
-                self.log.append(line)
-                m = re.search(pattern, line)
-                if m:
-                    return m
-            if line == "" or self.proc.poll() is not None and self.lines.empty():
-                raise RuntimeError(f"{self.name} exited before it was ready:\n{''.join(self.log[-20:])}")
-            if time.monotonic() > end:
-                raise RuntimeError(f"{self.name} did not start within {timeout:.0f}s:\n{''.join(self.log[-20:])}")
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 # --------------------------------------------------------------------------------------- generation
@@ -196,18 +145,16 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]seamline demo: {e}[/red]")
         return 2
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cloud_env = dict(env)
     # Both halves share this machine: give torch half the cores (spinning OpenMP threads that
     # outnumber the cores slow everything down many times); the edge uses one ORT thread.
-    cloud_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    cloud_env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))}
     children: list[Child] = []
     try:
         console.print("starting the cloud service ...")
-        cloud = Child("seamline cloud", ["cloud", "--model", args.model, "--port", "0", "--device", args.device,
-                                         "--log-level", "WARNING"], cloud_env)
+        cloud = Child("seamline cloud", cloud_command(args.model, device=args.device, log_level="WARNING"),
+                      cloud_env, one_thread=False)
         children.append(cloud)
-        address = cloud.wait_for(r"listening on (\S+)", args.timeout).group(1)
+        address = cloud.wait_for(CLOUD_READY, args.timeout).group(1)
         edge_args = ["edge", "--bundle", str(bundle), "--cloud", address, "--listen", "127.0.0.1:0",
                      "--log-level", "WARNING"]
         if args.split is not None:
@@ -215,9 +162,9 @@ def run(args: argparse.Namespace) -> int:
         if args.codec:
             edge_args += ["--codec", args.codec]
         console.print(f"cloud on {address}; starting the edge agent ...")
-        edge = Child("seamline edge", edge_args, env)
+        edge = Child("seamline edge", seamline_command(*edge_args), one_thread=False)
         children.append(edge)
-        url = edge.wait_for(r"listening on (http://\S+)", args.timeout).group(1)
+        url = edge.wait_for(EDGE_READY, args.timeout).group(1)
         console.print(f"edge agent on {url}\n")
         body = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature,
                 "seed": args.seed}

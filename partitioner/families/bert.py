@@ -23,13 +23,6 @@ class BertAdapter(FamilyAdapter):
                                  c.num_attention_heads, c.hidden_size // c.num_attention_heads,
                                  c.vocab_size, c.max_position_embeddings, causal=False)
 
-    @property
-    def shape(self) -> ModelShape:
-        return self._shape
-
-    def layer_modules(self):
-        return list(self.core.encoder.layer)
-
     def embed(self, input_ids, position_ids):
         emb = self.core.embeddings
         h = emb.word_embeddings(input_ids) + emb.position_embeddings(position_ids)

@@ -17,13 +17,6 @@ class GPT2Adapter(FamilyAdapter):
         self._shape = ModelShape("gpt2", c.n_layer, c.n_embd, c.n_head, c.n_head, c.n_embd // c.n_head,
                                  c.vocab_size, c.n_positions, causal=True)
 
-    @property
-    def shape(self) -> ModelShape:
-        return self._shape
-
-    def layer_modules(self):
-        return list(self.tr.h)
-
     def embed(self, input_ids, position_ids):
         return self.tr.wte(input_ids) + self.tr.wpe(position_ids)  # (B, T, C)
 

@@ -33,13 +33,6 @@ class LlamaAdapter(FamilyAdapter):
                                  c.num_key_value_heads or c.num_attention_heads, head_dim, c.vocab_size,
                                  max_pos, causal=True)
 
-    @property
-    def shape(self) -> ModelShape:
-        return self._shape
-
-    def layer_modules(self):
-        return list(self.core.layers)
-
     def embed(self, input_ids, position_ids):
         return self.core.embed_tokens(input_ids)  # (B, T, C); positions enter through rotary
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random checkpoints, live servers on loopback, an edge stand-in in torch.
+"""Shared fixtures: tiny random checkpoints, live servers on loopback, an edge stand-in in torch
+(all from seamline.testing).
 
 A server runs in a thread with its own event loop (``ServerThread``) so that one server can serve
 many tests, each with its own client loop. Readiness is the health service answering SERVING.
@@ -14,47 +15,19 @@ import numpy as np
 import pytest
 import torch
 from seamline.cloud.config import CloudConfig
-from seamline.partitioner.loading import load_model, model_hash
 from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
-
-from ..cloudkit import EdgeSim, ServerThread, wait_serving  # noqa: F401 - re-exported to the tests
-
-VOCAB = 256
-
-
-def _build(kind: str, path: Path) -> None:
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    torch.manual_seed({"gpt2": 1, "llama": 2, "qwen2": 3}[kind])
-    common = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2}
-    if kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=64, n_head=4, n_positions=128, **common))
-    elif kind == "llama":  # grouped-query attention: 4 heads, 2 KV heads
-        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
-                                             num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=128, **common))
-    else:  # qwen2: q/k/v biases
-        model = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
-                                             num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=128, use_sliding_window=False, **common))
-    model.save_pretrained(path)
+from seamline.testing.models import EdgeSim, byte_checkpoint, model_and_hash
+from seamline.testing.models import reference_greedy as _reference_greedy
+from seamline.testing.servers import ServerThread, wait_serving  # noqa: F401 - re-exported to the tests
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     out = {}
-    for kind in ("gpt2", "llama", "qwen2"):
-        _build(kind, root / kind)
-        out[kind] = root / kind
+    for seed, kind in enumerate(("gpt2", "llama", "qwen2"), start=1):
+        out[kind] = byte_checkpoint(kind, root / kind, seed)
     return out
 
 
@@ -95,13 +68,12 @@ def start_server(checkpoints):
 @pytest.fixture(scope="session")
 def models(checkpoints) -> dict[str, tuple[torch.nn.Module, str]]:
     """The same checkpoints loaded in this process (reference outputs, edge stand-in): (model, hash)."""
-    return {kind: (load_model(path)[0], model_hash(path)) for kind, path in checkpoints.items()}
+    return {kind: model_and_hash(path) for kind, path in checkpoints.items()}
 
 
-def step_request(session_id: str, start: int, k: int, ids: list[int] | None = None,
-                 hidden: np.ndarray | None = None, sample: bool = True, cfg: codec.CodecConfig | None = None,
-                 step_id: int = 0) -> pb.StepRequest:
-    req = pb.StepRequest(session_id=session_id, start_position=start, sample=sample, step_id=step_id)
+def step_request(start: int, k: int, ids: list[int] | None = None, hidden: np.ndarray | None = None,
+                 sample: bool = True, cfg: codec.CodecConfig | None = None, step_id: int = 0) -> pb.StepRequest:
+    req = pb.StepRequest(start_position=start, sample=sample, step_id=step_id)
     if k == 0:
         req.tokens.ids.extend(ids)
     else:
@@ -109,8 +81,59 @@ def step_request(session_id: str, start: int, k: int, ids: list[int] | None = No
     return req
 
 
+def open_request(model_hash: str, split: int, cfg: codec.CodecConfig | None = None, **sampling) -> pb.OpenRequest:
+    req = pb.OpenRequest(model_hash=model_hash, split=split, sampling=pb.SamplingParams(**sampling))
+    if cfg is not None:
+        req.codec.CopyFrom(cfg.to_proto())
+    return req
+
+
+class Stream:
+    """One open Generate stream (= one cloud session): write steps, read replies, close."""
+
+    def __init__(self, call, opened: pb.OpenReply):
+        self.call = call
+        self.opened = opened
+        self.session_id = opened.session_id
+        self.max_chunk_tokens = opened.max_chunk_tokens
+
+    async def write(self, req: pb.StepRequest) -> None:
+        await self.call.write(pb.GenerateRequest(step=req))
+
+    async def read(self) -> pb.StepReply:
+        """The next step reply (raises grpc.aio.AioRpcError with the stream's status)."""
+        reply = await self.call.read()
+        if reply is grpc.aio.EOF:
+            raise AssertionError(f"the stream ended: {await self.call.code()} {await self.call.details()}")
+        assert reply.WhichOneof("kind") == "step", reply
+        return reply.step
+
+    async def step(self, req: pb.StepRequest) -> pb.StepReply:
+        try:
+            await self.write(req)
+        except grpc.aio.AioRpcError:
+            pass  # the server ended the call already: read() raises its status
+        return await self.read()
+
+    async def close(self) -> pb.CloseReply:
+        """The explicit final message: the cloud answers with the bytes freed and ends the stream (OK)."""
+        await self.call.write(pb.GenerateRequest(close=pb.CloseRequest()))
+        reply = await self.call.read()
+        assert reply.WhichOneof("kind") == "closed", reply
+        assert await self.call.read() is grpc.aio.EOF and await self.call.code() == grpc.StatusCode.OK
+        return reply.closed
+
+    async def done_writing(self) -> None:
+        """End the stream from this side (the cloud frees the session at once)."""
+        await self.call.done_writing()
+        assert await self.call.read() is grpc.aio.EOF
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
 class Client:
-    """A minimal async edge client: one channel, helpers to open and to generate."""
+    """A minimal async edge client: one channel, helpers to open a Generate stream and to generate."""
 
     def __init__(self, address: str, token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None):
@@ -128,67 +151,53 @@ class Client:
     async def info(self) -> pb.InfoReply:
         return await self.stub.Info(pb.InfoRequest(), metadata=self.metadata)
 
-    async def open(self, model_hash: str, split: int, cfg: codec.CodecConfig | None = None,
-                   **sampling) -> pb.OpenReply:
-        req = pb.OpenRequest(model_hash=model_hash, split=split, sampling=pb.SamplingParams(**sampling))
-        if cfg is not None:
-            req.codec.CopyFrom(cfg.to_proto())
-        return await self.stub.Open(req, metadata=self.metadata)
+    def raw(self):
+        """A Generate call with nothing sent yet."""
+        return self.stub.Generate(metadata=self.metadata)
 
-    async def close(self, session_id: str) -> pb.CloseReply:
-        return await self.stub.Close(pb.CloseRequest(session_id=session_id), metadata=self.metadata)
-
-    def stream(self):
-        return self.stub.Step(metadata=self.metadata)
-
-    async def step(self, req: pb.StepRequest) -> pb.StepReply:
-        """One request on a fresh stream (raises grpc.aio.AioRpcError)."""
-        call = self.stream()
+    async def open_with(self, req: pb.OpenRequest) -> Stream:
+        call = self.raw()
         try:
-            await call.write(req)
+            await call.write(pb.GenerateRequest(open=req))
         except grpc.aio.AioRpcError:
             pass  # the server ended the call before reading (e.g. auth): read() raises its status
         reply = await call.read()
-        await call.done_writing()
-        return reply
+        if reply is grpc.aio.EOF:
+            raise AssertionError(f"the stream ended: {await call.code()} {await call.details()}")
+        assert reply.WhichOneof("kind") == "opened", reply
+        return Stream(call, reply.opened)
+
+    async def open(self, model_hash: str, split: int, cfg: codec.CodecConfig | None = None,
+                   **sampling) -> Stream:
+        """A new Generate stream whose first message opened a session (raises grpc.aio.AioRpcError)."""
+        return await self.open_with(open_request(model_hash, split, cfg, **sampling))
 
     async def generate(self, model, mhash: str, k: int, prompt: list[int], new_tokens: int, chunk: int = 4,
                        cfg: codec.CodecConfig | None = None, **sampling) -> list[pb.StepReply]:
-        """Prefill ``prompt`` in chunks, then decode; the edge feeds each token back."""
-        session = (await self.open(mhash, k, cfg, **sampling)).session_id
+        """Prefill ``prompt`` in chunks, then decode; the edge feeds each token back; one stream."""
+        stream = await self.open(mhash, k, cfg, **sampling)
         edge = EdgeSim(model, k)
-        call = self.stream()
         replies, position = [], 0
         pieces = [prompt[i:i + chunk] for i in range(0, len(prompt), chunk)]
         for n, piece in enumerate(pieces):
             hidden = None if k == 0 else edge.run(piece)
-            await call.write(step_request(session, position, k, piece, hidden, sample=n == len(pieces) - 1,
-                                          cfg=cfg, step_id=n))
-            reply = await call.read()
+            reply = await stream.step(step_request(position, k, piece, hidden, sample=n == len(pieces) - 1,
+                                                   cfg=cfg, step_id=n))
             position = reply.position
         replies.append(reply)
         while len(replies) < new_tokens and not reply.finished:
             token = [reply.token_id]
             hidden = None if k == 0 else edge.run(token)
-            await call.write(step_request(session, position, k, token, hidden, cfg=cfg, step_id=position))
-            reply = await call.read()
+            reply = await stream.step(step_request(position, k, token, hidden, cfg=cfg, step_id=position))
             position = reply.position
             replies.append(reply)
-        await call.done_writing()
-        await self.close(session)
+        await stream.close()
         return replies
 
 
-@torch.inference_mode()
 def reference_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens of the unsplit model, recomputing the full sequence each step; and their logits."""
-    ids, tokens, logits = list(prompt), [], []
-    for _ in range(new_tokens):
-        row = model(torch.tensor([ids])).logits[0, -1]
-        tokens.append(int(torch.argmax(row)))
-        logits.append(row)
-        ids.append(tokens[-1])
-    return tokens, logits
+    return _reference_greedy(model, prompt, new_tokens, with_logits=True)
 
 
 def status_of(excinfo) -> grpc.StatusCode:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -30,13 +29,11 @@ async def test_tokens_and_device_binding(start_server, models, tokens_file):
         await expect(grpc.StatusCode.UNAUTHENTICATED, anon.info(), "Bearer")
         await expect(grpc.StatusCode.UNAUTHENTICATED, anon.open(mhash, 2), "Bearer")
         await expect(grpc.StatusCode.UNAUTHENTICATED, bad.open(mhash, 2), "unknown bearer token")
-        session = (await a.open(mhash, 2)).session_id
+        stream = await a.open(mhash, 2)
         edge = EdgeSim(model, 2)
-        req = step_request(session, 0, 2, hidden=edge.run([1, 2, 3]))
-        await expect(grpc.StatusCode.UNAUTHENTICATED, anon.step(req))
-        await expect(grpc.StatusCode.PERMISSION_DENIED, b.step(req), "another device")
-        await expect(grpc.StatusCode.PERMISSION_DENIED, b.close(session), "another device")
-        assert (await a.step(req)).position == 3
+        assert (await stream.step(step_request(0, 2, hidden=edge.run([1, 2, 3])))).position == 3
+        # a session is its stream: no other device can name it, and per-device limits count by token
+        assert server.call(lambda: [s.device_id for s in server.running.store.sessions.values()]) == ["phone-a"]
         replies = await b.generate(model, mhash, 2, [5, 6, 7], 2)
         assert len(replies) == 2
 
@@ -61,27 +58,7 @@ def test_token_files(tmp_path):
     assert Authenticator().device_for([]) == "anonymous"
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all EC P-256."""
-    d = tmp_path_factory.mktemp("pki")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    try:
-        _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca",
-                 cwd=d)
-        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        for name in ("server", "client"):
-            _openssl("req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
-                     cwd=d)
-            _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                     "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
-    except (OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"openssl cannot make test certificates: {e}")
-    return d
+# ``pki``: the shared certificates of tests/conftest.py (seamline.testing.certs)
 
 
 async def test_mutual_tls(start_server, models, pki):

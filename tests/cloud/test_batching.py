@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -44,19 +46,18 @@ async def test_queued_decode_steps_run_as_one_batch(servers, models):
     prompts = [prompt_for(i) for i in range(16)]
     expected = [reference_greedy(model, p, 2)[0] for p in prompts]
     async with Client(server.address) as client:
-        sessions, edges, calls, firsts = [], [], [], []
+        edges, calls, firsts = [], [], []
         for p in prompts:
-            sessions.append((await client.open(mhash, 2)).session_id)
+            calls.append(await client.open(mhash, 2))
             edges.append(EdgeSim(model, 2))
-            calls.append(client.stream())
-            await calls[-1].write(step_request(sessions[-1], 0, 2, hidden=edges[-1].run(p)))
+            await calls[-1].write(step_request(0, 2, hidden=edges[-1].run(p)))
             firsts.append(await calls[-1].read())
         assert [r.token_id for r in firsts] == [e[0] for e in expected]
 
         gate = threading.Event()
         blocker = server.running.executor.worker.submit(gate.wait)
-        for s, e, c, r, p in zip(sessions, edges, calls, firsts, prompts, strict=True):
-            await c.write(step_request(s, len(p), 2, hidden=e.run([r.token_id])))
+        for e, c, r, p in zip(edges, calls, firsts, prompts, strict=True):
+            await c.write(step_request(len(p), 2, hidden=e.run([r.token_id])))
         while server.call(lambda: server.running.scheduler.in_flight) < 16:
             await asyncio.sleep(0.01)  # a condition, not a duration: all 16 steps are queued
         gate.set()
@@ -95,9 +96,12 @@ def test_batched_forward_equals_alone(checkpoints, models):
         for session, edge in pairs:
             store.reserve(session, session.position + 1)
             rows.append(Row(session, edge.run([7]), None, True))
+        scratch = executor.scratch_bytes(rows)
+        assert scratch > 0 and store.hold_scratch(scratch)
         batched, _ = executor.forward(rows)
+        store.release_scratch(scratch)
     finally:
-        executor.close()
+        executor.worker.shutdown()
     for a, b in zip(alone, batched, strict=True):
         assert a.token_id == b.token_id
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
@@ -109,6 +113,7 @@ def test_kv_bytes_are_the_tensors_held(checkpoints, models, kind):
     model, _ = models[kind]
     executor = TorchExecutor(model, CloudConfig(model=str(checkpoints[kind]), device="cpu"))
     store = SessionStore(CloudConfig(kv_budget=2**30), executor.shape.max_positions)
+    store.on_release = executor.pool.release
     try:
         session = store.open("dev", 1, CodecConfig(), SamplingParams(), executor.bytes_per_token(1))
         edge = EdgeSim(model, 1)
@@ -116,10 +121,96 @@ def test_kv_bytes_are_the_tensors_held(checkpoints, models, kind):
             store.reserve(session, session.position + len(chunk))
             executor.forward([Row(session, edge.run(chunk), None, False)])
             session.position += len(chunk)
-            assert session.kv.numel() * session.kv.element_size() == session.kv_bytes == store.kv_bytes
-        assert session.kv.dtype == torch.float32 and session.kv.shape[3] >= 74
+            assert executor.pool.held_bytes() == session.kv_bytes == store.kv_bytes
+        kv = executor.pool.get(session.id)
+        assert kv.dtype == torch.float32 and kv.shape[3] >= 74
+        store.end(session)
+        assert executor.pool.held_bytes() == store.kv_bytes == 0
     finally:
-        executor.close()
+        executor.worker.shutdown()
+
+
+def test_sessions_module_imports_no_torch():
+    """The store is bookkeeping only: the KV tensors live in the executor's pool."""
+    code = "import sys, seamline.cloud.sessions; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+async def test_budget_filled_by_batched_sessions_counts_every_tensor_held(start_server, models):
+    """Sessions fill --kv-budget and decode in batches: at every forward pass the bytes the store counts
+    are the bytes of the tensors the pool holds (session buffers and the padded batch copy), within budget;
+    a batch whose padded copy would not fit runs its rows alone, with the same tokens."""
+    model, mhash = models["gpt2"]
+    per_token = 4 * 2 * 4 * 16 * 4  # k=0: 4 layers x (K, V) x 4 heads x 16 dims x fp32
+    # 6 sessions x 64 positions fill 6/7 of the budget; one batch of 6 with 18..23 past positions needs
+    # a padded copy of 6 x 23 x 2 x 4 x 16 x 4 bytes (one layer) = 70 656 <= the 64 x 2048 left: it fits
+    budget = 7 * 64 * per_token
+    server = start_server("gpt2", kv_budget=budget, max_batch=8, batch_window_ms=50.0)
+    executor, store = server.running.executor, server.running.store
+    seen: list[tuple[int, int, int, int]] = []  # (rows, pool bytes, store bytes, scratch bytes)
+    forward = executor.forward
+
+    def counting_forward(rows):
+        pool = executor.pool
+        real_new_scratch = pool.new_scratch
+
+        def new_scratch(b, past):
+            out = real_new_scratch(b, past)
+            seen.append((b, pool.held_bytes(), store.kv_bytes, store.scratch_bytes))
+            return out
+
+        pool.new_scratch = new_scratch
+        try:
+            result = forward(rows)
+        finally:
+            del pool.new_scratch
+        # the pass dropped its padded copy; the scheduler returns those bytes to the budget next
+        seen.append((len(rows), pool.held_bytes(), store.kv_bytes - store.scratch_bytes, 0))
+        return result
+
+    executor.forward = counting_forward
+
+    async def run(n_sessions: int, prompt_len: int) -> None:
+        prompts = [prompt_for(i)[:3] + [5] * (prompt_len + i - 3) for i in range(n_sessions)]
+        expected = [reference_greedy(model, p, 3)[0] for p in prompts]
+        async with Client(server.address) as client:
+            calls, firsts = [], []
+            for p in prompts:
+                calls.append(await client.open(mhash, 0))
+                await calls[-1].write(step_request(0, 0, p))
+                firsts.append(await calls[-1].read())
+            last = firsts
+            for step in range(2):
+                gate = threading.Event()
+                blocker = executor.worker.submit(gate.wait)
+                for c, r, p in zip(calls, last, prompts, strict=True):
+                    await c.write(step_request(len(p) + step, 0, [r.token_id]))
+                while server.call(lambda: server.running.scheduler.in_flight) < n_sessions:
+                    await asyncio.sleep(0.01)  # a condition: every decode step reached the scheduler
+                gate.set()
+                blocker.result()
+                last = [await c.read() for c in calls]
+                held, counted = server.call(lambda: (executor.pool.held_bytes(), store.kv_bytes))
+                assert held == counted <= budget
+                for i, r in enumerate(last):
+                    assert r.token_id == expected[i][step + 1], (n_sessions, i, step)
+            for c in calls:
+                await c.done_writing()  # the end of the stream frees the session's KV at once
+
+    await run(6, 18)
+    batched = [x for x in seen if x[0] > 1]
+    assert any(scratch > 0 for *_, scratch in batched)  # the padded copy was counted while held
+    for rows, held, counted, _ in seen:
+        assert held == counted <= budget
+    # 7 sessions fill the whole budget: a batch's padded copy cannot fit, so rows run alone
+    seen.clear()
+    await run(7, 18)
+    assert seen and all(rows == 1 for rows, *_ in seen)
+    assert max(held for _, held, _, _ in seen) == budget
+    for rows, held, counted, _ in seen:
+        assert held == counted <= budget
+    assert server.call(lambda: (executor.pool.held_bytes(), store.kv_bytes)) == (0, 0)
 
 
 async def test_a_row_that_breaks_the_pass_fails_alone(start_server, models):
@@ -139,18 +230,17 @@ async def test_a_row_that_breaks_the_pass_fails_alone(start_server, models):
     prompts = [prompt_for(i) for i in range(6)]
     expected = [reference_greedy(model, p, 2)[0] for p in prompts]
     async with Client(server.address) as client:
-        sessions, edges, calls, firsts = [], [], [], []
+        edges, calls, firsts = [], [], []
         for p in prompts:
-            sessions.append((await client.open(mhash, 1)).session_id)
+            calls.append(await client.open(mhash, 1))
             edges.append(EdgeSim(model, 1))
-            calls.append(client.stream())
-            await calls[-1].write(step_request(sessions[-1], 0, 1, hidden=edges[-1].run(p)))
+            await calls[-1].write(step_request(0, 1, hidden=edges[-1].run(p)))
             firsts.append(await calls[-1].read())
-        poisoned.add(sessions[3])
+        poisoned.add(calls[3].session_id)
         gate = threading.Event()
         blocker = executor.worker.submit(gate.wait)
-        for s, e, c, r, p in zip(sessions, edges, calls, firsts, prompts, strict=True):
-            await c.write(step_request(s, len(p), 1, hidden=e.run([r.token_id])))
+        for e, c, r, p in zip(edges, calls, firsts, prompts, strict=True):
+            await c.write(step_request(len(p), 1, hidden=e.run([r.token_id])))
         while server.call(lambda: server.running.scheduler.in_flight) < 6:
             await asyncio.sleep(0.01)
         gate.set()

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from seamline.protos import codec
 from seamline.protos import seamline_pb2 as pb
+from seamline.protos.status import server_position
+from seamline.testing.wait import async_wait_until
 
-from .conftest import Client, EdgeSim, reference_greedy, step_request
+from .conftest import Client, EdgeSim, Stream, open_request, reference_greedy, step_request
 
 PROMPT = [9, 8, 7, 6, 5]
 K = 2
@@ -36,13 +38,17 @@ async def expect(code: grpc.StatusCode, coro, *fragments: str) -> str:
     return info.value.details()
 
 
-async def open_prefilled(client: Client, models, k: int = K) -> tuple[str, EdgeSim]:
+async def open_prefilled(client: Client, models, k: int = K) -> tuple[Stream, EdgeSim]:
     model, mhash = models["gpt2"]
-    session = (await client.open(mhash, k)).session_id
+    stream = await client.open(mhash, k)
     edge = EdgeSim(model, k)
-    reply = await client.step(step_request(session, 0, k, PROMPT, None if k == 0 else edge.run(PROMPT)))
+    reply = await stream.step(step_request(0, k, PROMPT, None if k == 0 else edge.run(PROMPT)))
     assert reply.position == len(PROMPT)
-    return session, edge
+    return stream, edge
+
+
+async def active_sessions(client: Client) -> int:
+    return (await client.info()).load.active_sessions
 
 
 def fp32_tensor(x: np.ndarray) -> pb.Tensor:
@@ -64,59 +70,91 @@ BAD_TENSORS = {
 
 @pytest.mark.parametrize("name", sorted(BAD_TENSORS))
 async def test_bad_tensor_is_invalid_argument(client, models, name):
-    session, edge = await open_prefilled(client, models)
-    req = pb.StepRequest(session_id=session, start_position=len(PROMPT), sample=True)
+    stream, _ = await open_prefilled(client, models)
+    req = pb.StepRequest(start_position=len(PROMPT), sample=True)
     req.hidden.CopyFrom(BAD_TENSORS[name]())
-    await expect(grpc.StatusCode.INVALID_ARGUMENT, client.step(req), "bad hidden-state tensor")
-    # the same session continues where it was, on a new stream
-    reply = await client.step(step_request(session, len(PROMPT), K, hidden=edge.run([4])))
-    assert reply.position == len(PROMPT) + 1
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, stream.step(req), "bad hidden-state tensor")
+    assert await active_sessions(client) == 0  # the error ended the stream and freed its session
     await assert_healthy(client, models)
 
 
 async def test_chunk_longer_than_max_chunk_tokens(client, models):
-    session, _ = await open_prefilled(client, models)
-    req = pb.StepRequest(session_id=session, start_position=len(PROMPT))
+    stream, _ = await open_prefilled(client, models)
+    req = pb.StepRequest(start_position=len(PROMPT))
     req.hidden.CopyFrom(pb.Tensor(shape=[300, 64], codec=pb.FP32))
-    await expect(grpc.StatusCode.INVALID_ARGUMENT, client.step(req), "max_chunk_tokens=256")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, stream.step(req), "max_chunk_tokens=256")
     await assert_healthy(client, models)
 
 
 async def test_position_ahead_is_failed_precondition_with_server_position(client, models):
-    session, edge = await open_prefilled(client, models)
-    req = step_request(session, len(PROMPT) + 3, K, hidden=edge.run([4]))
-    await expect(grpc.StatusCode.FAILED_PRECONDITION, client.step(req), f"server_position={len(PROMPT)}")
+    """The position the session holds is a structured field (trailing metadata), not message text."""
+    stream, edge = await open_prefilled(client, models)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stream.step(step_request(len(PROMPT) + 3, K, hidden=edge.run([4])))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert server_position(info.value.trailing_metadata()) == len(PROMPT)
+    assert "server_position" not in info.value.details()
     await assert_healthy(client, models)
 
 
 async def test_smaller_start_rewinds_the_cache(client, models):
     model, _ = models["gpt2"]
-    session, edge = await open_prefilled(client, models)
-    await client.step(step_request(session, 5, K, hidden=edge.run([100, 101, 102])))
+    stream, edge = await open_prefilled(client, models)
+    await stream.step(step_request(5, K, hidden=edge.run([100, 101, 102])))
     edge.rewind(3)  # replay from position 3 with other tokens
-    reply = await client.step(step_request(session, 3, K, hidden=edge.run([1, 2])))
+    reply = await stream.step(step_request(3, K, hidden=edge.run([1, 2])))
     assert reply.position == 5
     assert reply.token_id == reference_greedy(model, PROMPT[:3] + [1, 2], 1)[0][0]
+    await stream.close()
 
 
 async def test_negative_start_position(client, models):
-    session, edge = await open_prefilled(client, models)
-    await expect(grpc.StatusCode.INVALID_ARGUMENT, client.step(step_request(session, -1, K, hidden=edge.run([4]))),
+    stream, edge = await open_prefilled(client, models)
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, stream.step(step_request(-1, K, hidden=edge.run([4]))),
                  "start_position")
 
 
-async def test_unknown_session_is_not_found(client, models):
-    req = step_request("0" * 32, 0, K, hidden=np.zeros((1, 64), np.float32))
-    await expect(grpc.StatusCode.NOT_FOUND, client.step(req), "replay")
-    await expect(grpc.StatusCode.NOT_FOUND, client.close("nope"))
+async def test_first_message_must_be_open(client, models):
+    for first in (pb.GenerateRequest(step=step_request(0, K, hidden=np.zeros((1, 64), np.float32))),
+                  pb.GenerateRequest(close=pb.CloseRequest()), pb.GenerateRequest()):
+        call = client.raw()
+        await call.write(first)
+        await expect(grpc.StatusCode.INVALID_ARGUMENT, call.read(), "first message", "open")
     await assert_healthy(client, models)
 
 
-async def test_closed_session_is_not_found(client, models):
-    session, edge = await open_prefilled(client, models)
-    assert (await client.close(session)).freed_kv_bytes > 0
-    req = step_request(session, len(PROMPT), K, hidden=edge.run([4]))
-    await expect(grpc.StatusCode.NOT_FOUND, client.step(req))
+async def test_second_open_ends_the_stream_and_frees_the_session(client, models):
+    _, mhash = models["gpt2"]
+    stream, _ = await open_prefilled(client, models)
+    assert await active_sessions(client) == 1
+    await stream.call.write(pb.GenerateRequest(open=open_request(mhash, K)))
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, stream.read(), "second `open`")
+    assert await active_sessions(client) == 0
+    await assert_healthy(client, models)
+
+
+async def test_empty_message_after_open(client, models):
+    stream, _ = await open_prefilled(client, models)
+    await stream.call.write(pb.GenerateRequest())
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, stream.read(), "empty GenerateRequest")
+
+
+async def test_stream_end_frees_the_session_at_once(client, models):
+    """Half-close, an explicit close and a cancelled call each free the session's KV immediately."""
+    stream, _ = await open_prefilled(client, models)
+    assert (await client.info()).load.kv_bytes > 0
+    await stream.done_writing()
+    assert (await client.info()).load.active_sessions == 0
+    stream, _ = await open_prefilled(client, models)
+    closed = await stream.close()
+    assert closed.freed_kv_bytes > 0 and (await client.info()).load.kv_bytes == 0
+    stream, _ = await open_prefilled(client, models)
+    stream.cancel()
+
+    async def freed():
+        return (await client.info()).load.kv_bytes == 0
+
+    await async_wait_until(freed, timeout=20, message="the cancel reaches the server and frees the session")
 
 
 async def test_wrong_model_hash(client, models):
@@ -143,55 +181,54 @@ async def test_bad_sampling_params(client, models, sampling):
 async def test_bad_codec_spec(client, models):
     _, mhash = models["gpt2"]
     req = pb.OpenRequest(model_hash=mhash, split=K, codec=pb.CodecSpec(codec=pb.INT4, group_size=48))
-    await expect(grpc.StatusCode.INVALID_ARGUMENT, client.stub.Open(req), "codec")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, client.open_with(req), "codec")
     req = pb.OpenRequest(model_hash=mhash, split=K, codec=pb.CodecSpec(codec=pb.INT8_OUTLIER,
                                                                        outlier_channels=[64]))
-    await expect(grpc.StatusCode.INVALID_ARGUMENT, client.stub.Open(req), "outlier")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, client.open_with(req), "outlier")
 
 
 @pytest.mark.parametrize("ids", [[256], [-1], [3, 2**30]])
 async def test_bad_token_ids(client, models, ids):
-    session, _ = await open_prefilled(client, models, k=0)
-    await expect(grpc.StatusCode.INVALID_ARGUMENT, client.step(step_request(session, len(PROMPT), 0, ids)),
+    stream, _ = await open_prefilled(client, models, k=0)
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, stream.step(step_request(len(PROMPT), 0, ids)),
                  "outside the vocabulary")
     await assert_healthy(client, models)
 
 
 async def test_wrong_input_kind(client, models):
-    tokens_session, _ = await open_prefilled(client, models, k=0)
-    hidden_session, _ = await open_prefilled(client, models)
-    req = step_request(tokens_session, len(PROMPT), 1, hidden=np.zeros((1, 64), np.float32))
-    await expect(grpc.StatusCode.INVALID_ARGUMENT, client.step(req), "token ids")
-    await expect(grpc.StatusCode.INVALID_ARGUMENT, client.step(step_request(hidden_session, len(PROMPT), 0, [4])),
+    tokens_stream, _ = await open_prefilled(client, models, k=0)
+    req = step_request(len(PROMPT), 1, hidden=np.zeros((1, 64), np.float32))
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, tokens_stream.step(req), "token ids")
+    hidden_stream, _ = await open_prefilled(client, models)
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, hidden_stream.step(step_request(len(PROMPT), 0, [4])),
                  "hidden state")
-    empty = pb.StepRequest(session_id=hidden_session, start_position=len(PROMPT))
-    await expect(grpc.StatusCode.INVALID_ARGUMENT, client.step(empty))
+    hidden_stream, _ = await open_prefilled(client, models)
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, hidden_stream.step(pb.StepRequest(start_position=len(PROMPT))))
 
 
 async def test_context_full_is_resource_exhausted(client, models):
     model, mhash = models["gpt2"]
-    session = (await client.open(mhash, K)).session_id
-    edge = EdgeSim(model, K)
     long = [3] * 126
-    await client.step(step_request(session, 0, K, hidden=edge.run(long), sample=False))
-    req = step_request(session, 126, K, hidden=np.zeros((3, 64), np.float32))
-    await expect(grpc.StatusCode.RESOURCE_EXHAUSTED, client.step(req), "max_positions=128")
-    reply = await client.step(step_request(session, 126, K, hidden=edge.run([1, 2])))
+    stream, edge = await client.open(mhash, K), EdgeSim(model, K)
+    await stream.step(step_request(0, K, hidden=edge.run(long), sample=False))
+    req = step_request(126, K, hidden=np.zeros((3, 64), np.float32))
+    await expect(grpc.StatusCode.RESOURCE_EXHAUSTED, stream.step(req), "max_positions=128")
+    stream, edge = await client.open(mhash, K), EdgeSim(model, K)
+    await stream.step(step_request(0, K, hidden=edge.run(long), sample=False))
+    reply = await stream.step(step_request(126, K, hidden=edge.run([1, 2])))
     assert reply.position == 128 and reply.finished  # the context is full: the generation ends
+    await stream.close()
     await assert_healthy(client, models)
 
 
 async def test_stream_errors_do_not_disturb_a_concurrent_stream(client, models):
     model, mhash = models["gpt2"]
     expected = reference_greedy(model, PROMPT, 5)[0]
-    session = (await client.open(mhash, K)).session_id
-    edge, good = EdgeSim(model, K), client.stream()
-    await good.write(step_request(session, 0, K, hidden=edge.run(PROMPT)))
-    tokens = [(await good.read()).token_id]
+    good, edge = await client.open(mhash, K), EdgeSim(model, K)
+    tokens = [(await good.step(step_request(0, K, hidden=edge.run(PROMPT)))).token_id]
     for _ in range(4):
-        bad = step_request("x", 0, K, hidden=np.ones((1, 64), np.float32))
-        await expect(grpc.StatusCode.NOT_FOUND, client.step(bad))
-        await good.write(step_request(session, edge.position, K, hidden=edge.run([tokens[-1]])))
-        tokens.append((await good.read()).token_id)
-    await good.done_writing()
+        bad = await client.open(mhash, K)
+        await expect(grpc.StatusCode.INVALID_ARGUMENT, bad.step(step_request(0, K, hidden=np.ones((1, 3), np.float32))))
+        tokens.append((await good.step(step_request(edge.position, K, hidden=edge.run([tokens[-1]])))).token_id)
+    await good.close()
     assert tokens == expected

@@ -41,9 +41,9 @@ async def test_prometheus_metrics(start_server, models):
     server = start_server("gpt2", metrics_port=0)
     async with Client(server.address) as client:
         await client.generate(model, mhash, 2, [1, 2, 3, 4], 3)
-        session = (await client.open(mhash, 0)).session_id
-        await client.step(step_request(session, 0, 0, [1, 2]))
-        await expect(grpc.StatusCode.NOT_FOUND, client.close("nope"))
+        stream = await client.open(mhash, 0)
+        await stream.step(step_request(0, 0, [1, 2]))
+        await expect(grpc.StatusCode.INVALID_ARGUMENT, stream.step(step_request(2, 0, [999])))
         port = server.running.metrics_port
         url = f"http://127.0.0.1:{port}/metrics"
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
@@ -52,12 +52,12 @@ async def test_prometheus_metrics(start_server, models):
         if line.startswith("seamline_cloud_"):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
-    assert values["seamline_cloud_active_sessions"] == 1
-    assert values["seamline_cloud_kv_bytes"] > 0
+    assert values["seamline_cloud_active_sessions"] == 0  # the failed stream freed its session
+    assert values["seamline_cloud_kv_bytes"] == 0
     assert values['seamline_cloud_steps_total{kind="decode"}'] == 2
     assert values['seamline_cloud_steps_total{kind="prefill"}'] == 2
     assert values['seamline_cloud_batch_size_count{kind="decode"}'] == 2
-    assert values['seamline_cloud_errors_total{code="NOT_FOUND"}'] == 1
+    assert values['seamline_cloud_errors_total{code="INVALID_ARGUMENT"}'] == 1
     assert values['seamline_cloud_bytes_in_total{rpc="Step"}'] > 4 * 64 * 4
     assert values["seamline_cloud_queue_seconds_count"] == 4
     assert values['seamline_cloud_compute_seconds_count{kind="prefill"}'] == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import threading
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from seamline.cloud.server import serve
+from seamline.testing.procs import CloudProcess
 
 from .conftest import Client, EdgeSim, cloud_config, reference_greedy, step_request, wait_serving
 from .test_errors import expect
@@ -29,12 +29,12 @@ async def test_drain_finishes_in_flight_step_and_refuses_new_work(checkpoints, m
             health = health_pb2_grpc.HealthStub(client.channel)
             request = health_pb2.HealthCheckRequest(service="")
             assert (await health.Check(request, wait_for_ready=True)).status == health_pb2.HealthCheckResponse.SERVING
-            session = (await client.open(mhash, 2)).session_id
-            other = (await client.open(mhash, 2)).session_id
+            stream = await client.open(mhash, 2)
+            other = await client.open(mhash, 2)
             gate = threading.Event()
             blocker = running.executor.worker.submit(gate.wait)  # hold the worker: the next step stays in flight
-            edge, call = EdgeSim(model, 2), client.stream()
-            await call.write(step_request(session, 0, 2, hidden=edge.run([5, 6, 7])))
+            edge = EdgeSim(model, 2)
+            await stream.write(step_request(0, 2, hidden=edge.run([5, 6, 7])))
             while running.scheduler.in_flight == 0:
                 await asyncio.sleep(0.005)  # a condition: the step reached the scheduler
             stopping = asyncio.create_task(running.stop())
@@ -43,12 +43,12 @@ async def test_drain_finishes_in_flight_step_and_refuses_new_work(checkpoints, m
             assert (await health.Check(request)).status == health_pb2.HealthCheckResponse.NOT_SERVING
             await expect(grpc.StatusCode.UNAVAILABLE, client.open(mhash, 2), "draining")
             await expect(grpc.StatusCode.UNAVAILABLE,
-                         client.step(step_request(other, 0, 2, hidden=EdgeSim(model, 2).run([1]))), "draining")
+                         other.step(step_request(0, 2, hidden=EdgeSim(model, 2).run([1]))), "draining")
             gate.set()
             blocker.result()
-            reply = await call.read()  # the in-flight step completes
+            reply = await stream.read()  # the in-flight step completes
             assert reply.position == 3 and reply.token_id == reference_greedy(model, [5, 6, 7], 1)[0][0]
-            await call.done_writing()
+            await stream.done_writing()
             await asyncio.wait_for(stopping, 30)
             assert all(task.done() for task in running.tasks)
             await expect(grpc.StatusCode.UNAVAILABLE, client.info())
@@ -57,22 +57,14 @@ async def test_drain_finishes_in_flight_step_and_refuses_new_work(checkpoints, m
 
 
 def test_cli_serves_health_and_exits_on_sigterm(checkpoints):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "seamline.cloud.cli", "--model", str(checkpoints["llama"]),
-                             "--port", "0", "--device", "cpu", "--grace", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    cloud = CloudProcess(checkpoints["llama"], log_level=None, one_thread=False, grace=2)
     try:
-        line = proc.stdout.readline()
-        match = re.search(r"listening on (\S+) \(model llama, device cpu\)", line)
-        assert match, line
-        wait_serving(match.group(1))
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        assert "stopped" in proc.stdout.read()
+        wait_serving(cloud.wait_for(r"listening on (\S+) \(model llama, device cpu\)", 120).group(1))
+        cloud.proc.send_signal(signal.SIGTERM)
+        assert cloud.wait(30) == 0
+        assert "stopped" in cloud.output
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        cloud.stop()
 
 
 def test_cli_help_and_bad_flags(tmp_path):

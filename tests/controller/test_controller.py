@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,9 +11,9 @@ from seamline.edge.controller import (
     AdaptivePolicy,
     Controller,
     ControllerConfig,
-    Decision,
     StepObservation,
 )
+from seamline.edge.messages import CloudInfo, SplitChoice, SplitRequest, StepStats
 from seamline.edge.planner import (
     CloudProfile,
     Constraints,
@@ -24,6 +23,7 @@ from seamline.edge.planner import (
     WireModel,
 )
 from seamline.protos.bundle import Manifest
+from seamline.protos.codec import CodecConfig
 
 L, H = 4, 768
 EDGE = EdgeProfile.flat(L, H, decode_ms=2.0, prefill_ms=20.0, embed_ms=0.1, head_ms=3.0)
@@ -52,21 +52,21 @@ class World:
     def set(self, link: tuple[float, float]) -> None:
         self.bandwidth_bps, self.rtt_ms = link
 
-    def step(self, d: Decision, tokens: int, position: int) -> tuple[StepObservation, float]:
+    def step(self, d: SplitChoice, tokens: int, position: int) -> tuple[StepObservation, float]:
         truth = CostModel(EDGE, CLOUD, LinkEstimate(self.bandwidth_bps, self.rtt_ms), WIRE)
         if d.local:
             ms = truth.decode_ms(L, "local", position) if tokens == 1 else truth.prefill_ms(L, "local", tokens)
             return StepObservation(L, "local", tokens, position, edge_ms=ms), ms
-        k = d.split
-        nbytes = WIRE.message_bytes(k, d.codec, tokens)
+        k = d.k
+        nbytes = WIRE.message_bytes(k, d.codec_name, tokens)
         edge = EDGE.embed_ms + (EDGE.decode_ms(0, k, position) if tokens == 1 else EDGE.prefill_ms(0, k, tokens))
         cloud = CLOUD.head_ms + (CLOUD.decode_ms(k, L, position) if tokens == 1 else CLOUD.prefill_ms(k, L, tokens))
         net = (self.rtt_ms + 8e3 * nbytes / self.bandwidth_bps) * (1 + self.noise * self.rng.uniform(-1, 1))
-        obs = StepObservation(k, d.codec, tokens, position, bytes_up=nbytes, round_trip_ms=net + cloud,
+        obs = StepObservation(k, d.codec_name, tokens, position, bytes_up=nbytes, round_trip_ms=net + cloud,
                               compute_ms=cloud, edge_ms=edge)
         return obs, edge + net + cloud
 
-    def request(self, ctl: Controller, clock: Clock, n: int = 64, m: int = 32, resplit: bool = False) -> Decision:
+    def request(self, ctl: Controller, clock: Clock, n: int = 64, m: int = 32, resplit: bool = False) -> SplitChoice:
         """One generation: a prefill chunk, then m - 1 decode steps (optionally asking for a resplit)."""
         d = first = ctl.choose(n, m)
         obs, ms = self.step(d, n, 0)
@@ -92,20 +92,20 @@ def test_collapse_moves_to_the_edge_and_recovery_moves_back():
     ctl, clock = controller()
     world = World()
     steady = [world.request(ctl, clock) for _ in range(5)]
-    assert (steady[-1].split, steady[-1].local) == (1, False)
+    assert (steady[-1].k, steady[-1].local) == (1, False)
     assert ctl.link().bandwidth_bps > 50e6 and ctl.link().rtt_ms == pytest.approx(5.0, abs=1.0)
 
     world.set(BAD)
     collapsed = [world.request(ctl, clock) for _ in range(4)]
-    assert collapsed[-1].local and collapsed[-1].split == L  # every layer on the edge, no network
+    assert collapsed[-1].local and collapsed[-1].k == L  # every layer on the edge, no network
     assert ctl.link().bandwidth_bps < 50e6 and ctl.link().rtt_ms > 60
 
     world.set(GOOD)
     back = [world.request(ctl, clock) for _ in range(40)]
     kinds = [d.kind for d in back]
     assert "probe" in kinds  # all-local measures no link: a probe request goes remote after probe_after_s
-    assert (back[-1].split, back[-1].local) == (1, False)
-    assert ctl.metrics()["split"] == 1 and ctl.metrics()["switches"] <= 6
+    assert (back[-1].k, back[-1].local) == (1, False)
+    assert ctl.current.k == 1 and ctl.switches <= 6
 
 
 def test_collapse_without_a_full_bundle_shrinks_the_codec():
@@ -114,11 +114,11 @@ def test_collapse_without_a_full_bundle_shrinks_the_codec():
     good = [world.request(ctl, clock) for _ in range(5)][-1]
     world.set((0.5e6, 20.0))  # bytes, not the round trip, dominate now
     bad = [world.request(ctl, clock) for _ in range(4)][-1]
-    assert WIRE.message_bytes(bad.split, bad.codec, 64) < WIRE.message_bytes(good.split, good.codec, 64)
-    assert bad.codec.startswith("int4")
+    assert WIRE.message_bytes(bad.k, bad.codec_name, 64) < WIRE.message_bytes(good.k, good.codec_name, 64)
+    assert bad.codec_name.startswith("int4")
     world.set(GOOD)
     again = [world.request(ctl, clock) for _ in range(6)][-1]
-    assert again.codec == good.codec
+    assert again.codec_name == good.codec_name
 
 
 @pytest.mark.parametrize("noise, max_switches", [(0.2, 0), (0.4, 1)])
@@ -130,11 +130,11 @@ def test_noise_around_a_steady_state_does_not_flap(noise, max_switches):
         for _ in range(3):
             world.request(ctl, clock)
         settled = ctl.switches
-        seen = [(ctl.current.split, ctl.current.codec)]
+        seen = [(ctl.current.k, ctl.current.codec_name)]
         for _ in range(40):
             world.request(ctl, clock, resplit=True)
-            if (ctl.current.split, ctl.current.codec) != seen[-1]:
-                seen.append((ctl.current.split, ctl.current.codec))
+            if (ctl.current.k, ctl.current.codec_name) != seen[-1]:
+                seen.append((ctl.current.k, ctl.current.codec_name))
         assert ctl.switches - settled <= max_switches, seen
         assert len(seen) == len(set(seen)), f"flapped back: {seen}"
         assert all(not c.startswith("int4") for _, c in seen)  # noise never looks like a collapse
@@ -159,10 +159,10 @@ def test_mid_generation_resplit_pays_for_its_replay():
     assert moved_at is not None and d.local and d.kind == "resplit"
     assert "replay" in d.reason and "saves" in d.reason
     # no further move within the dwell, and none near the end when the gain cannot repay a replay
-    assert ctl.maybe_resplit(Decision(1, "int8", ""), 300, 200) is None
+    assert ctl.maybe_resplit(SplitChoice(1, CodecConfig("int8")), 300, 200) is None
     clock.t += 10
-    assert ctl.maybe_resplit(Decision(1, "int8", ""), 2, 460) is None
-    assert ctl.maybe_resplit(Decision(1, "int8", ""), 300, 100) is not None
+    assert ctl.maybe_resplit(SplitChoice(1, CodecConfig("int8")), 2, 460) is None
+    assert ctl.maybe_resplit(SplitChoice(1, CodecConfig("int8")), 300, 100) is not None
 
 
 def test_decisions_are_logged_with_their_reason(caplog):
@@ -190,18 +190,60 @@ def test_adaptive_policy_hook(caplog):
     clock = Clock()
     m = _manifest(profiles={"edge": _profile_json(EDGE, "edge"), "cloud": _profile_json(CLOUD, "cloud")})
     policy = AdaptivePolicy.from_manifest(m, LinkEstimate(*GOOD), clock=clock)
-    d = policy.choose(SimpleNamespace(prompt_ids=list(range(64)), max_new_tokens=32))
-    assert (d.split, d.codec) == (policy.current.split, policy.current.codec) and not d.local
+    d = policy.choose(SplitRequest(prompt_tokens=64, max_tokens=32, position=64, current=None))
+    assert d == policy.status().choice and not d.local
     for i in range(40):  # the link collapses during a long generation
         clock.t += 0.1
-        out = policy.observe({"split": d.split, "codec": d.codec, "tokens": 1, "position": 64 + i, "bytes_sent": 840,
-                              "round_trip_ms": 200.0, "queue_ms": 0.0, "compute_ms": 2.5, "edge_ms": 2.1,
-                              "remaining_tokens": 300 - i})
+        out = policy.observe(StepStats(
+            kind="decode", endpoint="c:1", split=d.k, codec=d.codec_name, tokens=1, position=64 + i,
+            remaining_tokens=300 - i, edge_ms=2.1, bytes_sent=840, bytes_received=20, rtt_ms=200.0,
+            network_ms=197.5, queue_ms=0.0, compute_ms=2.5, server_decode_ms=0.0))
         if out is not None:
             break
     assert out is not None and out.local and policy.pending_resplit is out
-    assert policy.metrics()["split"] == L and policy.metrics()["rtt_ms"] > 100
+    status = policy.status()
+    assert status.choice == out and status.choice.k == L and status.estimates.rtt_ms > 100
     with caplog.at_level(logging.WARNING, logger="seamline.edge.controller"):
         bare = AdaptivePolicy.from_manifest(_manifest(), clock=clock)  # no profiles: size-based estimates
     assert "no planner profiles" in caplog.text
-    assert bare.choose({"prompt_tokens": 16, "max_tokens": 8}).split in range(1, L + 1)
+    assert bare.choose(SplitRequest(16, 8, 16, None)).k in range(1, L + 1)
+
+
+def _stats(choice_or_local, position: int, remaining: int, edge_ms: float, rtt_ms: float = 0.0) -> StepStats:
+    local = choice_or_local == "local"
+    split, codec = (L, "local") if local else (choice_or_local.k, choice_or_local.codec_name)
+    return StepStats(kind="decode", endpoint="local" if local else "c:1", split=split, codec=codec, tokens=1,
+                     position=position, remaining_tokens=remaining, edge_ms=edge_ms, bytes_sent=0 if local else 840,
+                     bytes_received=0 if local else 20, rtt_ms=rtt_ms, network_ms=max(0.0, rtt_ms - 2.5),
+                     queue_ms=0.0, compute_ms=0.0 if local else 2.5, server_decode_ms=0.0)
+
+
+def test_a_generation_that_fell_back_returns_once_the_link_is_seen_working():
+    """After a fallback (the cloud unreachable: no step reply, no estimate change) the edge runs every layer,
+    slowly. No move back without evidence that the link works again; one probe (a timed Info) is enough
+    when the gain over the remaining tokens repays the replay."""
+    clock = Clock()
+    m = _manifest(profiles={"edge": _profile_json(EDGE, "edge"), "cloud": _profile_json(CLOUD, "cloud")})
+    policy = AdaptivePolicy.from_manifest(m, LinkEstimate(*GOOD), clock=clock)
+    d = policy.choose(SplitRequest(prompt_tokens=64, max_tokens=300, position=64, current=None))
+    assert not d.local
+    for i in range(3):
+        clock.t += 0.01
+        assert policy.observe(_stats(d, 64 + i, 299 - i, edge_ms=2.2, rtt_ms=10.0)) is None
+    for i in range(10):  # the link is down: the loop runs every layer here, 40 ms a token
+        clock.t += 0.3
+        assert policy.observe(_stats("local", 70 + i, 290 - i, edge_ms=40.0)) is None
+    info = CloudInfo("toy", "0" * 64, L, H, 1024, 1, L, ("fp32",), (), 0.0, 256, "cpu")
+    policy.observe_info(info, rtt_ms=6.0)  # the generation's probe: the cloud answers again
+    clock.t += 0.05
+    back = policy.observe(_stats("local", 80, 280, edge_ms=40.0))
+    assert back is not None and not back.local and back.kind == "resplit" and "replay" in back.reason
+    assert policy.status().choice == back
+    # near the end of a generation the same move cannot repay its replay
+    policy2 = AdaptivePolicy.from_manifest(m, LinkEstimate(*GOOD), clock=clock)
+    policy2.choose(SplitRequest(64, 300, 64, None))
+    clock.t += 3.0
+    assert policy2.observe(_stats("local", 70, 1, edge_ms=40.0)) is None
+    policy2.observe_info(info, rtt_ms=6.0)
+    clock.t += 0.05
+    assert policy2.observe(_stats("local", 71, 1, edge_ms=40.0)) is None

@@ -14,19 +14,14 @@ overhead. Nothing here asserts on a time.
 from __future__ import annotations
 
 import itertools
-import os
-import queue
-import re
-import shutil
-import subprocess
-import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from seamline.bench.adaptive import EdgeWorker, cloud_args
-from seamline.edge.linkemu import LinkEmulator
+from seamline.testing.linkemu import LinkEmulator
+from seamline.testing.models import random_checkpoint
+from seamline.testing.procs import CloudProcess
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,64 +36,17 @@ TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak
         "we'll have corn at our own price. Is't a verdict? All: No more talking on't; let it be done: away, away!")
 
 
-class Cloud:
-    """``seamline cloud`` in a subprocess, one torch thread; spawned at once, ``address`` waits for it."""
-
-    def __init__(self, model: Path):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "seamline.cloud.cli", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
-             "--device", "cpu", "--grace", "1", *cloud_args(1)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self._address: str | None = None
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put("")
-
-    @property
-    def address(self) -> str:
-        seen = []
-        while self._address is None:
-            line = self.lines.get(timeout=120)
-            seen.append(line)
-            m = re.search(r"listening on (\S+)", line)
-            if m:
-                self._address = m.group(1)
-            elif line == "":
-                raise RuntimeError("the cloud exited: " + "".join(seen))
-        return self._address
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def wide_checkpoint(tmp_path_factory, minilm_path) -> Path:
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("wide-gpt2")
-    cfg = tf.GPT2Config(vocab_size=30522, bos_token_id=101, eos_token_id=102, n_layer=L, n_embd=H, n_head=8,
-                        n_positions=128)
-    tf.GPT2LMHeadModel(cfg).save_pretrained(out)
-    shutil.copyfile(minilm_path / "tokenizer.json", out / "tokenizer.json")
-    return out
+    return random_checkpoint("gpt2", tmp_path_factory.mktemp("wide-gpt2"), seed=0,
+                             tokenizer=minilm_path / "tokenizer.json",
+                             config={"vocab_size": 30522, "bos_token_id": 101, "eos_token_id": 102, "n_layer": L,
+                                     "n_embd": H, "n_head": 8, "n_positions": 128})
 
 
 @pytest.fixture(scope="module")
 def cloud(wide_checkpoint):
-    c = Cloud(wide_checkpoint)  # boots while the bundle is cut
+    c = CloudProcess(wide_checkpoint, *cloud_args(1), grace=1)  # boots while the bundle is cut
     yield c
     c.stop()
 
@@ -190,10 +138,9 @@ def test_controller_leaves_a_collapsed_link_and_comes_back(link, wide_bundle, to
         worker.call("init", timeout=120, bundle=str(wide_bundle), cloud=link.address)
         prompts = worker.call("prompts", text=TEXT, tokens=PROMPT_TOKENS, count=4)["prompts"]
         worker.call("policy", name="local", kind="local")
-        if not worker.call("run", policy="local", prompt=prompts[0], max_tokens=3)["observed"]["local"]:
-            pytest.xfail("the generation loop does not report all-local steps to the split policy "
-                         "(edge/generation.py, _local_token), so the controller never learns what running "
-                         "locally costs on this device and stays local on a weak edge")
+        # all-local steps reach the split policy: else the controller never learns what running locally
+        # costs on this device and stays local on a weak edge (edge/generation.py, _local_token)
+        assert worker.call("run", policy="local", prompt=prompts[0], max_tokens=3)["observed"]["local"]
         references = [torch_greedy(p, NEW_TOKENS) for p in prompts]
         # fp32 only, so that every answer can be compared with the unsplit model; probes after 1 s off the link
         worker.call("policy", name="adaptive", kind="adaptive", codecs=["fp32"], config={"probe_after_s": 1.0})
@@ -243,21 +190,16 @@ def probed(step: Step) -> bool:
 # ---------------------------------------------------------------------------------- resplit keeps output
 
 
-@dataclass(frozen=True)
-class Move:
-    split: int
-    codec: str
-
-
 class Scripted:
-    """Split 1, fp32; after the decode steps listed in ``moves``, move there (``Move`` or a SplitChoice)."""
+    """Split 1, fp32; after the decode steps listed in ``moves``, move to that (k, codec name)."""
 
-    def __init__(self, manifest, moves: dict[int, Move]):
+    def __init__(self, manifest, moves: dict[int, tuple[int, str]]):
         from seamline.edge.messages import SplitChoice
         from seamline.edge.policy import codec_for
 
         self.first = SplitChoice(1, codec_for(manifest, 1, "fp32"))
-        self.moves = moves
+        self.moves = {n: SplitChoice(k, local=True) if codec == "local" else SplitChoice(k, codec_for(manifest, k, codec))
+                      for n, (k, codec) in moves.items()}
         self.decodes = 0
         self.splits: list[int] = []
 
@@ -271,15 +213,26 @@ class Scripted:
         self.decodes += 1
         return self.moves.get(self.decodes)
 
+    def observe_info(self, info, rtt_ms):
+        return None
 
-async def _generate(bundle, address, policy_for, prompt, n):
+    def status(self):
+        from seamline.edge.policy import PolicyStatus
+
+        return PolicyStatus(self.first)  # measures nothing (no estimates): a generation it sends local stays local
+
+
+async def _generate(bundle, address, policy_for, prompt, n, prepare=None, **settings):
     from seamline.edge.agent import build_engine, close_engine
     from seamline.edge.config import EdgeConfig
     from seamline.edge.messages import GenerationRequest, SamplingParams
 
     engine = build_engine(EdgeConfig(bundle=str(bundle), cloud=[address], listen="127.0.0.1:0", codec="fp32",
-                                     step_timeout=30.0, reconnect_window=10.0, log_level="WARNING"))
+                                     **{"step_timeout": 30.0, "reconnect_window": 10.0, "log_level": "WARNING",
+                                        **settings}))
     engine.policy = policy = policy_for(engine.manifest)
+    if prepare is not None:
+        prepare(engine)
     try:
         ids = engine.encode_prompt(prompt)[:PROMPT_TOKENS]
         result = await engine.run(GenerationRequest(tuple(ids), n, SamplingParams()))
@@ -291,13 +244,28 @@ async def _generate(bundle, address, policy_for, prompt, n):
 async def test_scripted_resplits_keep_greedy_output(link, wide_bundle, torch_greedy):
     link.set(bandwidth_bps=50e6, delay_ms=2.0)
     ids, result, policy = await _generate(wide_bundle, link.address,
-                                          lambda m: Scripted(m, {3: Move(3, "fp32"), 7: Move(2, "fp32"),
-                                                                 11: Move(L, "local")}), TEXT, 24)
+                                          lambda m: Scripted(m, {3: (3, "fp32"), 7: (2, "fp32"), 11: (L, "local")}),
+                                          TEXT, 24)
     assert result.stats.resplits == 3
     remote = [s for s in policy.splits if s < L]  # (all-local steps, if reported, have split L)
     assert [s for i, s in enumerate(remote) if i == 0 or s != remote[i - 1]] == [1, 3, 2]
     assert result.stats.served_by["local"] > 0 and result.stats.served_by["cloud"] > 0
     assert _ended(result.token_ids, torch_greedy(ids, 24)), (result.token_ids, torch_greedy(ids, 24))
+
+
+def _watched(policy, before, made: list):
+    """``policy`` whose ``observe`` first calls ``before(stats)`` (to change the link) and keeps every move."""
+    observe = policy.observe
+
+    def watched(stats):
+        before(stats)
+        d = observe(stats)
+        if d is not None:
+            made.append(d)
+        return d
+
+    policy.observe = watched
+    return policy
 
 
 async def test_controller_resplit_keeps_greedy_output(link, wide_bundle, torch_greedy):
@@ -311,26 +279,75 @@ async def test_controller_resplit_keeps_greedy_output(link, wide_bundle, torch_g
     def policy_for(manifest):
         # the agent's --bandwidth 100mbit --rtt 1ms: on a good link, the cloud's blocks are worth the trip
         policy = AdaptivePolicy.from_manifest(manifest, LinkEstimate(100e6, 1.0), codecs=("fp32",))
-        observe = policy.observe
 
-        def observe_and_degrade(stats):
+        def degrade(stats):
             if stats.kind == "decode" and stats.position == PROMPT_TOKENS + 2:
                 link.set(delay_ms=60.0)  # after the third token the round trip goes from 1 ms to 120 ms
-            d = observe(stats)
-            if d is not None:
-                made.append(d)
-            return d
 
-        policy.observe = observe_and_degrade
-        return policy
+        return _watched(policy, degrade, made)
 
     try:
         ids, result, policy = await _generate(wide_bundle, link.address, policy_for, TEXT, 40)
     finally:
         link.set(delay_ms=1.0)
-    first = policy.controller.metrics()
-    assert made and made[-1].kind == "resplit" and made[-1].codec == "local", (made, first)
+    status = policy.status()
+    assert made and made[-1].kind == "resplit" and made[-1].local, (made, status)
     assert result.stats.resplits == 1 and result.stats.served_by["local"] > 0
+    assert _ended(result.token_ids, torch_greedy(ids, 40))
+
+
+async def test_after_a_fallback_the_generation_returns_to_the_cloud(link, wide_bundle, torch_greedy):
+    """The link stalls mid-generation: the edge falls back to running every layer. The link comes back: a
+    probe sees it, the controller predicts the cloud repays the replay over the remaining tokens, and the
+    generation moves back. The tokens are the unsplit model's greedy ones throughout."""
+    import time
+
+    from seamline.edge.controller import AdaptivePolicy, ControllerConfig
+    from seamline.edge.planner import LinkEstimate
+
+    link.set(bandwidth_bps=100e6, delay_ms=0.5)
+    made: list = []
+    local_steps = 0
+
+    def policy_for(manifest):
+        policy = AdaptivePolicy.from_manifest(manifest, LinkEstimate(100e6, 1.0), ControllerConfig(min_dwell_s=0.5),
+                                              codecs=("fp32",))
+
+        def cut_then_restore(stats):
+            nonlocal local_steps
+            if stats.kind == "decode" and stats.codec != "local" and stats.position == PROMPT_TOKENS + 2:
+                link.stall()  # after the third token every byte is held: steps time out, the edge falls back
+            if stats.codec == "local":
+                local_steps += 1
+                if local_steps == 3:
+                    link.resume()
+
+        return _watched(policy, cut_then_restore, made)
+
+    def weak_head(engine):
+        """An emulated weak device: its LM head, which only all-local steps run, takes 200 ms more (several
+        times a remote step on this shared CPU, so the gain of going back is not a matter of timing)."""
+        logits = engine.runtime.logits
+
+        def slow(h):
+            time.sleep(0.2)
+            return logits(h)
+
+        engine.runtime.logits = slow
+
+    try:
+        ids, result, _ = await _generate(wide_bundle, link.address, policy_for, TEXT, 40, prepare=weak_head,
+                                         step_timeout=1.0, reconnect_window=1.0, connect_timeout=1.0,
+                                         max_replays=2, probe_interval=0.2)
+    finally:
+        link.resume()
+        link.set(delay_ms=1.0)
+    paths = [t.path for t in result.tokens]
+    runs = [p for i, p in enumerate(paths) if i == 0 or p != paths[i - 1]]
+    assert runs == ["cloud", "local", "cloud"], (paths, made)
+    assert result.stats.fallback_reason is not None and result.stats.resplits == 1
+    back = made[-1]
+    assert back.kind == "resplit" and not back.local and "replay" in back.reason, made
     assert _ended(result.token_ids, torch_greedy(ids, 40))
 
 

@@ -19,9 +19,9 @@ from seamline.edge.planner import (
     parse_bandwidth,
     parse_duration_ms,
     plan,
-    tensor_nbytes,
 )
 from seamline.protos import codec as C
+from seamline.protos import codecs
 
 # Edge: embed 1, blocks decode 2/3/4 ms, prefill 20/30/40 ms per 64-token chunk, head 5.
 # Cloud: embed 0.2, blocks decode 0.5, prefill 4, head 1. Link 8 Mbit/s (1 byte = 0.001 ms), RTT 10 ms.
@@ -56,7 +56,8 @@ def test_message_bytes_follow_the_codec_layouts():
         for t in (1, 7, 64):
             cfg = C.CodecConfig(codec=codec, outlier_channels=(3, 70) if codec == "int8-outlier" else ())
             wire = C.encode(rng.standard_normal((t, 256)).astype(np.float32), cfg)
-            assert C.encoded_nbytes(wire) == tensor_nbytes(codec, t, 256, 32, len(cfg.outlier_channels)), (codec, t)
+            n_out = len(cfg.outlier_channels)
+            assert C.encoded_nbytes(wire) == codecs.get(codec).nbytes(t, 256, 32, n_out), (codec, t)
 
 
 def test_decode_latency_by_hand():

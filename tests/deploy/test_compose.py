@@ -81,7 +81,7 @@ def test_edge_reaches_the_cloud_and_the_bundle(compose, helpers):
     edge = compose["services"]["edge"]
     args = helpers.edge_parser().parse_args(edge["command"])
     cloud = helpers.cloud_parser().parse_args(compose["services"]["cloud"]["command"])
-    assert args.cloud == f"cloud:{cloud.port}", "the edge must dial the cloud service on its --port"
+    assert args.cloud == [f"cloud:{cloud.port}"], "the edge must dial the cloud service on its --port"
     assert edge["depends_on"]["cloud"]["condition"] == "service_healthy"
     assert edge["depends_on"]["bundle"]["condition"] == "service_completed_successfully"
     listen_port = int(args.listen.rsplit(":", 1)[1])

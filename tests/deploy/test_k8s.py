@@ -50,7 +50,7 @@ def _cloud_config(docs, tmp_path, deployment_args):
     """The CloudConfig the container would run with: ConfigMap file < container args."""
     from seamline.cloud.config import CloudConfig
 
-    from_args = {k: v for k, v in vars(deployment_args).items() if k not in ("config", "log_level")}
+    from_args = {k: getattr(deployment_args, k) for k in deployment_args.given if k != "log_level"}
     config_map = _one(docs, "ConfigMap")
     (name, text), = config_map["data"].items()
     path = tmp_path / name
@@ -318,10 +318,12 @@ def test_every_manifest_file_is_used(kustomize_lite):
     assert files - {u.resolve() for u in used} == set()
 
 
-def test_config_toml_is_valid_toml():
-    for target in TARGETS.values():
-        for path in target.glob("*.yaml"):
-            for doc in yaml.safe_load_all(path.read_text()):
-                if doc and doc.get("kind") == "ConfigMap":
-                    for text in doc["data"].values():
-                        tomllib.loads(text)
+def test_config_map_is_a_cloud_toml(rendered):
+    """Each rendered target's ConfigMap holds one TOML file with a [cloud] table that names the model and
+    the gRPC port (a broken TOML, a file of another name or a missing table fails here)."""
+    name, docs = rendered
+    (key, text), = _one(docs, "ConfigMap")["data"].items()
+    assert key.endswith(".toml"), f"{name}: the ConfigMap's file {key!r} is not TOML"
+    table = tomllib.loads(text)
+    assert list(table) == ["cloud"], f"{name}: {key} has tables {list(table)}, expected only [cloud]"
+    assert table["cloud"]["model"] and isinstance(table["cloud"]["port"], int), table["cloud"]

@@ -83,19 +83,18 @@ def test_exec_start_flags_exist_in_the_edge_cli(helpers, unit):
 
 
 def test_stop_timeout_covers_the_edge_drain(helpers, unit):
-    from seamline.edge.config import EdgeConfig, load_config_file
+    from seamline.edge.config import EdgeConfig
 
-    config = EdgeConfig(**load_config_file(EDGE_TOML))
+    config = EdgeConfig.from_sources(EDGE_TOML, environ={})
     assert _seconds(_value(helpers, unit, "TimeoutStopSec")) > config.grace, \
         "TimeoutStopSec must exceed the agent's drain grace, or systemd kills it mid-request"
     assert _value(helpers, unit, "KillSignal") == "SIGTERM"
 
 
 def test_edge_toml_loads_with_the_real_config():
-    from seamline.edge.config import EdgeConfig, load_config_file, split_listen
+    from seamline.edge.config import EdgeConfig, split_listen
 
-    values = load_config_file(EDGE_TOML)  # rejects unknown keys
-    config = EdgeConfig(**values)
+    config = EdgeConfig.from_sources(EDGE_TOML, environ={})  # rejects unknown keys
     assert config.bundle and config.cloud
     assert split_listen(config.listen)[0] in ("127.0.0.1", "::1", "localhost"), \
         "the device API serves raw text: keep it on loopback"
@@ -107,7 +106,7 @@ def test_every_documented_edge_setting_is_real():
     accepts, each value one it validates."""
     from dataclasses import fields
 
-    from seamline.edge.config import EdgeConfig, load_config_file
+    from seamline.edge.config import EdgeConfig
 
     known = {f.name for f in fields(EdgeConfig)}
     documented = {}
@@ -117,7 +116,7 @@ def test_every_documented_edge_setting_is_real():
             documented.update(tomllib.loads(m.group(1)))
     assert len(documented) >= 10, "edge.toml should document the optional settings"
     assert set(documented) <= known, f"not EdgeConfig settings: {sorted(set(documented) - known)}"
-    values = {**load_config_file(EDGE_TOML), **documented}
+    values = {**EdgeConfig.read_file(EDGE_TOML), **documented}
     EdgeConfig(**values)  # raises ConfigError on a bad value
 
 

@@ -2,32 +2,22 @@
 
 - bundles are cut once per session with the partitioner (a full one with every layer, and a trimmed
   one with ``--max-edge-layers 2``);
-- a cloud is ``python -m seamline.cloud.cli`` in a subprocess; ready when its health service
-  answers SERVING;
+- a cloud is ``seamline cloud`` in a subprocess (seamline.testing.procs.CloudProcess); ready when
+  its health service answers SERVING;
 - an agent is ``EdgeAgent`` on an event loop of its own thread; ready when ``start()`` returned and
   ``/healthz`` answers.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import queue
-import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
 import pytest
-from seamline.edge.agent import EdgeAgent
 from seamline.edge.config import EdgeConfig
-
-from ..cloudkit import ServerThread, wait_serving
+from seamline.testing.procs import CloudProcess
+from seamline.testing.servers import AgentThread, ServerThread
 
 SPLIT = 2
 PROMPT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First Citizen: You are "
@@ -40,85 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class CloudProcess:
-    """``seamline cloud`` in a subprocess (so that a test can freeze or kill it for real).
-
-    Spawning does not wait: ``address`` blocks until the process printed it and its health service
-    answers SERVING, so a fixture can cut a bundle while the cloud boots.
-    """
-
-    def __init__(self, model: Path, port: int = 0):
-        self.model = model
-        self._spawn(port)
-
-    def _spawn(self, port: int) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "seamline.cloud.cli", "--model", str(self.model), "--port", str(port),
-             "--device", "cpu", "--grace", "1", "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
-        self._address: str | None = None
-
-    @staticmethod
-    def _read(proc: subprocess.Popen, lines: queue.Queue) -> None:
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put("")
-
-    @property
-    def address(self) -> str:
-        if self._address is None:
-            self._address = self._wait_address(timeout=120)
-            wait_serving(self._address)
-        return self._address
-
-    def _wait_address(self, timeout: float) -> str:
-        seen = []
-        while True:
-            try:
-                line = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                raise RuntimeError(f"the cloud did not start within {timeout}s: {''.join(seen)}") from None
-            seen.append(line)
-            m = re.search(r"listening on (\S+)", line)
-            if m:
-                return m.group(1)
-            if line == "":
-                raise RuntimeError(f"the cloud exited: {''.join(seen)}")
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def freeze(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        if self.alive:
-            self.proc.send_signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        if self.alive:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def restart(self) -> None:
-        """Kill the process and start a new one on the same port (same address)."""
-        address = self.address
-        self.kill()
-        self._spawn(int(address.rsplit(":", 1)[1]))
-        assert self.address == address
-
-    def stop(self) -> None:
-        if self.alive:
-            self.thaw()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+def cloud_process(model: Path) -> CloudProcess:
+    """``seamline cloud`` in a subprocess (so that a test can freeze or kill it for real), one torch thread.
+    Spawning does not wait: ``address`` does, so a fixture can cut a bundle while the cloud boots."""
+    return CloudProcess(model, log_level="WARNING", grace=1)
 
 
 class CloudThread(ServerThread):
@@ -129,44 +44,6 @@ class CloudThread(ServerThread):
 
         super().__init__(CloudConfig(model=str(model), host="127.0.0.1", port=0, device="cpu", grace=1.0,
                                      **overrides))
-
-
-class AgentThread:
-    """``EdgeAgent`` serving on an event loop of its own thread."""
-
-    def __init__(self, config: EdgeConfig, policy=None):
-        self.agent = EdgeAgent(config, policy)
-        self.loop = asyncio.new_event_loop()
-        self.url: str | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.url = self.loop.run_until_complete(self.agent.start())
-        except BaseException as e:  # noqa: BLE001 - reported to the test thread
-            self._error = e
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.close()
-
-    def start(self) -> AgentThread:
-        self._thread.start()
-        self._ready.wait(60)
-        if self._error is not None:
-            raise self._error
-        assert httpx.get(self.url + "/healthz", timeout=10).status_code == 200
-        return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self.agent.stop(), self.loop).result(60)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(30)
 
 
 @pytest.fixture(scope="session")
@@ -196,7 +73,7 @@ def trimmed_bundle(edge_checkpoint, calibration_file, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cloud(edge_checkpoint):
     """The cloud process most tests share (a restart test restarts it on the same address)."""
-    c = CloudProcess(edge_checkpoint)
+    c = cloud_process(edge_checkpoint)
     yield c
     c.stop()
 
@@ -208,7 +85,7 @@ def spare_cloud(edge_checkpoint):
 
     def get() -> CloudProcess:
         if not current or not current[-1].alive:
-            current.append(CloudProcess(edge_checkpoint))
+            current.append(cloud_process(edge_checkpoint))
         current[-1].thaw()
         return current[-1]
 

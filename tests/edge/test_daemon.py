@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import threading
 
 import httpx
 import pytest
+from seamline.testing.procs import EDGE_READY, Child, seamline_command
 
 from seamline.cli import main
 
@@ -41,17 +41,11 @@ def test_edge_modules_import_no_torch_or_transformers():
 
 
 def test_sigterm_drains_in_flight_requests(full_bundle, cloud):
-    proc = subprocess.Popen([sys.executable, "-m", "seamline", "edge", "--bundle", str(full_bundle), "--cloud",
-                             cloud.address, "--listen", "127.0.0.1:0", "--codec", "fp32", "--log-level", "WARNING"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agent = Child("seamline edge", seamline_command("edge", "--bundle", str(full_bundle), "--cloud", cloud.address,
+                                                    "--listen", "127.0.0.1:0", "--codec", "fp32", "--log-level",
+                                                    "WARNING"), one_thread=False)
     try:
-        url = None
-        for line in proc.stdout:
-            m = re.search(r"listening on (http://\S+)", line)
-            if m:
-                url = m.group(1)
-                break
-        assert url, "the agent did not start"
+        url = agent.wait_for(EDGE_READY, 120).group(1)
         pieces, done = [], []
         with httpx.stream("POST", url + "/v1/completions", timeout=60,
                           json={"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stream": True}) as r:
@@ -64,18 +58,15 @@ def test_sigterm_drains_in_flight_requests(full_bundle, cloud):
                 chunk = json.loads(line[6:])
                 pieces.append(chunk)
                 if len(pieces) == 1:
-                    proc.send_signal(signal.SIGTERM)  # drain: this stream must still finish
+                    agent.proc.send_signal(signal.SIGTERM)  # drain: this stream must still finish
         assert done and pieces[-1]["choices"][0]["finish_reason"] in ("length", "stop")
         assert sum(pieces[-1]["seamline"]["served_by"].values()) == len(pieces) - 1
-        assert proc.wait(30) == 0
-        rest = proc.stdout.read()
-        assert "draining" in rest and "stopped" in rest
+        assert agent.wait(30) == 0
+        assert "draining" in agent.output and "stopped" in agent.output
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/healthz", timeout=5)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        agent.stop()
 
 
 def test_tampered_bundle_is_refused_with_the_fix(full_bundle, trimmed_bundle, tmp_path, capsys):

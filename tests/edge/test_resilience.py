@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import grpc
 import httpx
 import openai
 from seamline.edge.agent import build_engine, close_engine
 from seamline.edge.messages import GenerationRequest, SamplingParams
-from seamline.protos import codec, seamline_pb2_grpc
-from seamline.protos import seamline_pb2 as pb
+from seamline.testing.wait import async_wait_until
 
-from .conftest import edge_config, free_port
+from .conftest import CloudThread, edge_config, free_port
 
 SHORT = "First Citizen: Speak, speak."
 N = 100  # long enough that a fault lands mid-generation
@@ -66,31 +64,32 @@ def test_cloud_dies_mid_generation_and_the_edge_finishes(full_bundle, spare_clou
     assert "no cloud endpoint" in stats["fallback_reason"]
 
 
-async def test_lost_session_and_position_mismatch_are_replayed(full_bundle, cloud, reference):
-    """NOT_FOUND (session closed behind the edge's back) and FAILED_PRECONDITION (server rewound)."""
+async def test_lost_session_and_position_mismatch_are_replayed(full_bundle, edge_checkpoint, reference):
+    """NOT_FOUND (the cloud evicted the session) and FAILED_PRECONDITION (the cloud's session holds fewer
+    positions than the edge sent past; the position travels as trailing metadata): each ends the stream
+    and the edge replays on a new Generate stream, resending its kept hidden states."""
     expected_ids, expected = reference(SHORT, N)
-    engine = build_engine(edge_config(full_bundle, [cloud.address]))
-    channel = grpc.aio.insecure_channel(cloud.address)
-    stub = seamline_pb2_grpc.SeamlineStub(channel)
+    server = CloudThread(edge_checkpoint).start()
+    store = server.running.store
+    engine = build_engine(edge_config(full_bundle, [server.address]))
     try:
         gen = engine.start(GenerationRequest(tuple(engine.encode_prompt(SHORT)), N, SamplingParams()))
-        produced = 0
+        produced, sessions = 0, set()
         async for event in gen.events():
             produced += len(event.tokens)
+            sessions.add(gen.session.session_id if gen.session else None)
             if produced == 3:  # the cloud forgets the session
-                await stub.Close(pb.CloseRequest(session_id=gen.session.session_id))
-            if produced == 10:  # the cloud rewinds to position 6 (row 5 resent correctly)
-                call = stub.Step()
-                hidden = codec.encode(gen.hist.rows(5, 6), codec.CodecConfig("fp32"))
-                await call.write(pb.StepRequest(session_id=gen.session.session_id, start_position=5, hidden=hidden))
-                assert (await call.read()).position == 6
-                await call.done_writing()
+                server.call(lambda: [store._drop(x, evicted=True) for x in list(store.sessions.values())])
+            if produced == 10:  # the cloud's session rewinds to position 6
+                server.call(lambda: [setattr(x, "position", 6) for x in store.sessions.values()])
         result = gen.result()
+        # the last stream ended (half-closed in the background): the cloud freed its session
+        await async_wait_until(lambda: server.call(lambda: len(store.sessions)) == 0, timeout=10)
     finally:
-        await channel.close()
         await close_engine(engine)
+        server.stop()
     assert result.text == expected and result.token_ids == expected_ids[:len(result.token_ids)]
-    assert result.stats.replays == 2
+    assert result.stats.replays == 2 and len(sessions - {None}) == 3  # one stream, then one per replay
     assert result.stats.served_by == {"cloud": len(result.token_ids), "local": 0}
 
 

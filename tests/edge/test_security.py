@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import httpx
-import pytest
 
 from .conftest import SPLIT, CloudThread, edge_config
 
 SHORT = "All: Speak, speak."
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    """A CA and a server certificate for 127.0.0.1 (EC P-256)."""
-    d = tmp_path_factory.mktemp("pki")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    try:
-        openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
-        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        openssl("req", "-new", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=server")
-        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
-    except (OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"openssl cannot make test certificates: {e}")
-    return d
+# ``pki``: the shared certificates of tests/conftest.py (seamline.testing.certs)
 
 
 def test_tls_and_bearer_token(edge_checkpoint, full_bundle, trimmed_bundle, pki, tmp_path, start_agent, reference):

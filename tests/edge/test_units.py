@@ -62,8 +62,11 @@ def test_local_sampling_greedy_seeded_and_logprobs():
 def test_grpc_status_to_link_errors():
     e = wire.link_error(grpc.StatusCode.NOT_FOUND, "unknown session", "h:1", "Step")
     assert isinstance(e, SessionLost) and e.server_position is None
-    e = wire.link_error(grpc.StatusCode.FAILED_PRECONDITION, "chunk ... (server_position=17); resend", "h:1", "Step")
+    e = wire.link_error(grpc.StatusCode.FAILED_PRECONDITION, "chunk ahead; resend", "h:1", "Step",
+                        (("seamline-server-position", "17"),))  # structured: the text is never parsed
     assert isinstance(e, SessionLost) and e.server_position == 17
+    e = wire.link_error(grpc.StatusCode.FAILED_PRECONDITION, "chunk ... (server_position=17)", "h:1", "Step")
+    assert isinstance(e, CloudRejected)
     assert isinstance(wire.link_error(grpc.StatusCode.FAILED_PRECONDITION, "model hash mismatch", "h", "Open"),
                       CloudRejected)
     for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, None):
@@ -118,12 +121,15 @@ def test_hidden_history_grows_and_keeps_rows():
 
 def test_metrics_text_format():
     m = EdgeMetrics()
-    m.requests.inc(1, "/v1/completions", "200")
+    m.count_request("/v1/completions", 200)
+    m.in_flight.inc()
     s = GenerationStats(prompt_tokens=5, completion_tokens=4, total_ms=40.0, ttft_ms=10.0, replays=1)
     s.served_by.update(cloud=3, local=1)
     m.observe_generation(s)
     text = m.render()
-    assert 'seamline_edge_requests_total{route="/v1/completions",status="200"} 1' in text
-    assert 'seamline_edge_tokens_total{path="local"} 1' in text
-    assert "seamline_edge_replays_total 1" in text
-    assert 'seamline_edge_inter_token_ms_bucket{le="10"} 1' in text
+    assert 'seamline_edge_requests_total{route="/v1/completions",status="200"} 1.0' in text
+    assert 'seamline_edge_tokens_total{path="local"} 1.0' in text
+    assert "seamline_edge_replays_total 1.0" in text and "seamline_edge_requests_in_flight 1.0" in text
+    assert 'seamline_edge_inter_token_ms_bucket{le="10.0"} 1.0' in text
+    assert "# TYPE seamline_edge_inter_token_ms histogram" in text
+    assert "seamline_edge_policy" not in text  # no policy given

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from .live import model_and_hash, tiny_gpt2
+from seamline.testing.models import model_and_hash, tiny_gpt2
 
 
 @pytest.fixture(scope="session")

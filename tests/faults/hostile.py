@@ -10,7 +10,7 @@ import numpy as np
 import zstandard
 from hypothesis import strategies as st
 from seamline.cloud.errors import InvalidArgument
-from seamline.cloud.sampling import SamplingParams
+from seamline.cloud.sampling import SamplingParams, validate
 from seamline.protos import codec
 from seamline.protos import seamline_pb2 as pb
 
@@ -63,15 +63,15 @@ class SessionState:
     split: int
     cfg: codec.CodecConfig
     position: int = 0
-    closed: bool = False
 
 
 def expected_step(req: pb.StepRequest, state: SessionState | None) -> str:
-    """The documented status of one StepRequest to a session in ``state`` (None: unknown session)."""
+    """The documented status of one step on a Generate stream whose session is in ``state`` (None: the
+    stream has no session, the step is its first message)."""
     if req.ByteSize() > MAX_MESSAGE - 64:  # (the generators stay well away from the boundary)
         return "RESOURCE_EXHAUSTED"
-    if state is None or state.closed:
-        return "NOT_FOUND"
+    if state is None:
+        return "INVALID_ARGUMENT"  # the first message of a stream must be an open
     if req.start_position > state.position:
         return "FAILED_PRECONDITION"
     if req.start_position < 0:
@@ -104,8 +104,8 @@ def expected_open(req: pb.OpenRequest, mhash: str) -> str:
             return "INVALID_ARGUMENT"
     s = req.sampling
     try:
-        SamplingParams(s.temperature, s.top_k, s.top_p, s.seed, tuple(s.stop_token_ids), s.max_new_tokens,
-                       s.top_logprobs).validate(VOCAB)
+        validate(SamplingParams(s.temperature, s.top_k, s.top_p, s.seed, tuple(s.stop_token_ids),
+                                s.max_new_tokens, s.top_logprobs), VOCAB)
     except InvalidArgument:
         return "INVALID_ARGUMENT"
     return "OK"
@@ -211,12 +211,15 @@ MUTATIONS = {
 
 @st.composite
 def step_case(draw, attack: str) -> tuple[str, int, codec.CodecConfig, int, pb.StepRequest]:
-    """(session kind, split, session codec, tokens to prefill, the request without its session id).
+    """(stream kind, split, session codec, tokens to prefill, the step request).
+
+    Stream kinds: "open" (open, prefill, the step), "no open" (the step is the stream's first
+    message), "second open" (open, prefill, another open: the step is never read).
 
     ``attack`` (a MUTATIONS key, or "none") is always applied to a hidden-state tensor; up to two
     more random mutations may follow. Split-0 sessions (token ids) come with "none" only.
     """
-    kind = draw(st.sampled_from(["open"] * 8 + ["closed", "unknown"]))
+    kind = draw(st.sampled_from(["open"] * 8 + ["no open", "second open"]))
     split = draw(st.sampled_from([0, 1, 2, 2, 2, 3, 4] if attack == "none" else [1, 2, 3, 4]))
     cfg = codec.CodecConfig() if split == 0 else draw(st.sampled_from(SESSION_CODECS))
     prefill = draw(st.sampled_from([0, 0, 1, 4, MAX_POSITIONS - 2]))
@@ -248,7 +251,7 @@ def step_case(draw, attack: str) -> tuple[str, int, codec.CodecConfig, int, pb.S
 
 @st.composite
 def raw_streams(draw, valid: bytes) -> list[bytes]:
-    """1-3 messages: random bytes, or a valid StepRequest's bytes truncated, spliced or bit-flipped."""
+    """1-3 messages: random bytes, or a valid GenerateRequest's bytes truncated, spliced or bit-flipped."""
     def one(d) -> bytes:
         kind = d(st.sampled_from(["random", "truncated", "flipped", "spliced", "valid"]))
         if kind == "random":

@@ -1,139 +1,39 @@
-"""Live cloud servers for the fault, hostile-input and security tests (shared with tests/security).
+"""Live cloud servers for the fault, hostile-input and security tests (shared with tests/security);
+the launchers, the checkpoint factory and the edge stand-in come from seamline.testing.
 
 - ``tiny_gpt2(path)``: a 4-layer, 64-wide random GPT-2 (vocab 256, 128 positions) saved like a real
   checkpoint; the server and the test load the same weights.
 - ``CloudProcess``: ``python -m seamline cloud`` in a subprocess on loopback port 0, ready when the
-  health service answers SERVING; keeps its stdout/stderr and reads its RSS from /proc.
+  health service answers SERVING; keeps its output and reads its RSS from /proc.
 - ``ServerThread``: ``serve(config)`` in this process on an event loop of its own thread (for
   tests that inspect state or capture logs with a logging handler).
 - ``EdgeSim`` and ``greedy_session``: the edge's half in torch and one greedy generation through
-  the synchronous gRPC API, to check that a healthy session's tokens do not change.
+  the synchronous gRPC API (one Generate stream), to check that a healthy session's tokens do not
+  change; ``open_message``, ``step_message``, ``generate_call``: the messages of a Generate stream.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
+import queue
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import grpc
-import torch
 from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
-
-from ..cloudkit import SERVING, EdgeSim, ServerThread, health_status, wait_serving  # noqa: F401 - re-exported
+from seamline.testing.models import EdgeSim, model_and_hash, reference_greedy, tiny_gpt2  # noqa: F401 - re-exported
+from seamline.testing.procs import CloudProcess, rss_mb  # noqa: F401 - re-exported
+from seamline.testing.servers import SERVING, ServerThread, health_status, wait_serving  # noqa: F401 - re-exported
 
 VOCAB = 256
 HIDDEN = 64
 LAYERS = 4
 MAX_POSITIONS = 128
-STEP_METHOD = "/seamline.v1.Seamline/Step"
-OPEN_METHOD = "/seamline.v1.Seamline/Open"
-
-
-def tiny_gpt2(path: Path) -> Path:
-    """A small random GPT-2 checkpoint (seeded: the same weights every run).
-
-    ``initializer_range=0.1`` (not GPT-2's 0.02) so that greedy decoding wanders over many token ids
-    instead of repeating one: a changed hidden state or KV cache shows up as changed tokens.
-    """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(10)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=LAYERS, n_embd=HIDDEN, n_head=4, n_positions=MAX_POSITIONS,
-                                       vocab_size=VOCAB, bos_token_id=1, eos_token_id=2,
-                                       initializer_range=0.1))
-    model.save_pretrained(path)
-    return path
-
-
-# ---------------------------------------------------------------------------------------- health
+GENERATE_METHOD = "/seamline.v1.Seamline/Generate"
 
 
 # -------------------------------------------------------------------------------------- servers
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of process ``pid`` in MiB (VmRSS of /proc/PID/status)."""
-    text = Path(f"/proc/{pid}/status").read_text()
-    m = re.search(r"^VmRSS:\s+(\d+)\s+kB", text, re.MULTILINE)
-    if m is None:
-        raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
-    return int(m.group(1)) / 1024
-
-
-class CloudProcess:
-    """``seamline cloud`` in a subprocess; ``stop()`` sends SIGTERM and collects the output."""
-
-    def __init__(self, model: Path | str, *flags: str, log_level: str = "INFO", env: dict | None = None):
-        self.cmd = [sys.executable, "-m", "seamline", "cloud", "--model", str(model), "--host", "127.0.0.1",
-                    "--port", "0", "--device", "cpu", "--log-level", log_level, *flags]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc: subprocess.Popen | None = None
-        self.address: str | None = None
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._listening = threading.Event()
-        self._readers: list[threading.Thread] = []
-
-    def _read(self, stream, sink: list[str]) -> None:
-        for line in stream:
-            sink.append(line)
-            m = re.search(r"listening on (\S+)", line)
-            if m and self.address is None:
-                self.address = m.group(1)
-                self._listening.set()
-        self._listening.set()  # the process ended: stop waiting
-
-    def start(self, credentials: grpc.ChannelCredentials | None = None, timeout: float = 120) -> CloudProcess:
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=self.env)
-        for stream, sink in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
-            reader = threading.Thread(target=self._read, args=(stream, sink), daemon=True)
-            reader.start()
-            self._readers.append(reader)
-        self._listening.wait(timeout)
-        if self.address is None:
-            self.stop()
-            raise RuntimeError(f"cloud did not start: {' '.join(self.cmd)}\n{self.output[-3000:]}")
-        wait_serving(self.address, credentials, timeout=timeout)
-        return self
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def rss_mb(self) -> float:
-        return rss_mb(self.proc.pid)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.stdout) + "".join(self.stderr)
-
-    def stop(self, timeout: float = 30) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for reader in self._readers:
-            reader.join(5)
-        return self.proc.returncode
 
 
 def cloud_config(model: Path, **overrides):
@@ -151,16 +51,63 @@ def metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
+def open_message(mhash: str, split: int = 2, cfg: codec.CodecConfig | None = None) -> pb.GenerateRequest:
+    req = pb.OpenRequest(model_hash=mhash, split=split)
+    if split and cfg is not None:
+        req.codec.CopyFrom(cfg.to_proto())
+    return pb.GenerateRequest(open=req)
+
+
+def step_message(start: int, hidden: pb.Tensor | None = None, ids: Sequence[int] | None = None,
+                 sample: bool = True, step_id: int = 0) -> pb.GenerateRequest:
+    req = pb.StepRequest(start_position=start, sample=sample, step_id=step_id)
+    if hidden is not None:
+        req.hidden.CopyFrom(hidden)
+    if ids is not None:
+        req.tokens.ids.extend(ids)
+    return pb.GenerateRequest(step=req)
+
+
+def generate_call(stub: seamline_pb2_grpc.SeamlineStub, messages: Sequence[pb.GenerateRequest],
+                  token: str | None = None, timeout: float = 30) -> list[pb.GenerateReply]:
+    """One Generate stream carrying ``messages`` (then half-closed): every reply, or the status raised."""
+    return list(stub.Generate(iter(messages), metadata=metadata(token), timeout=timeout))
+
+
+class SyncStream:
+    """A Generate stream driven one message at a time from a synchronous test."""
+
+    def __init__(self, stub: seamline_pb2_grpc.SeamlineStub, first: pb.GenerateRequest, token: str | None = None,
+                 timeout: float = 60):
+        self.queue: queue.Queue = queue.Queue()
+        self.queue.put(first)
+        self.replies = stub.Generate(iter(self.queue.get, None), metadata=metadata(token), timeout=timeout)
+
+    @classmethod
+    def opened(cls, stub, mhash: str, token: str | None = None, split: int = 2) -> SyncStream:
+        """A stream whose open was answered (raises grpc.RpcError when refused)."""
+        stream = cls(stub, open_message(mhash, split), token)
+        assert next(stream.replies).WhichOneof("kind") == "opened"
+        return stream
+
+    def ask(self, message: pb.GenerateRequest) -> pb.GenerateReply:
+        self.queue.put(message)
+        return next(self.replies)
+
+    def end(self) -> None:
+        """Half-close; the cloud frees the session and ends the stream with OK."""
+        self.queue.put(None)
+        assert next(self.replies, None) is None
+
+
 def greedy_session(stub: seamline_pb2_grpc.SeamlineStub, model, mhash: str, prompt: Sequence[int], new_tokens: int,
                    k: int = 2, cfg: codec.CodecConfig | None = None, token: str | None = None,
                    timeout: float = 60) -> list[int]:
-    """Open, prefill ``prompt``, decode ``new_tokens - 1`` more greedily on one stream, close."""
+    """One Generate stream: open, prefill ``prompt``, decode ``new_tokens - 1`` more greedily, end."""
     cfg = cfg or codec.CodecConfig()
     md = metadata(token)
-    opened = stub.Open(pb.OpenRequest(model_hash=mhash, split=k, codec=cfg.to_proto()), metadata=md,
-                       timeout=timeout)
     edge = EdgeSim(model, k)
-    requests: list[pb.StepRequest] = []
+    requests: list[pb.GenerateRequest | None] = []
     cond = threading.Condition()
 
     def feed():
@@ -170,7 +117,7 @@ def greedy_session(stub: seamline_pb2_grpc.SeamlineStub, model, mhash: str, prom
                 cond.wait_for(lambda n=sent: len(requests) > n)
                 req = requests[sent]
             if req is None:
-                return
+                return  # half-close: the cloud frees the session at once
             sent += 1
             yield req
 
@@ -180,41 +127,19 @@ def greedy_session(stub: seamline_pb2_grpc.SeamlineStub, model, mhash: str, prom
             cond.notify()
 
     tokens: list[int] = []
-    push(pb.StepRequest(session_id=opened.session_id, start_position=0, sample=True,
-                        hidden=codec.encode(edge.run(prompt), cfg)))
-    replies = stub.Step(feed(), metadata=md, timeout=timeout)
+    push(open_message(mhash, k, cfg))
+    push(step_message(0, codec.encode(edge.run(prompt), cfg)))
+    replies = stub.Generate(feed(), metadata=md, timeout=timeout)
     try:
         for reply in replies:
-            tokens.append(reply.token_id)
-            if len(tokens) >= new_tokens or reply.finished:
+            if reply.WhichOneof("kind") != "step":
+                continue  # the open's answer
+            step = reply.step
+            tokens.append(step.token_id)
+            if len(tokens) >= new_tokens or step.finished:
                 push(None)
                 continue
-            push(pb.StepRequest(session_id=opened.session_id, start_position=reply.position, sample=True,
-                                hidden=codec.encode(edge.run([reply.token_id]), cfg), step_id=len(tokens)))
+            push(step_message(step.position, codec.encode(edge.run([step.token_id]), cfg), step_id=len(tokens)))
     finally:
         push(None)
-    stub.Close(pb.CloseRequest(session_id=opened.session_id), metadata=md, timeout=timeout)
     return tokens
-
-
-def model_and_hash(path: Path):
-    from seamline.partitioner.loading import load_model, model_hash
-
-    return load_model(path)[0], model_hash(path)
-
-
-@torch.inference_mode()
-def reference_greedy(model, prompt: Sequence[int], new_tokens: int) -> list[int]:
-    """Greedy tokens of the unsplit model, recomputing the whole sequence each step."""
-    ids, out = list(prompt), []
-    for _ in range(new_tokens):
-        out.append(int(torch.argmax(model(torch.tensor([ids])).logits[0, -1])))
-        ids.append(out[-1])
-    return out
-
-
-def deadline_loop(seconds: float):
-    """Yield until ``seconds`` have passed (for bounded polling loops)."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        yield

@@ -1,7 +1,7 @@
 """Hostile input against a live cloud process (issue 10, part 2).
 
 One ``seamline cloud`` subprocess serves the whole module. While hypothesis throws generated
-``Open`` / ``Step`` messages and raw bytes at it, background threads keep a healthy session
+Generate streams (open, step messages) and raw bytes at it, background threads keep a healthy session
 generating greedily, a hostile neighbour decoding finite but extreme hidden states (3e38, 1e-38)
 at the same split — so that it shares decode batches with the healthy session — and a sampler
 reading the server's RSS from /proc. Every answer must carry the status code the proto documents
@@ -9,8 +9,8 @@ reading the server's RSS from /proc. Every answer must carry the status code the
 healthy session's tokens equal to those it got from the idle server (and to the unsplit model's).
 
 The expected code of a generated message comes from an oracle that mirrors the documented rules:
-message size first (gRPC), then the session (NOT_FOUND), the position (FAILED_PRECONDITION above
-the session's, INVALID_ARGUMENT below 0), the input (INVALID_ARGUMENT, with the codec's own
+message size first (gRPC), then the stream (INVALID_ARGUMENT when its first message is not an open,
+or for a second open), the position (FAILED_PRECONDITION above the session's, INVALID_ARGUMENT below 0), the input (INVALID_ARGUMENT, with the codec's own
 ``decode`` deciding whether a mutated tensor is still well-formed), the context (RESOURCE_EXHAUSTED).
 The targeted tests below assert the codes of the named attacks without that oracle.
 """
@@ -30,6 +30,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
+from seamline.protos.status import server_position
 
 from .hostile import (
     BOMBS,
@@ -46,15 +47,16 @@ from .hostile import (
     step_case,
 )
 from .live import (
+    GENERATE_METHOD,
     HIDDEN,
     MAX_POSITIONS,
-    OPEN_METHOD,
     SERVING,
-    STEP_METHOD,
     CloudProcess,
     greedy_session,
     health_status,
+    open_message,
     reference_greedy,
+    step_message,
 )
 
 PROMPT = [5, 6, 7, 8, 9]
@@ -72,8 +74,7 @@ class Live:
     cloud: CloudProcess
     channel: grpc.Channel
     stub: seamline_pb2_grpc.SeamlineStub
-    raw_step: grpc.StreamStreamMultiCallable
-    raw_open: grpc.UnaryUnaryMultiCallable
+    raw_generate: grpc.StreamStreamMultiCallable
     mhash: str
 
 
@@ -117,17 +118,21 @@ class Watch:
         rows.append(codec.encode(np.tile([3e38, -3e38], (1, HIDDEN // 2)).astype(np.float32), cfg))
         while not self._stop.is_set():
             try:
-                session = self.stub.Open(pb.OpenRequest(model_hash=self.mhash, split=2, codec=cfg.to_proto()),
-                                         timeout=30).session_id
-                for position in range(MAX_POSITIONS):
+                messages = [open_message(self.mhash, 2, cfg)]
+                messages += [step_message(p, rows[p % len(rows)]) for p in range(MAX_POSITIONS)]
+                call = self.stub.Generate(iter(messages), timeout=60)
+                for reply in call:
                     if self._stop.is_set():
+                        call.cancel()
                         break
-                    req = pb.StepRequest(session_id=session, start_position=position, sample=True,
-                                         hidden=rows[position % len(rows)])
-                    reply = next(iter(self.stub.Step(iter([req]), timeout=30)))
-                    assert reply.position == position + 1 and reply.has_token
-                    self.neighbour_steps += 1
-                self.stub.Close(pb.CloseRequest(session_id=session), timeout=30)
+                    if reply.WhichOneof("kind") == "step":
+                        assert reply.step.position == self.neighbour_steps % MAX_POSITIONS + 1
+                        assert reply.step.has_token
+                        self.neighbour_steps += 1
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.CANCELLED or not self._stop.is_set():
+                    self.errors.append(f"neighbour: {e.code().name}: {e.details()}")
+                    return
             except Exception as e:  # noqa: BLE001 - reported by the final test
                 self.errors.append(f"neighbour: {type(e).__name__}: {e}")
                 return
@@ -153,8 +158,7 @@ def live(fault_checkpoint, fault_model):
     try:
         ident = lambda b: b
         yield Live(cloud, channel, seamline_pb2_grpc.SeamlineStub(channel),
-                   channel.stream_stream(STEP_METHOD, request_serializer=ident, response_deserializer=ident),
-                   channel.unary_unary(OPEN_METHOD, request_serializer=ident, response_deserializer=ident),
+                   channel.stream_stream(GENERATE_METHOD, request_serializer=ident, response_deserializer=ident),
                    fault_model[1])
     finally:
         channel.close()
@@ -176,16 +180,10 @@ def watch(live, fault_model):
 # ----------------------------------------------------------------------------------- calls
 
 
-def _open(live: Live, cfg: codec.CodecConfig, split: int = 2) -> str:
-    req = pb.OpenRequest(model_hash=live.mhash, split=split, codec=cfg.to_proto())
-    return live.stub.Open(req, timeout=30).session_id
+class Refusal(str):
+    """A status message, with the structured position of its trailing metadata (None when absent)."""
 
-
-def _close_quietly(live: Live, session: str) -> None:
-    try:
-        live.stub.Close(pb.CloseRequest(session_id=session), timeout=30)
-    except grpc.RpcError as e:
-        assert e.code() == grpc.StatusCode.NOT_FOUND, e.details()
+    server_position: int | None = None
 
 
 def _codes(call) -> tuple[str, str, list]:
@@ -193,21 +191,36 @@ def _codes(call) -> tuple[str, str, list]:
     try:
         replies.extend(call)  # up to the error: extend keeps what arrived before it
     except grpc.RpcError as e:
-        return e.code().name, e.details() or "", replies
+        details = Refusal(e.details() or "")
+        details.server_position = server_position(e.trailing_metadata())
+        return e.code().name, details, replies
     return "OK", "", replies
 
 
-def _steps(live: Live, requests: list[pb.StepRequest]) -> tuple[str, str, list[pb.StepReply]]:
-    return _codes(live.stub.Step(iter(requests), timeout=30))
+def _generate(live: Live, messages: list[pb.GenerateRequest]) -> tuple[str, str, list[pb.StepReply]]:
+    """One Generate stream carrying ``messages``: (status, details, the step replies before it ended)."""
+    code, details, replies = _codes(live.stub.Generate(iter(messages), timeout=30))
+    return code, details, [r.step for r in replies if r.WhichOneof("kind") == "step"]
 
 
 def _raw_codes(live: Live, messages: list[bytes]) -> tuple[str, str, list[bytes]]:
-    return _codes(live.raw_step(iter(messages), timeout=30))
+    return _codes(live.raw_generate(iter(messages), timeout=30))
 
 
-def _step_code(live: Live, session: str, start: int, tensor: pb.Tensor) -> tuple[str, str]:
-    code, details, _ = _steps(live, [pb.StepRequest(session_id=session, start_position=start, hidden=tensor,
-                                                    sample=True)])
+def _prefill_message(cfg: codec.CodecConfig, tokens: int, split: int = 2) -> pb.GenerateRequest:
+    if split == 0:
+        return step_message(0, ids=[3] * tokens, sample=False)
+    x = np.random.default_rng(tokens).standard_normal((tokens, HIDDEN)).astype(np.float32)
+    return step_message(0, codec.encode(x, cfg), sample=False)
+
+
+def _step_code(live: Live, cfg: codec.CodecConfig, start: int, tensor: pb.Tensor, prefill: int = 0) -> tuple[str, str]:
+    """The status of one step at ``start`` on a new stream at split 2 (after ``prefill`` positions)."""
+    messages = [open_message(live.mhash, 2, cfg)]
+    if prefill:
+        messages.append(_prefill_message(cfg, prefill))
+    code, details, replies = _generate(live, [*messages, step_message(start, tensor)])
+    assert len(replies) >= len(messages) - 1, (code, details)  # the prefill went through
     return code, details
 
 
@@ -220,13 +233,6 @@ def _tensor_with(cfg: codec.CodecConfig, tokens: int, payload: bytes, declared: 
     t.compression, t.payload = pb.ZSTD, payload
     t.uncompressed_size = expected if declared is None else declared
     return t
-
-
-def _prefill(live: Live, session: str, cfg: codec.CodecConfig, tokens: int) -> None:
-    x = np.random.default_rng(tokens).standard_normal((tokens, HIDDEN)).astype(np.float32)
-    code, details, _ = _steps(live, [pb.StepRequest(session_id=session, start_position=0,
-                                                    hidden=codec.encode(x, cfg), sample=False)])
-    assert code == "OK", details
 
 
 def _assert_up(live: Live) -> None:
@@ -244,17 +250,13 @@ def test_generated_open_requests(live, watch):
     @given(req=open_requests(live.mhash))
     def check(req: pb.OpenRequest) -> None:
         want = expected_open(req, live.mhash)
-        try:
-            session = live.stub.Open(req, timeout=30).session_id
-        except grpc.RpcError as e:
-            codes[e.code().name] += 1
-            assert e.code().name == want, e.details()
-            assert e.details()
+        code, details, replies = _codes(live.stub.Generate(iter([pb.GenerateRequest(open=req)]), timeout=30))
+        codes[code] += 1
+        assert code == want, details
+        if code != "OK":
+            assert details
             return
-        codes["OK"] += 1
-        assert want == "OK"
-        assert len(session) >= 32
-        _close_quietly(live, session)
+        assert replies[0].WhichOneof("kind") == "opened" and len(replies[0].opened.session_id) >= 32
 
     check()
     print(f"generated opens: {dict(codes)}")
@@ -274,89 +276,81 @@ def test_generated_step_requests(live, watch, attack):
     @given(case=step_case(attack))
     def check(case) -> None:
         kind, split, cfg, prefill, req = case
-        session = _open(live, cfg, split)
-        try:
-            state = SessionState(split, cfg)
-            if prefill:
-                if split == 0:
-                    code, details, _ = _steps(live, [pb.StepRequest(session_id=session, start_position=0,
-                                                                    tokens=pb.TokenIds(ids=[3] * prefill))])
-                    assert code == "OK", details
-                else:
-                    _prefill(live, session, cfg, prefill)
-                state.position = prefill
-            req.session_id = session
-            if kind == "closed":
-                live.stub.Close(pb.CloseRequest(session_id=session), timeout=30)
-                state.closed = True
-            elif kind == "unknown":
-                req.session_id = session[::-1]
-            want = expected_step(req, state if kind != "unknown" else None)
-            code, details, replies = _steps(live, [req])
-            codes[code] += 1
-            assert code == want, f"{code} ({details}); expected {want}"
-            if code == "OK":
-                tokens = len(req.tokens.ids) if split == 0 else req.hidden.shape[0]
-                assert replies[0].position == req.start_position + tokens
-                assert replies[0].has_token == req.sample
-            else:
-                assert details  # every refusal says what was wrong
-            if code == "FAILED_PRECONDITION":
-                assert f"server_position={state.position}" in details
-        finally:
-            _close_quietly(live, session)
+        state = SessionState(split, cfg)
+        messages = [open_message(live.mhash, split, cfg)]
+        if prefill:
+            messages.append(_prefill_message(cfg, prefill, split))
+            state.position = prefill
+        if kind == "no open":
+            messages, want = [pb.GenerateRequest(step=req)], expected_step(req, None)
+        elif kind == "second open":
+            messages.append(open_message(live.mhash, split, cfg))
+            want = "INVALID_ARGUMENT"
+        else:
+            messages.append(pb.GenerateRequest(step=req))
+            want = expected_step(req, state)
+        code, details, replies = _generate(live, messages)
+        codes[code] += 1
+        assert code == want, f"{code} ({details}); expected {want}"
+        if code == "OK":
+            tokens = len(req.tokens.ids) if split == 0 else req.hidden.shape[0]
+            assert replies[-1].position == req.start_position + tokens
+            assert replies[-1].has_token == req.sample
+        else:
+            assert details  # every refusal says what was wrong
+        if code == "FAILED_PRECONDITION":
+            assert details.server_position == state.position  # structured, not in the text
 
     check()
     _assert_up(live)
     if attack == max(MUTATIONS):  # the last one to run
         print(f"generated steps: {dict(codes)}")
     if sum(codes.values()) >= 100:  # once most attacks ran (the whole module, not `-k` one of them)
-        assert len(codes) >= 4, codes  # the generators reach most of the error model
+        assert len(codes) >= 3, codes  # the generators reach most of the error model (NOT_FOUND needs an eviction)
 
 
-def test_raw_bytes_on_the_step_stream(live, watch):
-    """Bytes that do not parse as a StepRequest are refused with the stream; those that parse get the
-    status of the request they parse to; the session the valid bytes address keeps working."""
+def test_raw_bytes_on_the_generate_stream(live, watch):
+    """After a valid open, bytes that do not parse as a GenerateRequest are refused with the stream; those
+    that parse get the status of the message they parse to."""
     cfg = codec.CodecConfig("int8")
-    session = _open(live, cfg)
+    opening = open_message(live.mhash, 2, cfg).SerializeToString()
     x = np.random.default_rng(0).standard_normal((1, HIDDEN)).astype(np.float32)
-    valid = pb.StepRequest(session_id=session, start_position=0, hidden=codec.encode(x, cfg),
-                           sample=True).SerializeToString()
+    first = step_message(0, codec.encode(x, cfg), sample=False).SerializeToString()  # position 1 after it
+    valid = step_message(1, codec.encode(x, cfg)).SerializeToString()  # flipped bits move its position too
     refused_unparsable = set()
     codes: Counter[str] = Counter()
-    state = SessionState(2, cfg)  # follows the session's position as valid messages move it
 
     @settings(FUZZ, max_examples=100)
     @given(messages=raw_streams(valid))
     def check(messages: list[bytes]) -> None:
-        code, details, replies = _raw_codes(live, messages)
+        code, details, replies = _raw_codes(live, [opening, first, *messages])
         codes[code] += 1
-        wants = []
+        state = SessionState(2, cfg, position=1)  # a new stream, a new session: follows its position
+        wants, closed = [], False
         for m in messages:
             try:
-                req = pb.StepRequest.FromString(m)
+                req = pb.GenerateRequest.FromString(m)
             except DecodeError:
                 wants.append(None)
                 break
-            want = expected_step(req, state if req.session_id == session else None)
+            kind = req.WhichOneof("kind")
+            if kind == "close":
+                closed = True
+                break
+            want = expected_step(req.step, state) if kind == "step" else "INVALID_ARGUMENT"
             wants.append(want)
             if want != "OK":
                 break
-            state.position = req.start_position + req.hidden.shape[0]
-        assert len(replies) == sum(w == "OK" for w in wants)
-        last = wants[-1]
+            state.position = req.step.start_position + req.step.hidden.shape[0]
+        assert len(replies) == 2 + sum(w == "OK" for w in wants) + closed  # opened, first, steps, closed
+        last = wants[-1] if wants and not closed else "OK"
         if last is None:  # unparsable: refused, the stream ends (see test_unparsable_bytes_status)
             assert code != "OK"
             refused_unparsable.add(code)
-        elif last != "OK":
-            assert code == last, f"{code} ({details}); expected {last}"
         else:
-            assert code == "OK"
+            assert code == last, f"{code} ({details}); expected {last}"
 
-    try:
-        check()
-    finally:
-        _close_quietly(live, session)
+    check()
     print(f"raw streams: {dict(codes)}")
     assert refused_unparsable <= {"INVALID_ARGUMENT", "UNKNOWN"}, refused_unparsable
     assert len(codes) >= 3, codes
@@ -370,26 +364,18 @@ def test_raw_bytes_on_the_step_stream(live, watch):
 @pytest.mark.parametrize("declared_size", ["exact", "bomb", "2**63"])
 def test_zstd_bombs(live, watch, name, declared_size):
     cfg = codec.CodecConfig("fp32", zstd=True)
-    session = _open(live, cfg)
-    try:
-        declared = {"exact": None, "bomb": 1 << 30, "2**63": 2**63}[declared_size]
-        code, details = _step_code(live, session, 0, _tensor_with(cfg, MAX_CHUNK, bomb(name), declared))
-        assert code == "INVALID_ARGUMENT", details
-        assert "zstd" in details
-    finally:
-        _close_quietly(live, session)
+    declared = {"exact": None, "bomb": 1 << 30, "2**63": 2**63}[declared_size]
+    code, details = _step_code(live, cfg, 0, _tensor_with(cfg, MAX_CHUNK, bomb(name), declared))
+    assert code == "INVALID_ARGUMENT", details
+    assert "zstd" in details
 
 
 def test_two_zstd_frames_and_a_truncated_frame(live, watch):
     cfg = codec.CodecConfig("fp32", zstd=True)
-    session = _open(live, cfg)
-    try:
-        half = zstandard.ZstdCompressor().compress(bytes(2 * HIDDEN))
-        for payload in (half + half, half[:-3], b"\x28\xb5\x2f\xfd", b""):
-            code, details = _step_code(live, session, 0, _tensor_with(cfg, 1, payload))
-            assert code == "INVALID_ARGUMENT", details
-    finally:
-        _close_quietly(live, session)
+    half = zstandard.ZstdCompressor().compress(bytes(2 * HIDDEN))
+    for payload in (half + half, half[:-3], b"\x28\xb5\x2f\xfd", b""):
+        code, details = _step_code(live, cfg, 0, _tensor_with(cfg, 1, payload))
+        assert code == "INVALID_ARGUMENT", details
 
 
 HUGE_SHAPES = [[2**62, HIDDEN], [1, 2**62], [2**31 - 1, 2**31 - 1], [MAX_CHUNK, HIDDEN * 2**30], [-1, HIDDEN],
@@ -400,164 +386,123 @@ HUGE_SHAPES = [[2**62, HIDDEN], [1, 2**62], [2**31 - 1, 2**31 - 1], [MAX_CHUNK, 
 @pytest.mark.parametrize("name", ["fp32", "int4"])
 def test_huge_and_lying_declared_shapes(live, watch, shape, name):
     cfg = codec.CodecConfig(name)
-    session = _open(live, cfg)
-    try:
-        t = codec.encode(np.ones((1, HIDDEN), np.float32), cfg)
-        t.ClearField("shape")
-        t.shape.extend(shape)
-        code, details = _step_code(live, session, 0, t)
-        assert code == "INVALID_ARGUMENT", details
-    finally:
-        _close_quietly(live, session)
+    t = codec.encode(np.ones((1, HIDDEN), np.float32), cfg)
+    t.ClearField("shape")
+    t.shape.extend(shape)
+    code, details = _step_code(live, cfg, 0, t)
+    assert code == "INVALID_ARGUMENT", details
 
 
 @pytest.mark.parametrize("cfg", SESSION_CODECS, ids=lambda c: f"{c.codec}{'+zstd' if c.zstd else ''}")
 def test_nan_and_inf(live, watch, cfg):
-    session = _open(live, cfg)
-    try:
-        for value in (np.nan, np.inf, -np.inf):
-            x = np.ones((3, HIDDEN), np.float32)
-            x[1, 5] = value
-            raw = codec.encode(np.ones((3, HIDDEN), np.float32), codec.CodecConfig(
-                cfg.codec, group_size=cfg.group_size, rotation_seed=cfg.rotation_seed,
-                outlier_channels=cfg.outlier_channels))
-            if cfg.codec in ("fp32", "fp16"):
-                dtype = "<f4" if cfg.codec == "fp32" else "<f2"
-                raw.payload = x.astype(dtype).tobytes()
-            else:
-                dtype = "<f2" if cfg.codec in ("int4", "int4-rot") else "<f4"
-                scales = np.frombuffer(raw.scales, dtype=dtype).copy()
-                scales[1] = value
-                raw.scales = scales.tobytes()
-            code, details = _step_code(live, session, 0, raw)
-            assert code == "INVALID_ARGUMENT", details
-            assert "NaN or Inf" in details
-        with pytest.raises(codec.CodecError):  # and the edge's encoder refuses to send them at all
-            codec.encode(x, cfg)
-    finally:
-        _close_quietly(live, session)
+    for value in (np.nan, np.inf, -np.inf):
+        x = np.ones((3, HIDDEN), np.float32)
+        x[1, 5] = value
+        raw = codec.encode(np.ones((3, HIDDEN), np.float32), codec.CodecConfig(
+            cfg.codec, group_size=cfg.group_size, rotation_seed=cfg.rotation_seed,
+            outlier_channels=cfg.outlier_channels))
+        if cfg.codec in ("fp32", "fp16"):
+            dtype = "<f4" if cfg.codec == "fp32" else "<f2"
+            raw.payload = x.astype(dtype).tobytes()
+        else:
+            dtype = "<f2" if cfg.codec in ("int4", "int4-rot") else "<f4"
+            scales = np.frombuffer(raw.scales, dtype=dtype).copy()
+            scales[1] = value
+            raw.scales = scales.tobytes()
+        code, details = _step_code(live, cfg, 0, raw)
+        assert code == "INVALID_ARGUMENT", details
+        assert "NaN or Inf" in details
+    with pytest.raises(codec.CodecError):  # and the edge's encoder refuses to send them at all
+        codec.encode(x, cfg)
 
 
 def test_unknown_codecs(live, watch):
     for value in (0, 7, 99, 2**31 - 1, -1):
         req = pb.OpenRequest(model_hash=live.mhash, split=2, codec=pb.CodecSpec(codec=value))
-        with pytest.raises(grpc.RpcError) as info:
-            live.stub.Open(req, timeout=30)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
-    session = _open(live, codec.CodecConfig("fp32"))
-    try:
-        for value in (0, 7, 99, -1):
-            t = pb.Tensor(shape=[1, HIDDEN], codec=value, payload=bytes(4 * HIDDEN))
-            code, details = _step_code(live, session, 0, t)
-            assert code == "INVALID_ARGUMENT" and "codec" in details, details
-    finally:
-        _close_quietly(live, session)
+        code, details, _ = _generate(live, [pb.GenerateRequest(open=req)])
+        assert code == "INVALID_ARGUMENT", details
+    for value in (0, 7, 99, -1):
+        t = pb.Tensor(shape=[1, HIDDEN], codec=value, payload=bytes(4 * HIDDEN))
+        code, details = _step_code(live, codec.CodecConfig("fp32"), 0, t)
+        assert code == "INVALID_ARGUMENT" and "codec" in details, details
 
 
 def test_position_jumps(live, watch):
     cfg = codec.CodecConfig("int8")
-    session = _open(live, cfg)
-    try:
-        _prefill(live, session, cfg, 4)
-        one = codec.encode(np.ones((1, HIDDEN), np.float32), cfg)
-        for start in (5, 6, 1000, 2**62, 2**63 - 1):
-            code, details = _step_code(live, session, start, one)
-            assert code == "FAILED_PRECONDITION", details
-            assert "server_position=4" in details
-        for start in (-1, -2**63):
-            code, details = _step_code(live, session, start, one)
-            assert code == "INVALID_ARGUMENT", details
-        code, details = _step_code(live, session, MAX_POSITIONS, one)  # after the context is used up
-        assert code == "FAILED_PRECONDITION", details
-        _, _, replies = _steps(live, [pb.StepRequest(session_id=session, start_position=4, hidden=one, sample=True)])
-        assert replies[0].position == 5  # the session continues where it was
-        many = codec.encode(np.ones((MAX_POSITIONS - 4, HIDDEN), np.float32), cfg)
-        code, details = _step_code(live, session, 5, many)
-        assert code == "RESOURCE_EXHAUSTED" and f"max_positions={MAX_POSITIONS}" in details, details
-    finally:
-        _close_quietly(live, session)
-
-
-def test_steps_after_close(live, watch):
-    cfg = codec.CodecConfig("fp16")
-    session = _open(live, cfg)
-    _prefill(live, session, cfg, 2)
     one = codec.encode(np.ones((1, HIDDEN), np.float32), cfg)
-    assert live.stub.Close(pb.CloseRequest(session_id=session), timeout=30).freed_kv_bytes > 0
-    for start in (2, 0, 3):
-        code, details = _step_code(live, session, start, one)
-        assert code == "NOT_FOUND", details
-    with pytest.raises(grpc.RpcError) as info:
-        live.stub.Close(pb.CloseRequest(session_id=session), timeout=30)
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    # a stream that closes its own session between two steps
-    session = _open(live, cfg)
-    first = pb.StepRequest(session_id=session, start_position=0, hidden=one, sample=True)
-    second = pb.StepRequest(session_id=session, start_position=1, hidden=one, sample=True)
-    gate = threading.Event()
+    for start in (5, 6, 1000, 2**62, 2**63 - 1, MAX_POSITIONS):
+        code, details = _step_code(live, cfg, start, one, prefill=4)
+        assert code == "FAILED_PRECONDITION", details
+        assert details.server_position == 4 and "resend from position 4" in details
+    for start in (-1, -2**63):
+        code, details = _step_code(live, cfg, start, one, prefill=4)
+        assert code == "INVALID_ARGUMENT", details
+    many = codec.encode(np.ones((MAX_POSITIONS - 4, HIDDEN), np.float32), cfg)
+    code, details, replies = _generate(live, [open_message(live.mhash, 2, cfg), _prefill_message(cfg, 4),
+                                              step_message(4, one), step_message(5, many)])
+    assert [r.position for r in replies] == [4, 5]
+    assert code == "RESOURCE_EXHAUSTED" and f"max_positions={MAX_POSITIONS}" in details, details
 
-    def requests():
-        yield first
-        gate.wait(30)
-        yield second
 
-    call = live.stub.Step(requests(), timeout=30)
-    assert next(call).position == 1
-    live.stub.Close(pb.CloseRequest(session_id=session), timeout=30)
-    gate.set()
-    with pytest.raises(grpc.RpcError) as info:
-        next(call)
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+def test_stream_sequence_violations(live, watch):
+    """A first message that is not an open, a second open, an empty message, messages after close."""
+    cfg = codec.CodecConfig("fp16")
+    one = codec.encode(np.ones((1, HIDDEN), np.float32), cfg)
+    opening = open_message(live.mhash, 2, cfg)
+    for messages in ([step_message(0, one)], [pb.GenerateRequest(close=pb.CloseRequest())], [pb.GenerateRequest()],
+                     [opening, step_message(0, one), opening], [opening, pb.GenerateRequest()]):
+        code, details, _ = _generate(live, messages)
+        assert code == "INVALID_ARGUMENT", details
+    # an explicit close ends the stream: OK, and what follows it is never read
+    code, details, replies = _codes(live.stub.Generate(iter([opening, _prefill_message(cfg, 2),
+                                                             pb.GenerateRequest(close=pb.CloseRequest()),
+                                                             step_message(99, one), opening]), timeout=30))
+    assert code == "OK", details
+    assert [r.WhichOneof("kind") for r in replies] == ["opened", "step", "closed"]
+    assert replies[-1].closed.freed_kv_bytes > 0
 
 
 def test_oversized_messages(live, watch):
     cfg = codec.CodecConfig("fp32")
-    session = _open(live, cfg)
-    try:
-        big = pb.Tensor(shape=[2 * MAX_CHUNK, HIDDEN], codec=pb.FP32, payload=bytes(8 * MAX_CHUNK * HIDDEN))
-        code, details = _step_code(live, session, 0, big)
-        assert code == "RESOURCE_EXHAUSTED", details
-        code, _, _ = _raw_codes(live, [b"\x0a" + bytes(4 * MAX_MESSAGE)])
-        assert code == "RESOURCE_EXHAUSTED"
-        with pytest.raises(grpc.RpcError) as info:
-            live.stub.Open(pb.OpenRequest(model_hash="f" * (2 * MAX_MESSAGE), split=2), timeout=30)
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        # the largest legal chunk still fits under the limit
-        _, _, replies = _steps(live, [pb.StepRequest(session_id=session, start_position=0, sample=False,
-                                                     hidden=codec.encode(np.ones((MAX_POSITIONS - 1, HIDDEN),
-                                                                                 np.float32), cfg))])
-        assert replies and replies[0].position == MAX_POSITIONS - 1
-    finally:
-        _close_quietly(live, session)
+    big = pb.Tensor(shape=[2 * MAX_CHUNK, HIDDEN], codec=pb.FP32, payload=bytes(8 * MAX_CHUNK * HIDDEN))
+    code, details = _step_code(live, cfg, 0, big)
+    assert code == "RESOURCE_EXHAUSTED", details
+    code, _, _ = _raw_codes(live, [b"\x0a" + bytes(4 * MAX_MESSAGE)])
+    assert code == "RESOURCE_EXHAUSTED"
+    code, details, _ = _generate(live, [pb.GenerateRequest(open=pb.OpenRequest(model_hash="f" * (2 * MAX_MESSAGE),
+                                                                              split=2))])
+    assert code == "RESOURCE_EXHAUSTED", details
+    # the largest legal chunk still fits under the limit
+    code, details, replies = _generate(live, [open_message(live.mhash, 2, cfg), step_message(
+        0, codec.encode(np.ones((MAX_POSITIONS - 1, HIDDEN), np.float32), cfg), sample=False)])
+    assert code == "OK", details
+    assert replies and replies[0].position == MAX_POSITIONS - 1
 
 
 def test_unparsable_bytes_status(live, watch):
     code, details, _ = _raw_codes(live, [b"\xff\xff\xff\xff"])
     assert code == "INVALID_ARGUMENT", details
-    with pytest.raises(grpc.RpcError) as info:
-        live.raw_open(b"\xff\xff\xff", timeout=30)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    opening = open_message(live.mhash, 2, codec.CodecConfig()).SerializeToString()
+    code, details, _ = _raw_codes(live, [opening, b"\xff\xff\xff"])
+    assert code == "INVALID_ARGUMENT", details
 
 
 # ------------------------------------------------------------------- the server after the attack
 
 
 def _burst(live: Live, rounds: int) -> None:
-    """Every kind of refused message, ``rounds`` times (sessions closed afterwards)."""
+    """Every kind of refused message, ``rounds`` times (each on a stream of its own)."""
     cfg = codec.CodecConfig("fp32", zstd=True)
     for _ in range(rounds):
-        session = _open(live, cfg)
-        try:
-            for name in BOMBS:
-                assert _step_code(live, session, 0, _tensor_with(cfg, MAX_CHUNK, bomb(name)))[0] == "INVALID_ARGUMENT"
-            t = pb.Tensor(shape=[2**62, HIDDEN], codec=pb.FP32, payload=bytes(64))
-            assert _step_code(live, session, 0, t)[0] == "INVALID_ARGUMENT"
-            big = pb.Tensor(shape=[MAX_CHUNK, HIDDEN], codec=pb.FP32, payload=bytes(2 * MAX_MESSAGE))
-            assert _step_code(live, session, 0, big)[0] == "RESOURCE_EXHAUSTED"
-            assert _raw_codes(live, [b"\xff\xff\xff\xff"])[0] != "OK"
-            assert _step_code(live, session, 7, t)[0] == "FAILED_PRECONDITION"
-        finally:
-            _close_quietly(live, session)
+        for name in BOMBS:
+            assert _step_code(live, cfg, 0, _tensor_with(cfg, MAX_CHUNK, bomb(name)))[0] == "INVALID_ARGUMENT"
+        t = pb.Tensor(shape=[2**62, HIDDEN], codec=pb.FP32, payload=bytes(64))
+        assert _step_code(live, cfg, 0, t)[0] == "INVALID_ARGUMENT"
+        big = pb.Tensor(shape=[MAX_CHUNK, HIDDEN], codec=pb.FP32, payload=bytes(2 * MAX_MESSAGE))
+        assert _step_code(live, cfg, 0, big)[0] == "RESOURCE_EXHAUSTED"
+        assert _raw_codes(live, [b"\xff\xff\xff\xff"])[0] != "OK"
+        assert _step_code(live, cfg, 7, t)[0] == "FAILED_PRECONDITION"
+        assert _generate(live, [step_message(0, t)])[0] == "INVALID_ARGUMENT"
 
 
 def test_server_up_memory_bounded_and_healthy_tokens_unchanged(live, watch, fault_model):

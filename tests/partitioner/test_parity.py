@@ -58,7 +58,8 @@ def test_minilm_sentence_embedding_matches_unsplit(tmp_path, calibration_file, m
 
 
 def test_demo_model_parity_and_int8_agreement(tmp_path):
-    manifest, _ = partition(PartitionOptions(model="demo", out=tmp_path / "b", split=2, quantize_edge="int8"))
+    manifest, _ = partition(PartitionOptions(model="demo", out=tmp_path / "b", split=2, quantize_edge="int8",
+                                             keep_fp32=True))
     report = verify(VerifyOptions(tmp_path / "b"))
     assert report["max_abs_logit_diff"] <= TOL and report["greedy_agreement"] == 1.0, report
     # int8 edge graphs over 64 tokens (32 prompt + 32 decode steps), at every split

@@ -1,10 +1,9 @@
-"""Fixtures of the security suite (the live-server helpers are shared with tests/faults)."""
+"""Fixtures of the security suite: one tiny checkpoint (seamline.testing.models), loaded here and served there."""
 
 from __future__ import annotations
 
 import pytest
-
-from ..faults.live import model_and_hash, tiny_gpt2
+from seamline.testing.models import model_and_hash, tiny_gpt2
 
 
 @pytest.fixture(scope="session")

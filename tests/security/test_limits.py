@@ -12,7 +12,7 @@ import pytest
 from seamline.protos import seamline_pb2 as pb
 from seamline.protos import seamline_pb2_grpc
 
-from ..faults.live import HIDDEN, ServerThread, cloud_config, metadata
+from ..faults.live import HIDDEN, ServerThread, SyncStream, cloud_config, generate_call
 
 MAX_SESSIONS = 4
 A, B = "tok-a-0c1d", "tok-b-77e0"
@@ -35,8 +35,8 @@ def stub(server):
     assert server.call(lambda: len(server.running.store)) == 0, "a test left sessions open"
 
 
-def _open(stub, mhash: str, token: str | None) -> str:
-    return stub.Open(pb.OpenRequest(model_hash=mhash, split=2), metadata=metadata(token), timeout=30).session_id
+def _open(stub, mhash: str, token: str | None) -> SyncStream:
+    return SyncStream.opened(stub, mhash, token)
 
 
 def test_strangers_take_no_sessions_and_no_bytes(server, stub, sec_model):
@@ -48,21 +48,19 @@ def test_strangers_take_no_sessions_and_no_bytes(server, stub, sec_model):
     assert server.call(lambda: len(server.running.store)) == 0
     # the message-size limit holds before authentication: a stranger's huge message is refused whole
     max_message = 16 * HIDDEN * 4 + (1 << 16)
-    with pytest.raises(grpc.RpcError) as info:
-        stub.Open(pb.OpenRequest(model_hash="f" * (2 * max_message), split=2), timeout=30)
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    with pytest.raises(grpc.RpcError) as info:
-        list(stub.Step(iter([pb.StepRequest(session_id="s" * (2 * max_message))]), timeout=30))
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for huge in (pb.GenerateRequest(open=pb.OpenRequest(model_hash="f" * (2 * max_message), split=2)),
+                 pb.GenerateRequest(step=pb.StepRequest(hidden=pb.Tensor(payload=bytes(2 * max_message))))):
+        with pytest.raises(grpc.RpcError) as info:
+            generate_call(stub, [huge])
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # and every device still gets its sessions
-    sessions = [_open(stub, mhash, A), _open(stub, mhash, B)]
-    for sid, token in zip(sessions, (A, B), strict=True):
-        stub.Close(pb.CloseRequest(session_id=sid), metadata=metadata(token), timeout=30)
+    for stream in [_open(stub, mhash, A), _open(stub, mhash, B)]:
+        stream.end()
 
 
 def test_one_device_cannot_take_every_session(server, stub, sec_model):
     _, mhash = sec_model
-    mine: list[str] = []
+    mine: list[SyncStream] = []
     try:
         while len(mine) < MAX_SESSIONS:  # device A opens what it can
             try:
@@ -71,8 +69,7 @@ def test_one_device_cannot_take_every_session(server, stub, sec_model):
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert "--max-sessions-per-device" in e.details()
                 break
-        theirs = _open(stub, mhash, B)  # device B must still get one
-        stub.Close(pb.CloseRequest(session_id=theirs), metadata=metadata(B), timeout=30)
+        _open(stub, mhash, B).end()  # device B must still get one
     finally:
-        for sid in mine:
-            stub.Close(pb.CloseRequest(session_id=sid), metadata=metadata(A), timeout=30)
+        for stream in mine:
+            stream.end()

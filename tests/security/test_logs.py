@@ -19,13 +19,16 @@ from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
 
 from ..faults.live import (
+    GENERATE_METHOD,
     HIDDEN,
-    STEP_METHOD,
     CloudProcess,
     ServerThread,
     cloud_config,
+    generate_call,
     greedy_session,
     metadata,
+    open_message,
+    step_message,
 )
 
 IDS = [211, 223, 227, 229, 233, 239, 241, 251]
@@ -58,44 +61,37 @@ def exercise(address: str, model, mhash: str, secret: str, other: str, wrong: st
         hidden = codec.encode(np.full((3, HIDDEN), VALUE, np.float32), cfg)
         needles += [hidden.payload[:16].hex(), repr(hidden.payload[:8])[2:-1],
                     text_encoding.CEscape(hidden.payload[:8], as_utf8=False)]
-        session = stub.Open(pb.OpenRequest(model_hash=mhash, split=2, codec=cfg.to_proto()), metadata=md).session_id
-        replies = list(stub.Step(iter([pb.StepRequest(session_id=session, start_position=0, hidden=hidden,
-                                                      sample=True)]), metadata=md, timeout=30))
-        assert replies[0].position == 3
+        opening = open_message(mhash, 2, cfg)
+        replies = generate_call(stub, [opening, step_message(0, hidden)], token=secret)
+        assert replies[-1].step.position == 3
         bad = np.full((1, HIDDEN), VALUE, np.float32)
         bad[0, 7] = np.nan
         refused = [
-            (metadata(wrong), pb.StepRequest(session_id=session, start_position=3, hidden=hidden)),
-            (metadata(other), pb.StepRequest(session_id=session, start_position=3, hidden=hidden)),
-            (md, pb.StepRequest(session_id=session, start_position=3, hidden=pb.Tensor(
-                shape=[1, HIDDEN], codec=pb.FP32, payload=bad.tobytes()))),
-            (md, pb.StepRequest(session_id=session, start_position=99, hidden=hidden)),
+            (wrong, [opening, step_message(0, hidden)]),
+            (other, [step_message(0, hidden)]),  # no open first
+            (secret, [opening, step_message(0, hidden), step_message(3, pb.Tensor(
+                shape=[1, HIDDEN], codec=pb.FP32, payload=bad.tobytes()))]),
+            (secret, [opening, step_message(99, hidden)]),
         ]
-        for meta, req in refused:
+        for token, messages in refused:
             try:
-                list(stub.Step(iter([req]), metadata=meta, timeout=30))
+                generate_call(stub, messages, token=token)
             except grpc.RpcError as e:
                 assert e.code() != grpc.StatusCode.OK
-        stub.Close(pb.CloseRequest(session_id=session), metadata=md)
         # split 0: token ids in the clear, then ids outside the vocabulary
-        session = stub.Open(pb.OpenRequest(model_hash=mhash, split=0), metadata=md).session_id
-        list(stub.Step(iter([pb.StepRequest(session_id=session, start_position=0, tokens=pb.TokenIds(ids=IDS),
-                                            sample=True)]), metadata=md, timeout=30))
         try:
-            list(stub.Step(iter([pb.StepRequest(session_id=session, start_position=8,
-                                                tokens=pb.TokenIds(ids=[*IDS, 300]))]), metadata=md, timeout=30))
+            generate_call(stub, [open_message(mhash, 0), step_message(0, ids=IDS),
+                                 step_message(8, ids=[*IDS, 300])], token=secret)
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
-        stub.Close(pb.CloseRequest(session_id=session), metadata=md)
         # a wrong token on every RPC, garbage bytes that carry the token, an oversized message
         for call in (lambda: stub.Info(pb.InfoRequest(), metadata=metadata(wrong)),
-                     lambda: stub.Open(pb.OpenRequest(model_hash=mhash, split=2), metadata=metadata(wrong)),
-                     lambda: stub.Close(pb.CloseRequest(session_id=session), metadata=metadata(wrong))):
+                     lambda: generate_call(stub, [open_message(mhash, 2)], token=wrong)):
             try:
                 call()
             except grpc.RpcError as e:
                 assert e.code() == grpc.StatusCode.UNAUTHENTICATED
-        raw = channel.stream_stream(STEP_METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        raw = channel.stream_stream(GENERATE_METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
         for message in (b"\xff\xff" + secret.encode(), b"\x0a" + bytes(1 << 20) + secret.encode()):
             try:
                 list(raw(iter([message]), metadata=md, timeout=30))

@@ -1,14 +1,12 @@
-"""Mutual TLS with certificates this test makes with the ``cryptography`` package.
+"""Mutual TLS with the certificates of seamline.testing.certs (the ``pki`` fixture).
 
 A CA signs a server certificate for 127.0.0.1 / localhost and a client certificate; a second,
 unrelated CA signs a rogue client certificate. The server requires client certificates signed by
-the first CA and bearer tokens as well. (tests/cloud/test_auth.py covers the same with openssl.)
+the first CA and bearer tokens as well.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from pathlib import Path
 
 import grpc
@@ -17,73 +15,26 @@ import pytest
 from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
 
-from ..faults.live import HIDDEN, ServerThread, cloud_config, greedy_session, metadata, reference_greedy
-
-x509 = pytest.importorskip("cryptography.x509", reason="the security tests make certificates with `cryptography`")
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from ..faults.live import (
+    HIDDEN,
+    ServerThread,
+    cloud_config,
+    generate_call,
+    greedy_session,
+    metadata,
+    open_message,
+    reference_greedy,
+    step_message,
+)
 
 TOKEN = "tok-tls-77aa"
 PROMPT = [3, 141, 59, 26, 53]
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(subject: str, key, issuer: str, issuer_key, *, ca: bool = False, server: bool = False,
-          client: bool = False) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                                      content_commitment=False, key_encipherment=False,
-                                                      data_encipherment=False, key_agreement=False,
-                                                      encipher_only=False, decipher_only=False), critical=True)
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    if client:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _pem(obj) -> bytes:
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, bytes | Path]:
-    d = tmp_path_factory.mktemp("pki")
-    ca_key, rogue_ca_key = _key(), _key()
-    ca = _cert("seamline-test-ca", ca_key, "seamline-test-ca", ca_key, ca=True)
-    rogue_ca = _cert("rogue-ca", rogue_ca_key, "rogue-ca", rogue_ca_key, ca=True)
-    server_key, client_key, rogue_key = _key(), _key(), _key()
-    files = {
-        "ca.pem": _pem(ca), "rogue-ca.pem": _pem(rogue_ca),
-        "server.pem": _pem(_cert("seamline-cloud", server_key, "seamline-test-ca", ca_key, server=True)),
-        "server.key": _pem(server_key),
-        "client.pem": _pem(_cert("phone-a", client_key, "seamline-test-ca", ca_key, client=True)),
-        "client.key": _pem(client_key),
-        "rogue.pem": _pem(_cert("phone-a", rogue_key, "rogue-ca", rogue_ca_key, client=True)),
-        "rogue.key": _pem(rogue_key),
-    }
-    for name, data in files.items():
-        (d / name).write_bytes(data)
-    files["dir"] = d
-    return files
+def pki(pki) -> dict[str, bytes | Path]:
+    """The shared PKI (tests/conftest.py, seamline.testing.certs) as bytes by file name, and its folder."""
+    return {**{p.name: p.read_bytes() for p in pki.iterdir()}, "dir": pki}
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +83,8 @@ def test_refused_connections(mtls_server, pki, sec_model, client):
     with channel:
         stub = seamline_pb2_grpc.SeamlineStub(channel)
         for call in (lambda: stub.Info(pb.InfoRequest(), metadata=metadata(TOKEN), timeout=10),
-                     lambda: stub.Open(pb.OpenRequest(model_hash=mhash, split=2), metadata=metadata(TOKEN),
-                                       timeout=10),
-                     lambda: list(stub.Step(iter([pb.StepRequest(session_id="x", hidden=codec.encode(
-                         np.ones((1, HIDDEN), np.float32), codec.CodecConfig()))]), metadata=metadata(TOKEN),
-                         timeout=10))):
+                     lambda: generate_call(stub, [open_message(mhash, 2), step_message(0, codec.encode(
+                         np.ones((1, HIDDEN), np.float32), codec.CodecConfig()))], token=TOKEN, timeout=10)):
             with pytest.raises(grpc.RpcError) as info:
                 call()
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()

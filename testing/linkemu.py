@@ -15,7 +15,7 @@ until :meth:`resume`) or drop every connection (:meth:`reset_connections`).
 Use it as ``async with LinkEmulator(...) as emu`` or, from synchronous code, ``with LinkEmulator(...) as emu``
 (its own event loop in a thread; the control methods are thread-safe). CLI::
 
-    python -m seamline.edge.linkemu --listen 127.0.0.1:9000 --target 127.0.0.1:50051 --bandwidth 1mbit --delay 40ms
+    python -m seamline.testing.linkemu --listen 127.0.0.1:9000 --target 127.0.0.1:50051 --bandwidth 1mbit --delay 40ms
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .planner import PlanError, parse_bandwidth, parse_duration_ms
+from seamline.edge.planner import PlanError, parse_bandwidth, parse_duration_ms
 
 if TYPE_CHECKING:
     from typing import Self
 
-log = logging.getLogger("seamline.edge.linkemu")
+log = logging.getLogger("seamline.testing.linkemu")
 READ_SIZE = 64 * 1024
 _EOF = b""
 
@@ -509,7 +509,7 @@ def _hostport(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m seamline.edge.linkemu",
+    p = argparse.ArgumentParser(prog="python -m seamline.testing.linkemu",
                                 description="TCP proxy emulating a slow link: delay and rate limits per direction.")
     p.add_argument("--listen", type=_hostport, default=("127.0.0.1", 9000), help="HOST:PORT to accept on")
     p.add_argument("--target", type=_hostport, required=True, help="HOST:PORT to forward to")

@@ -1,0 +1,195 @@
+"""Weight-only quantization of the edge block graphs (``partition --quantize-edge int4|int8``).
+
+Every MatMul (and bias Gemm, rewritten to MatMul + Add first) with a constant weight becomes an
+ONNX Runtime ``MatMulNBits`` node (com.microsoft): the weight is stored in blocks of
+``block_size`` values along K, 4 or 8 bits each, with one float scale (and zero point) per block;
+activations stay float. The quantizer is onnxruntime's ``MatMulNBitsQuantizer``:
+
+- ``rtn``: round-to-nearest, asymmetric blocks, integer zero points (``DefaultWeightOnlyQuantConfig``);
+- ``hqq``: half-quadratic quantization (``HQQWeightOnlyQuantConfig``), data-free, float zero points.
+
+GPTQ (the calibrated method of the same tool) needs Intel Neural Compressor, which this installation
+does not ship; HQQ optimises the scales and zero points against the weights instead of data.
+
+``accuracy_level`` is MatMulNBits' compute type for the activations: 0 = float (the default
+here: activations stay float end to end), 4 = the kernel quantizes each block of the input row to
+int8 on the fly (faster on CPUs with int8 dot products; block-wise, so outlier channels stay local).
+
+``int8-dynamic`` is the former scheme (``quantize_dynamic``: int8 weights per tensor and int8
+activations per tensor, computed at run time); see README "Weight-only quantization" for where it
+stands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+WEIGHT_ONLY = ("int4", "int8")
+PRECISIONS = (*WEIGHT_ONLY, "int8-dynamic")
+METHODS = ("rtn", "hqq")
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_ACCURACY_LEVEL = 4
+
+
+class QuantizeError(ValueError):
+    pass
+
+
+@dataclass
+class QuantSpec:
+    precision: str  # int4 | int8 | int8-dynamic
+    method: str = "rtn"  # rtn | hqq (weight-only precisions)
+    block_size: int = DEFAULT_BLOCK_SIZE
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+
+    def validate(self) -> QuantSpec:
+        if self.precision not in PRECISIONS:
+            raise QuantizeError(f"--quantize-edge {self.precision}: supported: {', '.join(PRECISIONS)}")
+        if self.method not in METHODS:
+            raise QuantizeError(f"--quant-method {self.method}: supported: {', '.join(METHODS)}")
+        if self.method == "hqq" and self.precision == "int8":
+            raise QuantizeError("--quant-method hqq with int8: ONNX Runtime's CPU MatMulNBits has no 8-bit kernel "
+                                "for HQQ's float zero points; use --quant-method rtn for int8")
+        bs = self.block_size
+        if bs < 16 or bs & (bs - 1):
+            raise QuantizeError(f"--quant-block-size {bs}: must be a power of two >= 16 (MatMulNBits), e.g. 32")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise QuantizeError(f"--quant-accuracy-level {self.accuracy_level}: must be 0 (float), 1 (fp32), "
+                                "2 (fp16), 3 (bf16) or 4 (int8 compute)")
+        return self
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.precision == "int4" else 8
+
+    def to_manifest(self) -> dict:
+        import onnxruntime
+
+        if self.precision == "int8-dynamic":
+            return {"method": "dynamic", "bits": 8, "tool": f"onnxruntime {onnxruntime.__version__} quantize_dynamic"}
+        return {**asdict(self), "bits": self.bits, "op": "com.microsoft.MatMulNBits",
+                "tool": f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer"}
+
+
+@contextlib.contextmanager
+def _quiet():
+    logger = logging.getLogger("onnxruntime.quantization")
+    root = logging.getLogger()
+    levels = (logger.level, root.level)
+    logger.setLevel(logging.ERROR)
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(levels[0])
+        root.setLevel(levels[1])
+
+
+def gemm_to_matmul(model) -> int:
+    """Rewrite Gemm(A, W, C) with a constant W (alpha = beta = 1, no transA) as MatMul(A, W') + Add(C).
+
+    The torch exporter writes GPT-2's Conv1D layers as Gemm, which MatMulNBitsQuantizer skips.
+    Returns the number of nodes rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes, done = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            w = numpy_helper.to_array(inits[weight]).T.copy()
+            inits[weight].CopyFrom(numpy_helper.from_array(w, weight))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = node.output[0] + "_mm" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=node.name + "_matmul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_bias"))
+        done += 1
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    return done
+
+
+def quantize_graph(src: Path, dst: Path, spec: QuantSpec) -> dict:
+    """Write the quantized copy of the graph ``src`` to ``dst``; returns counts for the summary."""
+    spec.validate()
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if spec.precision == "int8-dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with _quiet():
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        return weight_report(dst)
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    model = onnx.load(str(src))
+    gemm_to_matmul(model)
+    if spec.method == "hqq":
+        config = HQQWeightOnlyQuantConfig(block_size=spec.block_size, bits=spec.bits)
+    else:
+        config = DefaultWeightOnlyQuantConfig(block_size=spec.block_size, is_symmetric=False,
+                                              accuracy_level=spec.accuracy_level or None, bits=spec.bits)
+    with _quiet():
+        quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=spec.block_size,
+                                         accuracy_level=spec.accuracy_level or None, algo_config=config)
+        quantizer.process()
+    out = quantizer.model.model
+    if spec.accuracy_level:  # HQQ does not write the attribute itself
+        for node in out.graph.node:
+            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", spec.accuracy_level))
+    onnx.save(out, str(dst))
+    report = weight_report(dst)
+    if report["float_matmul_weights"]:
+        raise QuantizeError(f"{src}: {report['float_matmul_weights']} MatMul weights stayed float after "
+                            f"quantization to {spec.precision}; the graph has a layout the quantizer skips")
+    return report
+
+
+def weight_report(path: Path) -> dict:
+    """MatMulNBits nodes, float MatMul/Gemm weights left (constant 2-D inputs) and bytes of ``path``."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    nbits = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+    floats = 0
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Gemm"):
+            for name in n.input[:2]:
+                t = inits.get(name)
+                if t is not None and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT:
+                    floats += 1
+    return {"matmul_nbits": nbits, "float_matmul_weights": floats, "bytes": Path(path).stat().st_size}
+
+
+def float_weight_bytes(path: Path) -> int:
+    """Bytes of float32 initializers with at least 2 dimensions (weight matrices) in ``path``."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return int(sum(np.prod(t.dims) * 4 for t in model.graph.initializer
+                   if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2))

@@ -1,0 +1,12 @@
+"""What the tests, the benchmarks and ``seamline demo`` share, defined once (not installed on a device).
+
+linkemu   LinkEmulator: a TCP proxy with delay, rate limits, stalls and traces (``python -m seamline.testing.linkemu``)
+procs     Child (a subprocess whose output is read continuously), CloudProcess (``seamline cloud``), launchers
+servers   in-process servers on a thread's own loop (ServerThread, AgentThread), health checks
+models    tiny random checkpoints of every family, the torch stand-in of the edge's half, references
+certs     a throw-away PKI (CA, server, client and rogue certificates) made with ``cryptography``
+wait      ``wait_until(condition, timeout)``: poll a condition instead of sleeping a fixed time
+
+Modules import their heavy dependencies (torch, grpc, cryptography) where used, so that importing this
+package costs nothing.
+"""

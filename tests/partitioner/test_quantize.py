@@ -1,0 +1,143 @@
+"""Weight-only quantized edge graphs (`partition --quantize-edge int4|int8`, `verify --quant`).
+
+Bundles are cut for real: the tiny random Llama (every layer, int4 only: no fp32 block ships) and
+the demo GPT-2 (two edge layers, int4 with --keep-fp32). The quantized bundle then loads in the
+edge agent and generates on the local path (no cloud).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+from seamline.edge.config import EdgeConfig
+from seamline.edge.runtime import EdgeRuntime
+from seamline.partitioner.partition import PartitionError, PartitionOptions, partition
+from seamline.partitioner.quantize import QuantSpec, quantize_graph, weight_report
+from seamline.protos.bundle import BundleError, load_bundle
+from seamline.testing.servers import AgentThread
+
+
+@pytest.fixture(scope="module")
+def llama_int4(tmp_path_factory, calibration_file, minilm_path):
+    """A 2-layer random Llama (K = 80 and 136: not multiples of the block size 32), int4 only."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=30522, bos_token_id=101, eos_token_id=102, num_hidden_layers=2, hidden_size=80,
+                         num_attention_heads=5, num_key_value_heads=1, intermediate_size=136,
+                         max_position_embeddings=128)
+    ckpt = tmp_path_factory.mktemp("llama2")
+    tf.LlamaForCausalLM(cfg).save_pretrained(ckpt)
+    shutil.copyfile(minilm_path / "tokenizer.json", ckpt / "tokenizer.json")
+    out = tmp_path_factory.mktemp("llama-int4")
+    manifest, summary = partition(PartitionOptions(model=str(ckpt), out=out, split=1, calibration=calibration_file,
+                                                   quantize_edge="int4"))
+    return manifest, summary, out
+
+
+@pytest.fixture(scope="module")
+def demo_int4(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-int4")
+    partition(PartitionOptions(model="demo", out=out, split=1, max_edge_layers=2, quantize_edge="int4",
+                               keep_fp32=True))
+    return out
+
+
+def test_blocks_are_matmul_nbits_and_no_fp32_copy_ships(llama_int4):
+    manifest, summary, out = llama_int4
+    assert manifest.precision == "int4" and manifest.precisions() == ["int4"]
+    assert manifest.quantization["bits"] == 4 and manifest.quantization["block_size"] == 32
+    for name in manifest.blocks:
+        assert name.startswith("int4/")
+        report = weight_report(out / name)
+        assert report["matmul_nbits"] == 7, report  # q, k, v, o, gate, up, down
+        assert report["float_matmul_weights"] == 0, report
+    assert not list(out.glob("block_*.onnx"))  # the fp32 blocks were not kept
+    assert summary["bytes_total"] == sum(p.stat().st_size for p in out.rglob("*")
+                                         if p.is_file() and p.name != "manifest.json")
+    with pytest.raises(BundleError, match="--keep-fp32"):
+        EdgeRuntime(out, precision="fp32")
+
+
+def test_manifest_hashes_cover_the_quantized_files(llama_int4, tmp_path):
+    manifest, _, out = llama_int4
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert set(manifest.files) == on_disk and {"int4/block_00.onnx", "int4/block_01.onnx"} <= on_disk
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    raw = bytearray((copy / "int4/block_01.onnx").read_bytes())
+    raw[-10] ^= 0xFF
+    (copy / "int4/block_01.onnx").write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="block_01.onnx: sha256 mismatch"):
+        load_bundle(copy)
+
+
+def test_quantized_only_bundle_generates_on_the_local_path(llama_int4):
+    _, _, out = llama_int4
+    config = EdgeConfig(bundle=str(out), cloud=[], listen="127.0.0.1:0", log_level="WARNING", grace=2.0)
+    agent = AgentThread(config).start()
+    try:
+        health = httpx.get(agent.url + "/healthz", timeout=10).json()
+        assert health["precision"] == "int4"
+        r = httpx.post(agent.url + "/v1/completions", json={"prompt": "hello world", "max_tokens": 6,
+                                                             "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        n = body["usage"]["completion_tokens"]
+        assert 1 <= n <= 6 and body["seamline"]["served_by"] == {"cloud": 0, "local": n}
+    finally:
+        agent.stop()
+
+
+def test_verify_quant_agreement_on_the_demo_model(demo_int4, tmp_path):
+    from seamline.partitioner.cli import add_verify_arguments, run_verify
+
+    m = load_bundle(demo_int4)
+    assert m.precision == "int4" and m.precisions() == ["int4", "fp32"]
+    p = argparse.ArgumentParser()
+    add_verify_arguments(p)
+    assert run_verify(p.parse_args([str(demo_int4), "--quant", "int4", "--json", str(tmp_path / "q.json")])) == 0
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert report["precision"] == "int4" and [r["split"] for r in report["splits"]] == [1, 2]
+    assert report["greedy_agreement"] == min(r["greedy_agreement"] for r in report["splits"]) >= 0.9, report
+    # --keep-fp32: the fp32 blocks ship too, and load by precision (their exact parity: test_parity.py)
+    rt = EdgeRuntime(demo_int4, precision="fp32", verify=False)
+    assert rt.precision == "fp32" and [g.path.name for g in rt.blocks] == ["block_00.onnx", "block_01.onnx"]
+
+
+def test_hqq_and_gemm_blocks(demo_int4, tmp_path):
+    """GPT-2's Conv1D layers export as Gemm: rewritten to MatMul + bias, then quantized; HQQ (float zero
+    points) runs in ONNX Runtime and stays close to the fp32 block."""
+    src = demo_int4 / "block_00.onnx"
+    dst = tmp_path / "hqq.onnx"
+    report = quantize_graph(src, dst, QuantSpec("int4", "hqq"))
+    assert report["matmul_nbits"] == 4 and report["float_matmul_weights"] == 0
+    rng = np.random.default_rng(0)
+    past = np.zeros((1, 6, 0, 32), np.float32)
+    feeds = {"hidden": rng.standard_normal((1, 3, 192)).astype(np.float32), "past_key": past, "past_value": past,
+             "position_ids": np.arange(3).reshape(1, -1)}
+    ref, got = (_run(p, feeds) for p in (src, dst))
+    assert np.abs(got - ref).mean() < 0.05 * np.abs(ref).mean()
+
+
+def _run(path, feeds):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in s.get_inputs()}
+    return s.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"quantize_edge": "int8", "quant_method": "hqq"}, "hqq with int8"),
+    ({"quantize_edge": "int4", "quant_block_size": 24}, "--quant-block-size 24"),
+])
+def test_bad_quant_options_are_refused(tmp_path, kw, match):
+    with pytest.raises(PartitionError, match=match):
+        partition(PartitionOptions(model="demo", out=tmp_path / "b", **kw))
