@@ -450,7 +450,7 @@ def planned_bundle(name: str, console: Any = None) -> tuple[str, Path]:
         src = synthetic_checkpoint(name) if name in SYNTHETIC else checkpoint(name)
         plain = cache_dir() / f"bundle-{model_hash(resolve_model(src))[:16]}"
         if not (plain / "manifest.json").exists():
-            partition(PartitionOptions(model=src, out=plain, force=True, quantize_edge="int8"))
+            partition(PartitionOptions(model=src, out=plain, force=True, quantize_edge="int8", keep_fp32=True))
     src_hash = json.loads((plain / "manifest.json").read_text()).get("source_model_hash") or ""
     planned = cache_dir() / f"bundle-planned-{src_hash[:16]}"
     if (planned / "manifest.json").exists():

@@ -22,7 +22,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "e2e": ("seamline.bench.e2e", "TTFT and per-token latency over the link emulator vs the alternatives"),
     "throughput": ("seamline.bench.throughput", "cloud decode tokens/s at 1..64 concurrent sessions"),
     "adaptive": ("seamline.bench.adaptive", "adaptive controller vs every fixed split and the oracle"),
-    "load": ("seamline.bench.load", "64 concurrent sessions: errors, p99 step latency, server RSS"),
+    "load": ("seamline.bench.load", "concurrent sessions: errors, p99 step, RSS (--replicas N: nginx vs one)"),
 }
 
 
@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the results (rows + summary) here")
     p.add_argument("--model", default="demo", help="model for the scenario (default: demo)")
     p.add_argument("--quick", action="store_true", help="sized for CI: fewer tokens, splits and repeats")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="load: the same load through nginx over N cloud replicas vs one replica directly")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -165,8 +165,8 @@ def bench_decoder(model_name: str, n_tokens: int, splits: list[int] | None, prog
         hs, _ = _hidden_and_logits(adapter, ids, k)
         flat = np.concatenate(hs)
         configs = codec_configs(C.calibrate(calib_states[k]), flat.shape[1])
-        fp32_decode_bytes = _bytes_per_token(flat, configs["fp32"], 1)
-        fp32_tensor_bytes = C.encoded_nbytes(C.encode(flat[:1], configs["fp32"]))
+        fp32_decode_bytes = _bytes_per_token(flat, C.CodecConfig("fp32"), 1)
+        fp32_tensor_bytes = C.encoded_nbytes(C.encode(flat[:1], C.CodecConfig("fp32")))
         for name, cfg in configs.items():
             decoded = [_roundtrip_chunked(h, cfg, PREFILL_CHUNK) for h in hs]
             _, logits = _hidden_and_logits(adapter, ids, k, hidden_override=decoded)
@@ -233,18 +233,37 @@ def bench_minilm(splits: list[int] | None = None) -> list[dict]:
     return rows
 
 
-BYTE_CLASSES = {"best8": 0.26, "best4": 0.16}  # summary key prefix -> largest byte ratio of the class
+BYTE_CLASSES = {"best8": (8, 0.26), "best4": (4, 0.16)}  # summary key prefix -> (bits, largest byte ratio)
 
 
-def best_in_class(rows: list[dict], max_ratio: float) -> str | None:
-    """The codec with the highest worst-split agreement among those whose worst byte ratio is <= max_ratio."""
-    codecs = sorted({r["codec"] for r in rows})
+def best_in_class(rows: list[dict], bits: int, max_ratio: float) -> tuple[str | None, bool]:
+    """(codec, fits): the ``bits``-bit codec with the highest worst-split agreement among those whose worst
+    byte ratio is <= ``max_ratio``; when none fits (small hidden sizes: the framing weighs more), the best
+    ``bits``-bit codec and False."""
+    codecs = sorted({r["codec"] for r in rows if C.codecs.get(r["codec"]).bits == bits})
 
     def worst(codec: str, key: str, fn=min) -> float:
         return fn(r[key] for r in rows if r["codec"] == codec)
 
+    def rank(c: str) -> tuple[float, float]:
+        return worst(c, "agreement"), -worst(c, "bytes_ratio", max)
+
     fit = [c for c in codecs if worst(c, "bytes_ratio", max) <= max_ratio]
-    return max(fit, key=lambda c: (worst(c, "agreement"), -worst(c, "bytes_ratio", max)), default=None)
+    if fit:
+        return max(fit, key=rank), True
+    return max(codecs, key=rank, default=None), False
+
+
+def fidelity(rows: list[dict]) -> dict[str, dict]:
+    """Per codec: worst agreement, largest byte ratio and the agreement at each split measured, in the
+    shape of a bundle manifest's ``codec.fidelity`` (the planner's fidelity budget reads ``by_split``)."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        f = out.setdefault(r["codec"], {"agreement": 1.0, "bytes_ratio": 0.0, "by_split": {}})
+        f["agreement"] = min(f["agreement"], r["agreement"])
+        f["bytes_ratio"] = max(f["bytes_ratio"], r["bytes_ratio"])
+        f["by_split"][str(r["split"])] = r["agreement"]
+    return out
 
 
 def summarize(rows: list[dict], minilm: list[dict]) -> dict:
@@ -253,9 +272,9 @@ def summarize(rows: list[dict], minilm: list[dict]) -> dict:
         return fn(values) if values else None
 
     best = {}
-    for prefix, max_ratio in BYTE_CLASSES.items():
-        c = best_in_class(rows, max_ratio)
-        best.update({f"{prefix}_codec": c, f"{prefix}_agreement": worst(c, "agreement"),
+    for prefix, (bits, max_ratio) in BYTE_CLASSES.items():
+        c, fits = best_in_class(rows, bits, max_ratio)
+        best.update({f"{prefix}_codec": c, f"{prefix}_fits_bytes": fits, f"{prefix}_agreement": worst(c, "agreement"),
                      f"{prefix}_bytes_ratio": worst(c, "bytes_ratio", max),
                      f"{prefix}_ppl_change_pct": worst(c, "ppl_change_pct", max)})
     return {
@@ -266,7 +285,8 @@ def summarize(rows: list[dict], minilm: list[dict]) -> dict:
         "minilm_int8_min_cosine": min((r["min_cosine"] for r in minilm if r["codec"] == "int8"), default=None),
         "note": "agreement and cosine are the minimum over split layers; byte ratios and perplexity change the "
                 "maximum; byte ratio: the StepRequest of a one-token decode step over the same for fp32; "
-                "best8/best4: the best codec at <= 0.26 / <= 0.16 of fp32 bytes; "
+                "best8/best4: the best 8-bit / 4-bit codec at <= 0.26 / <= 0.16 of fp32 bytes (*_fits_bytes false: "
+                "none fits, the best of its class); "
                 "baseline: the unsplit fp32 model and fp32 bytes in the same run",
     }
 
@@ -304,4 +324,4 @@ def run(args) -> dict:
     summary = summarize(rows, minilm)
     console.print(summary)
     return {"scenario": "codec", "model": args.model, "tokens": n_tokens, "rows": rows, "minilm": minilm,
-            "summary": summary}
+            "summary": summary, "fidelity": fidelity(rows)}

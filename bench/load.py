@@ -12,6 +12,12 @@ every session closed, with ``rss_growth_mb`` = after - before. The load runs in 
 session closed in between: growth in the second half too would be a leak; growth in the first half
 only is the allocator keeping its high-water mark. Baseline, measured in the same run: one session
 alone on the idle server.
+
+``--replicas N``: the same clients, first directly on one replica, then through nginx (``grpc_pass``,
+round-robin per call, seamline.testing.nginx) in front of N replicas, in one run. Each client replays a
+generation on a new stream when the cloud loses it (a status the edge would replay on), as the edge
+does. Reported per phase: generations/s, replays per generation, p50/p99 decode step latency, errors,
+and the sessions each replica still holds 1 s after the load.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class Tally:
     errors: Counter[str] = field(default_factory=Counter)
     sessions: int = 0
     tokens: int = 0
+    replays: int = 0
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -96,6 +103,67 @@ class Driver:
         finally:
             if call is not None:
                 call.cancel()  # frees the session
+
+
+REPLAY_ON = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+MAX_REPLAYS = 8
+
+
+class ReplayingDriver(Driver):
+    """Generations as the edge runs them: a stream lost mid-generation is replayed on a new stream (its
+    prefill resent, then the decoded rows as one chunk), up to MAX_REPLAYS times."""
+
+    def __init__(self, stub: seamline_pb2_grpc.SeamlineStub, info: pb.InfoReply):
+        super().__init__(stub, info)
+        cfg = codec.CodecConfig("int8")
+        rng = np.random.default_rng(1)
+        self.rows = rng.standard_normal((PREFILL + DECODE[1], info.hidden_size), dtype=np.float32)
+        self.cfg = cfg
+
+    async def _open(self):
+        call = self.stub.Generate(timeout=600)
+        await call.write(pb.GenerateRequest(open=pb.OpenRequest(
+            model_hash=self.info.model_hash, split=self.k, codec=self.spec, sampling=pb.SamplingParams())))
+        await call.read()
+        return call
+
+    async def generation(self, tokens: int, tally: Tally) -> None:
+        done, replays, call = 0, 0, None  # done: tokens decoded so far
+        while True:
+            try:
+                call = await self._open()
+                history = PREFILL + done  # the prefill, or on a replay everything the cloud must see again
+                hidden = self.prompt if done == 0 else codec.encode(self.rows[:history], self.cfg)
+                await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=0, hidden=hidden,
+                                                                        sample=True)))
+                reply = (await call.read()).step
+                while done < tokens:
+                    t0 = time.perf_counter()
+                    await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=reply.position,
+                                                                            hidden=self.one, sample=True)))
+                    reply = (await call.read()).step
+                    tally.step_ms.append((time.perf_counter() - t0) * 1e3)
+                    tally.tokens += 1
+                    done += 1
+                await call.done_writing()
+                await call.read()
+                call = None
+                tally.sessions += 1
+                tally.replays += replays
+                return
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in REPLAY_ON or replays >= MAX_REPLAYS:
+                    tally.errors[e.code().name] += 1
+                    return
+                replays += 1
+            except Exception as e:  # noqa: BLE001 - counted, never silent
+                tally.errors[type(e).__name__] += 1
+                return
+            finally:
+                if call is not None:
+                    call.cancel()
+                    call = None
 
 
 async def _sample_rss(pid: int, out: dict, stop: asyncio.Event) -> None:
@@ -178,10 +246,101 @@ def _model(name: str):
             yield "random-gpt2-6x256", _small_gpt2(Path(tmp) / "gpt2")
 
 
+async def _phase(address: str, clients: int, seconds: float) -> tuple[Tally, float]:
+    """``clients`` clients repeating generations against ``address`` for ``seconds``; (tally, elapsed)."""
+    channels = [grpc.aio.insecure_channel(address) for _ in range(CHANNELS)]
+    try:
+        drivers = []
+        for channel in channels:
+            stub = seamline_pb2_grpc.SeamlineStub(channel)
+            drivers.append(ReplayingDriver(stub, await stub.Info(pb.InfoRequest(), timeout=60)))
+        await drivers[0].generation(4, Tally())  # warm-up
+        tally = Tally()
+
+        async def client(i: int, deadline: float) -> None:
+            rng = np.random.default_rng(i)
+            while time.perf_counter() < deadline:
+                await drivers[i % len(drivers)].generation(int(rng.integers(DECODE[0], DECODE[1] + 1)), tally)
+
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        await asyncio.gather(*(client(i, deadline) for i in range(clients)))
+        return tally, time.perf_counter() - t0
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def _open_sessions(address: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await seamline_pb2_grpc.SeamlineStub(channel).Info(pb.InfoRequest(), timeout=30)
+        return reply.load.active_sessions
+
+
+def run_replicas(args) -> dict:
+    """``--replicas N``: the load on one replica directly, then through nginx over N replicas."""
+    from rich.console import Console
+    from rich.table import Table
+    from seamline.testing.nginx import Nginx, find_nginx
+    from seamline.testing.procs import CloudProcess
+
+    if find_nginx() is None:
+        raise SystemExit("bench load --replicas needs nginx (apt-get install -y nginx)")
+    n = args.replicas
+    clients = 16 if args.quick else SESSIONS
+    seconds = 10.0 if args.quick else 60.0
+    phases: dict[str, tuple[Tally, float]] = {}
+    with _model(args.model) as (label, src), tempfile.TemporaryDirectory(prefix="seamline-nginx-") as tmp:
+        procs = [CloudProcess(src, "--max-batch", str(clients), "--max-sessions", str(2 * clients), log_level=None,
+                              one_thread=False) for _ in range(n)]  # they boot together
+        balancer = None
+        try:
+            addresses = [p.address for p in procs]
+            phases["direct, 1 replica"] = asyncio.run(_phase(addresses[0], clients, seconds))
+            balancer = Nginx(Path(tmp), addresses)
+            phases[f"nginx, {n} replicas"] = asyncio.run(_phase(balancer.address, clients, seconds))
+            time.sleep(1.0)
+            left = [asyncio.run(_open_sessions(a)) for a in addresses]
+        finally:
+            if balancer is not None:
+                balancer.stop()
+            for p in procs:
+                p.stop()
+    rows = []
+    for name, (tally, elapsed) in phases.items():
+        rows.append({"phase": name, "generations": tally.sessions, "generations_per_s": tally.sessions / elapsed,
+                     "replays_per_generation": tally.replays / max(1, tally.sessions),
+                     "p50_step_ms": _pct(tally.step_ms, 50), "p99_step_ms": _pct(tally.step_ms, 99),
+                     "errors": sum(tally.errors.values()), "errors_by_status": dict(tally.errors)})
+    direct, balanced = rows
+    summary = {"replicas": n, "clients": clients, "seconds_per_phase": seconds, "model": label,
+               "generations_per_s_direct": direct["generations_per_s"],
+               "generations_per_s_balanced": balanced["generations_per_s"],
+               "replays_per_generation_balanced": balanced["replays_per_generation"],
+               "p99_step_ms_direct": direct["p99_step_ms"], "p99_step_ms_balanced": balanced["p99_step_ms"],
+               "p99_balanced_vs_direct": balanced["p99_step_ms"] / direct["p99_step_ms"],
+               "errors": direct["errors"] + balanced["errors"],
+               "sessions_left_per_replica_after_1s": left}
+    console = Console()
+    table = Table(title=f"{clients} concurrent clients, {seconds:.0f} s per phase, {label}, int8: one replica "
+                        f"directly vs nginx over {n} replicas")
+    for col in ("phase", "generations", "gen/s", "replays/gen", "p50 step ms", "p99 step ms", "errors"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["phase"], str(r["generations"]), f"{r['generations_per_s']:.2f}",
+                      f"{r['replays_per_generation']:.3f}", f"{r['p50_step_ms']:.2f}", f"{r['p99_step_ms']:.2f}",
+                      str(r["errors"]))
+    console.print(table)
+    console.print(summary)
+    return {"scenario": "load", "rows": rows, "summary": summary}
+
+
 def run(args) -> dict:
     from rich.console import Console
     from rich.table import Table
 
+    if getattr(args, "replicas", None):
+        return run_replicas(args)
     seconds = 25.0 if args.quick else 120.0
     with _model(args.model) as (label, src), \
             cloud_process(src, "--max-batch", str(SESSIONS), "--max-sessions", str(2 * SESSIONS)) as (proc, address):

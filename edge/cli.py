@@ -27,6 +27,7 @@ EDGE_EPILOG = """\
 examples:
   seamline edge --bundle ./bundle --cloud 127.0.0.1:50051
   seamline edge --bundle ./bundle --cloud a.example:443,b.example:443 --tls-ca ca.pem --token T --split 3
+  seamline edge --bundle ./bundle --cloud cloud.example:443 --tls-ca ca.pem --tls-cert dev.pem --tls-key dev.key
   curl -s localhost:8080/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 32, "temperature": 0}'
 
 config file (TOML, or JSON with a .json suffix; optionally in an [edge] table; keys are the long flag

@@ -75,6 +75,9 @@ class EdgeConfig(Settings, section="edge"):
                                 env="SEAMLINE_TOKEN", secret=True)
     tls_ca: str | None = setting(None, "connect with TLS, trusting this CA file", metavar="PEM")
     tls: bool = setting(False, "connect with TLS, trusting the system's CA roots (implied by --tls-ca)")
+    tls_cert: str | None = setting(None, "mutual TLS: present this client certificate chain to the cloud "
+                                   "(needs --tls-key; implies TLS)", metavar="PEM")
+    tls_key: str | None = setting(None, "private key of --tls-cert", metavar="PEM")
     split: int | None = setting(None, "run blocks [0, K) on the edge (default: the bundle's split)", low=0,
                                 metavar="K")
     codec: str | None = setting(None, "hidden-state codec (default: the bundle's)", choices=CODEC_NAMES)
@@ -126,4 +129,8 @@ class EdgeConfig(Settings, section="edge"):
 
     @property
     def use_tls(self) -> bool:
-        return self.tls or bool(self.tls_ca)
+        return self.tls or bool(self.tls_ca) or bool(self.tls_cert)
+
+    def check(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("a client certificate needs both --tls-cert and --tls-key (PEM files)")

@@ -432,6 +432,7 @@ class AdaptivePolicy:
 
     def choose(self, request: SplitRequest) -> SplitChoice:
         self.pending_resplit = None
+        self.local_since = None  # a new generation: evidence for moving back must come after it runs locally
         return self.controller.choose(request.prompt_tokens, request.max_tokens)
 
     def observe(self, stats: StepStats) -> SplitChoice | None:

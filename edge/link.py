@@ -168,14 +168,19 @@ class CloudLink:
     def _make_credentials(config: EdgeConfig) -> grpc.ChannelCredentials | None:
         if not config.use_tls:
             return None
-        ca = None
-        if config.tls_ca:
+
+        def read(name: str, path: str | None, what: str) -> bytes | None:
+            if not path:
+                return None
             try:
-                ca = Path(config.tls_ca).expanduser().read_bytes()
+                return Path(path).expanduser().read_bytes()
             except OSError as e:
-                raise ConfigError(f"tls_ca {config.tls_ca}: {e.strerror}; pass the PEM file of the CA that "
-                                  "signed the cloud's certificate") from None
-        return grpc.ssl_channel_credentials(root_certificates=ca)
+                raise ConfigError(f"{name} {path}: {e.strerror}; pass {what}") from None
+
+        ca = read("tls_ca", config.tls_ca, "the PEM file of the CA that signed the cloud's certificate")
+        cert = read("tls_cert", config.tls_cert, "the PEM file of this device's client certificate (mutual TLS)")
+        key = read("tls_key", config.tls_key, "the PEM file of the private key of --tls-cert")
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
     # -- channels --------------------------------------------------------------------------------
     def _options(self) -> list[tuple[str, int]]:

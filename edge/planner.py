@@ -218,6 +218,8 @@ class WireModel:
     vocab_size: int = 50257
     group_size: int = 32
     outliers: Mapping[int, int] = field(default_factory=dict)  # split -> outlier channels (int8-outlier)
+    # calibration entry (Codec.outlier_key) -> split -> its channel count, for codecs with their own entry
+    outliers_by_key: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
     speeds: Mapping[str, CodecSpeed] = field(default_factory=lambda: dict(DEFAULT_CODEC_SPEEDS))
     overhead_bytes: int = MESSAGE_OVERHEAD_BYTES
 
@@ -227,11 +229,17 @@ class WireModel:
         return cls(hidden_size=manifest.hidden_size, vocab_size=manifest.vocab_size,
                    group_size=manifest.codec.group_size,
                    outliers={int(k): len(v.get("outlier_channels", [])) for k, v in calib.items()},
+                   outliers_by_key={c.outlier_key: {int(k): len(v.get(c.outlier_key, [])) for k, v in calib.items()}
+                                    for c in codecs.REGISTRY.values() if c.outlier_key != "outlier_channels"},
                    speeds=dict(speeds or DEFAULT_CODEC_SPEEDS))
+
+    def _outliers(self, k: int, codec: str) -> int:
+        key = codecs.get(codec).outlier_key
+        return self.outliers_by_key.get(key, self.outliers).get(k, 0)
 
     def unsupported(self, k: int, codec: str) -> str | None:
         """Why ``codec`` cannot carry the hidden state at split ``k``, or None."""
-        why = codecs.get(codec).unsupported(self.hidden_size, self.group_size, self.outliers.get(k, 0))
+        why = codecs.get(codec).unsupported(self.hidden_size, self.group_size, self._outliers(k, codec))
         return None if why is None else f"split {k}, {why}"
 
     def message_bytes(self, k: int, codec: str, tokens: int) -> int:
@@ -240,7 +248,7 @@ class WireModel:
         if codec == IDS:  # packed varints in TokenIds
             return self.overhead_bytes + 2 + tokens * _varint_len(max(1, self.vocab_size - 1))
         return self.overhead_bytes + codecs.get(codec).nbytes(tokens, self.hidden_size, self.group_size,
-                                                              self.outliers.get(k, 0))
+                                                              self._outliers(k, codec))
 
     def encode_ms(self, codec: str, tokens: int) -> float:
         s = self.speeds.get(codec)
@@ -259,8 +267,10 @@ class Constraints:
     """The allowed options: split range (privacy floor, memory ceiling), codecs, fidelity budget, deadline.
 
     A codec is allowed when its greedy agreement (measured in ``fidelity[codec]["agreement"]``, else the
-    prior in ``PRIOR_AGREEMENT``) is at least ``min_agreement``. ``k = 0`` is offered only when
-    ``min_split == 0``; ``k = L`` runs all-local only when ``local_ok`` (the bundle has every block and the head).
+    prior in ``PRIOR_AGREEMENT``) is at least ``min_agreement``; where ``fidelity[codec]["by_split"]``
+    (str(k) -> agreement, from ``seamline bench codec``) exists, the figure at each split decides there.
+    ``k = 0`` is offered only when ``min_split == 0``; ``k = L`` runs all-local only when ``local_ok`` (the
+    bundle has every block and the head).
     """
 
     num_layers: int
@@ -336,20 +346,35 @@ class Constraints:
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
-    def agreement(self, codec: str) -> tuple[float, bool]:
-        """(greedy agreement, measured?) of a codec."""
+    def agreement(self, codec: str, k: int | None = None) -> tuple[float, bool]:
+        """(greedy agreement, measured?) of a codec, at split ``k`` when that split was measured."""
         figures = self.fidelity.get(codec) or {}
+        at_k = (figures.get("by_split") or {}).get(str(k)) if k is not None else None
+        if at_k is not None:
+            return float(at_k), True
         for key in ("agreement", "greedy_agreement", "top1_agreement"):
             if key in figures:
                 return float(figures[key]), True
         return PRIOR_AGREEMENT.get(codec, 0.0), codec in (IDS, LOCAL)
+
+    def below_budget(self, k: int, codec: str) -> str | None:
+        """Why ``codec`` is not offered at split ``k``: its agreement measured there is under the budget."""
+        by_split = (self.fidelity.get(codec) or {}).get("by_split") or {}
+        if self.min_agreement is None or not by_split:
+            return None  # codec_verdicts decides for the codec as a whole
+        value, measured = self.agreement(codec, k)
+        if value >= self.min_agreement:
+            return None
+        how = "measured at this split" if str(k) in by_split else "measured" if measured else "prior"
+        return f"split {k}, {codec}: agreement {value:.3f} ({how}) < minimum {self.min_agreement:.3f}"
 
     def codec_verdicts(self) -> tuple[list[str], dict[str, str]]:
         """(allowed wire codecs, {excluded codec: reason})."""
         allowed, excluded = [], {}
         for c in self.codecs:
             value, measured = self.agreement(c)
-            if self.min_agreement is not None and value < self.min_agreement:
+            per_split = bool((self.fidelity.get(c) or {}).get("by_split"))  # then below_budget decides per split
+            if self.min_agreement is not None and value < self.min_agreement and not per_split:
                 excluded[c] = (f"{c}: agreement {value:.3f} ({'measured' if measured else 'prior'}) "
                                f"< minimum {self.min_agreement:.3f}")
             else:
@@ -518,7 +543,7 @@ def options(model: CostModel, constraints: Constraints) -> tuple[list[tuple[int,
             out.append((0, IDS))
             continue
         for c in codecs:
-            why = model.wire.unsupported(k, c)
+            why = model.wire.unsupported(k, c) or constraints.below_budget(k, c)
             if why:
                 excluded.append(why)
             else:
@@ -535,7 +560,7 @@ def evaluate(model: CostModel, constraints: Constraints, workload: Workload,
     rows = []
     for k, c in opts:
         prefill, bottleneck = model.prefill(k, c, n)
-        fid, measured = constraints.agreement(c)
+        fid, measured = constraints.agreement(c, k)
         rows.append(PlanRow(
             split=k, codec=c, decode_ms=model.decode_ms(k, c, n + max(m - 2, 0) / 2), prefill_ms=prefill,
             response_ms=model.response_ms(k, c, workload), fidelity=fid, fidelity_measured=measured,

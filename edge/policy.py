@@ -65,11 +65,8 @@ def codec_for(manifest: Manifest, k: int, name: str | None = None, zstd: bool = 
     """The session codec at split ``k``: ``name`` (default: the bundle's) with its calibration."""
     d = manifest.codec
     name = name or d.codec
-    outliers: tuple[int, ...] = ()
-    if name == "int8-outlier":
-        outliers = tuple(d.calibration.get(str(k), {}).get("outlier_channels", ()))
-    return CodecConfig(codec=name, zstd=zstd, group_size=d.group_size, rotation_seed=d.rotation_seed,
-                       outlier_channels=outliers)
+    return CodecConfig.for_split(name, d.calibration.get(str(k)), zstd=zstd, group_size=d.group_size,
+                                 rotation_seed=d.rotation_seed)
 
 
 def manifest_codecs(manifest: Manifest, zstd: bool = True) -> CodecFactory:

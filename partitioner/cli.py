@@ -15,9 +15,10 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
         "Cut a transformer at a layer and export the edge half to ONNX: embeddings, one graph per block "
         "(KV cache in/out, so the split can move without re-export) and the head when every layer is "
         f"exported. Supported families: {supported_families()}.")
-    p.add_argument("--model", default="demo", metavar="PATH|demo",
-                   help="local Hugging Face checkpoint folder, or `demo` (the embedded GPT-2 trained on "
-                        "Shakespeare; default)")
+    p.add_argument("--model", default="demo", metavar="PATH|ORG/NAME|FILE.gguf|demo",
+                   help="local Hugging Face checkpoint folder, hub id (downloaded into the hub cache; "
+                        "HF_HUB_OFFLINE=1 reads only the cache), .gguf file (converted once into "
+                        "~/.cache/seamline/gguf), or `demo` (the embedded GPT-2 trained on Shakespeare; default)")
     p.add_argument("--split", default=None, metavar="K|auto",
                    help="default split recorded in the manifest: the edge runs blocks [0, K). `auto` picks it "
                         "with the planner from measured profiles (see --bandwidth/--rtt). Default: L/2")

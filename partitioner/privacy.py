@@ -283,7 +283,9 @@ def apply_budget(bundle: Path, manifest, budget: float, manual_floor: int | None
     write_manifest(manifest, Path(bundle))
     if console:
         r = curve.get(str(min_split))
+        local = manifest.has_all_layers and min_split == manifest.num_layers
         console.print(f"privacy floor: split {min_split} ({source})"
-                      + (f", measured top-1 token recovery {r:.3f} there" if r is not None else "")
+                      + (", all-local: nothing leaves the device" if local
+                         else f", measured top-1 token recovery {r:.3f} there" if r is not None else "")
                       + f"; curve {figures}")
     return manifest

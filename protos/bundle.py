@@ -70,8 +70,11 @@ class CodecDefaults:
     """Codec choice and calibration recorded by ``partition``.
 
     ``calibration`` maps a split layer k (as a string, JSON keys) to the statistics of the hidden
-    state after block k-1: ``outlier_channels`` (list of int), ``absmax`` (float), ``rms`` (float).
-    ``fidelity`` maps codec name -> measured figures (agreement, bytes ratio) when known.
+    state after block k-1: ``outlier_channels`` (list of int), ``absmax`` (float), ``rms`` (float), and the
+    channels of codecs with their own entry (``rot_outlier_channels``: int8-rot, ``int4_outlier_channels``:
+    int4-rot-outlier; see ``protos/codec.py`` calibrate).
+    ``fidelity`` maps codec name -> measured figures (agreement, bytes ratio) when known; ``by_split``
+    (str(k) -> agreement, from ``seamline bench codec``) lets the planner's budget decide per split.
     """
 
     codec: str = "int8"

@@ -3,7 +3,7 @@
 Pure logic (numpy, protobuf, zstandard); no torch, no I/O. The edge calls :func:`encode`, the cloud
 calls :func:`decode`, the partitioner calls :func:`calibrate`.
 
-Each codec (fp32, fp16, int8, int4, int4-rot, int8-outlier) is one class in ``protos/codecs/``: its
+Each codec (fp32, fp16, int8, int4, int4-rot, int8-outlier, int8-rot, int4-rot-outlier) is one class in ``protos/codecs/``: its
 name, enum, wire layout (the class docstring: every multi-byte value little-endian, every array
 row-major), exact byte count and the (payload, scales) encoding. This module is the framing they share:
 :class:`CodecConfig` (the session's parameters), the ``Tensor`` message, zstd and the checks of
@@ -35,10 +35,12 @@ from seamline.protos import seamline_pb2 as pb
 from seamline.protos.codecs import CodecError, rotation_matrix
 from seamline.protos.codecs.rotation import UINT64_MAX
 
-CODEC_NAMES = codecs.NAMES  # ("fp32", "fp16", "int8", "int4", "int4-rot", "int8-outlier"), in enum order
+CODEC_NAMES = codecs.NAMES  # fp32, fp16, int8, int4, int4-rot, int8-outlier, int8-rot, int4-rot-outlier
 GROUP_SIZES = (32, 64)
 ZSTD_LEVEL = 3
 OUTLIER_RATIO = 6.0  # calibrate: a channel is an outlier when its absmax > OUTLIER_RATIO * median
+ROT_OUTLIERS = 2  # calibrate: int8-rot keeps at most this many (fp16 each; more would pass 0.26 of fp32 bytes)
+INT4_OUTLIERS = 10  # calibrate: int4-rot-outlier keeps at most this many (within 0.16 of fp32 bytes at H=576)
 
 __all__ = ["CODEC_NAMES", "CodecConfig", "CodecError", "DecodeLimits", "calibrate", "codec_enum", "codec_name",
            "decode", "encode", "encoded_nbytes", "rotation_matrix"]
@@ -110,12 +112,10 @@ class CodecConfig:
     @classmethod
     def for_split(cls, name: str, calibration: dict | None, *, zstd: bool = False, group_size: int = 32,
                   rotation_seed: int = 0) -> CodecConfig:
-        """The config of codec ``name`` at one split from that split's :func:`calibrate` statistics.
-
-        A codec that wants finer groups than the bundle's default (``Codec.group_size``) gets them."""
+        """The config of codec ``name`` at one split from that split's :func:`calibrate` statistics (its
+        channels are the entry ``Codec.outlier_key`` names)."""
         codec = codecs.get(name)
         calibration = calibration or {}
-        group_size = codec.group_size or group_size
         return cls.for_codec(name, zstd=zstd, group_size=group_size, rotation_seed=rotation_seed,
                              outlier_channels=tuple(calibration.get(codec.outlier_key, ())))
 
@@ -316,10 +316,14 @@ def decode(t: pb.Tensor, cfg: CodecConfig, limits: DecodeLimits) -> np.ndarray:
 def calibrate(samples: np.ndarray, max_outliers: int | None = None) -> dict:
     """Statistics of hidden states ``samples`` ``[N, hidden]`` at one split layer.
 
-    Returns ``{"outlier_channels": [sorted ints], "absmax": float, "rms": float,
-    "channel_absmax_p99": float}``. An outlier channel has a per-channel absmax above
+    Returns ``{"outlier_channels": [sorted ints], "rot_outlier_channels": [...], "int4_outlier_channels": [...],
+    "absmax": float,
+    "rms": float, "channel_absmax_p99": float}``. An outlier channel has a per-channel absmax above
     ``OUTLIER_RATIO`` (6) times the median channel's; the largest ``max_outliers`` of them are kept
-    (default ``max(1, hidden // 32)``, never more than ``hidden // 4``).
+    (default ``max(1, hidden // 32)``, never more than ``hidden // 4``) for int8-outlier. int8-rot
+    (``rot_outlier_channels``) keeps the ``ROT_OUTLIERS`` (2) largest channels and int4-rot-outlier
+    (``int4_outlier_channels``) the ``INT4_OUTLIERS`` (10) largest, ratio or not (within the same cap): on
+    SmolLM2 the rotation needs them out even at splits where fewer pass the ratio.
     """
     x = np.asarray(samples)
     if x.dtype.kind not in "fiu" or x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
@@ -338,8 +342,11 @@ def calibrate(samples: np.ndarray, max_outliers: int | None = None) -> dict:
     threshold = OUTLIER_RATIO * float(np.median(channel_absmax))
     candidates = np.flatnonzero((channel_absmax > threshold) & (channel_absmax > 0))
     ranked = candidates[np.argsort(-channel_absmax[candidates], kind="stable")][:max_outliers]
+    largest = [c for c in np.argsort(-channel_absmax, kind="stable") if channel_absmax[c] > 0]  # no ratio test
     return {
         "outlier_channels": sorted(int(c) for c in ranked),
+        "rot_outlier_channels": sorted(int(c) for c in largest[:min(ROT_OUTLIERS, max_outliers)]),
+        "int4_outlier_channels": sorted(int(c) for c in largest[:min(INT4_OUTLIERS, max_outliers)]),
         "absmax": float(channel_absmax.max()),
         "rms": float(np.sqrt(np.mean(np.square(x)))),
         "channel_absmax_p99": float(np.percentile(channel_absmax, 99)),

@@ -16,6 +16,8 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT4: _ClassVar[Codec]
     INT4_ROT: _ClassVar[Codec]
     INT8_OUTLIER: _ClassVar[Codec]
+    INT8_ROT: _ClassVar[Codec]
+    INT4_ROT_OUTLIER: _ClassVar[Codec]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -28,6 +30,8 @@ INT8: Codec
 INT4: Codec
 INT4_ROT: Codec
 INT8_OUTLIER: Codec
+INT8_ROT: Codec
+INT4_ROT_OUTLIER: Codec
 COMPRESSION_NONE: Compression
 ZSTD: Compression
 

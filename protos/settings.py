@@ -208,7 +208,7 @@ class Settings:
             try:
                 object.__setattr__(self, f.name, f.convert(getattr(self, f.name)))
             except (TypeError, ValueError) as e:
-                raise _bad(f, "value", e) from None
+                raise _bad(f, "as given in code", e) from None
         self.check()
 
     def check(self) -> None:

@@ -5,6 +5,7 @@ procs     Child (a subprocess whose output is read continuously), CloudProcess (
 servers   in-process servers on a thread's own loop (ServerThread, AgentThread), health checks
 models    tiny random checkpoints of every family, the torch stand-in of the edge's half, references
 certs     a throw-away PKI (CA, server, client and rogue certificates) made with ``cryptography``
+nginx     nginx as the L7 gRPC balancer (``grpc_pass``, round-robin per call) in front of cloud replicas
 wait      ``wait_until(condition, timeout)``: poll a condition instead of sleeping a fixed time
 
 Modules import their heavy dependencies (torch, grpc, cryptography) where used, so that importing this

@@ -29,7 +29,7 @@ class Codec:
     has_group_size: ClassVar[bool] = False  # Tensor.group_size carries the session's group size
     uses_outliers: ClassVar[bool] = False  # CodecConfig.outlier_channels (calibrated per split) matter
     outlier_key: ClassVar[str] = "outlier_channels"  # the calibrate() entry holding this codec's channels
-    group_size: ClassVar[int] = 0  # a fixed group size this codec always uses (0: the bundle's default)
+    bits: ClassVar[int] = 32  # bits per value of its main payload (the byte class of the benchmarks)
 
     # -- sizes -------------------------------------------------------------------------------------
     def sizes(self, tokens: int, width: int, group_size: int = 32, outliers: int = 0) -> tuple[int, int]:

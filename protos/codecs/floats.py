@@ -41,7 +41,7 @@ class FP32(_FloatCodec):
 class FP16(_FloatCodec):
     """payload float16 ``[T, H]``; no scales. A value outside the fp16 range makes encode raise."""
 
-    name, enum, dtype = "fp16", pb.FP16, "<f2"
+    name, enum, dtype, bits = "fp16", pb.FP16, "<f2", 16
     prior_agreement, encode_ns, decode_ns = 0.999, 1.0, 1.0
 
     def cast(self, x):

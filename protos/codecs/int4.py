@@ -50,7 +50,7 @@ class Int4(Codec):
     its fp16 scale is rounded up so that ``7 * scale >= absmax`` (no clipping). ``Tensor.group_size`` = g.
     """
 
-    name, enum = "int4", pb.INT4
+    name, enum, bits = "int4", pb.INT4, 4
     prior_agreement, encode_ns, decode_ns = 0.95, 6.0, 5.0
     has_group_size = True
 
@@ -85,3 +85,36 @@ class Int4Rot(Int4):
 
     def decode(self, raw, scales, cfg, tokens, width):
         return rotate(super().decode(raw, scales, cfg, tokens, width), cfg.rotation_seed, inverse=True)
+
+
+@register
+class Int4RotOutlier(Int4):
+    """payload = the int4 layout of ``z @ R`` followed by float16 ``[T, K]`` (the K calibrated outlier channels
+    of ``x``, ascending); scales: its float16 group scales. ``z`` is ``x`` with the outlier channels set to 0
+    and ``R`` the int4-rot rotation; decode multiplies by ``R.T`` and then overwrites the outlier channels
+    with their fp16 values. K may be 0 (then it is int4-rot)."""
+
+    name, enum = "int4-rot-outlier", pb.INT4_ROT_OUTLIER
+    prior_agreement, encode_ns, decode_ns = 0.95, 11.0, 10.0
+    uses_outliers = True
+    outlier_key = "int4_outlier_channels"
+
+    def sizes(self, tokens, width, group_size=32, outliers=0):
+        payload, scales = super().sizes(tokens, width, group_size, outliers)
+        return payload + 2 * tokens * outliers, scales
+
+    def encode(self, x, cfg):
+        idx = np.asarray(cfg.outlier_channels, dtype=np.int64)
+        out16 = to_fp16(x[:, idx], "int4-rot-outlier outlier channels")
+        z = x.copy()
+        z[:, idx] = 0.0
+        payload, scales = super().encode(rotate(z, cfg.rotation_seed), cfg)
+        return payload + out16.tobytes(), scales
+
+    def decode(self, raw, scales, cfg, tokens, width):
+        idx = np.asarray(cfg.outlier_channels, dtype=np.int64)
+        n_int4 = tokens * width // 2
+        view = memoryview(raw)
+        x = rotate(super().decode(view[:n_int4], scales, cfg, tokens, width), cfg.rotation_seed, inverse=True)
+        x[:, idx] = np.frombuffer(view[n_int4:], dtype="<f2").reshape(tokens, len(idx))
+        return x

@@ -7,6 +7,7 @@ import urllib.request
 
 import grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from seamline.protos import codec
 from seamline.protos import seamline_pb2 as pb
 
 from .conftest import Client, step_request
@@ -20,7 +21,8 @@ async def test_info(servers, models):
     assert (info.model_hash, info.family, info.num_layers, info.hidden_size) == (mhash, "llama", 4, 64)
     assert (info.vocab_size, info.max_positions, info.min_split, info.max_split) == (256, 128, 0, 4)
     assert len(info.layer_ms) == 4 and all(ms > 0 for ms in info.layer_ms) and info.head_ms > 0
-    assert set(info.codecs) == {pb.FP32, pb.FP16, pb.INT8, pb.INT4, pb.INT4_ROT, pb.INT8_OUTLIER}
+    assert set(info.codecs) == {codec.codec_enum(name) for name in codec.CODEC_NAMES}  # the registry's
+    assert set(info.codecs) >= {pb.FP32, pb.FP16, pb.INT8, pb.INT4, pb.INT4_ROT, pb.INT8_OUTLIER}
     assert info.device == "cpu" and info.max_chunk_tokens == 256
     assert info.load.max_sessions == 64 and info.load.kv_budget_bytes == 256 * 2**20
 

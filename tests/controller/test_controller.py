@@ -30,6 +30,9 @@ EDGE = EdgeProfile.flat(L, H, decode_ms=2.0, prefill_ms=20.0, embed_ms=0.1, head
 CLOUD = CloudProfile.flat(L, H, decode_ms=0.5, prefill_ms=2.0, embed_ms=0.1, head_ms=0.5)
 WIRE = WireModel(H)
 GOOD, BAD = (100e6, 5.0), (1e6, 80.0)
+# a fixed menu: the registry grows (int8-rot, ...), and these worlds are tuned to the margins between
+# these codecs' byte counts (e.g. recovery: back from int4 to int8 is within the fidelity window)
+CODECS = ("fp32", "fp16", "int8", "int4", "int4-rot", "int8-outlier")
 
 
 class Clock:
@@ -83,7 +86,7 @@ class World:
 
 def controller(local_ok: bool = True, prior: tuple[float, float] = GOOD, **config) -> tuple[Controller, Clock]:
     clock = Clock()
-    cons = Constraints(num_layers=L, min_split=1, local_ok=local_ok)
+    cons = Constraints(num_layers=L, min_split=1, local_ok=local_ok, codecs=CODECS)
     cfg = ControllerConfig(**{"probe_after_s": 5.0, **config})
     return Controller(EDGE, CLOUD, WIRE, cons, LinkEstimate(*prior), cfg, clock), clock
 

@@ -1,6 +1,6 @@
 """deploy/compose.yaml: it parses, every file and service it names exists, every command parses
-with the real CLI it runs, and the wiring agrees (edge -> cloud address, Prometheus targets,
-shared bundle volume, stop grace > drain grace). `docker compose config` runs too where the
+with the real CLI it runs, and the wiring agrees (edge -> nginx -> both cloud replicas, Prometheus
+targets, shared bundle volume, stop grace > drain grace). `docker compose config` runs too where the
 compose plugin is installed (it needs no engine)."""
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 GPU = DEPLOY / "compose.gpu.yaml"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+NGINX_CONF = DEPLOY / "nginx" / "nginx.conf"
+REPLICAS = ("cloud", "cloud-2")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def _mounts(service: dict) -> dict[str, tuple[str, bool]]:
 
 def test_services_files_and_references_exist(compose):
     services = compose["services"]
-    assert {"bundle", "cloud", "edge", "prometheus"} <= set(services)
+    assert {"bundle", *REPLICAS, "balancer", "edge", "prometheus"} <= set(services)
     for name, svc in services.items():
         assert "image" in svc or "build" in svc, name
         if "build" in svc:
@@ -71,7 +73,9 @@ def test_cloud_command_parses_and_stops_after_its_drain(compose, helpers):
     assert args.host == "0.0.0.0"
     assert _seconds(cloud["stop_grace_period"]) > args.grace, \
         "stop_grace_period must exceed --grace, or docker kills the server mid-drain"
-    published = {int(p.split(":")[-1]) for p in cloud["ports"]}
+    assert compose["services"]["cloud-2"] == cloud, "the two replicas differ"
+    assert "ports" not in cloud, "the replicas are reached through the balancer only"
+    published = {int(p.split(":")[-1]) for p in compose["services"]["balancer"]["ports"]}
     assert args.port in published
     assert "healthcheck" not in cloud or cloud["healthcheck"].get("disable") is not True, \
         "the edge waits for service_healthy: the image's HEALTHCHECK must stay on"
@@ -81,8 +85,10 @@ def test_edge_reaches_the_cloud_and_the_bundle(compose, helpers):
     edge = compose["services"]["edge"]
     args = helpers.edge_parser().parse_args(edge["command"])
     cloud = helpers.cloud_parser().parse_args(compose["services"]["cloud"]["command"])
-    assert args.cloud == [f"cloud:{cloud.port}"], "the edge must dial the cloud service on its --port"
-    assert edge["depends_on"]["cloud"]["condition"] == "service_healthy"
+    assert args.cloud == [f"balancer:{cloud.port}"], "the edge must dial the balancer on the cloud's --port"
+    assert "balancer" in edge["depends_on"]
+    for replica in REPLICAS:
+        assert compose["services"]["balancer"]["depends_on"][replica]["condition"] == "service_healthy"
     assert edge["depends_on"]["bundle"]["condition"] == "service_completed_successfully"
     listen_port = int(args.listen.rsplit(":", 1)[1])
     assert args.listen.startswith("0.0.0.0:")
@@ -146,7 +152,7 @@ def test_prometheus_scrapes_both(compose, helpers):
     targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     cloud = helpers.cloud_parser().parse_args(compose["services"]["cloud"]["command"])
     assert cloud.metrics_port and cloud.metrics_host == "0.0.0.0"
-    assert f"cloud:{cloud.metrics_port}" in targets
+    assert {f"{r}:{cloud.metrics_port}" for r in REPLICAS} <= targets
     edge = helpers.edge_parser().parse_args(compose["services"]["edge"]["command"])
     assert f"edge:{edge.listen.rsplit(':', 1)[1]}" in targets
     for job in config["scrape_configs"]:
@@ -157,10 +163,64 @@ def test_gpu_override(compose, helpers):
     gpu = yaml.safe_load(GPU.read_text())
     assert set(gpu["services"]) <= set(compose["services"])
     cloud = gpu["services"]["cloud"]
+    assert gpu["services"]["cloud-2"] == cloud
     args = helpers.cloud_parser().parse_args(cloud["command"])
     assert args.device == "cuda"
     devices = cloud["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+
+
+def _nginx_blocks(text: str) -> tuple[list[str], str, str]:
+    """(upstream server addresses, upstream name, the text after the upstream block) of the nginx config."""
+    text = re.sub(r"#[^\n]*", "", text)
+    upstream = re.search(r"upstream\s+(\S+)\s*\{(.*?)\}", text, re.DOTALL)
+    servers = re.findall(r"^\s*server\s+(\S+?)[\s;]", upstream.group(2), re.MULTILINE)
+    return servers, upstream.group(1), text[upstream.end():]
+
+
+def test_nginx_balances_both_replicas_without_affinity(compose, helpers):
+    """nginx speaks HTTP/2 on the published port and grpc_pass-es every call to an upstream of both
+    replicas, round-robin (no ip_hash / hash / sticky: a generation is one stream)."""
+    balancer = compose["services"]["balancer"]
+    mounts = _mounts(balancer)
+    assert (COMPOSE.parent / mounts["/etc/nginx/nginx.conf"][0]).resolve() == NGINX_CONF
+    assert mounts["/etc/nginx/nginx.conf"][1], "mount the config read-only"
+    cloud = helpers.cloud_parser().parse_args(compose["services"]["cloud"]["command"])
+    servers, name, rest = _nginx_blocks(NGINX_CONF.read_text())
+    assert servers == [f"{r}:{cloud.port}" for r in REPLICAS]
+    assert re.search(rf"grpc_pass\s+grpc://{re.escape(name)}\s*;", rest)
+    assert re.search(r"http2\s+on\s*;", rest), "HTTP/2 (h2c) from the edge: gRPC needs it end to end"
+    listen = int(re.search(r"listen\s+(\d+)", rest).group(1))
+    assert any(str(p).endswith(f":{listen}") for p in balancer["ports"])
+    text = NGINX_CONF.read_text()
+    for sticky in ("ip_hash", "hash ", "sticky"):
+        assert sticky not in re.sub(r"#[^\n]*", "", text), f"no session affinity: drop {sticky}"
+    assert re.search(r"client_max_body_size\s+0\s*;", rest), "a stream's body is a whole generation"
+
+
+def test_nginx_accepts_the_config(tmp_path):
+    """``nginx -t`` on the config, where nginx is installed (replica names -> loopback; nginx before 1.25
+    spells HTTP/2 ``listen PORT http2``)."""
+    nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+    if nginx is None:
+        pytest.skip("nginx is not installed (CI: apt-get install -y nginx)")
+    version = subprocess.run([nginx, "-v"], check=False, capture_output=True, text=True, timeout=30).stderr
+    major_minor = tuple(int(x) for x in re.search(r"nginx/(\d+)\.(\d+)", version).groups())
+    text = NGINX_CONF.read_text()
+    for r in REPLICAS:
+        text = text.replace(f"server {r}:", "server 127.0.0.1:")
+    text = text.replace("listen 50051;", "listen 127.0.0.1:50051;")
+    if major_minor < (1, 25):
+        text = re.sub(r"listen\s+(\S+);\s*http2\s+on;", r"listen \1 http2;", text)
+    text = text.replace("worker_processes 1;", f"worker_processes 1;\npid {tmp_path}/nginx.pid;\n"
+                        f"error_log {tmp_path}/error.log;")
+    text = text.replace("access_log off;", "access_log off;\n" + "".join(
+        f"    {kind}_temp_path {tmp_path}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")))
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(text)
+    proc = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
+                          check=False, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
 
 
 def _compose_cli() -> tuple[list[str], int] | None:

@@ -40,6 +40,13 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return tuple(int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) / 1024 for key in ("VmRSS", "VmHWM"))
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process used so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def sessions(address: str) -> int:
     with grpc.insecure_channel(address) as ch:
         return seamline_pb2_grpc.SeamlineStub(ch).Info(pb.InfoRequest(), timeout=10).load.active_sessions
@@ -162,12 +169,14 @@ def main() -> int:
         print(f"50 MB prompt (Content-Length with Expect: 100-continue, as curl sends it): {status!r} after "
               f"{took * 1e3:.1f} ms, the body never sent")
         for name, fn in (("Content-Length, body sent whole", send_declared), ("chunked", send_chunked)):
+            cpu0 = cpu_s(edge.pid)
             (status, took), lat = canary_during(url, fn)
-            after = rss_mb(edge.pid)
+            after, cpu = rss_mb(edge.pid), cpu_s(edge.pid) - cpu0
             print(f"50 MB prompt ({name}): HTTP {status} after {took * 1e3:.0f} ms; agent RSS "
                   f"{before[0]:.0f} -> {after[0]:.0f} MB (peak {before[1]:.0f} -> {after[1]:.0f} MB); "
                   f"{len(lat)} canaries "
-                  f"meanwhile, worst {max(lat) * 1e3:.0f} ms (idle median {idle * 1e3:.0f} ms)")
+                  f"meanwhile, worst {max(lat) * 1e3:.0f} ms (idle median {idle * 1e3:.0f} ms); agent CPU "
+                  f"{cpu:.2f} s meanwhile, canaries included")
 
         body = json.dumps({"prompt": "All: Speak, speak. " * 3, "max_tokens": 100, "temperature": 0}).encode()
         for when in ("5 ms after sending", "once the cloud holds sessions"):

@@ -250,10 +250,13 @@ def step_case(draw, attack: str) -> tuple[str, int, codec.CodecConfig, int, pb.S
 
 
 @st.composite
-def raw_streams(draw, valid: bytes) -> list[bytes]:
-    """1-3 messages: random bytes, or a valid GenerateRequest's bytes truncated, spliced or bit-flipped."""
+def raw_streams(draw, valid: bytes, others: tuple[bytes, ...] = ()) -> list[bytes]:
+    """1-3 messages: random bytes, a valid GenerateRequest's bytes truncated, spliced or bit-flipped, or
+    one of ``others`` (valid messages of other kinds: another position, a second open, a close)."""
     def one(d) -> bytes:
-        kind = d(st.sampled_from(["random", "truncated", "flipped", "spliced", "valid"]))
+        kind = d(st.sampled_from(["random", "truncated", "flipped", "spliced", "valid"] + ["other"] * bool(others)))
+        if kind == "other":
+            return d(st.sampled_from(others))
         if kind == "random":
             return d(st.binary(max_size=512))
         if kind == "truncated":

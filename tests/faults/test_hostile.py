@@ -320,8 +320,13 @@ def test_raw_bytes_on_the_generate_stream(live, watch):
     refused_unparsable = set()
     codes: Counter[str] = Counter()
 
+    others = (step_message(0, codec.encode(x, cfg)).SerializeToString(),  # a rewind
+              step_message(2, codec.encode(x, cfg)).SerializeToString(),  # beyond the session's position
+              step_message(1, pb.Tensor(shape=[1, HIDDEN], codec=pb.INT8)).SerializeToString(),  # malformed
+              opening, pb.GenerateRequest(close=pb.CloseRequest()).SerializeToString(), b"")
+
     @settings(FUZZ, max_examples=100)
-    @given(messages=raw_streams(valid))
+    @given(messages=raw_streams(valid, others))
     def check(messages: list[bytes]) -> None:
         code, details, replies = _raw_codes(live, [opening, first, *messages])
         codes[code] += 1
@@ -417,11 +422,11 @@ def test_nan_and_inf(live, watch, cfg):
 
 
 def test_unknown_codecs(live, watch):
-    for value in (0, 7, 99, 2**31 - 1, -1):
+    for value in (0, 8, 99, 2**31 - 1, -1):
         req = pb.OpenRequest(model_hash=live.mhash, split=2, codec=pb.CodecSpec(codec=value))
         code, details, _ = _generate(live, [pb.GenerateRequest(open=req)])
         assert code == "INVALID_ARGUMENT", details
-    for value in (0, 7, 99, -1):
+    for value in (0, 8, 99, -1):
         t = pb.Tensor(shape=[1, HIDDEN], codec=value, payload=bytes(4 * HIDDEN))
         code, details = _step_code(live, codec.CodecConfig("fp32"), 0, t)
         assert code == "INVALID_ARGUMENT" and "codec" in details, details

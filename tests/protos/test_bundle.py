@@ -16,11 +16,11 @@ from seamline.protos.bundle import (
 
 
 def _manifest(**kw) -> Manifest:
-    base = dict(model_id="m", model_source="demo", family="gpt2", model_type="gpt2", model_config={"n_layer": 2},
-                source_model_hash="ab" * 32, num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=2,
-                head_dim=4, vocab_size=10, max_positions=16, causal=True, edge_layers=2, default_split=1,
-                min_split=1, max_split=2, opset=18, blocks=["block_00.onnx", "block_01.onnx"], head="head.onnx",
-                codec=CodecDefaults(calibration={"1": {"outlier_channels": [3], "absmax": 2.0, "rms": 0.5}}))
+    base = {"model_id": "m", "model_source": "demo", "family": "gpt2", "model_type": "gpt2", "model_config": {"n_layer": 2},
+                "source_model_hash": "ab" * 32, "num_layers": 2, "hidden_size": 8, "num_heads": 2, "num_kv_heads": 2,
+                "head_dim": 4, "vocab_size": 10, "max_positions": 16, "causal": True, "edge_layers": 2, "default_split": 1,
+                "min_split": 1, "max_split": 2, "opset": 18, "blocks": ["block_00.onnx", "block_01.onnx"], "head": "head.onnx",
+                "codec": CodecDefaults(calibration={"1": {"outlier_channels": [3], "absmax": 2.0, "rms": 0.5}})}
     base.update(kw)
     return Manifest(**base)
 
@@ -40,7 +40,7 @@ def test_json_round_trip():
 
 
 def test_load_bundle_checks_every_file(tmp_path):
-    m, d = _bundle(tmp_path)
+    _m, d = _bundle(tmp_path)
     loaded = load_bundle(d)
     assert loaded.files.keys() == {"embed.onnx", "block_00.onnx", "block_01.onnx", "head.onnx", "tokenizer.json"}
     assert loaded == Manifest.from_json((d / "manifest.json").read_text())

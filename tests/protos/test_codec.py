@@ -38,7 +38,7 @@ def _with_outliers(tokens: int = 64, hidden: int = HIDDEN, seed: int = 0) -> np.
 
 
 def _cfg(codec: str, **kw) -> CodecConfig:
-    if codec == "int8-outlier":
+    if codec in ("int8-outlier", "int8-rot", "int4-rot-outlier"):
         kw.setdefault("outlier_channels", OUTLIERS)
     return CodecConfig(codec=codec, **kw)
 
@@ -61,7 +61,7 @@ def test_codec_enum_and_name_round_trip():
         assert codec_name(codec_enum(name)) == name
     with pytest.raises(CodecError, match="unknown codec"):
         codec_enum("int3")
-    for bad in (pb.CODEC_UNSPECIFIED, 7, 99, -1):
+    for bad in (pb.CODEC_UNSPECIFIED, 99, -1):
         with pytest.raises(CodecError, match="unknown codec enum value"):
             codec_name(bad)
 
@@ -148,7 +148,7 @@ def test_fp16_error_is_tiny_and_overflow_raises():
 
 @pytest.mark.parametrize(
     "codec, bound",
-    [("int8", 0.01), ("int8-outlier", 0.01), ("int4", 0.15), ("int4-rot", 0.15)],
+    [("int8", 0.01), ("int8-outlier", 0.01), ("int8-rot", 0.01), ("int4", 0.15), ("int4-rot", 0.15)],
 )
 @pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("data", [_gauss, _with_outliers])
@@ -173,6 +173,29 @@ def test_outlier_codec_beats_int8_on_outliers():
     assert _rel(yo, x) < 0.25 * _rel(y8, x)
     # the channels that matter most for quality: the regular ones, crushed by int8's wide scale
     assert _rel(yo[:, regular], x[:, regular]) < 0.25 * _rel(y8[:, regular], x[:, regular])
+
+
+def test_int8_rot_beats_int8_outlier_at_the_bytes_of_int8():
+    """Heavy-tailed regular channels (real LLM activations): the rotation spreads the tails the per-token
+    scale would otherwise be spent on; the outliers keep fp16 precision; the message is int8's size."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_t(3, size=(64, HIDDEN)) * rng.uniform(0.2, 3.0, size=HIDDEN)).astype(np.float32)
+    x[:, list(OUTLIERS[:2])] *= 300.0
+    two = OUTLIERS[:2]
+    rot = _rel(_roundtrip(x, _cfg("int8-rot", outlier_channels=two, rotation_seed=5)), x)
+    out = _rel(_roundtrip(x, _cfg("int8-outlier", outlier_channels=two)), x)
+    assert rot < 0.8 * out
+    one = x[:1]
+    assert encode(one, _cfg("int8-rot", outlier_channels=two)).ByteSize() == encode(one, _cfg("int8")).ByteSize()
+
+
+def test_calibrate_picks_the_largest_channels_for_int8_rot():
+    stats = calibrate(_with_outliers())
+    assert stats["outlier_channels"] == sorted(OUTLIERS)
+    assert len(stats["rot_outlier_channels"]) == 2 and set(stats["rot_outlier_channels"]) <= set(OUTLIERS)
+    cfg = CodecConfig.for_split("int8-rot", stats, rotation_seed=1)
+    assert cfg.outlier_channels == tuple(stats["rot_outlier_channels"])
+    assert CodecConfig.for_split("int8", stats).outlier_channels == ()
 
 
 @pytest.mark.parametrize("codec", CODEC_NAMES)
@@ -213,7 +236,7 @@ def test_zero_rows_and_constant_rows():
     x[1] = 3.0
     x[2, ::2] = -1e-30  # tiny values: scale may underflow, result stays finite
     for codec in CODEC_NAMES:
-        cfg = _cfg(codec, outlier_channels=(1,)) if codec == "int8-outlier" else _cfg(codec)
+        cfg = _cfg(codec, outlier_channels=(1,)) if _cfg(codec).outlier_channels else _cfg(codec)
         y = _roundtrip(x, cfg)
         assert np.isfinite(y).all()
         assert not y[0].any()  # zero row -> zero row (scale 0)

@@ -27,7 +27,7 @@ GIB = 1 << 30
 
 
 def _cfg(codec: str, **kw) -> CodecConfig:
-    if codec == "int8-outlier":
+    if codec in ("int8-outlier", "int8-rot", "int4-rot-outlier"):
         kw.setdefault("outlier_channels", (3, 40))
     return CodecConfig(codec=codec, **kw)
 
@@ -129,7 +129,7 @@ def test_huge_shapes_allocate_nothing():
         assert _peak_bytes(lambda bad=bad: _rejects(bad, cfg)) < 256 * 1024
 
 
-@pytest.mark.parametrize("value", [pb.CODEC_UNSPECIFIED, 7, 99, -1, 2**31 - 1, -(2**31)])
+@pytest.mark.parametrize("value", [pb.CODEC_UNSPECIFIED, 9, 99, -1, 2**31 - 1, -(2**31)])
 def test_unknown_codec_enum(value):
     t, cfg = _valid("int8")
     _rejects(_copy(t, codec=value), cfg, "unknown codec enum")
@@ -208,7 +208,8 @@ def test_non_finite_float_payload(codec, dtype, bad):
 
 @pytest.mark.parametrize("bad, match", [(np.nan, "NaN or Inf"), (np.inf, "NaN or Inf"), (-1.0, ">= 0")])
 @pytest.mark.parametrize(
-    "codec, dtype", [("int8", "<f4"), ("int8-outlier", "<f4"), ("int4", "<f2"), ("int4-rot", "<f2")]
+    "codec, dtype",
+    [("int8", "<f4"), ("int8-outlier", "<f4"), ("int4", "<f2"), ("int4-rot", "<f2"), ("int4-rot-outlier", "<f2")],
 )
 def test_bad_scales(codec, dtype, bad, match):
     t, cfg = _valid(codec)
@@ -454,3 +455,62 @@ def test_non_finite_anywhere(codec, at, bad):
     values = np.frombuffer(t.payload, dtype).copy()
     values[at] = bad
     _rejects(_copy(t, payload=values.tobytes()), cfg, "NaN or Inf")
+
+
+# ------------------------------------------------------------------ int8-rot: scales inside the payload
+
+
+def _int8_rot_parts(t: pb.Tensor, tokens: int = 4) -> tuple[np.ndarray, bytearray, bytearray]:
+    """(fp16 scales [T], int8 block, fp16 outliers) of a valid int8-rot payload."""
+    raw = t.payload
+    scales = np.frombuffer(raw[: 2 * tokens], "<f2").copy()
+    return scales, bytearray(raw[2 * tokens: 2 * tokens + tokens * HIDDEN]), bytearray(raw[2 * tokens + tokens * HIDDEN:])
+
+
+@pytest.mark.parametrize("bad, match", [(np.nan, "NaN or Inf"), (np.inf, "NaN or Inf"), (-1.0, ">= 0")])
+def test_int8_rot_bad_scale_in_payload(bad, match):
+    t, cfg = _valid("int8-rot")
+    scales, q, out = _int8_rot_parts(t)
+    scales[2] = bad
+    _rejects(_copy(t, payload=scales.tobytes() + bytes(q) + bytes(out)), cfg, match)
+
+
+def test_int8_rot_rejects_minus_128_and_non_finite_outliers():
+    t, cfg = _valid("int8-rot")
+    scales, q, out = _int8_rot_parts(t)
+    q[7] = 0x80
+    _rejects(_copy(t, payload=scales.tobytes() + bytes(q) + bytes(out)), cfg, "-128")
+    _, q, out = _int8_rot_parts(t)
+    out[-2:] = np.array([np.inf], "<f2").tobytes()
+    _rejects(_copy(t, payload=scales.tobytes() + bytes(q) + bytes(out)), cfg, "NaN or Inf")
+
+
+def test_int8_rot_has_no_scales_field_and_checks_lengths_before_reading():
+    t, cfg = _valid("int8-rot")
+    assert t.scales == b"" and len(t.payload) == 4 * (2 + HIDDEN + 2 * 2)
+    _rejects(_copy(t, scales=b"\x00\x00"), cfg, "scales are")
+    for payload in (t.payload[:7], t.payload[:-1], t.payload + b"\x00"):
+        _rejects(_copy(t, payload=payload), cfg, "payload is")
+    # a session whose outlier count differs from the sender's: the length check refuses it
+    _rejects(t, _cfg("int8-rot", outlier_channels=(3,)), "payload is")
+    _rejects(t, _cfg("int8-rot", outlier_channels=(3, 64)), "out of range")
+
+
+@given(st.binary(min_size=0, max_size=4 * (2 + HIDDEN + 4) + 8), st.integers(1, 4))
+@FAST
+def test_int8_rot_arbitrary_payloads(payload, tokens):
+    t, cfg = _valid("int8-rot", tokens=tokens)
+    _decode_or_codec_error(_copy(t, payload=payload), cfg)
+
+
+def test_int4_rot_outlier_rejects_bad_nibbles_and_non_finite_outliers():
+    t, cfg = _valid("int4-rot-outlier")
+    n_int4 = 4 * HIDDEN // 2
+    assert len(t.payload) == n_int4 + 4 * 2 * 2
+    payload = bytearray(t.payload)
+    payload[3] = 0x80  # high nibble 0x8 = -8
+    _rejects(_copy(t, payload=bytes(payload)), cfg, "0x8")
+    payload = bytearray(t.payload)
+    payload[-2:] = np.array([np.nan], "<f2").tobytes()
+    _rejects(_copy(t, payload=bytes(payload)), cfg, "NaN or Inf")
+    _rejects(t, _cfg("int4-rot-outlier", outlier_channels=(3,)), "payload is")

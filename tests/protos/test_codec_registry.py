@@ -98,3 +98,64 @@ def test_planner_asks_the_codec_what_it_cannot_carry():
 def test_config_for_codec_keeps_outliers_only_where_they_matter():
     assert C.CodecConfig.for_codec("int8", outlier_channels=(3,)).outlier_channels == ()
     assert C.CodecConfig.for_codec("int8-outlier", outlier_channels=(9, 3)).outlier_channels == (3, 9)
+
+
+def test_planner_budget_uses_the_agreement_measured_at_each_split():
+    """A codec whose agreement measured at a split is under the budget is not offered there; the plan says why."""
+    edge = planner.EdgeProfile.from_json({
+        "kind": "edge", "num_layers": 3, "hidden_size": 256, "prefill_chunk": 64, "embed_ms": 1.0, "head_ms": 5.0,
+        "layers": [{"layer": i, "decode_ms": {"64": 2.0, "256": 2.0}, "prefill_ms": 20.0} for i in range(3)]})
+    model = planner.CostModel(edge, planner.CloudProfile.flat(3, 256, decode_ms=0.5, prefill_ms=4.0),
+                              planner.LinkEstimate(bandwidth_bps=8e6, rtt_ms=10.0),
+                              planner.WireModel(hidden_size=256, vocab_size=100))
+    fidelity = {"int8": {"agreement": 0.9, "by_split": {"1": 0.999, "2": 0.97}},
+                "int8-rot": {"by_split": {"1": 0.999, "2": 0.998}}}
+    cons = planner.Constraints(num_layers=3, min_split=1, max_split=2, codecs=("int8", "int8-rot"),
+                               fidelity=fidelity, min_agreement=0.99)
+    p = planner.plan(model, cons, planner.Workload(prompt_tokens=64, new_tokens=3))
+    offered = {(r.split, r.codec) for r in p.rows}
+    assert offered == {(1, "int8"), (1, "int8-rot"), (2, "int8-rot")}
+    assert any("split 2, int8: agreement 0.970 (measured at this split) < minimum 0.990" in e for e in p.excluded)
+    assert p.row(1, "int8").fidelity == 0.999 and p.row(1, "int8").fidelity_measured
+    # without per-split figures the codec's overall agreement decides everywhere (as before)
+    cons = planner.Constraints(num_layers=3, min_split=1, max_split=2, codecs=("int8", "int8-rot"),
+                               fidelity={"int8": {"agreement": 0.9}}, min_agreement=0.99)
+    p = planner.plan(model, cons, planner.Workload(prompt_tokens=64, new_tokens=3))
+    assert {r.codec for r in p.rows} == {"int8-rot"} and any("int8: agreement 0.900" in e for e in p.excluded)
+
+
+def test_wire_model_counts_each_codec_its_own_calibrated_channels():
+    from types import SimpleNamespace
+
+    calibration = {"3": {"outlier_channels": list(range(11)), "rot_outlier_channels": [0, 1],
+                         "int4_outlier_channels": list(range(10))}}
+    manifest = SimpleNamespace(hidden_size=576, vocab_size=49152,  # the fields WireModel.from_manifest reads
+                               codec=SimpleNamespace(group_size=32, calibration=calibration))
+    wire = planner.WireModel.from_manifest(manifest)
+    for name, k in (("int8-outlier", 11), ("int8-rot", 2), ("int4-rot-outlier", 10), ("int8", 0)):
+        assert wire.message_bytes(3, name, 1) == planner.MESSAGE_OVERHEAD_BYTES + codecs.get(name).nbytes(1, 576, 32, k)
+
+
+def test_bench_summary_best_codec_per_byte_class():
+    """``seamline bench codec``: best8/best4 are the best 8-/4-bit codec within 0.26 / 0.16 of fp32 bytes,
+    worst over the splits; the fidelity block is what a manifest's codec.fidelity holds."""
+    bench = pytest.importorskip("seamline.bench.codec")
+
+    def row(k, codec, agreement, ratio):
+        return {"split": k, "codec": codec, "agreement": agreement, "bytes_ratio": ratio, "ppl_change_pct": 0.1}
+
+    rows = [row(1, "int8", 0.99, 0.259), row(2, "int8", 0.90, 0.259),
+            row(1, "int8-rot", 0.996, 0.259), row(2, "int8-rot", 0.993, 0.259),
+            row(1, "int8-outlier", 0.999, 0.262), row(2, "int8-outlier", 0.998, 0.262),  # over 0.26
+            row(1, "int4-rot", 0.90, 0.150), row(2, "int4-rot", 0.88, 0.150),
+            row(1, "int4-rot-outlier", 0.95, 0.158), row(2, "int4-rot-outlier", 0.94, 0.158)]
+    s = bench.summarize(rows, [])
+    assert (s["best8_codec"], s["best8_agreement"], s["best8_bytes_ratio"], s["best8_fits_bytes"]) == (
+        "int8-rot", 0.993, 0.259, True)
+    assert (s["best4_codec"], s["best4_agreement"], s["best4_fits_bytes"]) == ("int4-rot-outlier", 0.94, True)
+    assert s["int8_agreement"] == 0.90
+    f = bench.fidelity(rows)
+    assert f["int8"] == {"agreement": 0.90, "bytes_ratio": 0.259, "by_split": {"1": 0.99, "2": 0.90}}
+    # nothing 8-bit within 0.26 (a small hidden size): the best 8-bit codec, flagged
+    s = bench.summarize([row(1, "int8", 0.99, 0.27), row(1, "int4", 0.97, 0.15)], [])
+    assert (s["best8_codec"], s["best8_fits_bytes"]) == ("int8", False)

@@ -109,7 +109,7 @@ def test_unknown_names_are_errors(tmp_path):
 def test_checks_across_settings(tmp_path):
     with pytest.raises(ConfigError, match="--tls-key"):
         _load(CloudConfig, tmp_path, ["--tls-cert", "a.pem"])
-    with pytest.raises(ConfigError, match="threads \\(value\\)"):
+    with pytest.raises(ConfigError, match="threads \\(as given in code\\)"):
         EdgeConfig(threads=0)
 
 
