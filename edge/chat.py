@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadRequest
-from .text import CHAT_STOP, chat_prompt
+from .text import CHAT_STOP, chat_prompt, normalize_messages
 
 CHAT_FILE = "chat_template.json"
 TEMPLATE, PLAIN = "template", "plain"
@@ -158,30 +158,6 @@ class ChatFormat:
         if self.template is None:
             return ChatPrompt(chat_prompt(messages), CHAT_STOP, (), PLAIN, True)
         return ChatPrompt(self.template.render(messages), (), self.template.stop_token_ids, TEMPLATE, False)
-
-
-def normalize_messages(messages: Any) -> list[dict[str, str]]:
-    """Messages as the templates expect them: role and text content (text parts joined)."""
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
-            raise BadRequest(f"messages[{i}] must be an object with a string role and content", "messages")
-        out.append({"role": m["role"], "content": _content(m.get("content"), i)})
-    return out
-
-
-def _content(content: Any, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise BadRequest(f"messages[{index}].content must be a string or a list of text parts "
-                     "({\"type\": \"text\", \"text\": ...})", "messages")
 
 
 _COMPILED: dict[str, Any] = {}

@@ -165,31 +165,32 @@ class TextTracker:
         return best
 
 
-def _content_text(content: Any, index: int) -> str:
+def normalize_messages(messages: Any) -> list[dict[str, str]]:
+    """OpenAI chat messages -> ``[{"role", "content"}]`` with text content (text parts joined); 400 otherwise."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
+            raise BadRequest(f"messages[{i}] must be an object with a string role and content", "messages")
+        out.append({"role": m["role"], "content": _content(m.get("content"), i)})
+    return out
+
+
+def _content(content: Any, index: int) -> str:
     if isinstance(content, str):
         return content
     if content is None:
         return ""
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            else:
-                raise BadRequest(f"messages[{index}].content: only text parts ({{\"type\": \"text\", "
-                                 "\"text\": ...}}) are supported", "messages")
-        return "".join(parts)
-    raise BadRequest(f"messages[{index}].content must be a string or a list of text parts", "messages")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise BadRequest(f"messages[{index}].content must be a string or a list of text parts "
+                     "({\"type\": \"text\", \"text\": ...})", "messages")
 
 
 def chat_prompt(messages: Any) -> str:
     """OpenAI chat messages -> the plain-text prompt (see the module docstring)."""
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
-    lines = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise BadRequest(f"messages[{i}] must be an object with a string role and content", "messages")
-        lines.append(f"{m['role'].strip().capitalize()}: {_content_text(m.get('content'), i)}")
+    lines = [f"{m['role'].strip().capitalize()}: {m['content']}" for m in normalize_messages(messages)]
     lines.append("Assistant:")
     return "\n".join(lines)
