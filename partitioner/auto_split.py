@@ -9,8 +9,6 @@ the table into ``manifest.plan`` (plus ``default_split`` and the default codec).
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,8 @@ from seamline.edge.planner import (
     plan,
 )
 from seamline.protos.bundle import Manifest, write_manifest
+
+from .profile import _median_ms
 
 PLOT_NAME = "split-plan.png"
 
@@ -81,16 +81,6 @@ def _check(prof: CloudProfile | EdgeProfile, manifest: Manifest, kind: str, cons
                       f"{prof.model_hash[:12]} vs {manifest.source_model_hash[:12]}); same shapes, so using it[/yellow]")
 
 
-def _median_ms(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def measure_codec_speeds(manifest: Manifest, codecs: tuple[str, ...] = WIRE_CODECS) -> dict[str, CodecSpeed]:
     """Encode/decode time of each codec here, at 1 and 64 tokens: ``fixed + ns per value``."""
     from seamline.protos import codec as C
@@ -108,8 +98,8 @@ def measure_codec_speeds(manifest: Manifest, codecs: tuple[str, ...] = WIRE_CODE
             xs = {t: rng.standard_normal((t, hidden)).astype(np.float32) for t in (1, 64)}
             wires = {t: C.encode(x, cfg) for t, x in xs.items()}
             fit = []
-            for ms in ({t: _median_ms(lambda x=x, cfg=cfg: C.encode(x, cfg)) for t, x in xs.items()},
-                       {t: _median_ms(lambda w=w, cfg=cfg: C.decode(w, cfg, limits)) for t, w in wires.items()}):
+            for ms in ({t: _median_ms(lambda x=x, cfg=cfg: C.encode(x, cfg), 5, warmup=1) for t, x in xs.items()},
+                       {t: _median_ms(lambda w=w, cfg=cfg: C.decode(w, cfg, limits), 5, warmup=1) for t, w in wires.items()}):
                 ns = max(0.0, (ms[64] - ms[1]) / (63 * hidden) * 1e6)
                 fit.append((ns, max(0.0, ms[1] - ns * hidden / 1e6)))
         except C.CodecError:
