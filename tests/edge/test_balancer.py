@@ -30,7 +30,7 @@ NGINX = find_nginx()
 REPLICAS = 4
 GENERATIONS = 32
 NEW = 12
-FAULT_NEW = 16  # long enough that the fault lands mid-generation
+FAULT_NEW = 32  # long enough that the fault lands mid-generation
 PROMPTS = ["First Citizen: Speak, speak.", "All: Resolved. resolved.", "MENENIUS: What work's, my countrymen",
            "Second Citizen: Would you proceed especially"]
 
@@ -161,13 +161,17 @@ async def test_replica_fault_mid_run_through_nginx(full_bundle, replica_procs, r
     (SIGTERM: while the replica drains) see no error and no replay."""
     balancer = Nginx(tmp_path, [r.proc.address for r in replica_procs])
     engine = build_engine(edge_config(full_bundle, [balancer.address]))
-    victim, others = replica_procs[0], replica_procs[1:]
     try:
         first_token = [0]
         tasks = await _run_wave(engine, GENERATIONS, first_token)
         await async_wait_until(lambda: first_token[0] == GENERATIONS or any(t.done() for t in tasks), timeout=120,
                                interval=0.005, message="every generation has its first token")
-        held = await asyncio.to_thread(victim.sessions)  # no new session opens now: it can only shrink
+        # the victim is the replica holding the most sessions now (no new session opens: counts only shrink),
+        # so the fault always lands on generations in flight, however fast this machine runs them
+        counts = await asyncio.gather(*(asyncio.to_thread(r.sessions) for r in replica_procs))
+        v = max(range(len(replica_procs)), key=counts.__getitem__)
+        victim, others = replica_procs[v], replica_procs[:v] + replica_procs[v + 1:]
+        held = counts[v]
         if fault == "SIGKILL":
             victim.proc.kill()
         else:
