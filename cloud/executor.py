@@ -23,7 +23,7 @@ from seamline.partitioner.families import adapter_for
 from .config import CloudConfig, ConfigError
 from .kvpool import KVPool
 from .messages import Row
-from .sampling import Sample, sample
+from .sampling import Sample, sample_rows
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -123,12 +123,7 @@ class TorchExecutor:
                         kv[j, 1, :, p:p + t] = value[i, :, pmax:]
             finally:
                 pool.drop_scratch()
-        samples: list[Sample | None] = [None] * b
-        wanted = [i for i, r in enumerate(rows) if r.sample]
-        if wanted:
-            logits = self.adapter.head(x[wanted, -1:, :])[:, -1].float().cpu()  # (S, V)
-            for row_logits, i in zip(logits, wanted, strict=True):
-                samples[i] = sample(row_logits, rows[i].session.sampling, starts[i] + t)
+        samples = sample_rows(self.adapter, rows, x, starts)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return samples, (time.perf_counter() - t0) * 1e3

@@ -21,7 +21,8 @@ from seamline.protos.sampling import sample as _sample
 
 from .errors import InvalidArgument
 
-__all__ = ["MAX_TEMPERATURE", "MAX_TOP_LOGPROBS", "Sample", "SamplingParams", "draw_seed", "sample", "validate"]
+__all__ = ["MAX_TEMPERATURE", "MAX_TOP_LOGPROBS", "Sample", "SamplingParams", "draw_seed", "sample", "sample_rows",
+           "validate"]
 
 
 def validate(params: SamplingParams, vocab_size: int) -> None:
@@ -35,3 +36,19 @@ def validate(params: SamplingParams, vocab_size: int) -> None:
 def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> Sample:
     """Pick the next token from (V,) logits at ``position`` (the index the token will occupy)."""
     return _sample(logits.detach().float().cpu().numpy(), params, position)
+
+
+def sample_rows(adapter, rows: list, x: torch.Tensor, starts: list[int]) -> list[Sample | None]:
+    """The head and the sampler over a forward pass's output ``x`` (B, T, C): one Sample per row that asked.
+
+    Worker thread only. ``starts[i]`` is row i's first position, so its sampled token lands at
+    ``starts[i] + T``.
+    """
+    t = x.shape[1]
+    samples: list[Sample | None] = [None] * len(rows)
+    wanted = [i for i, r in enumerate(rows) if r.sample]
+    if wanted:
+        logits = adapter.head(x[wanted, -1:, :])[:, -1].float().cpu()  # (S, V)
+        for row_logits, i in zip(logits, wanted, strict=True):
+            samples[i] = sample(row_logits, rows[i].session.sampling, starts[i] + t)
+    return samples
