@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # so that GPU servers get a CUDA build from the registry.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test demo bench protos demo-model fuzz lint clean
+.PHONY: install test demo bench protos demo-model fuzz lint clean test-arm64
 
 install: $(STAMP)
 
@@ -24,15 +24,17 @@ test: install
 demo: install
 	$(BIN)/seamline demo
 
-BENCH ?= codec edge overhead e2e throughput adaptive load
+# Every figure of the README's performance section; `+` separates a scenario's extra flags.
+BENCH ?= codec edge overhead e2e throughput adaptive load load+--replicas+2 speculative
 
 # Every scenario sized for CI (--quick); JSON (and PNG plots) land in bench-results/ (git-ignored).
 bench: install
 	mkdir -p bench-results
 	$(BIN)/python -c "from seamline.bench.models import bundle; bundle('demo'); bundle('gpt2-124m')"
 	@status=0; for s in $(BENCH); do \
-	  echo "== seamline bench $$s --quick"; \
-	  timeout 300 $(BIN)/seamline bench $$s --quick --json bench-results/$$s.json || status=1; \
+	  args=$$(echo $$s | tr '+' ' '); name=$$(echo $$s | tr -d '+-'); \
+	  echo "== seamline bench $$args --quick"; \
+	  timeout 300 $(BIN)/seamline bench $$args --quick --json bench-results/$$name.json || status=1; \
 	done; exit $$status
 
 protos: install
@@ -46,6 +48,11 @@ FUZZ_TIME ?= 300
 fuzz: install
 	$(BIN)/python -m pip install -q -e ".[fuzz]"
 	$(BIN)/python fuzz/fuzz_step.py --time $(FUZZ_TIME)
+
+# The edge package in an arm64 Debian chroot (debootstrap + qemu-user-static, cached under
+# ~/.cache/seamline/arm64) generating against a cloud on this machine; root; not part of `make test`.
+test-arm64: install
+	$(BIN)/python -m seamline.testing.arm64
 
 lint: install
 	$(BIN)/ruff check .

@@ -9,6 +9,9 @@ in flight, the same request and reply sizes as a seamline decode step.
 compute on each side, and nothing else: one round trip from the event loop to a worker thread
 (``run_in_executor`` of a no-op) per message on the client and on the server. The difference
 between the two figures is the cost of those thread hops on this machine.
+
+``throughput``: messages per second with N concurrent streams (one message in flight each), the bare
+gRPC ceiling ``seamline bench throughput --null-executor`` compares the service with.
 """
 
 from __future__ import annotations
@@ -83,6 +86,38 @@ async def measure(address: str, request_bytes: int, reply_bytes: int, count: int
         call.cancel()
     pool.shutdown()
     return times
+
+
+async def throughput(address: str, request_bytes: int, reply_bytes: int, streams: int, count: int,
+                     warmup: int = 20) -> float:
+    """Messages per second of ``streams`` concurrent bidi streams on one channel, each with one message in
+    flight, ``count`` round trips each (after ``warmup``): the ceiling of a server answering per message."""
+    payload = struct.pack("<I", reply_bytes) + bytes(max(0, request_bytes - 4))
+    async with grpc.aio.insecure_channel(address) as channel:
+        echo = channel.stream_stream(METHOD)
+        started = asyncio.Event()
+        ready = [0]
+
+        async def stream() -> None:
+            call = echo()
+            for _ in range(warmup):
+                await call.write(payload)
+                await call.read()
+            ready[0] += 1
+            if ready[0] == streams:
+                started.set()
+            await started.wait()
+            for _ in range(count):
+                await call.write(payload)
+                await call.read()
+            await call.done_writing()
+            call.cancel()
+
+        tasks = [asyncio.create_task(stream()) for _ in range(streams)]
+        await started.wait()
+        t0 = time.perf_counter()
+        await asyncio.gather(*tasks)
+        return streams * count / (time.perf_counter() - t0)
 
 
 def main() -> None:

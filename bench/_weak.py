@@ -11,21 +11,37 @@ On this host the edge and the cloud share two cores, so a fast edge would make e
 3. otherwise (not root, no cgroups): the process is pinned to one core with ``taskset`` and the caller
    runs ONNX Runtime on one thread: an edge of one full core, *not* weakened; :attr:`method` says so.
 
-The period is short (10 ms by default) so that throttling is spread evenly over the work instead of
-stalling the process for most of a 100 ms period. Groups are named ``seamline-weak-<pid>-<n>`` and
-removed by :meth:`close` (their processes are moved back to the parent group first).
+The period is short (10 ms by default, longer for shares under 10%: the kernel's smallest quota is
+1 ms) so that throttling is spread evenly over the work instead of stalling the process for most of a
+100 ms period. Groups are named ``seamline-weak-<pid>-<n>`` and removed by :meth:`close` (their processes
+are moved back to the parent group first).
+
+**A stated device/cloud gap** (:func:`calibrate_gap`): the benchmarks that compare edge and cloud placement
+size the quota so that the cloud is about ``target`` (10) times faster per layer than the device, measured in
+the same run: the cloud's per-layer decode ms from its ``Info`` (``layer_ms``, measured by the cloud at
+start-up), the device's from back-to-back decode tokens through all its blocks against block 0 alone
+(:func:`edge_layer_ms`), under the quota. The share is solved from a full-speed measurement, then corrected
+from measurements under the quota (other jobs on the host make the first guess approximate). A CFS quota
+is at least 1 ms per period, so at a share s the device runs in bursts of 1 ms every 1/s ms: work of
+about a millisecond per token (the demo model) is slowed unevenly, and network waits shorter than the
+throttled part of a period cost the device nothing. Without
+a cgroup, :class:`Slowdown` stretches every ONNX Runtime call of the device by the factor instead (a sleep
+standing in for compute, stated as such in the output).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _counter = itertools.count()
@@ -63,10 +79,8 @@ class WeakDevice:
     """A CPU quota of ``cpu`` cores (e.g. 0.25) for the processes :meth:`add` is given."""
 
     def __init__(self, cpu: float = 0.25, period_us: int = 10_000):
-        if not 0.01 <= cpu <= 64:
-            raise ValueError(f"cpu quota {cpu} out of range: give a share of one core, e.g. 0.25")
-        self.cpu, self.period_us = float(cpu), int(period_us)
-        self.quota_us = max(1000, round(self.cpu * self.period_us))
+        self.base_period_us = int(period_us)
+        self.cpu, self.period_us, self.quota_us = _quota(cpu, self.base_period_us)
         self.group: Path | None = None
         self.kind = "none"
         self.pids: list[int] = []
@@ -113,6 +127,24 @@ class WeakDevice:
         (group / "cpu.cfs_quota_us").write_text(str(self.quota_us))
 
     # -- use -------------------------------------------------------------------------------
+    def set_cpu(self, cpu: float) -> None:
+        """Change the share of one core, live (the processes stay in the group)."""
+        self.cpu, self.period_us, self.quota_us = _quota(cpu, self.base_period_us)
+        if self.kind == "cgroup-v2":
+            (self.group / "cpu.max").write_text(f"{self.quota_us} {self.period_us}")
+        elif self.kind == "cgroup-v1":
+            (self.group / "cpu.cfs_quota_us").write_text("-1")  # the period may shrink below the old quota
+            (self.group / "cpu.cfs_period_us").write_text(str(self.period_us))
+            (self.group / "cpu.cfs_quota_us").write_text(str(self.quota_us))
+
+    def remove(self, pid: int) -> None:
+        """Take process ``pid`` out of the group again (back to full speed)."""
+        if self.limited and self.group is not None:
+            with contextlib.suppress(OSError):
+                (self.group.parent / "cgroup.procs").write_text(str(pid))
+        with contextlib.suppress(ValueError):
+            self.pids.remove(pid)
+
     @property
     def limited(self) -> bool:
         """True when the processes really get only ``cpu`` of a core."""
@@ -184,4 +216,131 @@ class WeakDevice:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _quota(cpu: float, period_us: int) -> tuple[float, int, int]:
+    """(share, period, quota) in us; the period grows for small shares (the kernel's smallest quota is 1 ms)."""
+    if not 0.005 <= cpu <= 64:
+        raise ValueError(f"cpu quota {cpu} out of range: give a share of one core, e.g. 0.25")
+    period = max(int(period_us), math.ceil(1000 / cpu))
+    return float(cpu), period, max(1000, round(cpu * period))
+
+
+# ------------------------------------------------------------------------------- the stated speed gap
+
+GAP_TARGET = 10.0  # the cloud this many times faster per layer than the device (a phone against a GPU server)
+MIN_CPU = 0.01
+
+
+def share_for_gap(cpu: float, edge_layer_ms: float, cloud_layer_ms: float, target: float = GAP_TARGET,
+                  lo: float = MIN_CPU, hi: float = 1.0) -> float:
+    """The share of one core that makes ``edge_layer_ms`` (measured at share ``cpu``) ``target`` times
+    ``cloud_layer_ms``, assuming time scales as 1 / share; clamped to [lo, hi]."""
+    if not (edge_layer_ms > 0 and cloud_layer_ms > 0 and cpu > 0):
+        raise ValueError(f"layer times must be positive: edge {edge_layer_ms}, cloud {cloud_layer_ms}")
+    return min(hi, max(lo, cpu * edge_layer_ms / (target * cloud_layer_ms)))
+
+
+@dataclass
+class SpeedGap:
+    """What :func:`calibrate_gap` did and measured (goes into a benchmark's summary)."""
+
+    target: float
+    method: str  # how the device was slowed down
+    limited: bool  # a CPU quota (True) or an explicit slowdown / nothing
+    cpu_share: float | None  # the quota's share of one core
+    slowdown: float | None  # the explicit factor when there is no quota
+    edge_layer_ms_full: float  # before the quota
+    edge_layer_ms: float  # under it
+    cloud_layer_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.edge_layer_ms / self.cloud_layer_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio}
+
+    def describe(self) -> str:
+        return (f"device {self.edge_layer_ms:.2f} ms/layer ({self.method}), cloud {self.cloud_layer_ms:.3f} ms/layer: "
+                f"cloud {self.ratio:.1f}x faster per layer (target {self.target:g}x; device at full speed "
+                f"{self.edge_layer_ms_full:.3f} ms/layer)")
+
+
+def calibrate_gap(weak: WeakDevice, pid: int | None, measure_edge: Callable[[], float], cloud_layer_ms: float,
+                  target: float = GAP_TARGET, slow_down: Callable[[float], None] | None = None,
+                  rounds: int = 4, tolerance: float = 0.2) -> SpeedGap:
+    """Put ``pid`` under a quota sized so that ``measure_edge()`` (device ms per layer) is ``target`` times
+    ``cloud_layer_ms``: solved from a full-speed measurement, then corrected under the quota (at most
+    ``rounds`` times, until within ``tolerance`` of the target or at the smallest share).
+
+    Without a cgroup, ``slow_down(factor)`` (e.g. :meth:`Slowdown.set`) stretches the device's compute by
+    the factor instead; without either, the gap is what it is, and the result says so."""
+    full = measure_edge()
+    if weak.limited and pid is not None:
+        cpu = share_for_gap(1.0, full, cloud_layer_ms, target)
+        weak.set_cpu(cpu)
+        weak.add(pid)
+        edge = measure_edge()
+        for _ in range(rounds):  # other jobs on the host: time does not scale as 1 / share, so correct
+            if abs(edge / cloud_layer_ms / target - 1) <= tolerance or (cpu <= MIN_CPU and edge < target * cloud_layer_ms):
+                break
+            cpu = share_for_gap(cpu, edge, cloud_layer_ms, target)
+            weak.set_cpu(cpu)
+            edge = measure_edge()
+        return SpeedGap(target, weak.method, True, weak.cpu, None, full, edge, cloud_layer_ms)
+    if slow_down is not None:
+        factor = max(1.0, target * cloud_layer_ms / full)
+        slow_down(factor)
+        edge = measure_edge()
+        return SpeedGap(target, f"explicit slowdown: every ONNX Runtime call of the device sleeps {factor - 1:.1f}x "
+                        f"its own duration after it (no CPU quota: {weak.method})", False, None, factor,
+                        full, edge, cloud_layer_ms)
+    return SpeedGap(target, weak.method, False, None, None, full, full, cloud_layer_ms)
+
+
+class Slowdown:
+    """The fallback without a cgroup: ``runtime.forward`` and ``runtime.logits`` sleep ``factor - 1`` times
+    their own duration after each call (a sleep standing in for compute: stated wherever it is used)."""
+
+    def __init__(self, runtime: Any):
+        self.factor = 1.0
+        for name in ("forward", "logits", "continue_from"):
+            inner = getattr(runtime, name, None)
+            if inner is not None:
+                setattr(runtime, name, self._wrap(inner))
+
+    def set(self, factor: float) -> None:
+        self.factor = max(1.0, float(factor))
+
+    def _wrap(self, fn: Callable) -> Callable:
+        def slowed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if self.factor > 1.0:
+                time.sleep((time.perf_counter() - t0) * (self.factor - 1.0))
+            return out
+        return slowed
+
+
+def edge_layer_ms(runtime: Any, tokens: int = 24, context: int = 16) -> float:
+    """The device's ms per block of one decode token: ``tokens`` back-to-back tokens through every block it
+    has against block 0 alone (the difference, per block), after ``context`` positions. Sustained work, as in
+    a generation on the device."""
+    import numpy as np
+
+    k = runtime.num_edge_layers
+    if k < 2:
+        raise ValueError("measuring the device's per-layer time needs a bundle with at least 2 edge layers")
+    ids = list(np.random.default_rng(0).integers(1, 1000, context + tokens))
+    caches = {n: runtime.new_cache() for n in (1, k)}
+    for n, cache in caches.items():
+        runtime.forward(ids[:context], 0, n, cache)
+    spent = {1: 0.0, k: 0.0}
+    for i in range(context, context + tokens):
+        for n, cache in caches.items():
+            t0 = time.perf_counter()
+            runtime.forward(ids[i:i + 1], i, n, cache)
+            spent[n] += time.perf_counter() - t0
+    return max(1e-6, (spent[k] - spent[1]) * 1e3 / (tokens * (k - 1)))
 

@@ -23,7 +23,18 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "throughput": ("seamline.bench.throughput", "cloud decode tokens/s at 1..64 concurrent sessions"),
     "adaptive": ("seamline.bench.adaptive", "adaptive controller vs every fixed split and the oracle"),
     "load": ("seamline.bench.load", "concurrent sessions: errors, p99 step, RSS (--replicas N: nginx vs one)"),
+    "speculative": ("seamline.bench.speculative", "decode tokens/s with speculative decoding vs the plain split"),
 }
+
+
+def _splits(value: str) -> list[int]:
+    try:
+        ks = sorted({int(v) for v in value.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--splits takes split layers like 2,14,28, got {value!r}") from None
+    if not ks or ks[0] < 1:
+        raise argparse.ArgumentTypeError(f"--splits takes split layers >= 1 like 2,14,28, got {value!r}")
+    return ks
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,8 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"{k}: {v[1]}" for k, v in SCENARIOS.items())
     p.add_argument("scenario", choices=sorted(SCENARIOS))
     p.add_argument("--json", type=Path, default=None, help="write the results (rows + summary) here")
-    p.add_argument("--model", default="demo", help="model for the scenario (default: demo)")
+    p.add_argument("--model", default="demo", help="model for the scenario: demo, gpt2-124m, smollm2-135m (real "
+                   "weights, fetched once), a checkpoint folder, a hub id or a .gguf file")
     p.add_argument("--quick", action="store_true", help="sized for CI: fewer tokens, splits and repeats")
+    p.add_argument("--splits", type=_splits, default=None, metavar="K,K,...",
+                   help="codec: measure these splits only (default: every split; a 30-layer model takes an hour "
+                   "on 2 cores)")
+    p.add_argument("--null-executor", action="store_true",
+                   help="throughput: also the service with a zero-cost model vs a bare gRPC ping-pong, one CPU")
     p.add_argument("--replicas", type=int, default=None, metavar="N",
                    help="load: the same load through nginx over N cloud replicas vs one replica directly")
 

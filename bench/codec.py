@@ -10,7 +10,13 @@ Per (codec, split k):
 - encode + decode µs per token (one-token messages, the decode path);
 - relative L2 error of the decoded hidden state;
 - with blocks [k, L) + head run on the decoded hidden state (teacher-forced over >= 512 held-out
-  tokens): next-token agreement with the unsplit model and the perplexity change.
+  tokens): next-token agreement with the unsplit model and the perplexity change;
+- free-running (what a user sees): greedy generation of ``FREE_TOKENS`` tokens from held-out prompts
+  with the codec at split k (the prompt's chunk and every decode step's one-token message go through
+  encode/decode), against the unsplit model's greedy tokens: ``free_prefix`` = the share of tokens
+  before the first divergence, ``free_match`` = the share of positions with the same token (means over
+  the prompts). Measured at every split for models of up to ``FREE_ALL_SPLITS`` splits, else at each
+  codec's three worst teacher-forced splits (``--quick``: its two worst).
 Plus all-MiniLM-L6-v2 (real weights): cosine between split and unsplit sentence embeddings.
 """
 
@@ -28,8 +34,13 @@ from seamline.partitioner.families import adapter_for
 from seamline.partitioner.loading import DEMO_DIR, load_model
 from seamline.protos import codec as C
 
+from .models import checkpoint
+
 PREFILL_CHUNK = 64
 WINDOW = 256
+FREE_TOKENS = 64  # greedy tokens generated per prompt (free-running agreement)
+FREE_PROMPT = 32  # prompt tokens
+FREE_ALL_SPLITS = 8  # free-running at every split up to this many splits, else at each codec's worst three
 
 SENTENCES = [
     "The train to Edinburgh leaves at half past nine.", "Please turn off the lights when you leave.",
@@ -110,6 +121,52 @@ def _roundtrip_chunked(h: np.ndarray, cfg: C.CodecConfig, chunk: int) -> np.ndar
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def greedy(adapter, prompts: list[list[int]], n_new: int, k: int = 0, cfg: C.CodecConfig | None = None
+           ) -> list[list[int]]:
+    """Greedy tokens after each prompt (all the same length, run as one batch) with a KV cache; with ``cfg``
+    the hidden state entering block ``k`` goes through the codec in every forward pass, each prompt's rows
+    on their own (the prompt as one chunk, then one token per step), as on the wire."""
+    L = adapter.shape.num_layers
+    past: list[tuple] = [(None, None)] * L
+    chunk, start, out = torch.tensor(prompts), 0, []
+    for _ in range(n_new):
+        pos = torch.arange(start, start + chunk.shape[1]).expand(chunk.shape[0], -1)
+        h = adapter.embed(chunk, pos)
+        for i in range(L):
+            if cfg is not None and i == k:
+                h = torch.from_numpy(np.stack([_roundtrip_chunked(row, cfg, PREFILL_CHUNK)
+                                               for row in h.float().numpy()]))
+            h, pk, pv = adapter.block(i, h, past[i][0], past[i][1], pos)
+            past[i] = (pk, pv)
+        nxt = adapter.head(h[:, -1:])[:, -1].argmax(-1)
+        out.append(nxt.tolist())
+        start += chunk.shape[1]
+        chunk = nxt[:, None]
+    return [list(t) for t in zip(*out)]
+
+
+def free_running(ref: list[list[int]], got: list[list[int]]) -> tuple[float, float]:
+    """(share of tokens before the first divergence, share of positions with the same token), means over prompts."""
+    prefix, match = [], []
+    for r, g in zip(ref, got):
+        same = [a == b for a, b in zip(r, g)]
+        prefix.append((same.index(False) if False in same else len(same)) / len(r))
+        match.append(sum(same) / len(r))
+    return float(np.mean(prefix)), float(np.mean(match))
+
+
+def free_prompts(tokenizer_path: Path, skip: int, n: int) -> list[list[int]]:
+    """``n`` prompts of ``FREE_PROMPT`` held-out tokens, spread over the held-out text after the first ``skip``."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(tokenizer_path)).encode(
+        (DEMO_DIR / "heldout_sample.txt").read_text(encoding="utf-8")).ids
+    rest = ids[skip:] if len(ids) - skip >= n * FREE_PROMPT else ids
+    step = max(FREE_PROMPT, (len(rest) - FREE_PROMPT) // max(1, n))
+    return [rest[i * step:i * step + FREE_PROMPT] for i in range(n) if len(rest[i * step:]) >= FREE_PROMPT]
+
+
 def step_bytes(t, start: int) -> int:
     """Bytes of the ``StepRequest`` that carries tensor ``t`` at position ``start`` (what a step sends)."""
     from seamline.protos import seamline_pb2 as pb
@@ -144,11 +201,12 @@ def codec_configs(calibration: dict, hidden: int) -> dict[str, C.CodecConfig]:
     return out
 
 
-def bench_decoder(model_name: str, n_tokens: int, splits: list[int] | None, progress=None) -> list[dict]:
+def bench_decoder(model_name: str, n_tokens: int, splits: list[int] | None, progress=None,
+                  free_prompts_n: int = 4, free_splits: int | None = None) -> list[dict]:
     from seamline.partitioner.loading import load_tokenizer_path
     from seamline.partitioner.partition import calibration_text, hidden_states_per_split
 
-    model, path = load_model(model_name)
+    model, path = load_model(checkpoint(model_name))  # named models fetched/built (bench/models.py)
     adapter = adapter_for(model)
     L = adapter.shape.num_layers
     ids = _heldout_ids(load_tokenizer_path(path), n_tokens)
@@ -189,7 +247,35 @@ def bench_decoder(model_name: str, n_tokens: int, splits: list[int] | None, prog
             })
             if progress:
                 progress()
+    if free_prompts_n:
+        _free_running_rows(adapter, rows, free_prompts(load_tokenizer_path(path), len(ids), free_prompts_n),
+                           splits, calib_states, free_splits, progress)
     return rows
+
+
+def _free_running_rows(adapter, rows: list[dict], prompts: list[list[int]], splits: list[int], calib_states,
+                       per_codec: int | None = None, progress=None) -> None:
+    """Add ``free_prefix`` / ``free_match`` (None where not measured) to the rows (see the module docstring):
+    at each codec's ``per_codec`` worst teacher-forced splits (None: every split of a small model, else 3)."""
+    if per_codec is None and len(splits) > FREE_ALL_SPLITS:
+        per_codec = 3
+    ref = greedy(adapter, prompts, FREE_TOKENS)
+    by_codec: dict[str, list[dict]] = {}
+    for r in rows:
+        r.update(free_prefix=None, free_match=None, free_tokens=FREE_TOKENS, free_prompts=len(prompts))
+        by_codec.setdefault(r["codec"], []).append(r)
+    for name, crow in by_codec.items():
+        if name == "fp32":  # exact: decode(encode(x)) == x, the same tokens by construction
+            for r in crow:
+                r.update(free_prefix=1.0, free_match=1.0)
+            continue
+        chosen = crow if per_codec is None else sorted(crow, key=lambda r: (r["agreement"], r["split"]))[:per_codec]
+        for r in chosen:
+            k = r["split"]
+            cfg = codec_configs(C.calibrate(calib_states[k]), adapter.shape.hidden_size)[name]
+            r["free_prefix"], r["free_match"] = free_running(ref, greedy(adapter, prompts, FREE_TOKENS, k, cfg))
+            if progress:
+                progress()
 
 
 @torch.no_grad()
@@ -268,7 +354,7 @@ def fidelity(rows: list[dict]) -> dict[str, dict]:
 
 def summarize(rows: list[dict], minilm: list[dict]) -> dict:
     def worst(codec: str, key: str, fn=min) -> float | None:
-        values = [r[key] for r in rows if r["codec"] == codec]
+        values = [r[key] for r in rows if r["codec"] == codec and r.get(key) is not None]
         return fn(values) if values else None
 
     best = {}
@@ -276,9 +362,12 @@ def summarize(rows: list[dict], minilm: list[dict]) -> dict:
         c, fits = best_in_class(rows, bits, max_ratio)
         best.update({f"{prefix}_codec": c, f"{prefix}_fits_bytes": fits, f"{prefix}_agreement": worst(c, "agreement"),
                      f"{prefix}_bytes_ratio": worst(c, "bytes_ratio", max),
-                     f"{prefix}_ppl_change_pct": worst(c, "ppl_change_pct", max)})
+                     f"{prefix}_ppl_change_pct": worst(c, "ppl_change_pct", max),
+                     f"{prefix}_free_prefix": worst(c, "free_prefix"), f"{prefix}_free_match": worst(c, "free_match")})
     return {
         "int8_agreement": worst("int8", "agreement"),
+        "int8_free_prefix": worst("int8", "free_prefix"),
+        "int8_free_match": worst("int8", "free_match"),
         "int8_bytes_ratio": worst("int8", "bytes_ratio", max),
         **best,
         "int8_outlier_agreement": worst("int8-outlier", "agreement"),
@@ -286,7 +375,8 @@ def summarize(rows: list[dict], minilm: list[dict]) -> dict:
         "note": "agreement and cosine are the minimum over split layers; byte ratios and perplexity change the "
                 "maximum; byte ratio: the StepRequest of a one-token decode step over the same for fp32; "
                 "best8/best4: the best 8-bit / 4-bit codec at <= 0.26 / <= 0.16 of fp32 bytes (*_fits_bytes false: "
-                "none fits, the best of its class); "
+                "none fits, the best of its class); *_free_prefix / *_free_match: free-running greedy agreement "
+                "(share of tokens before the first divergence / share of identical positions, worst split measured); "
                 "baseline: the unsplit fp32 model and fp32 bytes in the same run",
     }
 
@@ -301,18 +391,24 @@ def run(args) -> dict:
     console = Console()
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("codec fidelity", total=None)
-        rows = bench_decoder(args.model, n_tokens, None, progress=lambda: progress.advance(task))
+        rows = bench_decoder(args.model, n_tokens, getattr(args, "splits", None), progress=lambda: progress.advance(task),
+                             free_splits=2 if args.quick else None)
         progress.update(task, description="all-MiniLM-L6-v2 cosine")
         minilm = bench_minilm([1, 3, 5] if args.quick else None)
-    table = Table(title=f"codecs on {args.model}: {n_tokens} held-out tokens, teacher-forced (baseline: unsplit fp32)")
+    table = Table(title=f"codecs on {args.model}: {n_tokens} held-out tokens, teacher-forced; free-running: "
+                        f"{FREE_TOKENS} greedy tokens from 4 held-out prompts (baseline: unsplit fp32)")
     for col in ("split", "codec", "B/tok decode", "B/tok prefill+zstd", "ratio", "µs/tok", "rel L2",
-                "agreement", "ppl Δ%"):
+                "agreement", "ppl Δ%", "free prefix", "free match"):
         table.add_column(col, justify="right")
+
+    def free(v):
+        return "-" if v is None else f"{v:.3f}"
+
     for r in rows:
         table.add_row(str(r["split"]), r["codec"], f"{r['decode_bytes_per_token']:.0f}",
                       f"{r['prefill_bytes_per_token']:.0f}", f"{r['bytes_ratio']:.3f}",
                       f"{r['codec_us_per_token']:.0f}", f"{r['rel_l2_error']:.4f}", f"{r['agreement']:.4f}",
-                      f"{r['ppl_change_pct']:+.2f}")
+                      f"{r['ppl_change_pct']:+.2f}", free(r.get("free_prefix")), free(r.get("free_match")))
     console.print(table)
     t2 = Table(title="all-MiniLM-L6-v2 sentence embeddings, split vs unsplit")
     for col in ("split", "codec", "sentences", "min cosine", "mean cosine"):

@@ -18,9 +18,21 @@ through ``seamline.testing.linkemu`` (its own process) at 20 Mbit/s each way and
 Prefill: TTFT of the pipelined prefill against a *serial chunked* prefill — the same engine
 pieces (runtime, codec, link session) sending the same 64-token chunks one after another, each
 sent only when the previous reply arrived — and against one big chunk (the whole prompt in one
-Step). Weak device: this process (edge and every edge-side baseline) is pinned to one CPU with
+Step). Placement: this process (edge and every edge-side baseline) is pinned to one CPU with
 one compute thread; the cloud side (seamline cloud ``threads = 1``, the naive cloud, the link
 emulators) runs under ``taskset`` on the other.
+
+Two phases. **At full device speed** every path above runs (the framework against HF ``generate()``
+and the naive split, pipelined against serial prefill): on this host the "cloud" is one CPU core,
+no faster than the device. **Under the stated device/cloud gap**, the placement paths (split,
+all-local, all-cloud) run again with this process under a CPU quota (``bench/_weak.py``) sized in the
+run so that the cloud is about 10x faster per layer than the device (``SEAMLINE_GAP``), as a GPU
+server is to a phone; both per-layer decode latencies (the cloud's from its ``Info``, the device's
+from back-to-back decode tokens under the quota) and their ratio go into the summary
+(``edge_vs_cloud_layer_ms``), and ``split_vs_local_speedup`` / ``split_vs_all_cloud_speedup`` are
+taken there (the full-speed ones keep a ``_full_speed`` suffix). Without a cgroup the device's ONNX
+Runtime calls are stretched by the factor instead, and the summary says so. ``--quick`` uses a
+64-token prompt and 16 new tokens in that phase (the device is slow there by design).
 
 Models: the GPT-2-small-sized configuration (``gpt2-124m``, 1024 positions) for the 512-token
 prompt, and the demo model at its full context (prompt = max positions - new tokens).
@@ -29,6 +41,7 @@ prompt, and the demo model at its full context (prompt = max positions - new tok
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -58,6 +71,9 @@ SPLIT, LOCAL, CLOUD, HF, NAIVE = ("seamline split", "seamline all-local", "all-c
                                   "HF generate() on device", "naive split (fp32, unary)")
 SERIAL, ONE_CHUNK = "split, serial chunked prefill", "split, one-chunk prefill"
 PATHS = (SPLIT, LOCAL, CLOUD, HF, NAIVE)
+GAP_SUFFIX = " @ gap"  # the placement paths again, the device under the quota of the stated gap
+GAP_PATHS = (SPLIT, LOCAL, CLOUD)
+GAP_PROMPT_QUICK, GAP_NEW_TOKENS_QUICK = 64, 16  # --quick: the device is slow by design in that phase
 
 
 # ------------------------------------------------------------------------------------ engine paths
@@ -120,8 +136,9 @@ async def _serial_prefill(engine, ids: list[int]) -> Timed:
         session.close()
 
 
-async def _measure_engines(engines: dict, ids: list[int], new: int, repeats: int) -> tuple[dict, dict]:
-    """-> (runs per path, StepStats of the last run per remote path)."""
+async def _measure_engines(engines: dict, ids: list[int], new: int, repeats: int, gap=None) -> tuple[dict, dict]:
+    """-> (runs per path, StepStats of the last run per remote path). ``gap(engines)``, when given, runs at
+    the end (the links still open) and its runs join the result."""
     out: dict[str, list[Timed]] = {}
     steps: dict[str, list] = {}
     try:
@@ -135,11 +152,54 @@ async def _measure_engines(engines: dict, ids: list[int], new: int, repeats: int
             steps[path] = list(engine.policy.steps)
         await _serial_prefill(engines[SPLIT], ids)
         out[SERIAL] = [await _serial_prefill(engines[SPLIT], ids) for _ in range(repeats)]
+        if gap is not None:
+            gap_runs, gap_steps = await gap(engines)
+            out.update(gap_runs)
+            steps.update(gap_steps)
     finally:
         for e in engines.values():
             if e.link is not None:
                 await e.link.close()
     return out, steps
+
+
+def _gap_phase(rt, weak, ids: list[int], new: int, repeats: int, result: dict):
+    """The placement paths under the stated gap: size the quota on this process (``calibrate_gap``), run
+    split / all-local / all-cloud, take the process out of the quota again. ``result["gap"]``: the SpeedGap."""
+    from ._weak import GAP_TARGET, Slowdown, calibrate_gap, edge_layer_ms
+
+    async def phase(engines: dict) -> tuple[dict, dict]:
+        link = engines[SPLIT].link
+        info = await link.info(link.endpoints[0])
+        cloud_ms = sum(info.layer_ms) / max(1, len(info.layer_ms))
+        slow = None
+
+        def slow_down(factor: float) -> None:
+            nonlocal slow
+            slow = slow or Slowdown(rt)
+            slow.set(factor)
+
+        target = float(os.environ.get("SEAMLINE_GAP", GAP_TARGET))
+        gap = await asyncio.to_thread(calibrate_gap, weak, os.getpid(), lambda: edge_layer_ms(rt), cloud_ms, target,
+                                      slow_down)
+        result["gap"] = gap
+        runs: dict[str, list[Timed]] = {}
+        steps: dict[str, list] = {}
+        try:
+            for path in GAP_PATHS:
+                engine = engines[path]
+                runs[path + GAP_SUFFIX] = []
+                for _ in range(repeats):
+                    engine.policy.steps.clear()
+                    runs[path + GAP_SUFFIX].append(await generate(engine, ids, new))
+                steps[path + GAP_SUFFIX] = list(engine.policy.steps)
+        finally:
+            weak.remove(os.getpid())
+            if slow is not None:
+                slow.set(1.0)
+        return runs, steps
+
+    return phase
 
 
 # ------------------------------------------------------------------------------------ torch paths
@@ -226,7 +286,8 @@ def _row(model: str, path: str, prompt: int, runs: list[Timed]) -> dict:
     return row
 
 
-def measure(name: str, place, quick: bool) -> tuple[list[dict], dict]:
+def measure(name: str, place, quick: bool, weak=None) -> tuple[list[dict], dict, object]:
+    """-> (rows, decode breakdown, the SpeedGap of the gap phase or None). ``weak``: run the gap phase."""
     import torch
 
     torch.set_num_threads(1)
@@ -249,8 +310,12 @@ def measure(name: str, place, quick: bool) -> tuple[list[dict], dict]:
         with link_emulator(cloud_addr, BANDWIDTH, rtt, place.cloud_cpu) as cloud_link, \
                 link_emulator(naive_addr, BANDWIDTH, rtt, place.cloud_cpu) as naive_link:
             engines = _engines(rt, worker, bundle_dir, cloud_link, prompt)
+            gap_result: dict = {}
+            gap_ids = ids[:GAP_PROMPT_QUICK] if quick else ids
+            gap_new = GAP_NEW_TOKENS_QUICK if quick else NEW_TOKENS
+            gap = None if weak is None else _gap_phase(rt, weak, gap_ids, gap_new, repeats, gap_result)
             try:
-                runs, steps = asyncio.run(_measure_engines(engines, ids, NEW_TOKENS, repeats))
+                runs, steps = asyncio.run(_measure_engines(engines, ids, NEW_TOKENS, repeats, gap))
             finally:
                 worker.shutdown()
             naive_runs, naive_steps = _naive(ckpt, m.default_split, naive_link, ids, NEW_TOKENS, repeats)
@@ -264,16 +329,24 @@ def measure(name: str, place, quick: bool) -> tuple[list[dict], dict]:
     rows.append(_row(label, HF, prompt, hf_runs))
     rows.append(_row(label, NAIVE, prompt, naive_runs))
     rows += [_row(label, p, prompt, runs[p]) for p in (SERIAL, ONE_CHUNK)]
+    gap = gap_result.get("gap")
+    if gap is not None:
+        rows += [_row(label, p + GAP_SUFFIX, len(gap_ids), runs[p + GAP_SUFFIX]) for p in GAP_PATHS]
     split = rows[0]
+    gap_split = next((r for r in rows if r["path"] == SPLIT + GAP_SUFFIX), None)
     for r in rows:
-        r["split"] = m.default_split if r["path"] not in (LOCAL, HF, CLOUD) else None
-        r["total_vs_split"] = r["total_ms"] / split["total_ms"]
-        r["ttft_vs_split"] = r["ttft_ms"] / split["ttft_ms"]
-    breakdown = {"model": label, "steps": [_decode_breakdown(SPLIT, steps[SPLIT]), _decode_breakdown(CLOUD, steps[CLOUD]),
-                                           _decode_breakdown(NAIVE, naive_steps, naive=True)]}
+        base = gap_split if r["path"].endswith(GAP_SUFFIX) else split
+        r["split"] = m.default_split if r["path"].removesuffix(GAP_SUFFIX) not in (LOCAL, HF, CLOUD) else None
+        r["total_vs_split"] = r["total_ms"] / base["total_ms"]
+        r["ttft_vs_split"] = r["ttft_ms"] / base["ttft_ms"]
+    steps_of = [_decode_breakdown(SPLIT, steps[SPLIT]), _decode_breakdown(CLOUD, steps[CLOUD]),
+                _decode_breakdown(NAIVE, naive_steps, naive=True)]
+    if gap is not None:
+        steps_of += [_decode_breakdown(p + GAP_SUFFIX, steps[p + GAP_SUFFIX]) for p in (SPLIT, CLOUD)]
+    breakdown = {"model": label, "steps": steps_of}
     for b in breakdown["steps"]:
         b["per_token_ms_p50"] = next(r["per_token_ms_p50"] for r in rows if r["path"] == b["path"])
-    return rows, breakdown
+    return rows, breakdown, gap
 
 
 def _plot(path: Path, rows: list[dict], title: str) -> None:
@@ -313,15 +386,21 @@ def run(args) -> dict:
         bundle(name)
     place = placement()
     load_before = load_average()
-    rows, breakdowns = [], []
-    for name in models:
-        r, b = measure(name, place, args.quick)
-        rows += r
-        breakdowns.append(b)
+    rows, breakdowns, gaps = [], [], {}
+    from ._weak import WeakDevice
+
+    with WeakDevice(1.0) as weak:
+        for i, name in enumerate(models):
+            r, b, gap = measure(name, place, args.quick, weak if i == 0 else None)  # the gap on the headline model
+            rows += r
+            breakdowns.append(b)
+            if gap is not None:
+                gaps[r[0]["model"]] = gap
     link = f"{BANDWIDTH} each way, {RTT_MS:g} ms round trip ({RTT_MS / 2:g} ms one-way each direction)"
     table = Table(title=f"end to end over the link emulator ({link}), greedy, {NEW_TOKENS} new tokens\n"
                         "(baselines: HF generate() on the device, naive split, all-local, all-cloud; "
-                        "ratios: path / seamline split, higher = slower)")
+                        f"ratios: path / seamline split, higher = slower; '{GAP_SUFFIX.strip()}': the device "
+                        "under the quota of the stated device/cloud gap, ratios to the split there)")
     for col in ("model", "path", "prompt", "TTFT ms", "per token p50 ms", "p90 ms", "total ms", "total / split",
                 "TTFT / split"):
         table.add_column(col, justify="left" if col in ("model", "path") else "right")
@@ -347,6 +426,9 @@ def run(args) -> dict:
     head = rows[0]["model"]
     at = {r["path"]: r for r in rows if r["model"] == head}
     s = at[SPLIT]
+    gap = gaps.get(head)
+    for g_model, g in gaps.items():
+        console.print(f"[bold]speed gap[/bold] ({g_model}): {g.describe()}")
     summary = {
         "split_vs_hf_generate_speedup": at[HF]["total_ms"] / s["total_ms"],
         "split_vs_naive_speedup": at[NAIVE]["total_ms"] / s["total_ms"],
@@ -356,8 +438,8 @@ def run(args) -> dict:
         "split_vs_hf_generate_per_token_speedup": at[HF]["per_token_ms_p50"] / s["per_token_ms_p50"],
         "split_vs_naive_ttft_speedup": at[NAIVE]["ttft_ms"] / s["ttft_ms"],
         "split_vs_naive_per_token_speedup": at[NAIVE]["per_token_ms_p50"] / s["per_token_ms_p50"],
-        "split_vs_local_speedup": at[LOCAL]["total_ms"] / s["total_ms"],
-        "split_vs_all_cloud_speedup": at[CLOUD]["total_ms"] / s["total_ms"],
+        "split_vs_local_speedup_full_speed": at[LOCAL]["total_ms"] / s["total_ms"],
+        "split_vs_all_cloud_speedup_full_speed": at[CLOUD]["total_ms"] / s["total_ms"],
         "speedups_are": f"total time of one request ({s['prompt_tokens']}-token prompt + {NEW_TOKENS} new tokens), "
                         "baseline / seamline split",
         "measured_on": f"{head}, {s['prompt_tokens']}-token prompt, split {s['split']}, ORT int8 + int8 codec",
@@ -366,8 +448,19 @@ def run(args) -> dict:
         "serial_prefill": "same 64-token chunks, each sent after the previous reply (ttft_pipelined_vs_serial); "
                           "one big chunk in ttft_pipelined_vs_one_chunk",
     }
+    if gap is not None:
+        gs = at[SPLIT + GAP_SUFFIX]
+        summary.update({
+            "split_vs_local_speedup": at[LOCAL + GAP_SUFFIX]["total_ms"] / gs["total_ms"],
+            "split_vs_all_cloud_speedup": at[CLOUD + GAP_SUFFIX]["total_ms"] / gs["total_ms"],
+            "edge_vs_cloud_layer_ms": gap.ratio, "speed_gap": gap.to_dict(),
+            "gap_measured_on": f"{head}, {gs['prompt_tokens']}-token prompt + {gs['new_tokens']} new tokens, split "
+                               f"{gs['split']}; the device: {gap.method}",
+        })
     summary["targets"] = {"split_vs_naive_speedup >= 2": summary["split_vs_naive_speedup"] >= 2,
                           "ttft_pipelined_vs_serial <= 0.7": summary["ttft_pipelined_vs_serial"] <= 0.7}
+    if gap is not None:
+        summary["targets"]["split_vs_local_speedup >= 1.5 (under the gap)"] = summary["split_vs_local_speedup"] >= 1.5
     console.print(summary)
     png = plot_path(args)
     if png is not None:

@@ -9,7 +9,7 @@ default split (k = L/2) and all layers (+ head, i.e. a fully local step).
 from __future__ import annotations
 
 import numpy as np
-from seamline.partitioner.profile import _median_ms
+from seamline.partitioner.profile import median_ms
 
 from .models import bundle, checkpoint
 
@@ -65,9 +65,9 @@ def measure(name: str, threads: int, repeats: int) -> list[dict]:
     L = adapter.shape.num_layers
     rows = []
     for k, head in ((L // 2, False), (L, True)):
-        torch_ms = _median_ms(_torch_step(adapter, k, head), repeats, warmup=3)
-        fp32_ms = _median_ms(_ort_step(rt32, k, head), repeats, warmup=3)
-        int8_ms = _median_ms(_ort_step(rt8, k, head), repeats, warmup=3)
+        torch_ms = median_ms(_torch_step(adapter, k, head), repeats, warmup=3)
+        fp32_ms = median_ms(_ort_step(rt32, k, head), repeats, warmup=3)
+        int8_ms = median_ms(_ort_step(rt8, k, head), repeats, warmup=3)
         rows.append({"model": name, "layers": k, "head": head, "threads": threads, "context": CONTEXT,
                      "torch_eager_ms": torch_ms, "ort_fp32_ms": fp32_ms, "ort_int8_ms": int8_ms,
                      "ort_fp32_vs_torch_speedup": torch_ms / fp32_ms,

@@ -10,8 +10,11 @@ Reported: errors by status code, sessions completed, p50/p99 latency of a decode
 side, write to read), the server's RSS (``/proc/PID/status``) before, at most during, and after
 every session closed, with ``rss_growth_mb`` = after - before. The load runs in two halves with every
 session closed in between: growth in the second half too would be a leak; growth in the first half
-only is the allocator keeping its high-water mark. Baseline, measured in the same run: one session
-alone on the idle server.
+only is the allocator keeping its high-water mark. ``rss_settled_mb`` is read ``TRIM_WAIT_S`` later, once the
+server has handed freed memory back (``cloud/memory.py``: capped malloc arenas, ``malloc_trim`` and the KV
+slab's free pages after a burst of closed sessions), with the growth split into anonymous memory (heap,
+tensors) and file-backed pages (library code paged in on first use). Baseline, measured in the same run:
+one session alone on the idle server.
 
 ``--replicas N``: the same clients, first directly on one replica, then through nginx (``grpc_pass``,
 round-robin per call, seamline.testing.nginx) in front of N replicas, in one run. Each client replays a
@@ -45,6 +48,7 @@ DECODE = (16, 64)        # tokens decoded per session, drawn uniformly
 CHANNELS = 4             # client channels the sessions share (HTTP/2 streams are multiplexed)
 BASELINE_SESSIONS = 3
 RSS_EVERY_S = 0.25
+TRIM_WAIT_S = 1.5        # after the load: the server's trim runs within a second of the last session closing
 
 
 @dataclass
@@ -61,71 +65,37 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-class Driver:
-    def __init__(self, stub: seamline_pb2_grpc.SeamlineStub, info: pb.InfoReply):
-        self.stub = stub
-        self.info = info
-        self.k = info.num_layers // 2
-        cfg = codec.CodecConfig("int8")
-        self.spec = cfg.to_proto()
-        rng = np.random.default_rng(0)
-        self.prompt = codec.encode(rng.standard_normal((PREFILL, info.hidden_size), dtype=np.float32), cfg)
-        self.one = codec.encode(rng.standard_normal((1, info.hidden_size), dtype=np.float32), cfg)
-
-    async def session(self, tokens: int, tally: Tally) -> None:
-        """One generation: open, prefill, decode ``tokens``, close; a failure is counted by its status."""
-        call = None
-        try:
-            call = self.stub.Generate(timeout=600)  # one stream = one session (protocol v2)
-            await call.write(pb.GenerateRequest(open=pb.OpenRequest(
-                model_hash=self.info.model_hash, split=self.k, codec=self.spec, sampling=pb.SamplingParams())))
-            await call.read()  # opened (an error status raises)
-            t0 = time.perf_counter()
-            await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=0, hidden=self.prompt,
-                                                                    sample=True)))
-            reply = (await call.read()).step
-            tally.prefill_ms.append((time.perf_counter() - t0) * 1e3)
-            for _ in range(tokens):
-                t0 = time.perf_counter()
-                await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=reply.position,
-                                                                        hidden=self.one, sample=True)))
-                reply = (await call.read()).step
-                tally.step_ms.append((time.perf_counter() - t0) * 1e3)
-                tally.tokens += 1
-            await call.done_writing()  # the end of the stream frees the session at once
-            await call.read()
-            call = None
-            tally.sessions += 1
-        except grpc.aio.AioRpcError as e:
-            tally.errors[e.code().name] += 1
-        except Exception as e:  # noqa: BLE001 - counted, never silent
-            tally.errors[type(e).__name__] += 1
-        finally:
-            if call is not None:
-                call.cancel()  # frees the session
-
-
 REPLAY_ON = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
 MAX_REPLAYS = 8
 
 
-class ReplayingDriver(Driver):
-    """Generations as the edge runs them: a stream lost mid-generation is replayed on a new stream (its
-    prefill resent, then the decoded rows as one chunk), up to MAX_REPLAYS times."""
+class Driver:
+    """Generations as the edge runs them: open, prefill, decode ``tokens``, close, each on one stream.
 
-    def __init__(self, stub: seamline_pb2_grpc.SeamlineStub, info: pb.InfoReply):
-        super().__init__(stub, info)
-        cfg = codec.CodecConfig("int8")
-        rng = np.random.default_rng(1)
-        self.rows = rng.standard_normal((PREFILL + DECODE[1], info.hidden_size), dtype=np.float32)
-        self.cfg = cfg
+    ``max_replays`` > 0 (``--replicas``): a stream lost mid-generation with a status the edge would replay on
+    is replayed on a new stream (its prefill resent, then the decoded rows as one chunk), up to that many
+    times. 0 (the direct load): the first failure ends the generation. Failures are counted by status.
+    """
+
+    def __init__(self, stub: seamline_pb2_grpc.SeamlineStub, info: pb.InfoReply, max_replays: int = 0):
+        self.stub = stub
+        self.info = info
+        self.max_replays = max_replays
+        self.k = info.num_layers // 2
+        self.cfg = codec.CodecConfig("int8")
+        self.spec = self.cfg.to_proto()
+        rng = np.random.default_rng(0)
+        self.prompt = codec.encode(rng.standard_normal((PREFILL, info.hidden_size), dtype=np.float32), self.cfg)
+        self.one = codec.encode(rng.standard_normal((1, info.hidden_size), dtype=np.float32), self.cfg)
+        self.rows = np.random.default_rng(1).standard_normal((PREFILL + DECODE[1], info.hidden_size),
+                                                             dtype=np.float32)
 
     async def _open(self):
-        call = self.stub.Generate(timeout=600)
+        call = self.stub.Generate(timeout=600)  # one stream = one session (protocol v2)
         await call.write(pb.GenerateRequest(open=pb.OpenRequest(
             model_hash=self.info.model_hash, split=self.k, codec=self.spec, sampling=pb.SamplingParams())))
-        await call.read()
+        await call.read()  # opened (an error status raises)
         return call
 
     async def generation(self, tokens: int, tally: Tally) -> None:
@@ -135,9 +105,12 @@ class ReplayingDriver(Driver):
                 call = await self._open()
                 history = PREFILL + done  # the prefill, or on a replay everything the cloud must see again
                 hidden = self.prompt if done == 0 else codec.encode(self.rows[:history], self.cfg)
+                t0 = time.perf_counter()
                 await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=0, hidden=hidden,
                                                                         sample=True)))
                 reply = (await call.read()).step
+                if done == 0:
+                    tally.prefill_ms.append((time.perf_counter() - t0) * 1e3)
                 while done < tokens:
                     t0 = time.perf_counter()
                     await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=reply.position,
@@ -146,14 +119,14 @@ class ReplayingDriver(Driver):
                     tally.step_ms.append((time.perf_counter() - t0) * 1e3)
                     tally.tokens += 1
                     done += 1
-                await call.done_writing()
+                await call.done_writing()  # the end of the stream frees the session at once
                 await call.read()
                 call = None
                 tally.sessions += 1
                 tally.replays += replays
                 return
             except grpc.aio.AioRpcError as e:
-                if e.code() not in REPLAY_ON or replays >= MAX_REPLAYS:
+                if e.code() not in REPLAY_ON or replays >= self.max_replays:
                     tally.errors[e.code().name] += 1
                     return
                 replays += 1
@@ -162,8 +135,20 @@ class ReplayingDriver(Driver):
                 return
             finally:
                 if call is not None:
-                    call.cancel()
+                    call.cancel()  # frees the session
                     call = None
+
+
+def _rss_parts(pid: int) -> dict[str, float]:
+    """MiB of the process's resident memory by kind (``/proc/PID/status``): anonymous (heap, arenas, tensors)
+    and file-backed (code and data of the libraries, paged in on first use)."""
+    out = {}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(value.split()[0]) / 1024
+    return out
 
 
 async def _sample_rss(pid: int, out: dict, stop: asyncio.Event) -> None:
@@ -185,11 +170,11 @@ async def _measure(address: str, pid: int, seconds: float) -> dict:
         rss_start = rss_mb(pid)
 
         # baseline: one session alone on the idle server (the first one also warms it up)
-        await drivers[0].session(8, Tally())
+        await drivers[0].generation(8, Tally())
         base = Tally()
         for _ in range(BASELINE_SESSIONS):
-            await drivers[0].session(32, base)
-        rss_before = rss_mb(pid)
+            await drivers[0].generation(32, base)
+        rss_before, parts_before = rss_mb(pid), _rss_parts(pid)
 
         # load: SESSIONS clients, each repeating sessions until the time is up; in two halves, with
         # every session closed in between, so that a leak (growth in both) shows apart from the
@@ -203,7 +188,7 @@ async def _measure(address: str, pid: int, seconds: float) -> dict:
             rng = np.random.default_rng(1000 * half + i)
             driver = drivers[i % len(drivers)]
             while time.perf_counter() < deadline:
-                await driver.session(int(rng.integers(DECODE[0], DECODE[1] + 1)), load)
+                await driver.generation(int(rng.integers(DECODE[0], DECODE[1] + 1)), load)
 
         t0 = time.perf_counter()
         rss_halves = []
@@ -212,12 +197,16 @@ async def _measure(address: str, pid: int, seconds: float) -> dict:
             await asyncio.gather(*(client(i, deadline) for i in range(SESSIONS)))
             rss_halves.append(rss_mb(pid))
         elapsed = time.perf_counter() - t0
+        await asyncio.sleep(TRIM_WAIT_S)  # the server trims its heap after a burst of closed sessions
+        rss_settled, parts_after = rss_mb(pid), _rss_parts(pid)
         stop.set()
         await sampler
         after_info = await drivers[0].stub.Info(pb.InfoRequest(), timeout=60)
         return {"info": info, "base": base, "load": load, "elapsed": elapsed, "rss_start": rss_start,
                 "rss_before": rss_before, "rss_max": max(rss.get("max", rss_before), rss_before),
-                "rss_half": rss_halves[0], "rss_after": rss_halves[1], "open_after": after_info.load.active_sessions,
+                "rss_half": rss_halves[0], "rss_after": rss_halves[1], "rss_settled": rss_settled,
+                "parts_before": parts_before, "parts_after": parts_after,
+                "open_after": after_info.load.active_sessions,
                 "kv_after": after_info.load.kv_bytes}
     finally:
         for channel in channels:
@@ -253,7 +242,7 @@ async def _phase(address: str, clients: int, seconds: float) -> tuple[Tally, flo
         drivers = []
         for channel in channels:
             stub = seamline_pb2_grpc.SeamlineStub(channel)
-            drivers.append(ReplayingDriver(stub, await stub.Info(pb.InfoRequest(), timeout=60)))
+            drivers.append(Driver(stub, await stub.Info(pb.InfoRequest(), timeout=60), MAX_REPLAYS))
         await drivers[0].generation(4, Tally())  # warm-up
         tally = Tally()
 
@@ -367,6 +356,10 @@ def run(args) -> dict:
         "rss_growth_mb": m["rss_after"] - m["rss_before"],
         "rss_after_first_half_mb": m["rss_half"],
         "rss_growth_second_half_mb": m["rss_after"] - m["rss_half"],
+        "rss_settled_mb": m["rss_settled"],
+        "rss_growth_settled_mb": m["rss_settled"] - m["rss_before"],
+        "rss_growth_anon_mb": m["parts_after"].get("RssAnon", 0.0) - m["parts_before"].get("RssAnon", 0.0),
+        "rss_growth_file_mb": m["parts_after"].get("RssFile", 0.0) - m["parts_before"].get("RssFile", 0.0),
         "open_sessions_after": m["open_after"],
         "kv_bytes_after": m["kv_after"],
         "model": label,
@@ -385,11 +378,13 @@ def run(args) -> dict:
     console.print(table)
     rss = Table(title="server RSS (MiB, /proc/PID/status VmRSS)")
     for col in ("at start", "before load", "max during", "after 1st half", "after all closed", "growth",
-                "growth in 2nd half"):
+                "growth in 2nd half", f"{TRIM_WAIT_S:g} s later", "growth then", "of it anon", "of it file"):
         rss.add_column(col, justify="right")
     rss.add_row(*(f"{summary[k]:.1f}" for k in ("rss_start_mb", "rss_before_mb", "rss_max_mb",
                                                  "rss_after_first_half_mb", "rss_after_mb", "rss_growth_mb",
-                                                 "rss_growth_second_half_mb")))
+                                                 "rss_growth_second_half_mb", "rss_settled_mb",
+                                                 "rss_growth_settled_mb", "rss_growth_anon_mb",
+                                                 "rss_growth_file_mb")))
     console.print(rss)
     console.print(summary)
     rows = [{"phase": "baseline", "sessions": base.sessions, "steps": len(base.step_ms),

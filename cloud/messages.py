@@ -29,6 +29,7 @@ class ModelInfo:
     head_ms: float
     device: str
     max_chunk_tokens: int
+    max_draft_rows: int = 0          # --max-draft-tokens: drafted rows one speculative step may carry
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class StepInput:
     sample: bool
     step_id: int
     decode_ms: float = 0.0
+    draft_rows: int = 0             # speculative step: the last draft_rows rows are drafted tokens
 
     @property
     def tokens(self) -> int:
@@ -73,6 +75,7 @@ class Row:
     hidden: np.ndarray | None       # (T, C) float32 when k >= 1
     token_ids: np.ndarray | None    # (T,) int64 when k = 0
     sample: bool
+    draft_rows: int = 0             # speculative step: draw after each of the last draft_rows + 1 rows
 
     @property
     def tokens(self) -> int:
@@ -83,7 +86,7 @@ class Row:
 class StepOutcome:
     """The scheduler's answer to one row."""
 
-    sample: Sample | None
+    sample: Sample | None           # a sampling.Verdict (with the draws of the drafted rows) when speculative
     finished: bool
     position: int                   # the session's position after the chunk
     queue_ms: float

@@ -4,9 +4,16 @@ Everything about sampling — the parameters, the per-position seeds, temperatur
 draw and the logprobs — is defined once in ``protos/sampling.py`` and runs identically on the edge's
 offline fallback; this module only moves a row of logits off the accelerator and maps a bad parameter
 to INVALID_ARGUMENT.
+
+Speculative steps (``Row.draft_rows = g``): the head runs over the last g+1 rows and the plain sampler
+draws after each, at its own position and with its own per-position seed — the very draw the
+non-speculative run makes there. The edge accepts a drafted token iff it equals that draw, so the
+output is identical to the plain run's (greedy and seeded sampling); see seamline.proto.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from seamline.protos.sampling import (
@@ -21,8 +28,16 @@ from seamline.protos.sampling import sample as _sample
 
 from .errors import InvalidArgument
 
-__all__ = ["MAX_TEMPERATURE", "MAX_TOP_LOGPROBS", "Sample", "SamplingParams", "draw_seed", "sample", "sample_rows",
-           "validate"]
+__all__ = ["MAX_TEMPERATURE", "MAX_TOP_LOGPROBS", "Sample", "SamplingParams", "Verdict", "draw_seed", "sample",
+           "sample_rows", "validate"]
+
+
+@dataclass(frozen=True)
+class Verdict(Sample):
+    """The Sample after a speculative step's last row, plus ``drawn``: the draw after each row that
+    precedes a drafted row, in order (``drawn[i]`` verifies draft i)."""
+
+    drawn: tuple[Sample, ...] = ()
 
 
 def validate(params: SamplingParams, vocab_size: int) -> None:
@@ -42,13 +57,20 @@ def sample_rows(adapter, rows: list, x: torch.Tensor, starts: list[int]) -> list
     """The head and the sampler over a forward pass's output ``x`` (B, T, C): one Sample per row that asked.
 
     Worker thread only. ``starts[i]`` is row i's first position, so its sampled token lands at
-    ``starts[i] + T``.
+    ``starts[i] + T``. A speculative row (``draft_rows = g``) gets a :class:`Verdict`: the head runs
+    over its last g+1 rows and the sampler draws after each, at that row's own next position.
     """
     t = x.shape[1]
     samples: list[Sample | None] = [None] * len(rows)
     wanted = [i for i, r in enumerate(rows) if r.sample]
     if wanted:
-        logits = adapter.head(x[wanted, -1:, :])[:, -1].float().cpu()  # (S, V)
+        g = max(r.draft_rows for r in (rows[i] for i in wanted))
+        logits = adapter.head(x[wanted, t - g - 1:, :]).float().cpu()  # (S, g + 1, V)
         for row_logits, i in zip(logits, wanted, strict=True):
-            samples[i] = sample(row_logits, rows[i].session.sampling, starts[i] + t)
+            params, end, d = rows[i].session.sampling, starts[i] + t, rows[i].draft_rows
+            last = sample(row_logits[g], params, end)
+            if d:
+                drawn = tuple(sample(row_logits[g - d + j], params, end - d + j) for j in range(d))
+                last = Verdict(last.token_id, last.logprob, last.top, drawn)
+            samples[i] = last
     return samples

@@ -1,8 +1,10 @@
 """``BatchScheduler``: the engine loop — schedule, execute, update.
 
 Steps are queued in two lines: decode (one-token chunks) and prefill (longer chunks). Each turn
-of the loop runs one decode batch, then one prefill chunk, so a long prompt never holds back the
-sessions that are generating and vice versa. A decode batch takes the oldest queued step, waits
+of the loop runs one decode batch, then one prefill batch (the oldest chunk and the queued chunks of
+other sessions with the same split and length), so a long prompt never holds back the sessions that
+are generating and vice versa. A batch crosses to the executor's thread once and back once: the
+rows' hidden states are dequantized there, in one call, with the forward pass. A decode batch takes the oldest queued step, waits
 up to ``batch_window_ms`` for the other recently decoding sessions to join (only when some are
 expected), and runs up to ``max_batch`` steps of the same split k in one forward pass. Rows are
 grouped by k because a forward pass covers one layer range; a session's tokens do not depend on
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import wire
 from .config import CloudConfig
 from .errors import CloudError, NotFound, ResourceExhausted
 from .executor import TorchExecutor
@@ -107,32 +110,42 @@ class BatchScheduler:
                 if batch:
                     await self._execute_guarded(batch)
             if self.prefill:
-                work = self.prefill.popleft()
-                if not work.future.done():
-                    await self._execute_guarded([work])
+                batch = self._take_prefill_batch()
+                if batch:
+                    await self._execute_guarded(batch)
 
     # ------------------------------------------------------------------------------ schedule
 
-    def _expected_joiners(self, now: float) -> int:
+    def _expire_recent(self, now: float) -> None:
         # Forget sessions that went quiet, and closed or evicted ones at once: a session that no
         # longer exists must not hold every later decode step for the whole batch window.
         for sid in [sid for sid, t in self._recent_decoders.items()
                     if now - t > RECENT_DECODER_S or sid not in self.store.sessions]:
             del self._recent_decoders[sid]
-        queued = {w.row.session.id for w in self.decode}
-        return sum(1 for sid in self._recent_decoders if sid not in queued)
 
     async def _gather_window(self) -> None:
-        """Let other decoding sessions join the oldest decode step's batch, for up to the window."""
+        """Let other decoding sessions join the oldest decode step's batch, for up to the window.
+
+        The sessions expected are the recent decoders not queued yet, found once per batch; each
+        arrival then only crosses its own session off (no pass over every session per arrival).
+        """
         window = self.config.batch_window_ms / 1e3
         deadline = self.decode[0].arrived + window
-        while len(self.decode) < self.config.max_batch:
+        self._expire_recent(time.perf_counter())
+        missing = set(self._recent_decoders).difference(w.row.session.id for w in self.decode)
+        seen = len(self.decode)
+        while missing and len(self.decode) < self.config.max_batch:
             now = time.perf_counter()
-            if now >= deadline or self._expected_joiners(now) == 0:
+            if now >= deadline:
                 return
             self._arrival.clear()
             if not await _wait_event(self._arrival, deadline - now):
                 return
+            for i in range(seen, len(self.decode)):
+                missing.discard(self.decode[i].row.session.id)
+            seen = len(self.decode)
+            sessions = self.store.sessions
+            missing = {sid for sid in missing if sid in sessions}
 
     def _take_decode_batch(self) -> list[StepWork]:
         while self.decode and self.decode[0].future.done():
@@ -150,6 +163,27 @@ class BatchScheduler:
             else:
                 rest.append(work)
         self.decode = rest
+        return batch
+
+    def _take_prefill_batch(self) -> list[StepWork]:
+        """The oldest prefill chunk and the queued chunks of other sessions with the same split and length."""
+        while self.prefill and self.prefill[0].future.done():
+            self.prefill.popleft()
+        if not self.prefill:
+            return []
+        first = self.prefill.popleft()
+        split, tokens = first.row.session.split, first.row.tokens
+        batch, rest = [first], deque()
+        while self.prefill:
+            work = self.prefill.popleft()
+            if work.future.done():
+                continue
+            if (work.row.session.split == split and work.row.tokens == tokens
+                    and len(batch) < self.config.max_batch):
+                batch.append(work)
+            else:
+                rest.append(work)
+        self.prefill = rest
         return batch
 
     # ------------------------------------------------------------------------------- execute
@@ -172,7 +206,7 @@ class BatchScheduler:
                     raise NotFound(f"session {session.id} was closed; open a new session and replay")
                 self.store.reserve(session, session.position + work.row.tokens)
             except CloudError as e:
-                self._finish(work, exc=e)
+                self._finish(work, exc=wire.first_error(work.row.hidden, e))
                 continue
             work.running = True
             ready.append(work)
@@ -219,6 +253,8 @@ class BatchScheduler:
             self._finish(work, StepOutcome(smp, finished, session.position, queue_ms, compute_ms, len(ready)))
 
     def _executor_error(self, e: Exception, size: int) -> CloudError:
+        if isinstance(e, CloudError):  # a bad row (INVALID_ARGUMENT) or a full pool (RESOURCE_EXHAUSTED)
+            return e
         if isinstance(e, torch.OutOfMemoryError):
             return ResourceExhausted(f"device memory exhausted running a batch of {size}; lower --max-batch, "
                                      "--kv-budget or --max-chunk-tokens")
@@ -241,9 +277,12 @@ class BatchScheduler:
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
-    """Wait for ``event`` up to ``timeout`` seconds; False on timeout (no exception on any Python)."""
-    waiter = asyncio.ensure_future(event.wait())
-    done, _ = await asyncio.wait([waiter], timeout=timeout)
-    if not done:
-        waiter.cancel()
-    return bool(done)
+    """Wait for ``event`` up to ``timeout`` seconds; False on timeout (a timer, no task per wait)."""
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

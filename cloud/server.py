@@ -20,9 +20,12 @@ from seamline.partitioner.loading import load_model, model_hash
 from seamline.protos import codec
 from seamline.protos import seamline_pb2 as pb
 
+from . import memory
 from .auth import Authenticator, server_credentials
 from .config import CloudConfig, ConfigError
+from .encoder import EncoderExecutor, executor_for
 from .executor import TorchExecutor
+from .kvpool import KVPool
 from .messages import ModelInfo
 from .metrics import CloudMetrics
 from .scheduler import BatchScheduler
@@ -52,10 +55,41 @@ def tolerant_handlers(service: SeamlineService) -> grpc.GenericRpcHandler:
                                                     pb.InfoReply.SerializeToString),
         "Generate": grpc.stream_stream_rpc_method_handler(service.Generate, loads(pb.GenerateRequest),
                                                           pb.GenerateReply.SerializeToString),
+        "Embed": grpc.unary_unary_rpc_method_handler(service.Embed, loads(pb.EmbedRequest),
+                                                     pb.EmbedReply.SerializeToString),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Seamline"].full_name  # seamline.v1.Seamline
+
+
+@dataclass(eq=False)
+class Trimmer:
+    """Frees a dropped session's KV at once, and after a burst of releases (or when the last session went)
+    hands the freed memory back to the OS: the KV slab's free pages, then the malloc heap (memory.py)."""
+
+    store: SessionStore
+    pool: KVPool | None
+    executor: object
+    released: int = 0
+    burst: int = 16
+    interval_s: float = 0.5
+    trims: int = 0
+
+    def on_release(self, session_id: str) -> None:
+        if self.pool is not None:
+            self.pool.release(session_id)
+        self.released += 1
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            if self.released >= self.burst or (self.released and not len(self.store)):
+                self.released = 0
+                if self.pool is not None:
+                    await self.executor.run(self.pool.trim)  # on the worker: the slab's one writer
+                await asyncio.to_thread(memory.trim)
+                self.trims += 1
 
 
 @dataclass(eq=False)
@@ -64,7 +98,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     model: ModelInfo
-    executor: TorchExecutor
+    executor: TorchExecutor | EncoderExecutor
     store: SessionStore
     scheduler: BatchScheduler
     service: SeamlineService
@@ -72,6 +106,7 @@ class RunningServer:
     metrics: CloudMetrics
     metrics_port: int | None
     tasks: list[asyncio.Task] = field(default_factory=list)
+    trimmer: Trimmer | None = None
     _stopping: bool = False
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -106,12 +141,14 @@ class RunningServer:
         await self._stopped.wait()
 
 
-async def serve(config: CloudConfig) -> RunningServer:
+async def serve(config: CloudConfig, make_executor=None) -> RunningServer:
+    """Start serving; ``make_executor(model, config)`` replaces the executor (the benchmarks' NullExecutor)."""
     auth = Authenticator.from_config(config)      # configuration errors before the slow part
     credentials = server_credentials(config)
+    memory.cap_arenas()  # before the server's threads exist: their arenas would keep freed memory
     model, path = await asyncio.to_thread(load_model, config.model)
     digest = await asyncio.to_thread(model_hash, path)
-    executor = await asyncio.to_thread(TorchExecutor, model, config)
+    executor = await asyncio.to_thread(make_executor or executor_for, model, config)  # Encoder: BERT (Embed)
     shape = executor.shape
     if config.min_split > shape.num_layers:
         raise ConfigError(f"min_split {config.min_split} exceeds the model's {shape.num_layers} layers")
@@ -119,14 +156,15 @@ async def serve(config: CloudConfig) -> RunningServer:
     info = ModelInfo(model_id="demo" if config.model == "demo" else path.name, model_hash=digest, shape=shape,
                      min_split=config.min_split, max_split=shape.num_layers, codecs=codec.CODEC_NAMES,
                      layer_ms=tuple(layer_ms), head_ms=head_ms, device=executor.device_name,
-                     max_chunk_tokens=config.max_chunk_tokens)
+                     max_chunk_tokens=config.max_chunk_tokens, max_draft_rows=config.max_draft_tokens)
 
     store = SessionStore(config, shape.max_positions)
     metrics = CloudMetrics()
     scheduler = BatchScheduler(config, executor, store, metrics)
     metrics.bind(lambda: len(store), lambda: store.kv_bytes, lambda: scheduler.queue_depth)
     store.on_evict = lambda _session: metrics.evictions.inc()
-    store.on_release = executor.pool.release
+    trimmer = Trimmer(store, executor.pool if shape.causal else None, executor)
+    store.on_release = trimmer.on_release
     service = SeamlineService(config, info, store, scheduler, executor, auth, metrics)
 
     max_message = config.max_chunk_tokens * shape.hidden_size * 4 + (1 << 16)  # an fp32 chunk + headroom
@@ -158,7 +196,8 @@ async def serve(config: CloudConfig) -> RunningServer:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(config, server, port, info, executor, store, scheduler, service, health_servicer,
-                            metrics, metrics_port)
+                            metrics, metrics_port, trimmer=trimmer)
     running.tasks += [asyncio.create_task(scheduler.run(), name="seamline-scheduler"),
-                      asyncio.create_task(store.run_evictor(), name="seamline-evictor")]
+                      asyncio.create_task(store.run_evictor(), name="seamline-evictor"),
+                      asyncio.create_task(trimmer.run(), name="seamline-trim")]
     return running

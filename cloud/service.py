@@ -17,6 +17,7 @@ from seamline.protos import seamline_pb2_grpc
 from . import wire
 from .auth import Authenticator
 from .config import CloudConfig
+from .encoder import Embedder, check_causal
 from .errors import CloudError, IdleStream, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from .executor import TorchExecutor
 from .messages import Load, ModelInfo, Row
@@ -55,6 +56,7 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
         self.auth = auth
         self.metrics = metrics
         self.draining = False
+        self.embedder = Embedder(config, model, executor, metrics)  # encoders: Embed (cloud/encoder.py)
 
     def load(self) -> Load:
         return Load(len(self.store), self.config.max_sessions, self.store.kv_bytes, self.config.kv_budget,
@@ -64,7 +66,7 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
         self.metrics.errors.labels(error.status).inc()
         if error.status == "INTERNAL":
             log.error("internal error: %s", error.message)
-        await context.abort(grpc.StatusCode[error.status], error.message, trailing_metadata=error.metadata)
+        await context.abort(grpc.StatusCode[error.status], error.message)
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
         try:
@@ -73,6 +75,17 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
         except CloudError as e:
             await self._abort(context, e)
         return wire.info_reply(self.model, self.load())
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedReply:
+        """Encoders: one pooled embedding per input (cloud/encoder.py); an error ends only this call."""
+        try:
+            _parsed(request)
+            self.auth.device_for(context.invocation_metadata())
+            if self.draining:
+                raise Unavailable(DRAINING)
+            return await self.embedder.embed(request)
+        except CloudError as e:
+            await self._abort(context, e)
 
     async def Generate(self, request_iterator, context: grpc.aio.ServicerContext):
         """One generation on one stream: open, steps, end (see the sequence in seamline.proto)."""
@@ -122,7 +135,8 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
         """The next message of the stream, None at its end; DEADLINE_EXCEEDED when it stays silent."""
         timeout = self.config.stream_idle_timeout
         try:
-            return await asyncio.wait_for(requests.__anext__(), timeout)
+            async with asyncio.timeout(timeout):  # a timer, not a task per message as wait_for makes
+                return await requests.__anext__()
         except StopAsyncIteration:
             return None
         except TimeoutError:
@@ -132,6 +146,7 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
     def _open(self, request: pb.OpenRequest, device: str) -> Session:
         if self.draining:
             raise Unavailable(DRAINING)
+        check_causal(self.model)  # an encoder answers Embed only
         params = wire.open_params(request, self.model)
         session = self.store.open(device, params.split, params.codec, params.sampling,
                                   self.executor.bytes_per_token(params.split))
@@ -148,14 +163,15 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
                 raise Unavailable(DRAINING)
             session.check_start(request.start_position)
             if request.hidden.ByteSize() > THREAD_DECODE_BYTES:
-                inp = await asyncio.to_thread(wire.step_input, request, session, self.model)
+                inp = await asyncio.to_thread(wire.step_input, request, session, self.model, False)
             else:
-                inp = wire.step_input(request, session, self.model)
+                inp = wire.step_input(request, session, self.model, False)  # dequantized with its batch
             end, limit = inp.start_position + inp.tokens, self.model.shape.max_positions
             if end > limit:
-                raise ResourceExhausted(f"the context is full: positions up to {end} exceed the model's "
-                                        f"max_positions={limit}; stop the generation or start over with a "
-                                        "shorter history")
+                raise wire.first_error(inp.hidden, ResourceExhausted(
+                    f"the context is full: positions up to {end} exceed the model's max_positions={limit}; stop "
+                    "the generation or start over with a shorter history"))
             session.rewind(inp.start_position)
-            outcome = await self.scheduler.submit(Row(session, inp.hidden, inp.token_ids, inp.sample))
+            outcome = await self.scheduler.submit(Row(session, inp.hidden, inp.token_ids, inp.sample,
+                                                      draft_rows=inp.draft_rows))
         return wire.step_reply(inp, outcome)

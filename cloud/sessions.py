@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .config import CloudConfig
-from .errors import NotFound, PositionMismatch, ResourceExhausted
+from .errors import FailedPrecondition, NotFound, ResourceExhausted
 
 if TYPE_CHECKING:
     from seamline.protos.codec import CodecConfig
@@ -57,10 +57,9 @@ class Session:
 
     def check_start(self, start: int) -> None:
         if start > self.position:
-            raise PositionMismatch(
+            raise FailedPrecondition(
                 f"chunk starts at position {start} but session {self.id} holds {self.position} positions; "
-                f"resend from position {self.position}, or replay the history on a new session",
-                server_position=self.position)
+                f"resend from position {self.position}, or replay the history on a new session")
 
     def rewind(self, start: int) -> None:
         """Drop cached positions >= start (the buffer keeps its size; later writes overwrite them)."""

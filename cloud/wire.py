@@ -12,7 +12,7 @@ import numpy as np
 from seamline.protos import codec
 from seamline.protos import seamline_pb2 as pb
 
-from .errors import FailedPrecondition, InvalidArgument
+from .errors import CloudError, FailedPrecondition, InvalidArgument
 from .messages import Load, ModelInfo, OpenParams, StepInput, StepOutcome
 from .sampling import SamplingParams, validate
 from .sessions import Session
@@ -43,10 +43,18 @@ def open_params(req: pb.OpenRequest, model: ModelInfo) -> OpenParams:
     return OpenParams(req.split, cfg, sampling)
 
 
-def step_input(req: pb.StepRequest, session: Session, model: ModelInfo) -> StepInput:
-    """Validate and decode one StepRequest for ``session`` (codec decoding happens here)."""
+def step_input(req: pb.StepRequest, session: Session, model: ModelInfo, dequantize: bool = True) -> StepInput:
+    """Validate and decode one StepRequest for ``session`` (codec decoding happens here).
+
+    ``dequantize=False`` (the service): every check of the tensor runs here, but ``hidden`` is left a
+    ``codec.Checked`` whose values the executor dequantizes with the other rows of its batch in one call
+    (``codec.decode_batch``); a bad value found there fails that row alone with INVALID_ARGUMENT.
+    """
     if req.start_position < 0:
         raise InvalidArgument(f"start_position must be >= 0, got {req.start_position}")
+    drafts = req.draft_rows
+    if drafts:
+        _check_drafts(req, model)
     kind = req.WhichOneof("input")
     limit = model.max_chunk_tokens
     hidden = token_ids = None
@@ -72,11 +80,44 @@ def step_input(req: pb.StepRequest, session: Session, model: ModelInfo) -> StepI
             raise InvalidArgument(f"a chunk of {shape[0]} tokens exceeds max_chunk_tokens={limit}; split the "
                                   f"prefill into chunks of at most {limit}")
         try:
-            hidden = codec.decode(req.hidden, session.codec, codec.DecodeLimits(model.shape.hidden_size, limit))
+            hidden = codec.check(req.hidden, session.codec, codec.DecodeLimits(model.shape.hidden_size, limit))
+            if dequantize:
+                hidden = codec.dequantize(hidden)
         except codec.CodecError as e:
             raise InvalidArgument(f"bad hidden-state tensor: {e}") from None
-    return StepInput(session.id, req.start_position, hidden, token_ids, req.sample, req.step_id,
-                     decode_ms=(time.perf_counter() - t0) * 1e3)
+    inp = StepInput(session.id, req.start_position, hidden, token_ids, req.sample, req.step_id,
+                    decode_ms=(time.perf_counter() - t0) * 1e3, draft_rows=drafts)
+    if drafts >= inp.tokens:
+        raise InvalidArgument(f"a speculative step of {inp.tokens} rows cannot carry {drafts} drafted rows: the "
+                              "row of the newest accepted token comes first, then at most rows - 1 drafts")
+    return inp
+
+
+def _check_drafts(req: pb.StepRequest, model: ModelInfo) -> None:
+    """A speculative step's own fields (its rows are checked with the tensor)."""
+    drafts, cap = req.draft_rows, model.max_draft_rows
+    if drafts < 0:
+        raise InvalidArgument(f"draft_rows must be >= 0, got {drafts}")
+    if drafts > cap:
+        raise InvalidArgument(f"a speculative step of {drafts} drafted rows exceeds --max-draft-tokens={cap} of "
+                              f"this server; draft at most {cap} tokens per step" if cap else
+                              "this server verifies no drafts (--max-draft-tokens=0); send plain steps "
+                              "(draft_rows = 0) or raise --max-draft-tokens")
+    if not req.sample:
+        raise InvalidArgument("a speculative step (draft_rows > 0) must set sample = true: its drafts are "
+                              "verified by the tokens drawn after them")
+
+
+def first_error(hidden, error: CloudError) -> CloudError:
+    """On an error path: INVALID_ARGUMENT when a deferred hidden state (``step_input(dequantize=False)``) has
+    bad values, else ``error`` — a malformed tensor is reported before any resource or session error, as
+    when every tensor was dequantized on arrival."""
+    if isinstance(hidden, codec.Checked):
+        try:
+            codec.dequantize(hidden)
+        except codec.CodecError as e:
+            return InvalidArgument(f"bad hidden-state tensor: {e}")
+    return error
 
 
 def step_reply(inp: StepInput, outcome: StepOutcome) -> pb.StepReply:
@@ -88,12 +129,19 @@ def step_reply(inp: StepInput, outcome: StepOutcome) -> pb.StepReply:
         reply.token_id = outcome.sample.token_id
         reply.logprob = outcome.sample.logprob
         reply.top_logprobs.extend(pb.TopLogprob(token_id=t, logprob=lp) for t, lp in outcome.sample.top)
+        for s in getattr(outcome.sample, "drawn", ()):  # a speculative step's Verdict
+            reply.drawn_ids.append(s.token_id)
+            reply.drawn_logprobs.append(s.logprob)
+            if s.top:
+                reply.drawn_top_logprobs.add().entries.extend(pb.TopLogprob(token_id=t, logprob=lp)
+                                                              for t, lp in s.top)
     return reply
 
 
 def open_reply(session: Session, model: ModelInfo) -> pb.OpenReply:
     return pb.OpenReply(session_id=session.id, hidden_size=model.shape.hidden_size,
-                        max_chunk_tokens=model.max_chunk_tokens, max_positions=model.shape.max_positions)
+                        max_chunk_tokens=model.max_chunk_tokens, max_positions=model.shape.max_positions,
+                        max_draft_rows=model.max_draft_rows)
 
 
 def info_reply(model: ModelInfo, load: Load) -> pb.InfoReply:
@@ -104,6 +152,7 @@ def info_reply(model: ModelInfo, load: Load) -> pb.InfoReply:
         min_split=model.min_split, max_split=model.max_split,
         codecs=[codec.codec_enum(c) for c in model.codecs], layer_ms=list(model.layer_ms),
         head_ms=model.head_ms, max_chunk_tokens=model.max_chunk_tokens, device=model.device,
+        max_draft_rows=model.max_draft_rows,
         load=pb.LoadReport(active_sessions=load.active_sessions, max_sessions=load.max_sessions,
                            kv_bytes=load.kv_bytes, kv_budget_bytes=load.kv_budget_bytes,
                            queue_depth=load.queue_depth, queue_ms_p50=load.queue_ms_p50))

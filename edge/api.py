@@ -5,6 +5,9 @@ Routes:
   ``"stream": true`` answers server-sent events (``data: {...}`` chunks, then ``data: [DONE]``).
   A failure before the first token is a plain HTTP error (400 bad request, 503 cloud unreachable
   without a full bundle, ...); after it, an ``{"error": ...}`` event ends the stream.
+- ``POST /v1/embeddings`` (encoder bundles): ``input`` a string or a list of them (or token ids),
+  ``encoding_format`` float or base64; k blocks here, the rest and the pooling in the cloud
+  (``embeddings``), on the device alone when the cloud is unreachable and the bundle is complete.
 - ``GET /v1/models``: the one model this agent serves.
 - ``GET /healthz``: 200 with the bundle, split, codec, cloud endpoints and offline-fallback ability;
   503 while draining.
@@ -31,6 +34,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from . import embeddings as emb
 from .engine import GenerationEngine
 from .errors import BadRequest, Draining, EdgeError, PayloadTooLarge
 from .generation import Generation
@@ -41,10 +45,12 @@ from .openai_compat import (
     CHAT,
     COMPLETION,
     ResponseShaper,
+    embeddings_body,
     error_body,
     parse_json,
     read_chat,
     read_completion,
+    read_embeddings,
 )
 
 log = logging.getLogger("seamline.edge")
@@ -144,6 +150,9 @@ async def _generate(request: Request, kind: str) -> Response:
         return _error(Draining("the agent is shutting down; retry on a running agent"), route, state)
     engine = state.engine
     try:
+        if not engine.manifest.causal:
+            raise BadRequest(f"{engine.manifest.model_id} is an encoder ({engine.manifest.family}): it embeds, it "
+                             "does not generate; use /v1/embeddings", "model")
         raw = await _read_body(request, engine.config.max_body_bytes)
         body = parse_json(raw)
         del raw
@@ -252,6 +261,40 @@ async def chat_completions(request: Request) -> Response:
     return await _generate(request, CHAT)
 
 
+async def embeddings(request: Request) -> Response:
+    """``POST /v1/embeddings``: one pooled, L2-normalised vector per input (see ``embeddings.py``)."""
+    state: AgentState = request.app.state.agent
+    route = request.url.path
+    if state.draining:
+        return _error(Draining("the agent is shutting down; retry on a running agent"), route, state)
+    engine = state.engine
+    try:
+        emb.check_encoder(engine)
+        raw = await _read_body(request, engine.config.max_body_bytes)
+        body = parse_json(raw)
+        del raw
+        req = read_embeddings(body, engine.limits(), engine.manifest.hidden_size)
+        del body
+        if req.texts:
+            ids = await _unless_gone(request, asyncio.to_thread(engine.runtime.encode_batch, list(req.texts)))
+        else:
+            ids = [list(x) for x in req.ids]
+        emb.check_lengths(ids, engine.manifest.max_positions, "this model (max_positions)")
+        result = await _unless_gone(request, emb.embed(engine, ids))
+    except EdgeError as e:
+        return _error(e, route, state)
+    except ClientDisconnect:
+        return _gone(state, route, "while sending the body")
+    except ClientGone:
+        return _gone(state, route, "while its embeddings were computed")
+    except Exception as e:  # a bug: 500 with the reason, the traceback logged once
+        log.exception("embeddings failed")
+        return _error(EdgeError(f"internal error: {type(e).__name__}: {e}"), route, state)
+    state.metrics.count_request(route, 200)
+    return JSONResponse(embeddings_body(result.vectors, result.tokens, req, req.model or state.model_name,
+                                        result.stats.to_dict()))
+
+
 async def models(request: Request) -> Response:
     state: AgentState = request.app.state.agent
     return JSONResponse({"object": "list", "data": [
@@ -274,6 +317,7 @@ def create_app(state: AgentState) -> Starlette:
     app = Starlette(routes=[
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

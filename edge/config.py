@@ -98,6 +98,12 @@ class EdgeConfig(Settings, section="edge"):
                                     choices=PRECISIONS)
     verify: bool = setting(True, "check every bundle file's sha256 at start-up")
     chunk_tokens: int = setting(64, "prefill chunk size, tokens per Step request", low=1, metavar="N")
+    speculate: str = setting("off", "speculative decoding: draft tokens on the edge and let the cloud verify "
+                             "several per round trip (output unchanged): off | prompt-lookup | auto (prompt "
+                             "lookup, the number of drafts chosen from the measured acceptance and RTT) | a "
+                             "drafter the bundle ships (e.g. shallow-exit)", metavar="MODE")
+    draft_tokens: int = setting(4, "--speculate: drafted tokens per step (the most, with auto)", low=1, high=64,
+                                metavar="N")
     connect_timeout: float = setting(5.0, "seconds for Info / Open / Close calls", low=0, metavar="SECONDS")
     step_timeout: float = setting(30.0, "a cloud reply slower than this counts as a broken link: reconnect and "
                                   "replay", low=0, metavar="SECONDS")

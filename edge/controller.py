@@ -407,9 +407,11 @@ class AdaptivePolicy:
     def from_manifest(cls, manifest: Manifest, link: LinkEstimate | None = None,
                       config: ControllerConfig = ControllerConfig(), clock: Callable[[], float] = time.monotonic,
                       codecs: tuple[str, ...] | None = None, min_agreement: float | None = None,
-                      deadline_ms: float | None = None, zstd: bool = True) -> AdaptivePolicy:
+                      deadline_ms: float | None = None, zstd: bool = True,
+                      splits: tuple[int, ...] | None = None) -> AdaptivePolicy:
         """Profiles from ``manifest.plan["profiles"]`` (written by ``partition --split auto``), else rough
-        estimates from the model size that live measurements then correct."""
+        estimates from the model size that live measurements then correct. ``codecs`` and ``splits`` (``L`` =
+        all-local) narrow the menu it chooses from."""
         profiles = (manifest.plan or {}).get("profiles") or {}
         L, H = manifest.num_layers, manifest.hidden_size
         if profiles.get("edge") and profiles.get("cloud"):
@@ -425,7 +427,7 @@ class AdaptivePolicy:
                                     layers=manifest.edge_layers)
             cloud = CloudProfile.flat(L, H, per_layer_mflop / 20, per_layer_mflop * 64 / 100, 0.05, head_mflop / 20)
         constraints = Constraints.from_manifest(manifest, codecs=codecs, min_agreement=min_agreement,
-                                                deadline_ms=deadline_ms)
+                                                deadline_ms=deadline_ms, splits=splits)
         ctl = Controller(edge, cloud, WireModel.from_manifest(manifest), constraints, link or DEFAULT_LINK, config,
                          clock, manifest_codecs(manifest, zstd))
         return cls(ctl)

@@ -49,10 +49,6 @@ class LinkError(EdgeError):
 class SessionLost(LinkError):
     """NOT_FOUND or a position mismatch: the cloud lost (part of) the session; replay the history."""
 
-    def __init__(self, message: str, server_position: int | None = None):
-        super().__init__(message)
-        self.server_position = server_position
-
 
 class LinkBroken(LinkError):
     """The stream broke, the endpoint died or did not answer in time: reconnect and replay."""

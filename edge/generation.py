@@ -26,6 +26,17 @@ While it runs locally with an adaptive policy, a probe asks the cloud for ``Info
 ``probe_interval`` s and hands the timing to the policy; once the link works again and the policy
 predicts the cloud saves more over the remaining tokens than the replay costs, the generation moves
 back (at the split it left, the history is resent as it is; at another, it is recomputed first).
+
+Speculative decoding (``--speculate``, ``speculation.py``, ``drafters.py``): a decode step whose history
+the cloud already holds (only the newest token t is new) carries drafts: the drafter guesses d1..dg, the
+edge runs its k layers over [t, d1..dg] (reusing the rows a model drafter computed through
+``DraftContext.extend``) and sends them as one step; the cloud answers the token its sampler draws after
+each row, and the edge accepts the drafts up to the first that differs from the draw there. The step
+yields the accepted drafts and the draw after them (1 to g+1 tokens, emitted one event each). Then the
+edge keeps only accepted rows: ``hist`` gets the rows of t and the accepted drafts, the edge KV cache is
+truncated past them, and ``cloud_pos`` stops after them (the cloud rewinds to it on the next step). A
+replay therefore resends accepted history only. The output is the plain run's, token for token (see
+seamline.proto). The local path never speculates.
 """
 
 from __future__ import annotations
@@ -40,7 +51,8 @@ import numpy as np
 from seamline.protos.codec import CodecConfig
 
 from . import sampling, wire
-from .errors import CloudUnavailable, EdgeError, LinkBroken, NoRoute, SessionLost
+from .drafters import DRAFTERS, DraftContext, drafter_for
+from .errors import BadRequest, CloudUnavailable, EdgeError, LinkBroken, NoRoute, SessionLost
 from .link import LinkSession
 from .messages import (
     CLOUD,
@@ -59,6 +71,7 @@ from .messages import (
 )
 from .policy import FixedPolicy
 from .runtime import EdgeCache
+from .speculation import AUTO, OFF, PROMPT_LOOKUP, Speculator, accepted_prefix
 from .text import TextTracker
 
 if TYPE_CHECKING:
@@ -124,6 +137,15 @@ class Generation:
         self._probe: asyncio.Task | None = None  # asks the cloud whether the link works while running locally
         if self.mode == LOCAL:
             self.stats.fallback_reason = "no cloud endpoint configured"
+        self.spec_mode = request.speculate or self.config.speculate
+        self.spec_gamma = request.draft_tokens or self.config.draft_tokens
+        if self.spec_mode not in (OFF, AUTO) and self.spec_mode not in DRAFTERS:
+            raise BadRequest(f"speculate must be one of off, auto, {', '.join(sorted(DRAFTERS))}; got "
+                             f"{self.spec_mode!r}", "speculate")
+        if not 1 <= self.spec_gamma <= 64:
+            raise BadRequest(f"draft_tokens must be in [1, 64], got {self.spec_gamma}", "draft_tokens")
+        self.stats.speculate = self.spec_mode
+        self._speculators: dict[int, Speculator | None] = {}  # per split k: drafters are split-specific
 
     # -- the loop ---------------------------------------------------------------------------------
     async def events(self) -> AsyncIterator[GenerationEvent]:
@@ -138,7 +160,7 @@ class Generation:
             while self.finish_reason is None:
                 if self.mode == CLOUD:
                     try:
-                        token, logprob, top = await self._cloud_token()
+                        picked = await self._cloud_tokens()
                     except CloudUnavailable as e:
                         self._require_local(e.message)
                         log.warning("cloud unavailable, generating locally: %s", e.message)
@@ -147,25 +169,30 @@ class Generation:
                         self._go_local()
                         continue
                 else:
-                    token, logprob, top = await self._local_token()
-                if not self.tokens and self.stats.ttft_ms == 0:
-                    self.stats.ttft_ms = (time.perf_counter() - t0) * 1e3
-                self.ids.append(token)
-                self.stats.served_by[self.mode] += 1
+                    picked = [await self._local_token()]
+                mode = self.mode
+                for token, logprob, top in picked:  # a speculative step yields several; one event each
+                    if not self.tokens and self.stats.ttft_ms == 0:
+                        self.stats.ttft_ms = (time.perf_counter() - t0) * 1e3
+                    self.ids.append(token)
+                    self.stats.served_by[mode] += 1
+                    if token in self.stop_ids:
+                        self.finish_reason = "stop"
+                        break
+                    info = TokenInfo(token, self.engine.token_text(token), logprob, top, mode)
+                    self.tokens.append(info)
+                    delta = self.text.push(token)
+                    if self.text.stopped:
+                        self.finish_reason = "stop"
+                    elif len(self.tokens) >= self.max_new:
+                        self.finish_reason = "length"
+                    yield GenerationEvent(delta, (info,))
+                    if self.finish_reason is not None:
+                        break  # tokens after a stop or past max_tokens are dropped
                 if self._pending is not None:  # the policy moved the split: from the next token on
-                    self._move(self._pending)
+                    if self.finish_reason is None:
+                        self._move(self._pending)
                     self._pending = None
-                if token in self.stop_ids:
-                    self.finish_reason = "stop"
-                    break
-                info = TokenInfo(token, self.engine.token_text(token), logprob, top, self.mode)
-                self.tokens.append(info)
-                delta = self.text.push(token)
-                if self.text.stopped:
-                    self.finish_reason = "stop"
-                elif len(self.tokens) >= self.max_new:
-                    self.finish_reason = "length"
-                yield GenerationEvent(delta, (info,))
             tail = self.text.flush()
             if tail:
                 yield GenerationEvent(tail)
@@ -293,7 +320,8 @@ class Generation:
                                  "for the cloud")
         return left
 
-    async def _cloud_token(self) -> tuple[int, float, tuple]:
+    async def _cloud_tokens(self) -> list[tuple[int, float, tuple]]:
+        """The next token(s) from the cloud: one, or 1 to g+1 from a speculative step; replays as needed."""
         link = self.engine.link
         failures = 0
         while True:
@@ -304,7 +332,10 @@ class Generation:
                 self.cloud_pos = 0
                 self.stats.endpoint = self.session.endpoint
             try:
-                return await self._feed(self.session)
+                spec = self._speculator()
+                if spec is not None and self._decoding(self.session):
+                    return await self._speculative_step(self.session, spec)
+                return [await self._feed(self.session)]
             except SessionLost as e:  # the stream (= the session) is gone: a new stream, resend from 0
                 error = e
                 self._close_session()
@@ -375,7 +406,7 @@ class Generation:
                     raise
                 if result.position != chunk.end:
                     raise SessionLost(f"{session.endpoint} reports position {result.position} after a chunk "
-                                      f"ending at {chunk.end}", server_position=result.position)
+                                      f"ending at {chunk.end}")
                 self.cloud_pos = chunk.end
                 self.stats.add_step(result)
                 self._observe(session, chunk, result)
@@ -387,6 +418,134 @@ class Generation:
         if result is None or result.token_id is None:
             raise LinkBroken(f"{session.endpoint} answered the last chunk without a token")
         return result.token_id, result.logprob, result.top_logprobs
+
+    # -- speculative steps ---------------------------------------------------------------------------
+    def _speculator(self) -> Speculator | None:
+        """This generation's speculation at the current split (None: off, or no drafter for this split)."""
+        if self.spec_mode == OFF or self.choice is None:
+            return None
+        k = self.choice.k
+        if k not in self._speculators:
+            name = PROMPT_LOOKUP if self.spec_mode == AUTO else self.spec_mode
+            try:
+                drafter = drafter_for(name, self.engine.runtime, k)
+            except LookupError as e:
+                log.warning("no speculation at split %d: %s", k, e)
+                drafter = None
+            self._speculators[k] = None if drafter is None else Speculator(drafter, self.spec_mode, self.spec_gamma)
+        return self._speculators[k]
+
+    def _decoding(self, session: LinkSession) -> bool:
+        """True when only the newest token is new to the cloud and the edge holds every other row (a decode
+        step, not a prefill or replay) and the session verifies drafts."""
+        n = len(self.ids)
+        return (session.max_draft_rows > 0 and self.cloud_pos == n - 1
+                and (self.choice.k == 0 or self.hist.length == self.edge_sched == n - 1))
+
+    def _commit_rows(self, start: int, hidden: np.ndarray | None, keep: int) -> None:
+        """Keep the first ``keep`` rows of a speculative step's hidden (t, then the accepted drafts) and
+        forget the rest on the edge: the history gets them, the KV cache is truncated after them."""
+        if self.choice.k > 0:
+            if hidden is not None and keep:
+                self.hist.append(hidden[:keep])
+            self.cache.truncate(self.hist.length)
+            self.edge_sched = self.hist.length
+
+    async def _speculative_step(self, session: LinkSession, spec: Speculator) -> list[tuple[int, float, tuple]]:
+        """Draft, send [t, drafts] in one step, accept the drafts the cloud's draws confirm (see the top)."""
+        k, cfg = self.choice.k, self.choice.codec
+        m, runtime, cache, drafter = self.engine.manifest, self.engine.runtime, self.cache, spec.drafter
+        ids, n = self.ids, len(self.ids)
+        start = n - 1  # the newest token's position: the cloud holds [0, start)
+        limit = min(session.max_draft_rows, session.max_chunk_tokens - 1, m.max_positions - n,
+                    self.max_new - len(self.tokens) - 1)
+        gamma = spec.gamma(limit)
+        zmin = m.codec.zstd_min_tokens
+        vocab = m.vocab_size
+
+        def job():
+            rows: list[np.ndarray] = []  # (C,) rows at split k: t's first, then the drafts'
+            extended: list[int] = []
+            hidden_last = None
+            if k > 0 and gamma > 0 and getattr(drafter, "uses_hidden", False):
+                rows.append(runtime.forward([ids[-1]], start, k, cache)[0])
+                hidden_last = rows[0]
+
+            def extend(token: int) -> np.ndarray:
+                if k == 0:
+                    raise LookupError("split 0 runs no edge layers: there is no hidden state to extend")
+                if not rows:
+                    rows.append(runtime.forward([ids[-1]], start, k, cache)[0])
+                row = runtime.forward([int(token)], start + len(rows), k, cache)[0]
+                rows.append(row)
+                extended.append(int(token))
+                return row
+
+            drafts: list[int] = []
+            if gamma > 0:
+                try:
+                    proposed = list(drafter.draft(DraftContext(ids, hidden_last, extend), gamma))[:gamma]
+                except Exception:  # a failing drafter costs its drafts, never the generation
+                    log.exception("drafter %s failed; this step carries no drafts", drafter.name)
+                    proposed = []
+                for d in proposed:
+                    if not 0 <= int(d) < vocab:
+                        break  # a drafter's bug must not reach the cloud (INVALID_ARGUMENT at k = 0)
+                    drafts.append(int(d))
+            if k == 0:
+                return drafts, None, wire.encode_chunk(start, None, [ids[-1], *drafts], cfg, True, zmin)
+            keep = accepted_prefix(extended, drafts)  # extended rows the drafts still use
+            if rows and len(rows) > 1 + keep:
+                cache.truncate(start + 1 + keep)
+                del rows[1 + keep:]
+            todo = ([] if rows else [ids[-1]]) + drafts[keep:]
+            if todo:
+                rows.extend(runtime.forward(todo, start + len(rows), k, cache))
+            hidden = np.stack(rows)  # (1 + g, C)
+            return drafts, hidden, wire.encode_chunk(start, hidden, None, cfg, True, zmin)
+
+        task = asyncio.get_running_loop().create_task(self.engine.worker.run(job))
+        try:
+            (drafts, hidden, encoded), ms = await asyncio.shield(task)
+        except BaseException:
+            if not task.done():  # cancelled while the worker runs: let it finish before touching the cache
+                await asyncio.wait([task])
+            self._commit_rows(start, None, 0)
+            raise
+        g = len(drafts)
+        chunk = OutgoingChunk(encoded.start, encoded.end, True, encoded.payload, ms, draft_rows=g)
+        self.stats.edge_ms += ms
+        try:
+            await session.send(chunk, self._step_timeout())
+            try:
+                result = await session.recv(self._step_timeout())
+            except LinkBroken:
+                self._time_left()  # a step cut short by the request deadline is DeadlinePassed
+                raise
+            if result.position != chunk.end:
+                raise SessionLost(f"{session.endpoint} reports position {result.position} after a chunk "
+                                  f"ending at {chunk.end}")
+            if result.token_id is None or len(result.drawn) != g:
+                raise LinkBroken(f"{session.endpoint} answered a step of {g} drafts with {len(result.drawn)} "
+                                 f"draws{'' if result.token_id is not None else ' and no token'}")
+        except BaseException:
+            self._commit_rows(start, hidden, 1)  # t's row is history; the drafts' rows are not
+            raise
+        a = accepted_prefix(drafts, [x[0] for x in result.drawn])
+        self._commit_rows(start, hidden, 1 + a)
+        self.cloud_pos = start + 1 + a  # the cloud holds start + 1 + g; the next step rewinds it here
+        picked = list(result.drawn[:a])
+        picked.append(result.drawn[a] if a < g else (result.token_id, result.logprob, result.top_logprobs))
+        self.stats.add_step(result)
+        if g:
+            self.stats.speculative_steps += 1
+            self.stats.drafted_tokens += g
+            self.stats.accepted_tokens += a
+        t = result.timings
+        spec.observe(g, a, rows=g + 1, edge_ms=ms, fixed_ms=result.network_ms + t.queue_ms + t.decode_ms,
+                     compute_ms=t.compute_ms)
+        self._observe(session, chunk, result)
+        return picked
 
     def _observe(self, session: LinkSession, chunk: OutgoingChunk, result: StepResult) -> None:
         tokens = chunk.end - chunk.start

@@ -52,6 +52,7 @@ class LinkSession:
         self._call = call
         self.session_id = reply.session_id  # for logs only: nothing sent names the session
         self.max_chunk_tokens = reply.max_chunk_tokens or info.max_chunk_tokens or 256
+        self.max_draft_rows = reply.max_draft_rows  # 0: a server that verifies no drafts (or predates them)
         self._in_flight: deque[tuple[float, int]] = deque()  # (sent at, bytes) per unanswered request
         self._last_reply = 0.0
         self._step_id = 0

@@ -25,6 +25,8 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()        # stop strings, matched on the decoded text
     deadline: float | None = None     # seconds from the start; past it the rest is generated locally
+    speculate: str | None = None      # off | prompt-lookup | auto | a drafter's name (None: the agent's)
+    draft_tokens: int | None = None   # drafts per speculative step (None: the agent's --draft-tokens)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class CloudInfo:
     head_ms: float
     max_chunk_tokens: int
     device: str
+    max_draft_rows: int = 0           # drafted rows one speculative step may carry (0: no speculation)
     active_sessions: int = 0
     queue_depth: int = 0
     queue_ms_p50: float = 0.0
@@ -109,6 +112,7 @@ class OutgoingChunk:
     sample: bool
     payload: Any                      # an encoded tensor or token ids (built by ``wire``; opaque here)
     edge_ms: float = 0.0              # edge compute + encode spent on it
+    draft_rows: int = 0               # speculative step: the last draft_rows rows are drafted tokens
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,8 @@ class StepResult:
     bytes_received: int
     rtt_ms: float                     # from when the cloud could start on it to its reply
     network_ms: float                 # rtt minus the server's queue, compute and decode time
+    drawn: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] = ()  # speculative: (id, logprob,
+    #                                   top) drawn after each row before a drafted row; token_id follows
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,14 @@ class GenerationStats:
     completion_tokens: int = 0
     ttft_ms: float = 0.0              # time to the first token
     total_ms: float = 0.0
+    speculate: str = "off"            # the drafter of this generation (off: none)
+    drafted_tokens: int = 0           # drafts sent for verification
+    accepted_tokens: int = 0          # drafts the cloud's draws confirmed
+    speculative_steps: int = 0        # steps that carried drafts
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     def add_step(self, result: StepResult) -> None:
         self.network_ms += result.network_ms
@@ -221,6 +235,8 @@ class GenerationStats:
             "cloud_steps": self.cloud_steps, "replays": self.replays, "resplits": self.resplits, "served_by": dict(self.served_by),
             "fallback_reason": self.fallback_reason, "ttft_ms": round(self.ttft_ms, r),
             "total_ms": round(self.total_ms, r), "tokens_per_s": round(self.tokens_per_s, 2),
+            "speculate": self.speculate, "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens, "speculative_steps": self.speculative_steps,
         }
 
 

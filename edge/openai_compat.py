@@ -1,11 +1,14 @@
-"""OpenAI-compatible request parsing and response shaping (``/v1/completions``, ``/v1/chat/completions``).
+"""OpenAI-compatible request parsing and response shaping (``/v1/completions``, ``/v1/chat/completions``,
+``/v1/embeddings``: see ``read_embeddings``).
 
 Supported parameters: ``model`` (any value; the agent serves one model), ``prompt`` (a string, a list
 of one string, or token ids), ``messages`` (see ``text.chat_prompt``), ``max_tokens`` /
 ``max_completion_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k`` (extension), ``seed``,
 ``stop`` (a string or a list), ``n`` = 1, ``logprobs`` (completions: the number of top logprobs;
 chat: a boolean with ``top_logprobs``), ``stream`` with ``stream_options.include_usage``, and the
-extension ``deadline`` (seconds; past it the rest is generated locally). Anything that would change
+extension ``deadline`` (seconds; past it the rest is generated locally), and the extensions ``speculate``
+(off | prompt-lookup | auto | shallow-exit) and ``draft_tokens`` (1-64) that override the agent's
+``--speculate`` / ``--draft-tokens`` for one request (the output does not change, only its speed). Anything that would change
 the output and is not supported (n > 1, echo, suffix, penalties, logit_bias, tools) is a 400.
 
 Every value is range-checked against what the wire and the model accept, and a bad one is a 400
@@ -22,6 +25,7 @@ queue and compute ms), bytes each way, split and codec, which path served how ma
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import random
@@ -31,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 from seamline.protos.sampling import GREEDY_BELOW, MAX_TEMPERATURE, MAX_TOP_LOGPROBS
 
 from .chat import PLAIN, ChatFormat
@@ -39,6 +44,7 @@ from .messages import GenerationRequest, GenerationResult, GenerationStats, Samp
 from .text import CHAT_STOP, chat_prompt
 
 COMPLETION, CHAT = "text_completion", "chat.completion"
+MAX_EMBED_INPUTS = 2048               # inputs of one /v1/embeddings request (OpenAI's limit)
 MAX_DEPTH = 32                        # JSON nesting levels of a request body
 MAX_INT32 = 2**31 - 1                 # the wire's int32 fields (top_k, ...)
 MAX_DEADLINE = 1e6                    # seconds
@@ -209,6 +215,10 @@ def _common(body: dict, limits: RequestLimits, max_tokens_names: tuple[str, ...]
     if deadline is not None and (not math.isfinite(deadline) or not 0 < deadline <= MAX_DEADLINE):
         raise BadRequest(f"deadline must be a number of seconds in (0, {MAX_DEADLINE:g}], got {deadline}",
                          "deadline")
+    speculate = _get(body, "speculate", (str,), None)  # extension: off | prompt-lookup | auto | shallow-exit
+    if speculate is not None and len(speculate) > MAX_MODEL_CHARS:
+        raise BadRequest(f"speculate must be at most {MAX_MODEL_CHARS} characters", "speculate")
+    draft_tokens = _integer(body, "draft_tokens", None, 1, 64)  # extension: drafts per speculative step
     model = _get(body, "model", (str,), None)
     if model is not None and len(model) > MAX_MODEL_CHARS:
         raise BadRequest(f"model must be at most {MAX_MODEL_CHARS} characters, got {len(model)}", "model")
@@ -218,7 +228,7 @@ def _common(body: dict, limits: RequestLimits, max_tokens_names: tuple[str, ...]
         "seed": seed if seed is not None else random.getrandbits(63),
         "stop": _stop(body), "stream": bool(_get(body, "stream", (bool,), False)),
         "include_usage": bool(_get(stream_options, "include_usage", (bool,), False)),
-        "model": model, "deadline": deadline}
+        "model": model, "deadline": deadline, "speculate": speculate, "draft_tokens": draft_tokens}
 
 
 def read_completion(body: Any, limits: RequestLimits) -> ApiRequest:
@@ -297,7 +307,8 @@ def _build(kind: str, c: dict, ids: list[int], stop: tuple[str, ...], want: bool
     sampling = SamplingParams(temperature=c["temperature"], top_k=c["top_k"], top_p=c["top_p"], seed=c["seed"],
                               top_logprobs=top, stop_token_ids=tuple(stop_ids))
     gen = GenerationRequest(prompt_ids=tuple(ids), max_tokens=c["max_tokens"], sampling=sampling, stop=stop,
-                            deadline=c["deadline"] if c["deadline"] is not None else deadline)
+                            deadline=c["deadline"] if c["deadline"] is not None else deadline,
+                            speculate=c["speculate"], draft_tokens=c["draft_tokens"])
     return ApiRequest(kind, gen, c["model"] or "", c["stream"], c["include_usage"], want, top, text, chat_format)
 
 
@@ -400,3 +411,74 @@ def read_sse(lines: Iterable[bytes]) -> Iterator[dict]:
         if payload == "[DONE]":
             return
         yield json.loads(payload)
+
+
+# ----------------------------------------------------------------------------------------- embeddings
+
+
+@dataclass(frozen=True)
+class EmbeddingsRequest:
+    """``POST /v1/embeddings``: ``texts`` to tokenize, or ``ids`` given as token ids (one of them)."""
+
+    texts: tuple[str, ...]
+    ids: tuple[tuple[int, ...], ...]
+    encoding_format: str              # float | base64 (little-endian float32 bytes)
+    model: str
+
+
+def read_embeddings(body: Any, limits: RequestLimits, hidden_size: int) -> EmbeddingsRequest:
+    """``input``: a string, a list of strings, a list of token ids (one input) or a list of such lists, at
+    most ``MAX_EMBED_INPUTS``; ``encoding_format`` float (default) or base64; ``dimensions`` only as the
+    model's own width; ``model`` and ``user`` are accepted and not used."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = _get(body, "model", (str,), "") or ""
+    if len(model) > MAX_MODEL_CHARS:
+        raise BadRequest(f"model must be at most {MAX_MODEL_CHARS} characters, got {len(model)}", "model")
+    fmt = _get(body, "encoding_format", (str,), "float")
+    if fmt not in ("float", "base64"):
+        raise BadRequest(f"encoding_format must be float or base64, got {fmt[:40]!r}", "encoding_format")
+    dims = _get(body, "dimensions", (int,), None)
+    if dims is not None and dims != hidden_size:
+        raise BadRequest(f"dimensions must be this model's width {hidden_size} (embeddings are not shortened); "
+                         "omit it", "dimensions")
+    _get(body, "user", (str,), None)
+    raw = body.get("input")
+    if isinstance(raw, str) or (isinstance(raw, list) and raw and _is_ids(raw)):
+        raw = [raw]
+    usage = ("input must be a string, a list of strings, a list of token ids or a list of lists of token ids "
+             f"(at most {MAX_EMBED_INPUTS} inputs)")
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest(usage + ("; it is empty" if isinstance(raw, list) else ""), "input")
+    if len(raw) > MAX_EMBED_INPUTS:
+        raise BadRequest(f"input holds {len(raw)} inputs; " + usage, "input")
+    if all(isinstance(x, str) for x in raw):
+        for i, text in enumerate(raw):
+            if not text:
+                raise BadRequest(f"input {i} is an empty string; send some text", "input")
+            _prompt_text(text, limits, "input")
+        return EmbeddingsRequest(tuple(raw), (), fmt, model)
+    if all(isinstance(x, list) and x and _is_ids(x) for x in raw):  # lengths: checked against the encoder's limit
+        vocab = limits.vocab_size
+        for i, x in enumerate(raw):
+            bad = [t for t in x if vocab is not None and not 0 <= t < vocab]
+            if bad:
+                raise BadRequest(f"input {i}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "input")
+        return EmbeddingsRequest((), tuple(tuple(x) for x in raw), fmt, model)
+    raise BadRequest(usage, "input")
+
+
+def _is_ids(value: list) -> bool:
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def embeddings_body(vectors, tokens: list[int], req: EmbeddingsRequest, model: str, seamline: dict) -> dict:
+    """The OpenAI ``list`` of ``embedding`` objects (float lists or base64 of little-endian float32)."""
+    data = []
+    for i, v in enumerate(vectors):
+        v = np.asarray(v, dtype="<f4")
+        value = base64.b64encode(v.tobytes()).decode("ascii") if req.encoding_format == "base64" else v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    n = int(sum(tokens))
+    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": n, "total_tokens": n},
+            "seamline": seamline}

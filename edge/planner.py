@@ -270,7 +270,9 @@ class Constraints:
     prior in ``PRIOR_AGREEMENT``) is at least ``min_agreement``; where ``fidelity[codec]["by_split"]``
     (str(k) -> agreement, from ``seamline bench codec``) exists, the figure at each split decides there.
     ``k = 0`` is offered only when ``min_split == 0``; ``k = L`` runs all-local only when ``local_ok`` (the
-    bundle has every block and the head).
+    bundle has every block and the head). ``splits``, when given, narrows the range to those splits (a fixed
+    menu, e.g. the one ``seamline bench adaptive`` gives both the controller and its oracle; ``L`` stands for
+    all-local).
     """
 
     num_layers: int
@@ -285,10 +287,17 @@ class Constraints:
     # privacy``, manifest.privacy["recovery_top1"]: str(k) -> share) and that of every deeper k is <= it.
     max_token_recovery: float | None = None
     token_recovery: Mapping[str, float] = field(default_factory=dict)
+    splits: tuple[int, ...] | None = None  # only these splits (inside the range), None: every split of the range
 
     def __post_init__(self) -> None:
         if self.max_token_recovery is not None:
             self._apply_recovery_budget()
+        if self.splits is not None:
+            bad = [k for k in self.splits if not 0 <= int(k) <= self.num_layers]
+            if bad or not self.splits:
+                raise PlanError(f"splits {list(self.splits)}: give one or more splits in [0, {self.num_layers}] "
+                                f"({self.num_layers} = all-local)")
+            object.__setattr__(self, "splits", tuple(sorted({int(k) for k in self.splits})))
         top = self.num_layers if self.max_split is None else self.max_split
         if not 0 <= self.min_split <= top <= self.num_layers:
             raise PlanError(f"split range [{self.min_split}, {top}] is not inside [0, {self.num_layers}]; "
@@ -529,6 +538,8 @@ def options(model: CostModel, constraints: Constraints) -> tuple[list[tuple[int,
         excluded.append(f"split 0 (token ids leave the device): below the privacy floor {constraints.min_split}")
     out: list[tuple[int, str]] = []
     for k in range(constraints.min_split, constraints.max_split + 1):
+        if constraints.splits is not None and k not in constraints.splits:
+            continue  # not on the menu
         if not model.edge.covers(0, k):
             excluded.append(f"split {k}: the edge profile has only {len(model.edge.layers)} blocks; "
                             "re-run `seamline profile` on a bundle that exports them")

@@ -47,6 +47,13 @@ class EdgeCache:
             lens.add(0)
         return lens.pop() if len(lens) == 1 else -1
 
+    def truncate(self, length: int) -> None:
+        """Forget positions >= ``length`` in every block (a speculative step's rejected drafts)."""
+        for i, c in enumerate(self.layers):
+            if c is not None and c.length > length:
+                self.layers[i] = LayerCache(np.ascontiguousarray(c.key[:, :, :length]),
+                                            np.ascontiguousarray(c.value[:, :, :length]))
+
 
 def session_options(threads: int = 1):
     import onnxruntime as ort

@@ -1,8 +1,9 @@
 """The one place where protobuf meets the edge's domain objects, both directions.
 
-Also maps gRPC status codes to the link errors that drive replay (DESIGN.md §2, §3):
-NOT_FOUND and FAILED_PRECONDITION with the ``seamline-server-position`` trailing metadata (a structured
-field, ``protos/status.py``; the message text is never parsed) -> :class:`SessionLost`;
+Also maps gRPC status codes to the link errors that drive replay (DESIGN.md §2, §3), by code and by
+the phase of the call, never by the message text: NOT_FOUND, and FAILED_PRECONDITION during a step (a
+chunk that does not start at the session's position; at open it is a hash or split mismatch) ->
+:class:`SessionLost` (a new stream resends everything from position 0);
 UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, UNKNOWN, INTERNAL, RESOURCE_EXHAUSTED -> :class:`LinkBroken`
 (another attempt or replica may succeed); the rest -> :class:`CloudRejected`.
 """
@@ -15,7 +16,6 @@ import grpc
 import numpy as np
 from seamline.protos import codec
 from seamline.protos import seamline_pb2 as pb
-from seamline.protos.status import server_position
 
 from .errors import CloudRefusedRequest, CloudRejected, LinkBroken, LinkError, SessionLost
 from .messages import CloudInfo, OpenParams, OutgoingChunk, ServerTimings, StepResult
@@ -35,7 +35,7 @@ def info_from_reply(r: pb.InfoReply) -> CloudInfo:
     return CloudInfo(model_id=r.model_id, model_hash=r.model_hash, num_layers=r.num_layers,
                      hidden_size=r.hidden_size, max_positions=r.max_positions, min_split=r.min_split,
                      max_split=r.max_split, codecs=tuple(names), layer_ms=tuple(r.layer_ms), head_ms=r.head_ms,
-                     max_chunk_tokens=r.max_chunk_tokens, device=r.device,
+                     max_chunk_tokens=r.max_chunk_tokens, device=r.device, max_draft_rows=r.max_draft_rows,
                      active_sessions=r.load.active_sessions, queue_depth=r.load.queue_depth,
                      queue_ms_p50=r.load.queue_ms_p50)
 
@@ -67,7 +67,8 @@ def encode_chunk(start: int, hidden: np.ndarray | None, ids: list[int] | None, c
 
 
 def step_request(chunk: OutgoingChunk, step_id: int) -> pb.StepRequest:
-    req = pb.StepRequest(start_position=chunk.start, sample=chunk.sample, step_id=step_id)
+    req = pb.StepRequest(start_position=chunk.start, sample=chunk.sample, step_id=step_id,
+                         draft_rows=chunk.draft_rows)
     if isinstance(chunk.payload, pb.TokenIds):
         req.tokens.CopyFrom(chunk.payload)
     else:
@@ -78,27 +79,28 @@ def step_request(chunk: OutgoingChunk, step_id: int) -> pb.StepRequest:
 def step_result(reply: pb.StepReply, bytes_sent: int, rtt_ms: float) -> StepResult:
     t = reply.timings
     timings = ServerTimings(t.queue_ms, t.compute_ms, t.decode_ms, t.batch_size)
+    tops = [tuple((x.token_id, x.logprob) for x in e.entries) for e in reply.drawn_top_logprobs]
+    drawn = tuple((i, lp, tops[j] if j < len(tops) else ())
+                  for j, (i, lp) in enumerate(zip(reply.drawn_ids, reply.drawn_logprobs, strict=False)))
     return StepResult(position=reply.position, token_id=reply.token_id if reply.has_token else None,
                       logprob=reply.logprob,
                       top_logprobs=tuple((x.token_id, x.logprob) for x in reply.top_logprobs),
                       finished=reply.finished, timings=timings, bytes_sent=bytes_sent,
                       bytes_received=reply.ByteSize(), rtt_ms=rtt_ms,
-                      network_ms=max(0.0, rtt_ms - timings.total_ms))
+                      network_ms=max(0.0, rtt_ms - timings.total_ms), drawn=drawn)
 
 
 def link_error(code: grpc.StatusCode | None, details: str | None, endpoint: str, what: str,
                trailing_metadata=None) -> LinkError:
-    """A gRPC status from ``endpoint`` during ``what`` (and its trailing metadata) -> the LinkError the
-    generation loop handles."""
+    """A gRPC status from ``endpoint`` during ``what`` ("Open", "Step", "Info", "Embed") -> the LinkError
+    the generation loop handles. ``trailing_metadata`` is not read: since protocol v2 a replay resends
+    from position 0 on a new stream, so no field of it is needed."""
     details = details or ""
     text = f"{what} on {endpoint}: {code.name if code else 'stream ended'}: {details}".rstrip(": ")
     if code == grpc.StatusCode.NOT_FOUND:
         return SessionLost(text)
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        position = server_position(trailing_metadata)
-        if position is not None:
-            return SessionLost(text, server_position=position)
-        return CloudRejected(text)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:  # a step: a position mismatch; else hash or split
+        return SessionLost(text) if what == "Step" else CloudRejected(text)
     if code is None or code in _RETRYABLE:
         return LinkBroken(text)
     if code == grpc.StatusCode.INVALID_ARGUMENT and what == "Open":  # the caller's sampling values: HTTP 400

@@ -34,7 +34,7 @@ from seamline.edge.planner import (
 )
 from seamline.protos.bundle import Manifest, write_manifest
 
-from .profile import _median_ms
+from .profile import median_ms
 
 PLOT_NAME = "split-plan.png"
 
@@ -98,8 +98,8 @@ def measure_codec_speeds(manifest: Manifest, codecs: tuple[str, ...] = WIRE_CODE
             xs = {t: rng.standard_normal((t, hidden)).astype(np.float32) for t in (1, 64)}
             wires = {t: C.encode(x, cfg) for t, x in xs.items()}
             fit = []
-            for ms in ({t: _median_ms(lambda x=x, cfg=cfg: C.encode(x, cfg), 5, warmup=1) for t, x in xs.items()},
-                       {t: _median_ms(lambda w=w, cfg=cfg: C.decode(w, cfg, limits), 5, warmup=1) for t, w in wires.items()}):
+            for ms in ({t: median_ms(lambda x=x, cfg=cfg: C.encode(x, cfg), 5, warmup=1) for t, x in xs.items()},
+                       {t: median_ms(lambda w=w, cfg=cfg: C.decode(w, cfg, limits), 5, warmup=1) for t, w in wires.items()}):
                 ns = max(0.0, (ms[64] - ms[1]) / (63 * hidden) * 1e6)
                 fit.append((ns, max(0.0, ms[1] - ns * hidden / 1e6)))
         except C.CodecError:

@@ -46,6 +46,9 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-accuracy-level", type=int, default=q.DEFAULT_ACCURACY_LEVEL, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute: 0 float activations, 4 int8 blocks of the activations on the fly "
                         f"(faster; default {q.DEFAULT_ACCURACY_LEVEL})")
+    p.add_argument("--no-gguf-blocks", dest="gguf_blocks", action="store_false",
+                   help="int4 from a Q4_0/Q4_1 .gguf: re-quantize its dequantized weights instead of carrying "
+                        "the file's own blocks over (the default)")
     p.add_argument("--keep-fp32", action="store_true",
                    help="with --quantize-edge: also ship the fp32 block graphs (`seamline edge --precision fp32`)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
@@ -62,6 +65,17 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-profile", type=Path, default=None, help="--split auto: edge profile JSON")
     p.add_argument("--cloud-profile", type=Path, default=None, help="--split auto: cloud profile JSON")
     p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON")
+    p.add_argument("--draft-head", action="store_true",
+                   help="also train shallow-exit draft heads for speculative decoding (`seamline edge --speculate "
+                        "shallow-exit`): distilled from the full model on --draft-text, one per split of "
+                        "--draft-splits, each shipped with its acceptance measured on held-out text")
+    p.add_argument("--draft-text", type=Path, default=None, metavar="FILE",
+                   help="--draft-head: UTF-8 training text, its last 10%% held out (default for the demo model: "
+                        "its own training corpus; otherwise the shipped calibration text)")
+    p.add_argument("--draft-splits", default="all", metavar="all|default|K,K,...",
+                   help="--draft-head: the splits to train a head for (default: every allowed split)")
+    p.add_argument("--draft-steps", type=int, default=None, metavar="N",
+                   help="--draft-head: training steps (default 200, 256 positions each)")
 
 
 def run_partition(args: argparse.Namespace) -> int:
@@ -78,6 +92,7 @@ def run_partition(args: argparse.Namespace) -> int:
                             quantize_edge=args.quantize_edge,
                             quant_method=args.quant_method, quant_block_size=args.quant_block_size,
                             quant_accuracy_level=args.quant_accuracy_level, keep_fp32=args.keep_fp32,
+                            gguf_blocks=args.gguf_blocks,
                             opset=args.opset, calibration=args.calibration, codec=args.codec, force=args.force)
     try:
         manifest, summary = partition(opts, console)
@@ -106,6 +121,23 @@ def run_partition(args: argparse.Namespace) -> int:
         plan = choose_split(args, manifest, console)
         summary = summarize(manifest, args.out)
         summary["plan"] = plan
+    if getattr(args, "draft_head", False):
+        from .draft_head import DraftHeadError, DraftHeadOptions, add_draft_heads
+        from .partition import summarize
+
+        opts = DraftHeadOptions(text=args.draft_text, splits=args.draft_splits)
+        if args.draft_steps is not None:
+            opts.steps = args.draft_steps
+        try:
+            heads = add_draft_heads(args.out, manifest, opts, console=console)
+        except (DraftHeadError, FileNotFoundError, ValueError) as e:
+            console.print(f"[red]partition: --draft-head: {e}[/red]")
+            return 2
+        plan = summary.get("plan")
+        summary = summarize(manifest, args.out) | ({"plan": plan} if plan else {})
+        summary["draft_heads"] = {str(k): {"acceptance": h["acceptance"],
+                                           "logit_lens_acceptance": h["logit_lens_acceptance"],
+                                           "seconds": h["seconds"]} for k, h in heads.items()}
     table = Table(title=f"bundle {summary['bundle']}")
     table.add_column("item")
     table.add_column("value")
@@ -115,6 +147,9 @@ def run_partition(args: argparse.Namespace) -> int:
     for name, size in summary["files"].items():
         table.add_row(name, f"{size / 1e6:.2f} MB")
     table.add_row("total", f"{summary['bytes_total'] / 1e6:.2f} MB")
+    for k, h in summary.get("draft_heads", {}).items():
+        table.add_row(f"draft head k={k}", f"acceptance {h['acceptance']:.3f} on held-out text "
+                                           f"(untrained logit lens {h['logit_lens_acceptance']:.3f})")
     Console().print(table)
     print(f"bundle {summary['bundle']}: {summary['bytes_total'] / 1e6:.2f} MB on disk, edge graphs in "
           f"{summary['precision']}" + (f" ({', '.join(summary['precisions'][1:])} too)"

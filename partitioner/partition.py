@@ -35,6 +35,7 @@ class PartitionOptions:
     quant_block_size: int = quantize.DEFAULT_BLOCK_SIZE
     quant_accuracy_level: int = quantize.DEFAULT_ACCURACY_LEVEL
     keep_fp32: bool = False  # a quantized bundle also ships the fp32 block graphs
+    gguf_blocks: bool = True  # int4 from a Q4_0/Q4_1 .gguf: carry the file's blocks over (quantize.py)
     opset: int = export.DEFAULT_OPSET
     calibration: Path | None = None  # text file; default: the demo corpus sample
     codec: str = "int8"
@@ -122,7 +123,9 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
     if opts.quantize_edge not in (None, "none", "fp32"):
         try:
             spec = quantize.QuantSpec(opts.quantize_edge, opts.quant_method, opts.quant_block_size,
-                                      opts.quant_accuracy_level).validate()
+                                      opts.quant_accuracy_level,
+                                      gguf=origin.reference if origin.kind == "gguf" and opts.gguf_blocks else ""
+                                      ).validate()
         except quantize.QuantizeError as e:
             raise PartitionError(str(e)) from None
     to_quantize = blocks if spec else []
@@ -139,9 +142,9 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
             progress.update(task, description="exporting head.onnx")
             export.export_head(adapter, out / head, opts.opset)
             progress.advance(task)
-        for name in to_quantize:
+        for i, name in enumerate(to_quantize):
             progress.update(task, description=f"quantizing {name} to {spec.precision}")
-            quantize.quantize_graph(out / name, out / spec.precision / name, spec)
+            quantize.quantize_graph(out / name, out / spec.precision / name, spec, layer=i)
             progress.advance(task)
         if spec and not opts.keep_fp32:  # the bundle holds only the precision it runs
             for name in to_quantize:

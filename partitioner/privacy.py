@@ -42,6 +42,7 @@ class PrivacyOptions:
     window: int = 64  # positions per sequence (the states see up to window-1 tokens of context)
     eval_tokens: int = 8192
     train_tokens: int = 32768
+    splits: tuple[int, ...] | None = None  # attack only these exported splits (None: every one)
     train: A.TrainSettings = field(default_factory=A.TrainSettings)
 
     @classmethod
@@ -104,10 +105,8 @@ def _codec_roundtrip(h: torch.Tensor, name: str, manifest, k: int) -> torch.Tens
         return h
     from seamline.protos import codec as C
 
-    calib = manifest.codec.calibration.get(str(k), {})
-    cfg = C.CodecConfig(codec=name, group_size=manifest.codec.group_size,
-                        rotation_seed=manifest.codec.rotation_seed,
-                        outlier_channels=tuple(calib.get("outlier_channels", ())) if name == "int8-outlier" else ())
+    cfg = C.CodecConfig.for_split(name, manifest.codec.calibration.get(str(k)), group_size=manifest.codec.group_size,
+                                  rotation_seed=manifest.codec.rotation_seed)  # each codec its own channels
     flat = h.reshape(-1, h.shape[-1]).numpy()
     limits = C.DecodeLimits(hidden_size=h.shape[-1], max_tokens=512)
     out = [C.decode(C.encode(np.ascontiguousarray(flat[s:s + 512]), cfg), cfg, limits) for s in range(0, len(flat), 512)]
@@ -128,6 +127,16 @@ def _onnx_parity(bundle: Path, adapter, window_ids: torch.Tensor, ks: list[int])
     return worst
 
 
+def _advance(adapter, k: int, eval_h, train_h, tables, attacks):
+    """The states (and the context-free tables) of split k -> those of split k + 1."""
+    eval_h = A.run_block(adapter, k, eval_h)
+    if train_h is not None:
+        train_h = A.run_block(adapter, k, train_h)
+    if tables is not None and "nn-context-free" in attacks:
+        tables.advance(k)
+    return eval_h, train_h
+
+
 def measure(opts: PrivacyOptions, progress=None) -> dict:
     """Run every attack at every exported split and codec; returns the report (JSON-ready)."""
     t0 = time.perf_counter()
@@ -141,6 +150,12 @@ def measure(opts: PrivacyOptions, progress=None) -> dict:
     unknown = [a for a in opts.attacks if a not in A.ATTACKS]
     if unknown:
         raise PrivacyError(f"unknown attacks {unknown}; choose from {', '.join(A.ATTACKS)}")
+    exported = list(range(len(manifest.blocks) + 1))
+    ks = exported if opts.splits is None else sorted(set(opts.splits))
+    if not ks or any(k not in exported for k in ks):
+        raise PrivacyError(f"--splits {','.join(map(str, opts.splits or ()))}: {opts.bundle} exports splits "
+                           f"0..{exported[-1]}; pick splits in that range (or re-run `partition` with a larger "
+                           "--max-edge-layers)")
     model, path = load_model(opts.model or manifest.model_source)
     if model_hash(path) != manifest.source_model_hash:
         raise PrivacyError(f"{path}: its weights differ from the ones {opts.bundle} was cut from; "
@@ -165,7 +180,6 @@ def measure(opts: PrivacyOptions, progress=None) -> dict:
     window = max(8, min(opts.window, manifest.max_positions, len(eval_ids)))
     ev = _windows(eval_ids, window, opts.eval_tokens, opts.train.seed)
     tr = _windows(tok.encode(train_text).ids, window, opts.train_tokens, opts.train.seed + 1)
-    ks = list(range(len(manifest.blocks) + 1))
     learned = [a for a in opts.attacks if a in A.LEARNED]
     if learned and tr.numel() < 4 * window:
         raise PrivacyError(f"training text {train_name}: {tr.numel()} tokens, too few to train the inverters; "
@@ -175,7 +189,10 @@ def measure(opts: PrivacyOptions, progress=None) -> dict:
     table = A.vocab_table(adapter)  # the inverters score against the model's own embeddings
     eval_h, train_h = A.embed_windows(adapter, ev), A.embed_windows(adapter, tr) if learned else None
     rows = []
-    for k in ks:
+    for k in range(ks[-1] + 1):
+        if k not in ks:
+            eval_h, train_h = _advance(adapter, k, eval_h, train_h, tables, opts.attacks)
+            continue
         if progress:
             progress(f"split {k}: attacks on {ev.numel()} held-out tokens")
         inverters = {a: A.train_inverter(a, train_h, tr, table, opts.train) for a in learned}
@@ -194,15 +211,11 @@ def measure(opts: PrivacyOptions, progress=None) -> dict:
                 rows.append({"k": k, "codec": name, "attack": attack, "top1": round(top1, 4), "top5": round(top5, 4),
                              "tokens": hits.n})
         if k < ks[-1]:
-            eval_h = A.run_block(adapter, k, eval_h)
-            if learned:
-                train_h = A.run_block(adapter, k, train_h)
-            if tables is not None and "nn-context-free" in opts.attacks:
-                tables.advance(k)
+            eval_h, train_h = _advance(adapter, k, eval_h, train_h, tables, opts.attacks)
     parity = _onnx_parity(Path(opts.bundle), adapter, ev[0], ks)
     report = {
         "bundle": str(opts.bundle), "model": manifest.model_id, "family": manifest.family,
-        "num_layers": manifest.num_layers, "exported_splits": ks, "text": str(eval_path), "train_text": train_name,
+        "num_layers": manifest.num_layers, "exported_splits": exported, "measured_splits": ks, "text": str(eval_path), "train_text": train_name,
         "eval_tokens": int(ev.numel()), "train_tokens": int(tr.numel()) if learned else 0, "window": window,
         "codecs": list(opts.codecs), "attacks": list(opts.attacks), "settings": asdict(opts.train),
         "onnx_parity_max_abs": parity, "seconds": round(time.perf_counter() - t0, 1), "results": rows,

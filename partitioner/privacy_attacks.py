@@ -118,9 +118,18 @@ class TokenTables:
             self.pushed[p] = run_block(self.adapter, i, x, pos, chunk=self.chunk)[:, 0]
 
 
+SCORE_BYTES = 1 << 27  # a (rows, vocabulary) float32 score block stays under 128 MiB (SmolLM2: 49,152 tokens)
+
+
+def score_chunk(vocab: int) -> int:
+    """Rows scored at once against a ``vocab``-token table."""
+    return max(64, SCORE_BYTES // (4 * max(1, vocab)))
+
+
 @torch.no_grad()
-def nearest(states: torch.Tensor, tables: torch.Tensor, topk: int = 5, chunk: int = 1024) -> torch.Tensor:
+def nearest(states: torch.Tensor, tables: torch.Tensor, topk: int = 5, chunk: int | None = None) -> torch.Tensor:
     """states (B, W, C), tables (P, V, C) with P in {1, W} -> (B, W, topk) nearest token ids (L2)."""
+    chunk = chunk or score_chunk(tables.shape[1])
     B, W, C = states.shape
     out = torch.empty(B, W, topk, dtype=torch.long)
     if tables.shape[0] == 1:
@@ -193,7 +202,8 @@ class LinearInverter:
         self.table = F.normalize(table.float(), dim=1)
 
     @torch.no_grad()
-    def rank(self, h: torch.Tensor, topk: int = 5, chunk: int = 4096) -> torch.Tensor:
+    def rank(self, h: torch.Tensor, topk: int = 5, chunk: int | None = None) -> torch.Tensor:
+        chunk = chunk or score_chunk(self.table.shape[0])
         x = self.std(h).reshape(-1, h.shape[-1])
         x = torch.cat([x, torch.ones(len(x), 1)], 1)
         res = [(F.normalize(x[s:s + chunk] @ self.w, dim=1) @ self.table.T).topk(topk).indices
@@ -229,7 +239,8 @@ class MLPInverter:
         inv.eval()
 
     @torch.no_grad()
-    def rank(self, h: torch.Tensor, topk: int = 5, chunk: int = 2048) -> torch.Tensor:
+    def rank(self, h: torch.Tensor, topk: int = 5, chunk: int | None = None) -> torch.Tensor:
+        chunk = chunk or score_chunk(self.net.table.shape[0])
         feats = self.net.features(self.std(h))
         res = [self.net(feats[s:s + chunk]).topk(topk).indices for s in range(0, feats.shape[0], chunk)]
         return torch.cat(res).reshape(*h.shape[:2], topk)

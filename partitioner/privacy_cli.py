@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlp-tokens", type=int, default=8192, help="training tokens of the MLP inverter (at most)")
     p.add_argument("--epochs", type=int, default=2, help="MLP inverter training epochs")
     p.add_argument("--window", type=int, default=64, help="positions per sequence")
+    p.add_argument("--splits", default=None,
+                   help="attack only these exported splits, comma-separated (default: every one; the blocks "
+                        "in between still run). For deep bundles of large models, e.g. 0,1,2,4,8,12")
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of recovery against k")
     p.add_argument("--record", action="store_true",
@@ -44,11 +47,16 @@ def run(args: argparse.Namespace) -> int:
     from .privacy import PrivacyError, PrivacyOptions, measure, record
 
     console = Console(stderr=True)
+    try:
+        splits = tuple(int(k) for k in args.splits.split(",") if k.strip()) if args.splits else None
+    except ValueError:
+        print(f"seamline privacy: --splits {args.splits!r}: comma-separated integers, e.g. 0,1,2,4", file=sys.stderr)
+        return 2
     opts = PrivacyOptions(
         bundle=args.bundle, text=args.text, train_text=args.train_text, model=args.model,
         codecs=tuple(c.strip() for c in args.codecs.split(",") if c.strip()),
         attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
-        window=args.window, eval_tokens=args.eval_tokens, train_tokens=args.train_tokens,
+        window=args.window, eval_tokens=args.eval_tokens, train_tokens=args.train_tokens, splits=splits,
         train=A.TrainSettings(epochs=args.epochs, mlp_tokens=args.mlp_tokens))
     try:
         with console.status("privacy: measuring") as status:

@@ -22,7 +22,9 @@ CONTEXTS = (64, 256)
 PREFILL_CHUNK = 64
 
 
-def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """The median wall time of ``fn()`` in milliseconds over ``repeats`` calls, after ``warmup`` calls
+    (the one timing loop of the profiles, ``partition --split auto`` and ``seamline bench edge``)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -54,25 +56,25 @@ def profile_edge(bundle_dir, threads: int = 1, int8: bool = False, repeats: int 
             if m.causal:
                 past = rng.standard_normal((1, m.num_kv_heads, ctx, m.head_dim), dtype=np.float32)
                 pos = np.array([[ctx]], dtype=np.int64)
-                row["decode_ms"][str(ctx)] = _median_ms(
+                row["decode_ms"][str(ctx)] = median_ms(
                     partial(g.run, hidden=h1, past_key=past, past_value=past, position_ids=pos), repeats)
             else:
-                row["decode_ms"][str(ctx)] = _median_ms(
+                row["decode_ms"][str(ctx)] = median_ms(
                     partial(g.run, hidden=h1, attention_mask=np.ones((1, 1), np.int64)), repeats)
         if m.causal:
             z = np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
             pos = np.arange(chunk, dtype=np.int64)[None]
-            row["prefill_ms"] = _median_ms(partial(g.run, hidden=hc, past_key=z, past_value=z, position_ids=pos),
-                                           repeats)
+            row["prefill_ms"] = median_ms(partial(g.run, hidden=hc, past_key=z, past_value=z, position_ids=pos),
+                                          repeats)
         else:
-            row["prefill_ms"] = _median_ms(partial(g.run, hidden=hc, attention_mask=np.ones((1, chunk), np.int64)),
-                                           repeats)
+            row["prefill_ms"] = median_ms(partial(g.run, hidden=hc, attention_mask=np.ones((1, chunk), np.int64)),
+                                          repeats)
         layers.append(row)
     ids1 = np.zeros((1, 1), np.int64)
-    embed_ms = _median_ms(lambda: rt.embed.run(input_ids=ids1, position_ids=ids1), repeats)
+    embed_ms = median_ms(lambda: rt.embed.run(input_ids=ids1, position_ids=ids1), repeats)
     head_ms = None
     if rt.head is not None and m.causal:
-        head_ms = _median_ms(lambda: rt.head.run(hidden=h1), repeats)
+        head_ms = median_ms(lambda: rt.head.run(hidden=h1), repeats)
     return {
         "profile_version": PROFILE_VERSION, "kind": "edge", "runtime": "onnxruntime",
         "int8": int8, "threads": threads, "device": "cpu", "machine": _machine(),
@@ -114,11 +116,11 @@ def profile_cloud(model: str, device: str = "cpu", dtype: str = "auto", repeats:
             if s.causal:
                 past = torch.randn(1, s.num_kv_heads, ctx, s.head_dim, device=dev, dtype=tdtype)
                 pos = torch.tensor([[ctx]], device=dev)
-                row["decode_ms"][str(ctx)] = _median_ms(sync(partial(a.block, i, h1, past, past, pos)), repeats)
+                row["decode_ms"][str(ctx)] = median_ms(sync(partial(a.block, i, h1, past, past, pos)), repeats)
             else:
-                row["decode_ms"][str(ctx)] = _median_ms(sync(partial(a.block, i, h1, None, None, None)), repeats)
+                row["decode_ms"][str(ctx)] = median_ms(sync(partial(a.block, i, h1, None, None, None)), repeats)
         pos = torch.arange(chunk, device=dev)[None]
-        row["prefill_ms"] = _median_ms(sync(partial(a.block, i, hc, None, None, pos)), repeats)
+        row["prefill_ms"] = median_ms(sync(partial(a.block, i, hc, None, None, pos)), repeats)
         layers.append(row)
     ids1 = torch.zeros(1, 1, dtype=torch.long, device=dev)
     return {
@@ -126,8 +128,8 @@ def profile_cloud(model: str, device: str = "cpu", dtype: str = "auto", repeats:
         "device": dev, "dtype": str(tdtype).replace("torch.", ""), "threads": torch.get_num_threads(),
         "machine": _machine(), "model_hash": model_hash(path), "num_layers": s.num_layers,
         "hidden_size": s.hidden_size, "contexts": ctxs, "prefill_chunk": chunk,
-        "embed_ms": _median_ms(sync(lambda: a.embed(ids1, ids1)), repeats),
-        "head_ms": _median_ms(sync(lambda: a.head(h1)), repeats) if s.causal else None,
+        "embed_ms": median_ms(sync(lambda: a.embed(ids1, ids1)), repeats),
+        "head_ms": median_ms(sync(lambda: a.head(h1)), repeats) if s.causal else None,
         "layers": layers,
     }
 

@@ -15,6 +15,11 @@ does not ship; HQQ optimises the scales and zero points against the weights inst
 here: activations stay float end to end), 4 = the kernel quantizes each block of the input row to
 int8 on the fly (faster on CPUs with int8 dot products; block-wise, so outlier channels stay local).
 
+A GGUF source (``--model FILE.gguf``) in Q4_0 / Q4_1 keeps its own blocks in the int4 graphs
+(``gguf_blocks.py``): its scales and minimums become MatMulNBits' scales and float zero points, so the
+int4 weights are the file's weights exactly instead of a second rounding of them. Weights the file does
+not hold in those formats (K-quants, Q8_0, ...) are quantized by ``method`` as above.
+
 ``int8-dynamic`` is the former scheme (``quantize_dynamic``: int8 weights per tensor and int8
 activations per tensor, computed at run time); see README "Weight-only quantization" for where it
 stands.
@@ -26,7 +31,7 @@ import contextlib
 import io
 import logging
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +53,8 @@ class QuantSpec:
     method: str = "rtn"  # rtn | hqq (weight-only precisions)
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    gguf: str = ""  # int4 from a GGUF file: carry its Q4_0/Q4_1 blocks over ("" = re-quantize everything)
+    carried: dict = field(default_factory=dict, repr=False)  # filled by quantize_graph: counts and notes
 
     def validate(self) -> QuantSpec:
         if self.precision not in PRECISIONS:
@@ -74,8 +81,21 @@ class QuantSpec:
 
         if self.precision == "int8-dynamic":
             return {"method": "dynamic", "bits": 8, "tool": f"onnxruntime {onnxruntime.__version__} quantize_dynamic"}
-        return {**asdict(self), "bits": self.bits, "op": "com.microsoft.MatMulNBits",
-                "tool": f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer"}
+        out = {"precision": self.precision, "method": self.method, "block_size": self.block_size,
+               "accuracy_level": self.accuracy_level, "bits": self.bits, "op": "com.microsoft.MatMulNBits",
+               "tool": f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer"}
+        if self.gguf and self.carries:
+            out["gguf_blocks"] = {"carried": self.carried.get("carried", 0),
+                                  "requantized": self.carried.get("requantized", 0),
+                                  **({"note": self.carried["note"]} if self.carried.get("note") else {})}
+        return out
+
+    @property
+    def carries(self) -> bool:
+        """GGUF blocks are carried over: int4 from a GGUF file with the file's own block size (32)."""
+        from .gguf_blocks import QK
+
+        return bool(self.gguf) and self.precision == "int4" and self.block_size == QK
 
 
 @contextlib.contextmanager
@@ -126,8 +146,59 @@ def gemm_to_matmul(model) -> int:
     return done
 
 
-def quantize_graph(src: Path, dst: Path, spec: QuantSpec) -> dict:
-    """Write the quantized copy of the graph ``src`` to ``dst``; returns counts for the summary."""
+def carry_gguf_blocks(model, spec: QuantSpec, layer: int) -> tuple[int, int]:
+    """Replace each MatMul whose constant weight is a Q4_0/Q4_1 tensor of ``spec.gguf``'s layer ``layer``
+    by a MatMulNBits node holding that tensor's blocks. Returns (carried, MatMuls with a weight left)."""
+    from onnx import helper, numpy_helper
+
+    from . import gguf_blocks
+
+    blocks = gguf_blocks.load(spec.gguf)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes, carried, left, used = [], 0, 0, set()
+    for node in graph.node:
+        w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else ""
+        t = inits.get(w_name)
+        if t is None or len(t.dims) != 2 or t.data_type != 1:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(t)
+        found = blocks.match(layer, w)
+        if found is None:
+            nodes.append(node)
+            left += 1
+            continue
+        tensor, rows = found
+        packed, scales, zp = tensor.to_matmul_nbits(rows)
+        k, n = w.shape
+        names = [f"{w_name}_Q4", f"{w_name}_scales"]
+        graph.initializer.extend([numpy_helper.from_array(packed, names[0]), numpy_helper.from_array(scales, names[1])])
+        if zp is not None:
+            names.append(f"{w_name}_zero_points")
+            graph.initializer.append(numpy_helper.from_array(zp, names[2]))
+        attrs = {"K": k, "N": n, "bits": 4, "block_size": gguf_blocks.QK}
+        if spec.accuracy_level:
+            attrs["accuracy_level"] = spec.accuracy_level
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
+                                      name=(node.name or w_name) + "_Q4", domain="com.microsoft", **attrs))
+        used.add(w_name)
+        carried += 1
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    still = {i for nd in nodes for i in nd.input}
+    keep = [t for t in graph.initializer if t.name not in used or t.name in still]
+    graph.ClearField("initializer")
+    graph.initializer.extend(keep)
+    if carried and not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return carried, left
+
+
+def quantize_graph(src: Path, dst: Path, spec: QuantSpec, layer: int | None = None) -> dict:
+    """Write the quantized copy of the graph ``src`` to ``dst``; returns counts for the summary.
+
+    ``layer``: the decoder layer the block graph computes (for carrying ``spec.gguf``'s blocks over)."""
     spec.validate()
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +218,19 @@ def quantize_graph(src: Path, dst: Path, spec: QuantSpec) -> dict:
 
     model = onnx.load(str(src))
     gemm_to_matmul(model)
+    carried = left = 0
+    if spec.carries and layer is not None:
+        from . import gguf_blocks
+
+        carried, left = carry_gguf_blocks(model, spec, layer)
+        spec.carried["carried"] = spec.carried.get("carried", 0) + carried
+        spec.carried["requantized"] = spec.carried.get("requantized", 0) + left
+        note = gguf_blocks.load(spec.gguf).refusal()
+        if note:
+            spec.carried["note"] = note
+        if not left:
+            onnx.save(model, str(dst))
+            return {**weight_report(dst), "gguf_carried": carried}
     if spec.method == "hqq":
         config = HQQWeightOnlyQuantConfig(block_size=spec.block_size, bits=spec.bits)
     else:
@@ -166,7 +250,7 @@ def quantize_graph(src: Path, dst: Path, spec: QuantSpec) -> dict:
     if report["float_matmul_weights"]:
         raise QuantizeError(f"{src}: {report['float_matmul_weights']} MatMul weights stayed float after "
                             f"quantization to {spec.precision}; the graph has a layout the quantizer skips")
-    return report
+    return {**report, "gguf_carried": carried} if carried else report
 
 
 def weight_report(path: Path) -> dict:

@@ -86,6 +86,23 @@ class CodecDefaults:
 
 
 @dataclass
+class DraftHead:
+    """A shallow-exit draft head for one split k (``partition --draft-head``; ``partitioner/draft_head.py``).
+
+    ``graph``: hidden ``(1, T, C)`` at layer k -> ``logits`` (1, T, V) and ``draft_ids`` int64 (1, T);
+    ``lm_head``: the external-data file holding the LM head it shares (the tied embedding or
+    ``draft_lm_head.bin``), None when stored inside the graph; ``acceptance``: top-1 agreement with the
+    full model's greedy next token on held-out text; ``train``: how it was trained (figures, settings).
+    """
+
+    graph: str
+    acceptance: float
+    lm_head: str | None = None
+    heldout_tokens: int = 0
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Manifest:
     model_id: str
     model_source: str  # "demo" or the checkpoint path partition read (verify/profile reload it)
@@ -125,6 +142,7 @@ class Manifest:
     plan: dict[str, Any] = field(default_factory=dict)  # `partition --split auto` choice and table
     # `seamline privacy` measurement: recovery_top1 (str(k) -> share of tokens read back), its settings
     privacy: dict[str, Any] = field(default_factory=dict)
+    draft_heads: dict[str, DraftHead] = field(default_factory=dict)  # str(k) -> shallow-exit head at split k
     files: dict[str, FileEntry] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -239,6 +257,13 @@ class Manifest:
                 raise bad(f"variants.{p}", f"must be one of {', '.join(PRECISIONS)} other than {self.precision}")
             if len(v.blocks) != self.edge_layers:
                 raise bad(f"variants.{p}.blocks", f"lists {len(v.blocks)} graphs for edge_layers={self.edge_layers}")
+        for key, d in self.draft_heads.items():
+            if not (key.isascii() and key.isdigit()) or not 0 <= int(key) <= self.edge_layers:
+                raise bad(f"draft_heads.{key}", f"the key must be a split in [0, edge_layers={self.edge_layers}]")
+            if not 0.0 <= d.acceptance <= 1.0:
+                raise bad(f"draft_heads.{key}.acceptance", f"must be in [0, 1], got {d.acceptance}")
+            if not 0 <= d.heldout_tokens <= MAX_INT:
+                raise bad(f"draft_heads.{key}.heldout_tokens", f"must be in [0, {MAX_INT}], got {d.heldout_tokens}")
         for name, entry in self.files.items():
             if not _SHA256.fullmatch(entry.sha256):
                 raise bad(f"files.{name}.sha256", "must be 64 lowercase hex digits")
@@ -266,6 +291,10 @@ class Manifest:
             out += [(f"variants.{p}.embed", v.embed), *((f"variants.{p}.blocks[{i}]", b) for i, b in enumerate(v.blocks))]
             if v.head is not None:
                 out.append((f"variants.{p}.head", v.head))
+        for key, d in self.draft_heads.items():
+            out.append((f"draft_heads.{key}.graph", d.graph))
+            if d.lm_head is not None:
+                out.append((f"draft_heads.{key}.lm_head", d.lm_head))
         out += [(f"files.{name}", name) for name in self.files]
         return out
 

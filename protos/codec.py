@@ -42,8 +42,8 @@ OUTLIER_RATIO = 6.0  # calibrate: a channel is an outlier when its absmax > OUTL
 ROT_OUTLIERS = 2  # calibrate: int8-rot keeps at most this many (fp16 each; more would pass 0.26 of fp32 bytes)
 INT4_OUTLIERS = 10  # calibrate: int4-rot-outlier keeps at most this many (within 0.16 of fp32 bytes at H=576)
 
-__all__ = ["CODEC_NAMES", "CodecConfig", "CodecError", "DecodeLimits", "calibrate", "codec_enum", "codec_name",
-           "decode", "encode", "encoded_nbytes", "rotation_matrix"]
+__all__ = ["CODEC_NAMES", "Checked", "CodecConfig", "CodecError", "DecodeLimits", "calibrate", "check", "codec_enum",
+           "codec_name", "decode", "decode_batch", "dequantize", "encode", "encoded_nbytes", "rotation_matrix"]
 
 
 def codec_enum(name: str) -> int:
@@ -279,13 +279,28 @@ def _check_shape(t: pb.Tensor, limits: DecodeLimits) -> tuple[int, int]:
     return tokens, hidden
 
 
-def decode(t: pb.Tensor, cfg: CodecConfig, limits: DecodeLimits) -> np.ndarray:
-    """Decode ``t`` into a new float32 ``[tokens, hidden]`` array (C-contiguous, writable).
+@dataclass(frozen=True, eq=False)
+class Checked:
+    """A tensor whose framing passed every check of :func:`decode`: what is left is dequantizing its bytes,
+    alone (:func:`dequantize`) or with the other rows of a batch (:func:`decode_batch`)."""
 
-    ``cfg`` is the session's codec (a tensor in another codec is rejected) and ``limits`` bound the
-    shape. Every malformed or hostile input raises :class:`CodecError`; nothing is decompressed or
-    allocated before the declared sizes have been checked against the shape.
-    """
+    cfg: CodecConfig
+    raw: bytes        # the (decompressed) payload, exactly the bytes the shape needs
+    scales: bytes
+    tokens: int
+    hidden: int
+
+    def __len__(self) -> int:
+        return self.tokens
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.tokens, self.hidden
+
+
+def check(t: pb.Tensor, cfg: CodecConfig, limits: DecodeLimits) -> Checked:
+    """Every check of :func:`decode` up to the dequantization (zstd included): :class:`CodecError` or a
+    :class:`Checked` tensor whose values :func:`dequantize` or :func:`decode_batch` produce (and check)."""
     if not isinstance(t, pb.Tensor):
         raise CodecError(f"expected a seamline.v1.Tensor, got {type(t).__name__}")
     if not isinstance(limits, DecodeLimits):
@@ -301,13 +316,56 @@ def decode(t: pb.Tensor, cfg: CodecConfig, limits: DecodeLimits) -> np.ndarray:
         raise CodecError(f"scales are {len(t.scales)} bytes; shape and codec {name} need {scales_len}")
     if codec.has_group_size and t.group_size != cfg.group_size:
         raise CodecError(f"tensor group size {t.group_size} differs from the session's {cfg.group_size}")
-    raw = _payload_bytes(t, payload_len)
+    return Checked(cfg, _payload_bytes(t, payload_len), t.scales, tokens, hidden)
 
-    with np.errstate(all="ignore"):  # a huge scale may overflow to Inf: rejected below, not warned
-        x = codec.decode(raw, t.scales, cfg, tokens, hidden)
+
+def _values(cfg: CodecConfig, raw: bytes, scales: bytes, tokens: int, hidden: int) -> np.ndarray:
+    codec = codecs.get(cfg.codec)
+    with np.errstate(all="ignore"):  # a huge scale may overflow to Inf: rejected by the caller, not warned
+        return codec.decode(raw, scales, cfg, tokens, hidden)
+
+
+def dequantize(c: Checked) -> np.ndarray:
+    """The float32 ``[tokens, hidden]`` values of a checked tensor (new, C-contiguous, writable)."""
+    x = _values(c.cfg, c.raw, c.scales, c.tokens, c.hidden)
     if not np.isfinite(x).all():
-        raise CodecError(f"decoded {name} tensor contains NaN or Inf")
+        raise CodecError(f"decoded {c.cfg.codec} tensor contains NaN or Inf")
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def decode(t: pb.Tensor, cfg: CodecConfig, limits: DecodeLimits) -> np.ndarray:
+    """Decode ``t`` into a new float32 ``[tokens, hidden]`` array (C-contiguous, writable).
+
+    ``cfg`` is the session's codec (a tensor in another codec is rejected) and ``limits`` bound the
+    shape. Every malformed or hostile input raises :class:`CodecError`; nothing is decompressed or
+    allocated before the declared sizes have been checked against the shape.
+    """
+    return dequantize(check(t, cfg, limits))
+
+
+def decode_batch(items: list[Checked]) -> np.ndarray:
+    """float32 ``[B, T, H]`` of B checked tensors of one chunk length T: the rows of a forward pass.
+
+    When every item has the same codec configuration and the codec's rows concatenate
+    (``Codec.rows_concatenate``: per-token layouts such as fp32, fp16, int8, int4), their payloads are
+    dequantized as one ``[B*T, H]`` tensor in one vectorised call; otherwise one call per item. A bad
+    value anywhere raises :class:`CodecError` (the caller finds the culprit by decoding rows alone).
+    """
+    if not items:
+        raise CodecError("decode_batch needs at least one tensor")
+    first = items[0]
+    b, t, h = len(items), first.tokens, first.hidden
+    if any(c.tokens != t or c.hidden != h for c in items):
+        raise CodecError("decode_batch: every tensor of a batch must have the same shape")
+    cfg = first.cfg
+    if b > 1 and codecs.get(cfg.codec).rows_concatenate and all(c.cfg == cfg for c in items):
+        raw = b"".join([c.raw for c in items])
+        scales = b"".join([c.scales for c in items])
+        x = _values(cfg, raw, scales, b * t, h).reshape(b, t, h)
+        if not np.isfinite(x).all():
+            raise CodecError(f"decoded {cfg.codec} tensor contains NaN or Inf")
+        return np.ascontiguousarray(x, dtype=np.float32)
+    return np.stack([dequantize(c) for c in items])
 
 
 # ---------------------------------------------------------------------------------------- calibrate

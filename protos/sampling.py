@@ -13,7 +13,9 @@ Over one row of logits ``(V,)`` at ``position`` (the index the new token will oc
   inverse CDF of the kept probabilities, so a replay of the same history — on this replica, another
   one, or the device — draws the same token, independent of batch neighbours;
 - logprobs are those of the model's own distribution (log-softmax of the raw logits), not of the scaled,
-  filtered one; ``top`` lists the ``top_logprobs`` most likely tokens, ties by id.
+  filtered one; ``top`` lists the ``top_logprobs`` most likely tokens, ties by id. Only the sampled
+  token's is computed (one logsumexp) unless ``top`` is asked for; a greedy row with a finite maximum
+  takes one argmax and one float64 pass, bit-identical to the general path.
 """
 
 from __future__ import annotations
@@ -103,7 +105,11 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def filtered_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """Temperature, then top-k, then top-p on ``(V,)`` logits; float64, removed entries ``-inf``, max 0."""
-    x = clean_logits(logits)
+    return _filtered(clean_logits(logits), params)
+
+
+def _filtered(x: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """``filtered_logits`` of logits already cleaned (``clean_logits``); ``x`` is not modified."""
     if params.greedy:  # only the argmax survives a temperature of (about) zero
         out = np.full_like(x, -np.inf)
         out[np.argmax(x)] = 0.0
@@ -145,13 +151,38 @@ def top_logprobs(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
     return tuple((int(i), float(logprobs[i])) for i in ids)
 
 
+def _greedy_fast(logits: np.ndarray) -> Sample | None:
+    """Greedy token and its logprob without cleaning a copy of the row: one argmax, one logsumexp.
+
+    Gives exactly what the general path gives (same float64 operations in the same order); returns None
+    when the row holds NaN, ``+inf`` or only ``-inf`` (its maximum is not finite), which the general path
+    handles (``clean_logits``).
+    """
+    x = np.asarray(logits).reshape(-1)
+    if x.size == 0:
+        return None
+    token = int(np.argmax(x))  # the first NaN when there is one: not finite, the general path takes it
+    m = float(x[token])
+    if not math.isfinite(m):
+        return None
+    d = x.astype(np.float64)  # the one float64 copy
+    np.subtract(d, m, out=d)
+    np.exp(d, out=d)
+    return Sample(token, float(np.float64(m) - (np.float64(m) + np.log(d.sum()))))
+
+
 def sample(logits: np.ndarray, params: SamplingParams, position: int) -> Sample:
     """Pick the next token from ``(V,)`` logits at ``position`` (the index the token will occupy)."""
+    if params.greedy and not params.top_logprobs:
+        fast = _greedy_fast(logits)
+        if fast is not None:
+            return fast
     x = clean_logits(logits)
-    logprobs = log_softmax(x)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())  # log_softmax(x) == x - lse, element for element
     if params.greedy:
         token = int(np.argmax(x))
     else:
-        token = draw(np.exp(filtered_logits(x, params)), params.seed, position)
-    top = top_logprobs(logprobs, params.top_logprobs) if params.top_logprobs else ()
-    return Sample(token, float(logprobs[token]), top)
+        token = draw(np.exp(_filtered(x, params)), params.seed, position)
+    top = top_logprobs(x - lse, params.top_logprobs) if params.top_logprobs else ()
+    return Sample(token, float(x[token] - lse), top)

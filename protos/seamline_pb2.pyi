@@ -106,7 +106,7 @@ class LoadReport(_message.Message):
     def __init__(self, active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_ms_p50: _Optional[float] = ...) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("model_id", "model_hash", "family", "num_layers", "hidden_size", "vocab_size", "max_positions", "min_split", "max_split", "codecs", "layer_ms", "head_ms", "load", "max_chunk_tokens", "device")
+    __slots__ = ("model_id", "model_hash", "family", "num_layers", "hidden_size", "vocab_size", "max_positions", "min_split", "max_split", "codecs", "layer_ms", "head_ms", "load", "max_chunk_tokens", "device", "max_draft_rows")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class InfoReply(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_DRAFT_ROWS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_hash: str
     family: str
@@ -137,7 +138,8 @@ class InfoReply(_message.Message):
     load: LoadReport
     max_chunk_tokens: int
     device: str
-    def __init__(self, model_id: _Optional[str] = ..., model_hash: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_positions: _Optional[int] = ..., min_split: _Optional[int] = ..., max_split: _Optional[int] = ..., codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., layer_ms: _Optional[_Iterable[float]] = ..., head_ms: _Optional[float] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ..., max_chunk_tokens: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    max_draft_rows: int
+    def __init__(self, model_id: _Optional[str] = ..., model_hash: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_positions: _Optional[int] = ..., min_split: _Optional[int] = ..., max_split: _Optional[int] = ..., codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., layer_ms: _Optional[_Iterable[float]] = ..., head_ms: _Optional[float] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ..., max_chunk_tokens: _Optional[int] = ..., device: _Optional[str] = ..., max_draft_rows: _Optional[int] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
     __slots__ = ("model_hash", "split", "codec", "sampling")
@@ -152,16 +154,18 @@ class OpenRequest(_message.Message):
     def __init__(self, model_hash: _Optional[str] = ..., split: _Optional[int] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class OpenReply(_message.Message):
-    __slots__ = ("session_id", "hidden_size", "max_chunk_tokens", "max_positions")
+    __slots__ = ("session_id", "hidden_size", "max_chunk_tokens", "max_positions", "max_draft_rows")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DRAFT_ROWS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     hidden_size: int
     max_chunk_tokens: int
     max_positions: int
-    def __init__(self, session_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_chunk_tokens: _Optional[int] = ..., max_positions: _Optional[int] = ...) -> None: ...
+    max_draft_rows: int
+    def __init__(self, session_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_chunk_tokens: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_draft_rows: _Optional[int] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -170,18 +174,20 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("start_position", "hidden", "tokens", "sample", "step_id")
+    __slots__ = ("start_position", "hidden", "tokens", "sample", "step_id", "draft_rows")
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ROWS_FIELD_NUMBER: _ClassVar[int]
     start_position: int
     hidden: Tensor
     tokens: TokenIds
     sample: bool
     step_id: int
-    def __init__(self, start_position: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., sample: _Optional[bool] = ..., step_id: _Optional[int] = ...) -> None: ...
+    draft_rows: int
+    def __init__(self, start_position: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., sample: _Optional[bool] = ..., step_id: _Optional[int] = ..., draft_rows: _Optional[int] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -190,6 +196,12 @@ class TopLogprob(_message.Message):
     token_id: int
     logprob: float
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
+
+class TopLogprobs(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[TopLogprob]
+    def __init__(self, entries: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class ServerTimings(_message.Message):
     __slots__ = ("queue_ms", "compute_ms", "decode_ms", "batch_size")
@@ -204,7 +216,7 @@ class ServerTimings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class StepReply(_message.Message):
-    __slots__ = ("step_id", "position", "has_token", "token_id", "logprob", "top_logprobs", "finished", "timings")
+    __slots__ = ("step_id", "position", "has_token", "token_id", "logprob", "top_logprobs", "finished", "timings", "drawn_ids", "drawn_logprobs", "drawn_top_logprobs")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +225,9 @@ class StepReply(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    DRAWN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DRAWN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DRAWN_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     position: int
     has_token: bool
@@ -221,7 +236,10 @@ class StepReply(_message.Message):
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprob]
     finished: bool
     timings: ServerTimings
-    def __init__(self, step_id: _Optional[int] = ..., position: _Optional[int] = ..., has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., finished: _Optional[bool] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ...) -> None: ...
+    drawn_ids: _containers.RepeatedScalarFieldContainer[int]
+    drawn_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    drawn_top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprobs]
+    def __init__(self, step_id: _Optional[int] = ..., position: _Optional[int] = ..., has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., finished: _Optional[bool] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ..., drawn_ids: _Optional[_Iterable[int]] = ..., drawn_logprobs: _Optional[_Iterable[float]] = ..., drawn_top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ...) -> None: ...
 
 class CloseRequest(_message.Message):
     __slots__ = ()
@@ -252,3 +270,39 @@ class GenerateReply(_message.Message):
     step: StepReply
     closed: CloseReply
     def __init__(self, opened: _Optional[_Union[OpenReply, _Mapping]] = ..., step: _Optional[_Union[StepReply, _Mapping]] = ..., closed: _Optional[_Union[CloseReply, _Mapping]] = ...) -> None: ...
+
+class EmbedInput(_message.Message):
+    __slots__ = ("hidden", "tokens")
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    hidden: Tensor
+    tokens: TokenIds
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("model_hash", "split", "codec", "inputs")
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    model_hash: str
+    split: int
+    codec: CodecSpec
+    inputs: _containers.RepeatedCompositeFieldContainer[EmbedInput]
+    def __init__(self, model_hash: _Optional[str] = ..., split: _Optional[int] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[EmbedInput, _Mapping]]] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("values", "tokens")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    tokens: int
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class EmbedReply(_message.Message):
+    __slots__ = ("embeddings", "timings")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    timings: ServerTimings
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ...) -> None: ...

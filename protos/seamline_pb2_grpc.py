@@ -44,6 +44,11 @@ class SeamlineStub:
                 request_serializer=seamline_dot_protos_dot_seamline__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=seamline_dot_protos_dot_seamline__pb2.GenerateReply.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/seamline.v1.Seamline/Embed',
+                request_serializer=seamline_dot_protos_dot_seamline__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=seamline_dot_protos_dot_seamline__pb2.EmbedReply.FromString,
+                _registered_method=True)
 
 
 class SeamlineServicer:
@@ -64,6 +69,14 @@ class SeamlineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Encoders (BERT family): one pooled sentence embedding per input; the hidden states after block
+        k-1 in (or token ids when k = 0), blocks [k, L) + pooling in the cloud. No session, no KV cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SeamlineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +89,11 @@ def add_SeamlineServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=seamline_dot_protos_dot_seamline__pb2.GenerateRequest.FromString,
                     response_serializer=seamline_dot_protos_dot_seamline__pb2.GenerateReply.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=seamline_dot_protos_dot_seamline__pb2.EmbedRequest.FromString,
+                    response_serializer=seamline_dot_protos_dot_seamline__pb2.EmbedReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +150,33 @@ class Seamline:
             '/seamline.v1.Seamline/Generate',
             seamline_dot_protos_dot_seamline__pb2.GenerateRequest.SerializeToString,
             seamline_dot_protos_dot_seamline__pb2.GenerateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seamline.v1.Seamline/Embed',
+            seamline_dot_protos_dot_seamline__pb2.EmbedRequest.SerializeToString,
+            seamline_dot_protos_dot_seamline__pb2.EmbedReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,9 @@
 - ``client.pem`` / ``client.key``: a client certificate (clientAuth), common name ``client_name``;
 - ``rogue-ca.pem`` and ``rogue.pem`` / ``rogue.key``: an unrelated CA and a client certificate it signed
   (same common name), which a server that trusts only ``ca.pem`` must refuse.
+
+:func:`mtls_settings` are the cloud settings of a server that presents ``server.pem`` and requires client
+certificates of ``ca.pem``; :func:`client_credentials` the gRPC credentials of a client of that PKI.
 """
 
 from __future__ import annotations
@@ -79,3 +82,23 @@ def mint_pki(folder: Path, client_name: str = "phone-a") -> Path:
     for name, obj in files.items():
         (folder / name).write_bytes(_pem(obj))
     return folder
+
+
+def mtls_settings(pki: Path) -> dict[str, str]:
+    """CloudConfig fields of a server that presents ``server.pem`` and requires client certificates signed
+    by ``ca.pem`` (the folder ``mint_pki`` wrote)."""
+    pki = Path(pki)
+    return {"tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key"),
+            "client_ca": str(pki / "ca.pem")}
+
+
+def client_credentials(pki: Path, cert: str | None = "client", ca: str = "ca.pem"):
+    """gRPC channel credentials that trust ``ca`` and present ``cert``.pem / ``cert``.key (files of ``pki``;
+    ``cert=None``: no client certificate)."""
+    import grpc
+
+    pki = Path(pki)
+    if cert is None:
+        return grpc.ssl_channel_credentials((pki / ca).read_bytes())
+    return grpc.ssl_channel_credentials((pki / ca).read_bytes(), (pki / f"{cert}.key").read_bytes(),
+                                        (pki / f"{cert}.pem").read_bytes())

@@ -4,6 +4,8 @@
   (the same weights every run); :func:`build_tiny` (odd sizes, grouped-query attention, the MiniLM
   tokenizer's vocabulary and ``tokenizer.json``), :func:`byte_checkpoint` (vocabulary 256, no tokenizer)
   and :func:`tiny_gpt2` (vocabulary 256, wide initial weights so greedy decoding wanders) are its presets.
+- :func:`cut`: ``partition`` of a checkpoint into a folder -> :class:`CutBundle` (manifest, summary, path);
+  the tests' ``cut_bundle`` fixture cuts each distinct bundle once per session with it.
 - :func:`model_and_hash`, :func:`reference_greedy`: the unsplit model in this process and its greedy tokens.
 - :class:`EdgeSim`: the edge's share (embed + blocks [0, k) with a KV cache) in torch, to produce the
   hidden states a device sends (the ONNX path is tested on its own).
@@ -14,9 +16,11 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from seamline.protos.bundle import Manifest
 
 
 def minilm_dir() -> Path:
@@ -99,6 +103,20 @@ def tiny_gpt2(out: Path) -> Path:
     """
     return random_checkpoint("gpt2", out, seed=10,
                              config={**BYTE_CONFIGS["gpt2"], **_BYTE_COMMON, "initializer_range": 0.1})
+
+
+class CutBundle(NamedTuple):
+    manifest: Manifest
+    summary: dict
+    path: Path
+
+
+def cut(model: str, out: Path, **options) -> CutBundle:
+    """``partition(PartitionOptions(model=model, out=out, **options))`` -> manifest, summary and folder."""
+    from seamline.partitioner.partition import PartitionOptions, partition
+
+    manifest, summary = partition(PartitionOptions(model=model, out=Path(out), **options))
+    return CutBundle(manifest, summary, Path(out))
 
 
 def model_and_hash(path: Path):

@@ -6,13 +6,18 @@ when one is ready.
   tests, each with its own client loop; :meth:`ServerThread.call` runs a function on the server's loop.
 - :class:`AgentThread`: the edge's ``EdgeAgent``; ready when ``start()`` returned and ``/healthz`` answers.
 - :func:`wait_serving`, :func:`health_status`: the gRPC health service of a cloud at an address.
+- :func:`cloud_config`: the CloudConfig of a test server (loopback, a free port, CPU); :func:`write_tokens`
+  a ``--auth-tokens`` file; :func:`secured_cloud` a started ServerThread, with mutual TLS when given the
+  certificates of :mod:`seamline.testing.certs`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -140,3 +145,30 @@ class AgentThread(LoopThread):
 
     def stop(self) -> None:
         self._stop_loop(self.agent.stop())
+
+
+def cloud_config(model: str | Path, **overrides):
+    """A CloudConfig serving ``model`` on 127.0.0.1, a free port, the CPU, a 1 s grace; ``overrides`` win."""
+    from seamline.cloud.config import CloudConfig
+
+    base = CloudConfig(model=str(model), host="127.0.0.1", port=0, device="cpu", grace=1.0)
+    return replace(base, **overrides)
+
+
+def write_tokens(path: Path, tokens: Mapping[str, str]) -> Path:
+    """A ``--auth-tokens`` file: one ``TOKEN DEVICE`` line per item of ``tokens``."""
+    path = Path(path)
+    path.write_text("".join(f"{token} {device}\n" for token, device in tokens.items()))
+    return path
+
+
+def secured_cloud(config, pki: Path | None = None) -> ServerThread:
+    """``config`` (a CloudConfig; bearer tokens through its ``auth_tokens``, see :func:`write_tokens`)
+    started in this process; with ``pki`` (a folder of :func:`seamline.testing.certs.mint_pki`) it
+    serves mutual TLS: it presents ``server.pem``, requires client certificates of ``ca.pem``, and its
+    readiness is checked with ``client.pem``."""
+    if pki is None:
+        return ServerThread(config).start()
+    from .certs import client_credentials, mtls_settings
+
+    return ServerThread(replace(config, **mtls_settings(pki))).start(client_credentials(pki))

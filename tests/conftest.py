@@ -1,5 +1,6 @@
 """Shared fixtures: small checkpoints of every supported family, saved like real ones (made by
-seamline.testing.models), the calibration text, a throw-away PKI (seamline.testing.certs)."""
+seamline.testing.models), bundles cut from them once per session, the calibration text, a throw-away
+PKI (seamline.testing.certs)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from seamline.testing.certs import mint_pki
-from seamline.testing.models import build_tiny, minilm_dir
+from seamline.testing.models import TINY_CONFIGS, build_tiny, minilm_dir, model_and_hash, tiny_gpt2
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "partitioner" / "demo_model"
@@ -27,6 +28,45 @@ def tiny_checkpoint(tmp_path_factory):
         if family not in cache:
             cache[family] = build_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}"))
         return cache[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_checkpoint(tmp_path_factory) -> Path:
+    """seamline.testing.models.tiny_gpt2: 4 blocks, 64 wide, 256 token ids (the fault and security suites)."""
+    return tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2") / "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_model(tiny_gpt2_checkpoint):
+    """(torch model, model hash) of ``tiny_gpt2_checkpoint``, loaded as the cloud loads it."""
+    return model_and_hash(tiny_gpt2_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def cut_bundle(tmp_path_factory, tiny_checkpoint, calibration_file):
+    """Factory: ``cut_bundle(model, **options)`` -> :class:`seamline.testing.models.CutBundle` (manifest,
+    summary, path) of ``partition``. ``model`` is a tiny family ("gpt2", "llama", "qwen2", "mistral", cut
+    with the shared calibration file unless ``calibration`` is given), "demo" or a checkpoint folder;
+    ``options`` are PartitionOptions fields. Exporting is most of the suite's time, so each distinct set
+    of options is cut once per session and shared by every module: the folder is read-only by
+    convention, a test that changes a bundle copies it first."""
+    from seamline.testing.models import CutBundle, cut
+
+    cache: dict[tuple, CutBundle] = {}
+
+    def make(model: str, **options) -> CutBundle:
+        if model in TINY_CONFIGS:
+            options.setdefault("calibration", calibration_file)
+            source = str(tiny_checkpoint(model))
+        else:
+            source = str(model)
+        key = (source, tuple(sorted(options.items())))
+        if key not in cache:
+            name = Path(source).name if model not in TINY_CONFIGS else model
+            cache[key] = cut(source, tmp_path_factory.mktemp(f"bundle-{name}") / "bundle", **options)
+        return cache[key]
 
     return make
 

@@ -30,6 +30,7 @@ class Codec:
     uses_outliers: ClassVar[bool] = False  # CodecConfig.outlier_channels (calibrated per split) matter
     outlier_key: ClassVar[str] = "outlier_channels"  # the calibrate() entry holding this codec's channels
     bits: ClassVar[int] = 32  # bits per value of its main payload (the byte class of the benchmarks)
+    rows_concatenate: ClassVar[bool] = False  # payloads and scales of [T1, H] and [T2, H] joined = [T1 + T2, H]
 
     # -- sizes -------------------------------------------------------------------------------------
     def sizes(self, tokens: int, width: int, group_size: int = 32, outliers: int = 0) -> tuple[int, int]:

@@ -15,6 +15,7 @@ class _FloatCodec(Codec):
     """payload ``dtype`` ``[T, H]``, little-endian, row-major; no scales."""
 
     dtype: ClassVar[str]  # little-endian numpy dtype of the payload
+    rows_concatenate = True
 
     def sizes(self, tokens, width, group_size=32, outliers=0):
         return np.dtype(self.dtype).itemsize * tokens * width, 0

@@ -53,6 +53,7 @@ class Int4(Codec):
     name, enum, bits = "int4", pb.INT4, 4
     prior_agreement, encode_ns, decode_ns = 0.95, 6.0, 5.0
     has_group_size = True
+    rows_concatenate = True  # int4-rot too: the rotation acts on each row
 
     def sizes(self, tokens, width, group_size=32, outliers=0):
         n = tokens * width
@@ -98,6 +99,7 @@ class Int4RotOutlier(Int4):
     prior_agreement, encode_ns, decode_ns = 0.95, 11.0, 10.0
     uses_outliers = True
     outlier_key = "int4_outlier_channels"
+    rows_concatenate = False  # the fp16 outlier block follows the whole int4 block
 
     def sizes(self, tokens, width, group_size=32, outliers=0):
         payload, scales = super().sizes(tokens, width, group_size, outliers)

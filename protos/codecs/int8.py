@@ -15,6 +15,7 @@ class Int8(Codec):
     """payload int8 ``[T, H]`` in [-127, 127]; scales float32 ``[T]`` = per-token absmax / 127."""
 
     bits = 8
+    rows_concatenate = True
 
     name, enum = "int8", pb.INT8
     prior_agreement, encode_ns, decode_ns = 0.99, 3.0, 2.0

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from seamline.protos import codec
 from seamline.protos import seamline_pb2 as pb
-from seamline.protos.status import server_position
 from seamline.testing.wait import async_wait_until
 
 from .conftest import Client, EdgeSim, Stream, open_request, reference_greedy, step_request
@@ -86,14 +85,14 @@ async def test_chunk_longer_than_max_chunk_tokens(client, models):
     await assert_healthy(client, models)
 
 
-async def test_position_ahead_is_failed_precondition_with_server_position(client, models):
-    """The position the session holds is a structured field (trailing metadata), not message text."""
+async def test_position_ahead_is_failed_precondition(client, models):
+    """A chunk beyond the session's position: FAILED_PRECONDITION whose message names the position (for
+    people; the edge replays from 0 on a new stream and reads no field of the error)."""
     stream, edge = await open_prefilled(client, models)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stream.step(step_request(len(PROMPT) + 3, K, hidden=edge.run([4])))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert server_position(info.value.trailing_metadata()) == len(PROMPT)
-    assert "server_position" not in info.value.details()
+    assert f"resend from position {len(PROMPT)}" in info.value.details()
     await assert_healthy(client, models)
 
 

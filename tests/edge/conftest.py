@@ -51,23 +51,17 @@ def edge_checkpoint(tiny_checkpoint) -> Path:
     return tiny_checkpoint("gpt2")
 
 
-def _partition(model: Path, out: Path, calibration: Path, **kw) -> Path:
-    from seamline.partitioner.partition import PartitionOptions, partition
-
-    partition(PartitionOptions(model=str(model), out=out, split=SPLIT, calibration=calibration, **kw))
-    return out
+@pytest.fixture(scope="session")
+def full_bundle(cut_bundle) -> Path:
+    """The tiny GPT-2 (``edge_checkpoint``) cut at SPLIT with every layer (tests/conftest.py's cut_bundle:
+    shared with the partitioner tests, cut once per session)."""
+    return cut_bundle("gpt2", split=SPLIT).path
 
 
 @pytest.fixture(scope="session")
-def full_bundle(edge_checkpoint, calibration_file, tmp_path_factory) -> Path:
-    return _partition(edge_checkpoint, tmp_path_factory.mktemp("bundle") / "full", calibration_file)
-
-
-@pytest.fixture(scope="session")
-def trimmed_bundle(edge_checkpoint, calibration_file, tmp_path_factory) -> Path:
+def trimmed_bundle(cut_bundle) -> Path:
     """`partition --max-edge-layers 2`: blocks [0, 2) and no head, so no offline fallback."""
-    return _partition(edge_checkpoint, tmp_path_factory.mktemp("bundle") / "trimmed", calibration_file,
-                      max_edge_layers=2)
+    return cut_bundle("gpt2", split=SPLIT, max_edge_layers=2).path
 
 
 @pytest.fixture(scope="session")

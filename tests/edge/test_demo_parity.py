@@ -16,12 +16,8 @@ N = 40
 
 
 @pytest.fixture(scope="module")
-def demo_bundle(tmp_path_factory):
-    from seamline.partitioner.partition import PartitionOptions, partition
-
-    out = tmp_path_factory.mktemp("demo") / "bundle"
-    partition(PartitionOptions(model="demo", out=out, split=2))
-    return out
+def demo_bundle(cut_bundle):
+    return cut_bundle("demo", split=2).path  # tests/conftest.py: cut once per session
 
 
 @pytest.fixture(scope="module")

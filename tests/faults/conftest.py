@@ -1,17 +1,17 @@
-"""Fixtures of the fault and hostile-input suite: one tiny checkpoint, loaded here and served there."""
+"""Fixtures of the fault and hostile-input suite: one tiny checkpoint (tests/conftest.py, shared with the
+security suite), loaded here and served there."""
 
 from __future__ import annotations
 
 import pytest
-from seamline.testing.models import model_and_hash, tiny_gpt2
 
 
 @pytest.fixture(scope="session")
-def fault_checkpoint(tmp_path_factory):
-    return tiny_gpt2(tmp_path_factory.mktemp("faults") / "gpt2")
+def fault_checkpoint(tiny_gpt2_checkpoint):
+    return tiny_gpt2_checkpoint
 
 
 @pytest.fixture(scope="session")
-def fault_model(fault_checkpoint):
+def fault_model(tiny_gpt2_model):
     """(torch model, model hash) of ``fault_checkpoint``, for the edge stand-in and references."""
-    return model_and_hash(fault_checkpoint)
+    return tiny_gpt2_model

@@ -17,7 +17,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from seamline.protos import codec, seamline_pb2_grpc
@@ -25,6 +24,7 @@ from seamline.protos import seamline_pb2 as pb
 from seamline.testing.models import EdgeSim, model_and_hash, reference_greedy, tiny_gpt2  # noqa: F401 - re-exported
 from seamline.testing.procs import CloudProcess, rss_mb  # noqa: F401 - re-exported
 from seamline.testing.servers import SERVING, ServerThread, health_status, wait_serving  # noqa: F401 - re-exported
+from seamline.testing.servers import cloud_config as testing_cloud_config
 
 VOCAB = 256
 HIDDEN = 64
@@ -37,11 +37,9 @@ GENERATE_METHOD = "/seamline.v1.Seamline/Generate"
 
 
 def cloud_config(model: Path, **overrides):
-    from seamline.cloud.config import CloudConfig
-
-    base = CloudConfig(model=str(model), host="127.0.0.1", port=0, device="cpu", max_sessions=64,
-                       kv_budget=64 * 2**20, batch_window_ms=2.0, grace=2.0)
-    return replace(base, **overrides)
+    """seamline.testing.servers.cloud_config with this suite's limits (64 sessions, 64 MiB of KV)."""
+    return testing_cloud_config(model, **{"max_sessions": 64, "kv_budget": 64 * 2**20, "batch_window_ms": 2.0,
+                                          "grace": 2.0, **overrides})
 
 
 # ------------------------------------------------------------------------------------- the edge

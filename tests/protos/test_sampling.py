@@ -137,3 +137,56 @@ def test_logprobs_are_the_models_and_ties_rank_by_id():
 def test_validation_names_the_field(params):
     with pytest.raises(S.SamplingError, match="sampling\\."):
         params.validate(256)
+
+
+def _reference_sample(logits: np.ndarray, params: SamplingParams, position: int) -> S.Sample:
+    """The sampler as first written: clean a float64 copy, full log-softmax, then pick (the fast paths'
+    reference: same token, bit-identical logprobs)."""
+    x = S.clean_logits(logits)
+    logprobs = S.log_softmax(x)
+    if params.greedy:
+        token = int(np.argmax(x))
+    else:
+        token = S.draw(np.exp(S.filtered_logits(x, params)), params.seed, position)
+    top = S.top_logprobs(logprobs, params.top_logprobs) if params.top_logprobs else ()
+    return S.Sample(token, float(logprobs[token]), top)
+
+
+NAN, INF = np.nan, np.inf
+
+
+@pytest.mark.parametrize("row", [
+    [0.5, NAN, 2.0, 2.0], [NAN, 1.0, 3.0], [NAN, NAN], [-INF, -INF, -INF], [1.0, INF, 2.0], [INF, INF],
+    [-INF, 0.0, -INF], [NAN, -INF, -1.0], [3e38, -3e38, 3e38], [7.0], [1e-45, 0.0, -1e-45], [-INF, NAN, INF]])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_greedy_fast_path_matches_the_reference_on_non_finite_rows(row, dtype):
+    """argmax + one logsumexp: NaN never wins, a row without a finite maximum is uniform (token 0,
+    logprob -log V), ties go to the first id, and the logprob is bit-identical to the full log-softmax."""
+    with np.errstate(over="ignore"):  # 3e38 is +inf in float16: one more non-finite case
+        logits = np.asarray(row, dtype=dtype)
+    for params in (SamplingParams(), SamplingParams(top_logprobs=2), SamplingParams(temperature=0.8, seed=3)):
+        got, want = S.sample(logits, params, 5), _reference_sample(logits, params, 5)
+        assert (got.token_id, got.logprob, got.top) == (want.token_id, want.logprob, want.top)
+        assert np.isfinite(got.logprob)
+    finite = np.where(np.isnan(logits.astype(np.float64)), -INF, logits.astype(np.float64))
+    if np.isfinite(finite.max()):  # NaN never wins
+        assert not np.isnan(logits[S.sample(logits, SamplingParams(), 0).token_id])
+    else:  # uniform
+        assert S.sample(logits, SamplingParams(), 0) == S.Sample(0, -float(np.log(len(row))))
+
+
+def test_fast_paths_are_bit_identical_to_the_reference():
+    rng = np.random.default_rng(7)
+    for _ in range(1500):
+        logits, params, pos = _case(rng)
+        if rng.random() < 0.3:
+            params = SamplingParams(seed=params.seed, top_logprobs=params.top_logprobs if rng.random() < 0.5 else 0)
+        if rng.random() < 0.2:
+            logits[rng.integers(logits.size)] = np.nan
+        got, want = S.sample(logits, params, pos), _reference_sample(logits, params, pos)
+        assert (got.token_id, got.logprob, got.top) == (want.token_id, want.logprob, want.top), (logits, params)
+
+
+def test_empty_logits_raise():
+    with pytest.raises(S.SamplingError, match="empty"):
+        S.sample(np.zeros(0, np.float32), SamplingParams(), 0)

@@ -13,18 +13,14 @@ PROMPT_IDS = [101, 2034, 6302, 1012, 2077, 2057, 10838, 2151, 2582, 1010, 2963, 
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
-def test_greedy_through_onnx_edge_agent_and_cloud(family, tiny_checkpoint, calibration_file, tmp_path):
+def test_greedy_through_onnx_edge_agent_and_cloud(family, tiny_checkpoint, cut_bundle):
     import torch
-    from seamline.cloud.config import CloudConfig
     from seamline.edge.config import EdgeConfig
-    from seamline.partitioner.partition import PartitionOptions, partition
-    from seamline.testing.servers import AgentThread, ServerThread
+    from seamline.testing.servers import AgentThread, ServerThread, cloud_config
     from transformers import AutoModelForCausalLM
 
     ckpt = tiny_checkpoint(family)
-    bundle = tmp_path / "bundle"
-    manifest, _ = partition(PartitionOptions(model=str(ckpt), out=bundle, split=SPLIT, max_edge_layers=SPLIT + 1,
-                                             calibration=calibration_file))
+    manifest, _, bundle = cut_bundle(family, split=SPLIT)  # shared with tests/partitioner/test_parity.py
     assert manifest.model_type == family and manifest.family == "llama"
 
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
@@ -40,7 +36,7 @@ def test_greedy_through_onnx_edge_agent_and_cloud(family, tiny_checkpoint, calib
     # the chosen tokens' logprobs: a near-constant greedy text (random weights) still checks every step's numbers
     expected_lp = [float(torch.log_softmax(scores[0].float(), -1)[t]) for scores, t in zip(out.scores, expected)]
 
-    cloud = ServerThread(CloudConfig(model=str(ckpt), host="127.0.0.1", port=0, device="cpu", grace=1.0)).start()
+    cloud = ServerThread(cloud_config(ckpt)).start()
     try:
         agent = AgentThread(EdgeConfig(bundle=str(bundle), cloud=[cloud.address], listen="127.0.0.1:0", codec="fp32",
                                        split=SPLIT, chunk_tokens=8, log_level="WARNING")).start()

@@ -1,16 +1,15 @@
-"""Fixtures of the security suite: one tiny checkpoint (seamline.testing.models), loaded here and served there."""
+"""Fixtures of the security suite: the fault suite's tiny checkpoint (tests/conftest.py), served here."""
 
 from __future__ import annotations
 
 import pytest
-from seamline.testing.models import model_and_hash, tiny_gpt2
 
 
 @pytest.fixture(scope="session")
-def sec_checkpoint(tmp_path_factory):
-    return tiny_gpt2(tmp_path_factory.mktemp("security") / "gpt2")
+def sec_checkpoint(tiny_gpt2_checkpoint):
+    return tiny_gpt2_checkpoint
 
 
 @pytest.fixture(scope="session")
-def sec_model(sec_checkpoint):
-    return model_and_hash(sec_checkpoint)
+def sec_model(tiny_gpt2_model):
+    return tiny_gpt2_model

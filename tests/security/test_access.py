@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
+from seamline.testing.servers import write_tokens
 
 from ..faults.live import (
     HIDDEN,
@@ -36,8 +37,8 @@ K = 2
 
 @pytest.fixture(scope="module")
 def server(sec_checkpoint, tmp_path_factory):
-    tokens = tmp_path_factory.mktemp("tokens") / "tokens.txt"
-    tokens.write_text("tok-a-9f3c phone-a\ntok-b-51d2 phone-b\n")
+    tokens = write_tokens(tmp_path_factory.mktemp("tokens") / "tokens.txt",
+                          {"tok-a-9f3c": "phone-a", "tok-b-51d2": "phone-b"})
     running = ServerThread(cloud_config(sec_checkpoint, auth_tokens=str(tokens), max_sessions=256)).start()
     yield running
     running.stop()

@@ -8,40 +8,24 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import grpc
 import pytest
 from seamline.edge.agent import build_engine, close_engine
 from seamline.edge.config import ConfigError, EdgeConfig
 from seamline.edge.messages import GenerationRequest, SamplingParams
-from seamline.testing.servers import ServerThread
+from seamline.testing.servers import ServerThread, cloud_config, secured_cloud
 
 PROMPT = "First Citizen: Speak, speak."
 NEW = 6
 
 
 @pytest.fixture(scope="module")
-def mtls_checkpoint(tiny_checkpoint):
-    return tiny_checkpoint("gpt2")  # with a tokenizer.json: the edge needs one
+def mtls_bundle(cut_bundle):
+    return cut_bundle("gpt2", split=2).path  # the tiny GPT-2 with a tokenizer.json (the edge needs one)
 
 
 @pytest.fixture(scope="module")
-def mtls_bundle(mtls_checkpoint, calibration_file, tmp_path_factory):
-    from seamline.partitioner.partition import PartitionOptions, partition
-
-    out = tmp_path_factory.mktemp("mtls") / "bundle"
-    partition(PartitionOptions(model=str(mtls_checkpoint), out=out, split=1, calibration=calibration_file))
-    return out
-
-
-@pytest.fixture(scope="module")
-def mtls_cloud(pki, mtls_checkpoint):
-    from seamline.cloud.config import CloudConfig
-
-    creds = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes(), (pki / "client.key").read_bytes(),
-                                         (pki / "client.pem").read_bytes())
-    server = ServerThread(CloudConfig(model=str(mtls_checkpoint), host="127.0.0.1", port=0, device="cpu", grace=1.0,
-                                      tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
-                                      client_ca=str(pki / "ca.pem"))).start(creds)
+def mtls_cloud(pki, tiny_checkpoint):
+    server = secured_cloud(cloud_config(tiny_checkpoint("gpt2")), pki)
     yield server
     server.stop()
 

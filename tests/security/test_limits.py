@@ -11,6 +11,7 @@ import grpc
 import pytest
 from seamline.protos import seamline_pb2 as pb
 from seamline.protos import seamline_pb2_grpc
+from seamline.testing.servers import write_tokens
 
 from ..faults.live import HIDDEN, ServerThread, SyncStream, cloud_config, generate_call
 
@@ -20,8 +21,7 @@ A, B = "tok-a-0c1d", "tok-b-77e0"
 
 @pytest.fixture(scope="module")
 def server(sec_checkpoint, tmp_path_factory):
-    tokens = tmp_path_factory.mktemp("limits") / "tokens.txt"
-    tokens.write_text(f"{A} phone-a\n{B} phone-b\n")
+    tokens = write_tokens(tmp_path_factory.mktemp("limits") / "tokens.txt", {A: "phone-a", B: "phone-b"})
     running = ServerThread(cloud_config(sec_checkpoint, auth_tokens=str(tokens), max_sessions=MAX_SESSIONS,
                                         max_sessions_per_device=MAX_SESSIONS - 1, max_chunk_tokens=16)).start()
     yield running

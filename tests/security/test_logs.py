@@ -17,6 +17,7 @@ import numpy as np
 from google.protobuf import text_encoding
 from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
+from seamline.testing.servers import write_tokens
 
 from ..faults.live import (
     GENERATE_METHOD,
@@ -36,8 +37,7 @@ VALUE = 4321.125  # exact in float32
 
 
 def _tokens_file(path, secret: str, other: str):
-    path.write_text(f"{secret} phone-secret\n{other} phone-other\n")
-    return path
+    return write_tokens(path, {secret: "phone-secret", other: "phone-other"})
 
 
 def _renderings(value: float, ids: list[int]) -> list[str]:

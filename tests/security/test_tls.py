@@ -7,17 +7,16 @@ the first CA and bearer tokens as well.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grpc
 import numpy as np
 import pytest
 from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
+from seamline.testing.certs import client_credentials
+from seamline.testing.servers import secured_cloud, write_tokens
 
 from ..faults.live import (
     HIDDEN,
-    ServerThread,
     cloud_config,
     generate_call,
     greedy_session,
@@ -32,26 +31,16 @@ PROMPT = [3, 141, 59, 26, 53]
 
 
 @pytest.fixture(scope="module")
-def pki(pki) -> dict[str, bytes | Path]:
-    """The shared PKI (tests/conftest.py, seamline.testing.certs) as bytes by file name, and its folder."""
-    return {**{p.name: p.read_bytes() for p in pki.iterdir()}, "dir": pki}
-
-
-@pytest.fixture(scope="module")
-def mtls_server(pki, sec_checkpoint):
-    d = pki["dir"]
-    tokens = d / "tokens.txt"
-    tokens.write_text(f"{TOKEN} phone-a\n")
-    creds = grpc.ssl_channel_credentials(pki["ca.pem"], pki["client.key"], pki["client.pem"])
-    server = ServerThread(cloud_config(sec_checkpoint, tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key"),
-                                       client_ca=str(d / "ca.pem"), auth_tokens=str(tokens))).start(creds)
+def mtls_server(pki, sec_checkpoint, tmp_path_factory):
+    tokens = write_tokens(tmp_path_factory.mktemp("tls") / "tokens.txt", {TOKEN: "phone-a"})
+    server = secured_cloud(cloud_config(sec_checkpoint, auth_tokens=str(tokens)), pki)
     yield server
     server.stop()
 
 
 def test_mutual_tls_session(mtls_server, pki, sec_model):
     model, mhash = sec_model
-    creds = grpc.ssl_channel_credentials(pki["ca.pem"], pki["client.key"], pki["client.pem"])
+    creds = client_credentials(pki)
     for host in ("127.0.0.1", "localhost"):
         with grpc.secure_channel(f"{host}:{mtls_server.running.port}", creds) as channel:
             stub = seamline_pb2_grpc.SeamlineStub(channel)
@@ -71,14 +60,12 @@ def test_refused_connections(mtls_server, pki, sec_model, client):
     if client == "plaintext":
         channel = grpc.insecure_channel(address)
     else:
-        creds = {
-            "no certificate": lambda: grpc.ssl_channel_credentials(pki["ca.pem"]),
-            "certificate of another CA": lambda: grpc.ssl_channel_credentials(pki["ca.pem"], pki["rogue.key"],
-                                                                              pki["rogue.pem"]),
+        creds = client_credentials(pki, **{
+            "no certificate": {"cert": None},
+            "certificate of another CA": {"cert": "rogue"},
             # a client that trusts only another CA refuses the server (no silent downgrade)
-            "server not trusted": lambda: grpc.ssl_channel_credentials(pki["rogue-ca.pem"], pki["client.key"],
-                                                                       pki["client.pem"]),
-        }[client]()
+            "server not trusted": {"ca": "rogue-ca.pem"},
+        }[client])
         channel = grpc.secure_channel(address, creds)
     with channel:
         stub = seamline_pb2_grpc.SeamlineStub(channel)

@@ -1,0 +1,161 @@
+"""Carry a GGUF file's own 4-bit blocks into the int4 edge graphs (``MatMulNBits``), unchanged.
+
+A GGUF Q4_0 / Q4_1 tensor stores each row in blocks of 32 weights along K, with an fp16 scale ``d``
+(and, Q4_1, an fp16 minimum ``m``): ``w = d * (q - 8)`` (Q4_0) or ``w = d * q + m`` (Q4_1).
+ONNX Runtime's ``MatMulNBits`` computes ``w = (q - zp) * scale`` per block of 32 along K, with a
+default zero point of 8 for 4 bits and, on the CPU, float zero points of the scales' type. So:
+
+- Q4_0: scale = d, no zero point input (the default 8): exact;
+- Q4_1: scale = d, zero point = -m / d (float); a block with d == 0 holds m everywhere: it becomes
+  scale = m, zero point 0 and every q = 1. Exact to float32 rounding (~1e-7 relative).
+
+Only the nibble order differs: GGUF byte j holds weights j (low) and j + 16 (high) of its block,
+``MatMulNBits`` byte j holds weights 2j (low) and 2j + 1 (high).
+
+Which GGUF tensor is which graph weight is found by value, not by name: a block graph's MatMul
+weight is the Hugging Face weight transposed, and the Hugging Face conversion permutes the rows of
+llama's q/k projections (``reverse_permute``). Each row of the graph weight is looked up among the
+dequantized rows of the layer's GGUF tensors (exact float32 equality, since the checkpoint was
+dequantized from the same file with the same arithmetic); a weight all of whose rows are found in one
+tensor takes that tensor's blocks in that row order. Anything else (K-quants, Q8_0, float tensors, a
+weight the lookup does not find) is left to the regular quantizer, with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+QK = 32  # weights per GGUF Q4_0/Q4_1 block
+CARRIED_TYPES = ("Q4_0", "Q4_1")
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
+
+
+class GGUFBlocksError(ValueError):
+    pass
+
+
+@dataclass
+class Q4Tensor:
+    """One GGUF 4-bit tensor: N rows of K weights, as raw blocks (N, K // 32, bytes per block)."""
+
+    name: str
+    kind: str  # Q4_0 | Q4_1
+    raw: np.ndarray  # uint8 (N, K // QK, 18 | 20)
+    _rows: dict[bytes, int] | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.raw.shape[0], self.raw.shape[1] * QK
+
+    def fields(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """d (N, nb) float32, m (N, nb) float32 or None, q (N, nb, 32) uint8 in weight order."""
+        d = self.raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        off = 2
+        m = None
+        if self.kind == "Q4_1":
+            m = self.raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            off = 4
+        qs = self.raw[..., off:off + QK // 2]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # weight j: low nibble of byte j, j+16: high
+        return d, m, q
+
+    def dequantize(self) -> np.ndarray:
+        """(N, K) float32, the same arithmetic as ``gguf.quants`` (and so as the converted checkpoint)."""
+        d, m, q = self.fields()
+        if m is None:
+            w = d[..., None] * (q.astype(np.int8) - np.int8(8)).astype(np.float32)
+        else:
+            w = d[..., None] * q.astype(np.float32) + m[..., None]
+        return w.reshape(self.shape)
+
+    def row_index(self) -> dict[bytes, int]:
+        """Dequantized row (float32 bytes) -> row number, built once."""
+        if self._rows is None:
+            w = self.dequantize()
+            self._rows = {w[i].tobytes(): i for i in range(w.shape[0])}
+        return self._rows
+
+    def to_matmul_nbits(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """MatMulNBits inputs for rows ``rows`` (default all): packed B (N, nb, 16) uint8, scales (N*nb,)
+        float32, zero points (N*nb,) float32 or None (Q4_0: the operator's default zero point 8)."""
+        d, m, q = self.fields()
+        if rows is not None:
+            d, q = d[rows], q[rows]
+            m = None if m is None else m[rows]
+        q = q.copy()
+        zp = None
+        if m is not None:
+            zero = d == 0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                zp = np.where(zero, 0.0, -m / np.where(zero, 1.0, d)).astype(np.float32)
+            d = np.where(zero, m, d).astype(np.float32)  # w = m for the whole block: (1 - 0) * m
+            q[zero] = 1
+            zp = zp.reshape(-1)
+        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+        return packed, d.reshape(-1).astype(np.float32), zp
+
+
+@dataclass
+class LayerBlocks:
+    layer: int
+    tensors: list[Q4Tensor] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # tensor name -> its type, not carried
+
+
+class GGUFBlocks:
+    """The 4-bit block tensors of a GGUF file, per layer (``blk.<i>.*``)."""
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        reader = GGUFReader(self.path, "r")
+        self.layers: dict[int, LayerBlocks] = {}
+        self.types: dict[str, int] = {}
+        for t in reader.tensors:
+            parts = t.name.split(".")
+            if len(parts) < 3 or parts[0] != "blk" or not parts[1].isdigit() or len(t.shape) != 2:
+                continue
+            kind = t.tensor_type.name
+            self.types[kind] = self.types.get(kind, 0) + 1
+            layer = self.layers.setdefault(int(parts[1]), LayerBlocks(int(parts[1])))
+            if kind not in CARRIED_TYPES:
+                layer.skipped[t.name] = kind
+                continue
+            data = np.asarray(t.data)
+            n = data.shape[0]
+            layer.tensors.append(Q4Tensor(t.name, kind, data.reshape(n, -1, _BLOCK_BYTES[kind])))
+
+    def refusal(self) -> str:
+        """Why weights of this file are not carried (empty when every 2-D block tensor is Q4_0/Q4_1)."""
+        other = {k: v for k, v in self.types.items() if k not in CARRIED_TYPES}
+        if not other:
+            return ""
+        names = ", ".join(f"{k} x{v}" for k, v in sorted(other.items()))
+        return (f"{self.path.name}: {names} block tensors are not Q4_0/Q4_1 (K-quants and other formats are not "
+                "carried over): those weights are re-quantized with round-to-nearest int4 instead")
+
+    def match(self, layer: int, weight_kn: np.ndarray) -> tuple[Q4Tensor, np.ndarray] | None:
+        """The tensor of ``layer`` whose dequantized rows are the rows of ``weight_kn.T``, and the row order."""
+        blocks = self.layers.get(layer)
+        if blocks is None:
+            return None
+        target = np.ascontiguousarray(weight_kn.T, dtype=np.float32)
+        for t in blocks.tensors:
+            if t.shape != target.shape:
+                continue
+            index = t.row_index()
+            rows = [index.get(r.tobytes()) for r in target]
+            if all(r is not None for r in rows):
+                return t, np.asarray(rows, dtype=np.int64)
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def load(path: str) -> GGUFBlocks:
+    """The blocks of the GGUF file ``path`` (read once per process; the file is memory-mapped)."""
+    return GGUFBlocks(Path(path))

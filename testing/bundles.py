@@ -1,0 +1,114 @@
+"""Bundles for tests: a minimal one for the manifest tests, and real ones cached per machine.
+
+- :func:`minimal_manifest`: a valid :class:`~seamline.protos.bundle.Manifest` (2 layers, hidden size 8,
+  vocabulary 10, every layer on the edge, one codec calibration entry); keyword arguments replace fields.
+- :func:`write_minimal_bundle`: that manifest and its files (``embed.onnx``, the blocks, ``head.onnx``,
+  ``tokenizer.json``: placeholder bytes, not graphs) written into a folder, hashes and sizes recorded, so
+  that ``load_bundle`` accepts it until a test changes a byte.
+- :func:`cached_cut`: ``partition`` of a real model (too slow to cut every session), kept under
+  ``$SEAMLINE_CACHE/bundles/`` (default ``~/.cache/seamline``) and keyed by the model's hash, the
+  options and the partitioner's source code; one process at a time fills an entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from seamline.protos.bundle import BundleError, CodecDefaults, Manifest, load_bundle, write_manifest
+
+
+def minimal_manifest(**fields) -> Manifest:
+    base = {"model_id": "m", "model_source": "demo", "family": "gpt2", "model_type": "gpt2",
+            "model_config": {"n_layer": 2}, "source_model_hash": "ab" * 32, "num_layers": 2, "hidden_size": 8,
+            "num_heads": 2, "num_kv_heads": 2, "head_dim": 4, "vocab_size": 10, "max_positions": 16,
+            "causal": True, "edge_layers": 2, "default_split": 1, "min_split": 1, "max_split": 2, "opset": 18,
+            "blocks": ["block_00.onnx", "block_01.onnx"], "head": "head.onnx",
+            "codec": CodecDefaults(calibration={"1": {"outlier_channels": [3], "absmax": 2.0, "rms": 0.5}})}
+    return Manifest(**{**base, **fields})
+
+
+def write_minimal_bundle(folder: Path, **fields) -> Manifest:
+    """:func:`minimal_manifest` (``fields`` replaced) and placeholder files written into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    m = minimal_manifest(**fields)
+    for name in ["embed.onnx", *m.blocks, "head.onnx", "tokenizer.json"]:
+        (folder / name).write_bytes(name.encode() * 10)
+    write_manifest(m, folder)
+    return m
+
+
+# Source whose change makes a cached bundle stale (a manifest this seamline cannot read is re-cut too)
+_BUNDLE_CODE = (("seamline.partitioner", ("export.py", "partition.py", "families/*.py")),
+                ("seamline.edge", ("chat.py",)))
+_KEY_SHAPE = "[0-9a-f]{12}-[0-9a-f]{8}-[0-9a-f]{12}"  # model hash, options, code
+
+
+def _code_key() -> str:
+    import importlib
+
+    h = hashlib.sha256()
+    for package, patterns in _BUNDLE_CODE:
+        folder = Path(importlib.import_module(package).__file__).parent
+        for pattern in patterns:
+            for f in sorted(folder.glob(pattern)):
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _options_key(options: dict) -> str:
+    """The options, a file's content standing for its path (a calibration file lives in a fresh tmp dir)."""
+    h = hashlib.sha256()
+    for k, v in sorted(options.items()):
+        h.update(k.encode())
+        h.update(Path(v).read_bytes() if isinstance(v, Path) and Path(v).is_file() else repr(v).encode())
+    return h.hexdigest()[:8]
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created): one process at a time fills a cache entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cached_cut(name: str, model: str | Path, checkpoint: Path | None = None, **options) -> Path:
+    """``partition(PartitionOptions(model=model, **options))`` into ``$SEAMLINE_CACHE/bundles/NAME-<key>``
+    once per machine; the key covers ``checkpoint``'s weights (default: ``model``, a folder), the options
+    and the partitioner's code. Entries of ``name`` with another key are removed (a bundle of a real model
+    is large)."""
+    from seamline.partitioner.loading import model_hash
+    from seamline.partitioner.partition import PartitionOptions, partition
+    from seamline.partitioner.sources import cache_root
+
+    key = f"{model_hash(Path(checkpoint or model))[:12]}-{_options_key(options)}-{_code_key()}"
+    out = cache_root() / "bundles" / f"{name}-{key}"
+    with locked(out.with_name(out.name + ".lock")):
+        if out.exists():
+            try:
+                load_bundle(out)
+                return out
+            except BundleError:
+                shutil.rmtree(out)
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        partition(PartitionOptions(model=str(model), out=tmp, **options))
+        os.replace(tmp, out)
+    for stale in out.parent.glob(f"{name}-*"):
+        if stale.is_dir() and stale != out and re.fullmatch(rf"{re.escape(name)}-{_KEY_SHAPE}", stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+            stale.with_name(stale.name + ".lock").unlink(missing_ok=True)
+    return out

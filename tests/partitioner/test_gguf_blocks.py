@@ -1,0 +1,118 @@
+"""A GGUF file's own Q4_0 / Q4_1 blocks carried into MatMulNBits (`partitioner/gguf_blocks.py`).
+
+A small GGUF file is written with the `gguf` package (Q4_1 with a d == 0 block, Q4_0, and a K-quant
+tensor); the carried MatMulNBits weights must reproduce the file's dequantized weights (the same
+arithmetic as `gguf.quants.dequantize`, which the checkpoint conversion uses) to float32 rounding,
+in ONNX Runtime too, whatever the row order of the graph's weight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+K, N = 96, 40
+
+
+def _q4(kind: str, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Raw GGUF blocks (N, K // 32 * bytes) and their dequantized weights (N, K)."""
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    w = rng.standard_normal((N, K)).astype(np.float32) * 0.05
+    w[3, :32] = 0.0          # a zero block (d == 0, m == 0)
+    w[5, 32:64] = 0.0371     # a constant block: Q4_1 stores d == 0 and m != 0
+    raw = gguf.quants.quantize(w, qtype)
+    return raw, gguf.quants.dequantize(raw, qtype)
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    deq = {}
+    for kind, name in (("Q4_1", "blk.0.attn_q.weight"), ("Q4_0", "blk.0.ffn_up.weight")):
+        raw, deq[name] = _q4(kind, rng)
+        w.add_tensor(name, raw, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+    # a K-quant tensor (its bytes are not read): refused, its weight re-quantized
+    kq = gguf.GGMLQuantizationType.Q6_K
+    block, size = gguf.GGML_QUANT_SIZES[kq]
+    w.add_tensor("blk.0.ffn_down.weight", np.zeros((N, 256 // block * size), np.uint8), raw_dtype=kq)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, deq
+
+
+def _dequant_nbits(packed, scales, zp, n, k):
+    q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, k // 32, 32).astype(np.float32)
+    zero = 8.0 if zp is None else zp.reshape(n, -1, 1)
+    return ((q - zero) * scales.reshape(n, -1, 1)).reshape(n, k)
+
+
+def test_blocks_reproduce_the_files_weights(gguf_file):
+    from seamline.partitioner.gguf_blocks import GGUFBlocks
+
+    path, deq = gguf_file
+    blocks = GGUFBlocks(path)
+    assert "Q6_K x1" in blocks.refusal() and "round-to-nearest" in blocks.refusal()
+    tensors = {t.name: t for t in blocks.layers[0].tensors}
+    assert set(tensors) == {"blk.0.attn_q.weight", "blk.0.ffn_up.weight"}
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(t.dequantize(), deq[name])  # bit-identical to gguf.quants
+        packed, scales, zp = t.to_matmul_nbits()
+        assert (zp is None) == (t.kind == "Q4_0")
+        got = _dequant_nbits(packed, scales, zp, N, K)
+        np.testing.assert_allclose(got, deq[name], rtol=0, atol=1e-6)
+    q1 = tensors["blk.0.attn_q.weight"]
+    assert (q1.fields()[0] == 0).sum() >= 2  # the zero and the constant block (d == 0)
+    np.testing.assert_allclose(_dequant_nbits(*q1.to_matmul_nbits(), N, K)[5, 32:64], 0.0371, atol=1e-4)
+
+
+def _graph(weights: list[np.ndarray]):
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"mm{i}") for i in range(len(weights))]
+    nodes.append(helper.make_node("Concat", [f"y{i}" for i in range(len(weights))], ["y"], axis=-1))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", None])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_graph_weights_are_matched_by_value_and_run_in_onnxruntime(gguf_file, tmp_path):
+    """Rows permuted like llama's q/k (HF conversion), transposed like the exported MatMul weights; a
+    weight the file does not hold is re-quantized; ONNX Runtime computes x @ W.T of the file's weights."""
+    import onnx
+    import onnxruntime as ort
+    from seamline.partitioner.quantize import QuantSpec, quantize_graph, weight_report
+
+    path, deq = gguf_file
+    rng = np.random.default_rng(1)
+    perm = rng.permutation(N)
+    w_q = deq["blk.0.attn_q.weight"][perm]  # HF rows in another order than the file's
+    w_up = deq["blk.0.ffn_up.weight"]
+    other = rng.standard_normal((N, K)).astype(np.float32) * 0.05
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(_graph([w_q.T.copy(), w_up.T.copy(), other.T.copy()]), str(src))
+    spec = QuantSpec("int4", accuracy_level=0, gguf=str(path))  # float compute: the weights alone are compared
+    report = quantize_graph(src, dst, spec, layer=0)
+    assert report["matmul_nbits"] == 3 and report["float_matmul_weights"] == 0 and report["gguf_carried"] == 2
+    manifest = spec.to_manifest()["gguf_blocks"]
+    assert manifest["carried"] == 2 and manifest["requantized"] == 1 and "Q6_K" in manifest["note"]
+    assert weight_report(dst)["matmul_nbits"] == 3
+    x = rng.standard_normal((5, K)).astype(np.float32)
+    y = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y[:, :N], x @ w_q.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y[:, N:2 * N], x @ w_up.T, rtol=1e-5, atol=1e-5)
+    assert np.abs(y[:, 2 * N:] - x @ other.T).max() > 1e-4  # the re-quantized one is only close
+    # another layer of the file has nothing to carry: everything is re-quantized
+    spec1 = QuantSpec("int4", gguf=str(path))
+    assert "gguf_carried" not in quantize_graph(src, tmp_path / "q1.onnx", spec1, layer=1)
+    assert spec1.to_manifest()["gguf_blocks"]["carried"] == 0
+    # a block size other than the file's 32 is re-quantized (and says nothing about GGUF blocks)
+    spec64 = QuantSpec("int4", block_size=64, gguf=str(path))
+    quantize_graph(src, tmp_path / "q64.onnx", spec64, layer=0)
+    assert not spec64.carries and "gguf_blocks" not in spec64.to_manifest()

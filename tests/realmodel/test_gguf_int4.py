@@ -1,0 +1,97 @@
+"""SmolLM2's own Q4_1 blocks in the int4 edge graphs (``partitioner/gguf_blocks.py``).
+
+The cached fp32 bundle's block graphs (EDGE_LAYERS layers) are quantized twice, carrying the GGUF
+file's blocks and re-quantizing round-to-nearest, into two int4 bundles (the fp32 graphs ship along).
+The carried weights must be the converted checkpoint's weights (q/k rows in Hugging Face order), and
+``verify --quant int4`` must agree with the fp32 model at least as often as round-to-nearest does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+
+from .conftest import EDGE_LAYERS
+
+# graph order of a llama block's MatMul weights
+PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj"]
+
+
+def _int4_bundle(src, out, gguf: str):
+    from seamline.partitioner.quantize import QuantSpec, quantize_graph
+    from seamline.protos.bundle import GraphSet, load_bundle, write_manifest
+
+    shutil.copytree(src, out)
+    m = load_bundle(out, verify=False)
+    spec = QuantSpec("int4", gguf=gguf)
+    for i, name in enumerate(m.blocks):
+        quantize_graph(out / name, out / "int4" / name, spec, layer=i)
+    m = dataclasses.replace(m, blocks=[f"int4/{b}" for b in m.blocks], precision="int4",
+                            quantization=spec.to_manifest(),
+                            variants={"fp32": GraphSet(m.embed, list(m.blocks), m.head)})
+    write_manifest(m, out)
+    return out, spec
+
+
+@pytest.fixture(scope="module")
+def int4_bundles(smol_gguf, smol_bundle, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smol-int4")
+    carried = _int4_bundle(smol_bundle, root / "gguf", str(smol_gguf))
+    rtn = _int4_bundle(smol_bundle, root / "rtn", "")
+    return carried, rtn
+
+
+def _dequantized(model, node):
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    k, n, bs = attrs["K"], attrs["N"], attrs["block_size"]
+    packed = numpy_helper.to_array(inits[node.input[1]])
+    scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, -1, 1)
+    zp = numpy_helper.to_array(inits[node.input[3]]).reshape(n, -1, 1) if len(node.input) > 3 else 8.0
+    q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, k // bs, bs).astype(np.float32)
+    return ((q - zp) * scales).reshape(n, k)
+
+
+def test_carried_blocks_are_the_checkpoints_weights(int4_bundles, smol_checkpoint):
+    import onnx
+    from safetensors.numpy import load_file
+    from seamline.partitioner.quantize import weight_report
+
+    (out, spec), _ = int4_bundles
+    assert spec.to_manifest()["gguf_blocks"] == {"carried": 7 * EDGE_LAYERS, "requantized": 0}
+    weights = load_file(str(smol_checkpoint / "model.safetensors"))
+    for i in range(EDGE_LAYERS):
+        model = onnx.load(str(out / "int4" / f"block_{i:02d}.onnx"))
+        nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        assert len(nodes) == len(PROJ)
+        assert weight_report(out / "int4" / f"block_{i:02d}.onnx")["float_matmul_weights"] == 0
+        for node, proj in zip(nodes, PROJ):
+            hf = weights[f"model.layers.{i}.{proj}.weight"]  # (out, in), q/k rows permuted by the conversion
+            np.testing.assert_allclose(_dequantized(model, node), hf, rtol=0, atol=1e-6, err_msg=f"layer {i} {proj}")
+
+
+def test_verify_int4_from_gguf_agrees_at_least_like_round_to_nearest(int4_bundles, smol_gguf):
+    from seamline.partitioner.verify import VerifyOptions, verify
+
+    (carried, _), (rtn, _) = int4_bundles
+    import torch
+
+    kw = {"model": str(smol_gguf), "quant": "int4", "prompt_tokens": 16, "decode_steps": 8}  # 24 positions
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the torch half is small; one thread keeps a busy machine from thrashing it
+    try:
+        got = verify(VerifyOptions(bundle=carried, **kw))
+        ref = verify(VerifyOptions(bundle=rtn, **kw))
+    finally:
+        torch.set_num_threads(threads)
+    assert got["quantization"]["gguf_blocks"]["carried"] == 7 * EDGE_LAYERS
+    assert [r["split"] for r in got["splits"]] == list(range(1, EDGE_LAYERS + 1))
+    assert got["greedy_agreement"] >= ref["greedy_agreement"], (got["splits"], ref["splits"])
+    assert got["greedy_agreement"] >= 0.99 and got["passed"], got["splits"]
+    assert got["max_abs_logit_diff"] < ref["max_abs_logit_diff"]

@@ -1,0 +1,120 @@
+"""Pure parts of speculative decoding: the prompt-lookup drafter, the choice of gamma, the acceptance
+estimate, and the edge KV cache's rollback (real ONNX sessions)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from seamline.edge.drafters import DRAFTERS, DraftContext, Drafter, PromptLookup, drafter_for
+from seamline.edge.speculation import (
+    AUTO,
+    PROBE_EVERY,
+    Speculator,
+    accepted_prefix,
+    choose_gamma,
+    expected_tokens,
+)
+
+
+def _draft(tokens, gamma, **kw):
+    return PromptLookup(**kw).draft(DraftContext(tokens, None, _no_extend), gamma)
+
+
+def _no_extend(token):
+    raise AssertionError("prompt lookup runs no model")
+
+
+def test_prompt_lookup_proposes_the_continuation_of_the_longest_recent_match():
+    assert _draft([1, 2, 3, 4, 1, 2], 4) == [3, 4, 1, 2]
+    assert _draft([1, 2, 3, 4, 1, 2], 2) == [3, 4]
+    # the 2-gram (7, 1) wins over the more recent 1-gram match of 1
+    assert _draft([7, 1, 5, 9, 1, 6, 7, 1], 2) == [5, 9]
+    assert _draft([7, 1, 5, 9, 1, 6, 7, 1], 2, max_ngram=1) == [6, 7]  # the most recent 1 -> 6
+    # a loop drafts through its own drafts
+    assert _draft([5, 5, 5], 4) == [5, 5, 5, 5]
+    assert _draft([1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]
+    # nothing repeats, nothing to draft; no history; gamma 0
+    assert _draft([1, 2, 3], 3) == [] and _draft([1], 3) == [] and _draft([], 3) == []
+    assert _draft([1, 2, 1, 2], 0) == []
+    assert _draft([9, 1, 2, 3, 1, 2, 3], 3, min_ngram=3, max_ngram=3) == [1, 2, 3]
+    with pytest.raises(ValueError, match="min_ngram"):
+        PromptLookup(max_ngram=1, min_ngram=2)
+
+
+def test_prompt_lookup_is_a_drafter_in_the_registry():
+    d = drafter_for("prompt-lookup", None, 2)
+    assert isinstance(d, Drafter) and d.name == "prompt-lookup" and "prompt-lookup" in DRAFTERS
+    with pytest.raises(LookupError, match="unknown drafter"):
+        drafter_for("telepathy", None, 2)
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_choose_gamma_drafts_where_it_pays_and_not_elsewhere():
+    # a long round trip and good acceptance: draft the most allowed
+    assert choose_gamma(0.9, rtt_ms=50, draft_ms_per_token=0.5, verify_ms_per_row=0.5, max_gamma=8) == 8
+    # no acceptance: never
+    assert choose_gamma(0.0, rtt_ms=50, draft_ms_per_token=0.5, verify_ms_per_row=0.5, max_gamma=8) == 0
+    # free round trip, costly rows: a draft costs more than it saves
+    assert choose_gamma(0.5, rtt_ms=0.1, draft_ms_per_token=5, verify_ms_per_row=5, max_gamma=8) == 0
+    # in between: some, not all
+    g = choose_gamma(0.6, rtt_ms=5, draft_ms_per_token=1, verify_ms_per_row=1, max_gamma=16)
+    assert 0 < g < 16
+    # the choice maximises the modelled rate
+    def rate(x):
+        return expected_tokens(0.6, x) / (5 + x * 1 + (x + 1) * 1)
+    assert rate(g) == max(rate(x) for x in range(17))
+    # degenerate inputs
+    assert choose_gamma(0.9, 50, 1, 1, 0) == 0
+    assert choose_gamma(math.nan, 50, 1, 1, 8) == 0
+    assert choose_gamma(0.9, math.inf, 1, 1, 8) == 0
+    assert choose_gamma(1.5, 50, 0, 0, 3) == 3  # acceptance clamps to 1
+
+
+def test_accepted_prefix():
+    assert accepted_prefix([1, 2, 3], [1, 2, 9]) == 2
+    assert accepted_prefix([1, 2, 3], [1, 2, 3]) == 3
+    assert accepted_prefix([4], [1]) == 0 and accepted_prefix([], []) == 0
+
+
+def test_speculator_auto_learns_acceptance_and_keeps_probing():
+    spec = Speculator(PromptLookup(), AUTO, max_gamma=6)
+    assert spec.gamma(limit=6) == 6 and spec.gamma(limit=2) == 2 and spec.gamma(limit=0) == 0  # unmeasured
+    for _ in range(20):  # every draft rejected on a 5 ms link with 3 ms rows: stop drafting ...
+        spec.observe(drafted=2, accepted=0, rows=3, edge_ms=9, fixed_ms=5, compute_ms=9)
+    assert spec.acceptance < 0.15 and spec.gamma(limit=6) == 0
+    for _ in range(PROBE_EVERY):  # ... but probe now and then
+        spec.observe(drafted=0, accepted=0, rows=1, edge_ms=3, fixed_ms=5, compute_ms=3)
+    assert spec.gamma(limit=6) == 1
+    for _ in range(20):  # every draft accepted: draft the most again
+        spec.observe(drafted=4, accepted=4, rows=5, edge_ms=5, fixed_ms=40, compute_ms=5)
+    assert spec.acceptance > 0.9 and spec.gamma(limit=6) == 6
+    fixed = Speculator(PromptLookup(), "prompt-lookup", max_gamma=3)
+    fixed.observe(drafted=3, accepted=0, rows=4, edge_ms=1, fixed_ms=1, compute_ms=1)
+    assert fixed.gamma(limit=8) == 3  # a fixed mode drafts its --draft-tokens regardless
+
+
+def test_edge_cache_truncate_rolls_back_rejected_rows(spec_bundle):
+    """Rows computed after a rollback equal rows computed without the rejected detour (real ONNX)."""
+    from seamline.edge.runtime import EdgeRuntime
+
+    rt = EdgeRuntime(spec_bundle("llama"), verify=False)
+    k = rt.num_edge_layers
+    history, rejected, accepted = [5, 17, 200, 31, 7], [99, 98, 97], [42, 43]
+    straight = rt.forward(history + accepted, 0, k, rt.new_cache())  # (7, C)
+    cache = rt.new_cache()
+    rt.forward(history, 0, k, cache)
+    rt.forward(rejected, len(history), k, cache)
+    assert cache.length(k) == len(history) + len(rejected)
+    cache.truncate(len(history))
+    assert cache.length(k) == len(history)
+    again = rt.forward(accepted, len(history), k, cache)
+    np.testing.assert_allclose(again, straight[len(history):], rtol=1e-5, atol=1e-5)
+    cache.truncate(100)  # longer than held: nothing changes
+    assert cache.length(k) == len(history) + len(accepted)
