@@ -190,7 +190,7 @@ async def _on_endpoint(engine, endpoint: str, front: _Front) -> EmbeddingResult:
         try:
             reply = await link.stub(endpoint).Embed(req, metadata=link.metadata, timeout=engine.config.step_timeout)
         except grpc.aio.AioRpcError as e:
-            raise wire.link_error(e.code(), e.details(), endpoint, "Embed", e.trailing_metadata()) from None
+            raise wire.link_error(e.code(), e.details(), endpoint, "Embed") from None
         rtt = (time.perf_counter() - t0) * 1e3
         if len(reply.embeddings) != len(group) or any(len(e.values) != m.hidden_size for e in reply.embeddings):
             raise CloudRejected(f"{endpoint} answered Embed with {len(reply.embeddings)} embeddings (of width "

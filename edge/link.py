@@ -62,12 +62,11 @@ class LinkSession:
         """The status of a stream that ended (a failed write, or EOF where a reply was due)."""
         call = self._call
         try:
-            code, details, trailing = await asyncio.wait_for(
-                asyncio.gather(call.code(), call.details(), call.trailing_metadata()), 1.0)
+            code, details = await asyncio.wait_for(asyncio.gather(call.code(), call.details()), 1.0)
         except (TimeoutError, grpc.RpcError):
-            code, details, trailing = None, "the stream ended without a status", None
+            code, details = None, "the stream ended without a status"
         self.abort()
-        return wire.link_error(code, details, self.endpoint, what, trailing)
+        return wire.link_error(code, details, self.endpoint, what)
 
     async def send(self, chunk: OutgoingChunk, timeout: float) -> None:
         """Write one chunk on the stream (does not wait for its reply; LinkBroken after ``timeout`` s of
@@ -86,7 +85,7 @@ class LinkSession:
             raise LinkBroken(f"Step on {self.endpoint}: could not send within {timeout:.1f}s") from None
         except grpc.aio.AioRpcError as e:
             self.abort()
-            raise wire.link_error(e.code(), e.details(), self.endpoint, "Step", e.trailing_metadata()) from None
+            raise wire.link_error(e.code(), e.details(), self.endpoint, "Step") from None
         except (asyncio.InvalidStateError, grpc.aio.UsageError):
             raise await self._status_error("Step") from None
         if not self._in_flight:
@@ -106,7 +105,7 @@ class LinkSession:
                              "(raise step_timeout if the cloud is just slow)") from None
         except grpc.aio.AioRpcError as e:
             self.abort()
-            raise wire.link_error(e.code(), e.details(), self.endpoint, "Step", e.trailing_metadata()) from None
+            raise wire.link_error(e.code(), e.details(), self.endpoint, "Step") from None
         if reply is grpc.aio.EOF:
             raise await self._status_error("Step")
         if reply.WhichOneof("kind") != "step":
@@ -259,15 +258,14 @@ class CloudLink:
             await asyncio.wait_for(call.write(pb.GenerateRequest(open=wire.open_request(params))), timeout)
             reply = await asyncio.wait_for(call.read(), timeout)
             if reply is grpc.aio.EOF:
-                code, details, trailing = await asyncio.wait_for(
-                    asyncio.gather(call.code(), call.details(), call.trailing_metadata()), timeout)
-                raise wire.link_error(code, details, endpoint, "Open", trailing)
+                code, details = await asyncio.wait_for(asyncio.gather(call.code(), call.details()), timeout)
+                raise wire.link_error(code, details, endpoint, "Open")
         except TimeoutError:
             call.cancel()
             raise LinkBroken(f"Open on {endpoint}: no answer within {timeout:.1f}s") from None
         except grpc.aio.AioRpcError as e:
             call.cancel()
-            raise wire.link_error(e.code(), e.details(), endpoint, "Open", e.trailing_metadata()) from None
+            raise wire.link_error(e.code(), e.details(), endpoint, "Open") from None
         except (asyncio.InvalidStateError, grpc.aio.UsageError):
             call.cancel()
             raise LinkBroken(f"Open on {endpoint}: the stream ended before the session opened") from None

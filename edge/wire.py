@@ -90,11 +90,10 @@ def step_result(reply: pb.StepReply, bytes_sent: int, rtt_ms: float) -> StepResu
                       network_ms=max(0.0, rtt_ms - timings.total_ms), drawn=drawn)
 
 
-def link_error(code: grpc.StatusCode | None, details: str | None, endpoint: str, what: str,
-               trailing_metadata=None) -> LinkError:
+def link_error(code: grpc.StatusCode | None, details: str | None, endpoint: str, what: str) -> LinkError:
     """A gRPC status from ``endpoint`` during ``what`` ("Open", "Step", "Info", "Embed") -> the LinkError
-    the generation loop handles. ``trailing_metadata`` is not read: since protocol v2 a replay resends
-    from position 0 on a new stream, so no field of it is needed."""
+    the generation loop handles. Since protocol v2 a replay resends from position 0 on a new stream, so
+    nothing beyond the code is read."""
     details = details or ""
     text = f"{what} on {endpoint}: {code.name if code else 'stream ended'}: {details}".rstrip(": ")
     if code == grpc.StatusCode.NOT_FOUND:

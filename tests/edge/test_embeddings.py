@@ -11,11 +11,6 @@ a cold cut exports 8 ONNX graphs, minutes on a loaded 2-core machine.
 from __future__ import annotations
 
 import base64
-import fcntl
-import hashlib
-import os
-import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -26,9 +21,6 @@ from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
 
 SPLIT = 3
-REPO = Path(__file__).resolve().parents[2]
-_BUNDLE_CODE = ("partitioner/export.py", "partitioner/partition.py", "partitioner/families/*.py", "protos/bundle.py",
-                "protos/codec.py")
 pytestmark = pytest.mark.timeout(900)  # a cold bundle cut under load
 TEXTS = ["The capital of France is Paris.", "A man is eating food.",
          ("Seamline splits a transformer between the phone and the cloud, layer by layer, and sends the hidden "
@@ -38,35 +30,9 @@ TEXTS = ["The capital of France is Paris.", "A man is eating food.",
 @pytest.fixture(scope="session")
 def minilm_bundle(minilm_path, calibration_file):
     """The full MiniLM bundle (6 blocks + pooling head), cut once per machine (see the module docstring)."""
-    from seamline.partitioner.loading import model_hash
-    from seamline.partitioner.partition import PartitionOptions, partition
-    from seamline.partitioner.sources import cache_root
-    from seamline.protos.bundle import BundleError, load_bundle
+    from seamline.testing.bundles import cached_cut
 
-    h = hashlib.sha256(calibration_file.read_bytes())
-    for pattern in _BUNDLE_CODE:
-        for f in sorted(REPO.glob(pattern)):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    out = cache_root() / "bundles" / f"minilm-s{SPLIT}-{model_hash(minilm_path)[:12]}-{h.hexdigest()[:12]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(out.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if out.exists():
-            try:
-                load_bundle(out)
-                return out
-            except BundleError:
-                shutil.rmtree(out)
-        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        partition(PartitionOptions(model=str(minilm_path), out=tmp, split=SPLIT, calibration=calibration_file))
-        os.replace(tmp, out)
-    for stale in out.parent.glob(f"minilm-s{SPLIT}-*"):  # bundles of older code
-        if stale.is_dir() and stale != out and ".tmp-" not in stale.name:
-            shutil.rmtree(stale, ignore_errors=True)
-            stale.with_name(stale.name + ".lock").unlink(missing_ok=True)
-    return out
+    return cached_cut(f"minilm-s{SPLIT}", minilm_path, split=SPLIT, calibration=calibration_file)
 
 
 @pytest.fixture(scope="session")
