@@ -211,13 +211,14 @@ class _Worker:
         return await getattr(self, "op_" + msg.pop("op"))(**msg)
 
     async def op_init(self, bundle: str, cloud: str, threads: int = 1, chunk_tokens: int = 64) -> dict:
-        from seamline.edge.agent import build_engine
+        from seamline.edge.agent import build_engine, settle_heap
         from seamline.edge.config import EdgeConfig
 
         config = EdgeConfig(bundle=bundle, cloud=[cloud], listen="127.0.0.1:0", threads=threads,
                             chunk_tokens=chunk_tokens, step_timeout=120.0, reconnect_window=30.0,
                             log_level="WARNING")
         self.engine = build_engine(config)
+        settle_heap()
         m = self.engine.manifest
         return {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "local_ok": m.has_all_layers,
                 "min_split": m.min_split, "model_id": m.model_id, "profiles": bool((m.plan or {}).get("profiles")),

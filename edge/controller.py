@@ -12,8 +12,9 @@ Estimates (each an EWMA, weight ``alpha`` for a new sample):
   estimate with their geometric mean (large chunks are rare; a 100x collapse is followed after two of them,
   a single wild sample moves the estimate only by its EWMA share); a chunk whose ``net - rtt`` is under
   ``min_transfer_share`` of ``net`` is skipped (the RTT estimate is stale, e.g. right after a recovery);
-- edge and cloud compute as ratios measured / profiled (decode and prefill apart for the edge), applied to
-  every block, so a device that runs slow today is slow at every split; all-local steps keep ratios of
+- edge and cloud compute as ratios measured / profiled (decode and prefill apart for the edge), with a
+  change detector like the RTT's (``scale_jump`` x) except that a lone far sample is held back, not folded
+  in: one stalled step (a garbage collection under a CPU quota) moves nothing; applied to every block, so a device that runs slow today is slow at every split; all-local steps keep ratios of
   their own (they also pay the head, sampling and per-token overhead that the split-k ratio does not see;
   each stands in for the other until measured). The two are not coupled: split-k steps measured on a slow
   link can run slower than the same work between back-to-back steps (a CPU quota throttles the process
@@ -104,6 +105,7 @@ class ControllerConfig:
     bandwidth_jump: float = 4.0
     rtt_jump: float = 2.0
     rtt_jump_ms: float = 10.0
+    scale_jump: float = 8.0  # a compute ratio beyond 8x its estimate is held until a second one confirms it
     hysteresis: float = 0.2
     min_relative_gain: float = 0.1
     min_dwell_s: float = 2.0
@@ -116,17 +118,49 @@ class ControllerConfig:
 
 @dataclass
 class Ewma:
+    """An EWMA with a change detector. ``far(x, value)`` says on which side of the estimate a sample lies
+    beyond the jump (+1 above, -1 below, 0 near). Two samples in a row beyond it on the same side replace
+    the estimate with their mean (a regime change, followed in two steps). A lone far sample is folded in
+    by its EWMA share, or, with ``hold_outliers``, held back until a second one confirms it (a 400 ms
+    stall of a garbage collection under a CPU quota does not make every later step look 100x slower)."""
+
     alpha: float
+    far: Callable[[float, float], int] = lambda x, v: 0
+    hold_outliers: bool = False
     value: float | None = None
     samples: int = 0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=2))
 
     def update(self, x: float) -> float:
-        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+        v, recent = self.value, self.recent
+        recent.append(x)
+        if v is None:
+            self.value = x
+        elif len(recent) == recent.maxlen and len(sides := {self.far(r, v) for r in recent}) == 1 and 0 not in sides:
+            self.value = sum(recent) / len(recent)
+            recent.clear()
+        elif self.hold_outliers and self.far(x, v):
+            return v
+        else:
+            self.value = v + self.alpha * (x - v)
         self.samples += 1
         return self.value
 
     def get(self, default: float) -> float:
         return default if self.value is None else self.value
+
+
+def beyond(ratio: float, margin: float = 0.0) -> Callable[[float, float], int]:
+    """``far`` for an :class:`Ewma`: beyond ``ratio`` x and ``margin`` away from the estimate."""
+    def far(x: float, v: float) -> int:
+        return 1 if x > v * ratio and x - v > margin else -1 if x * ratio < v and v - x > margin else 0
+    return far
+
+
+def beyond_log(ratio: float) -> Callable[[float, float], int]:
+    """``far`` for an :class:`Ewma` of logarithms: beyond ``ratio`` x."""
+    jump = math.log(ratio)
+    return lambda x, v: 1 if x - v > jump else -1 if v - x > jump else 0
 
 
 @dataclass
@@ -138,10 +172,9 @@ class Estimates:
     bandwidth_jump: float = 4.0
     rtt_jump: float = 2.0
     rtt_jump_ms: float = 10.0
+    scale_jump: float = 8.0
     rtt_ms: Ewma = field(init=False)
-    recent_rtt: deque[float] = field(init=False)
     log_bandwidth: Ewma = field(init=False)
-    recent_log_bandwidth: deque[float] = field(init=False)
     queue_ms: Ewma = field(init=False)
     edge_decode_scale: Ewma = field(init=False)
     edge_prefill_scale: Ewma = field(init=False)
@@ -150,25 +183,15 @@ class Estimates:
     cloud_scale: Ewma = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("rtt_ms", "queue_ms", "edge_decode_scale", "edge_prefill_scale", "local_decode_scale",
-                     "local_prefill_scale", "cloud_scale"):
-            setattr(self, name, Ewma(self.alpha))
-        self.log_bandwidth = Ewma(self.bandwidth_alpha)
-        self.recent_log_bandwidth = deque(maxlen=2)
-        self.recent_rtt = deque(maxlen=2)
+        for name in ("edge_decode_scale", "edge_prefill_scale", "local_decode_scale", "local_prefill_scale",
+                     "cloud_scale"):
+            setattr(self, name, Ewma(self.alpha, beyond(self.scale_jump), hold_outliers=True))
+        self.queue_ms = Ewma(self.alpha)
+        self.rtt_ms = Ewma(self.alpha, beyond(self.rtt_jump, self.rtt_jump_ms))
+        self.log_bandwidth = Ewma(self.bandwidth_alpha, beyond_log(self.bandwidth_jump))
 
     def rtt_sample(self, ms: float) -> None:
-        est, recent = self.rtt_ms, self.recent_rtt
-        recent.append(ms)
-        v = est.value
-        if v is not None and len(recent) == recent.maxlen and (
-                all(r > v * self.rtt_jump and r - v > self.rtt_jump_ms for r in recent)
-                or all(r * self.rtt_jump < v and v - r > self.rtt_jump_ms for r in recent)):
-            est.value = sum(recent) / len(recent)  # a new link, not noise
-            est.samples += 1
-            recent.clear()
-        else:
-            est.update(ms)
+        self.rtt_ms.update(ms)
 
     def local_scale(self, kind: str) -> float:
         """All-local ratio measured / profiled for ``kind`` (decode | prefill); the split-k one until measured."""
@@ -176,16 +199,7 @@ class Estimates:
         return local if local is not None else 1.0 if split_k is None else split_k
 
     def bandwidth_sample(self, bps: float) -> None:
-        x, est, recent = math.log(bps), self.log_bandwidth, self.recent_log_bandwidth
-        recent.append(x)
-        jump = math.log(self.bandwidth_jump)
-        if est.value is not None and len(recent) == recent.maxlen and (
-                all(r - est.value > jump for r in recent) or all(est.value - r > jump for r in recent)):
-            est.value = sum(recent) / len(recent)  # a regime change, not noise
-            est.samples += 1
-            recent.clear()
-        else:
-            est.update(x)
+        self.log_bandwidth.update(math.log(bps))
 
 
 class Controller:
@@ -200,7 +214,7 @@ class Controller:
         self.clock = clock
         self.codec_config = codec_config
         self.est = Estimates(config.alpha, config.bandwidth_alpha, config.bandwidth_jump, config.rtt_jump,
-                             config.rtt_jump_ms)
+                             config.rtt_jump_ms, config.scale_jump)
         self.current: SplitChoice | None = None
         self.switches = 0
         self.decisions = 0

@@ -396,3 +396,22 @@ def test_local_prediction_is_measured_locally():
     assert local_ms() == pytest.approx(18.0)  # which says nothing about local steps
     ctl.observe(StepObservation(L, "local", 1, 64, edge_ms=30.0))
     assert local_ms() == pytest.approx(30.0)
+
+
+def test_one_stalled_step_moves_no_compute_ratio_but_a_slower_device_does():
+    from seamline.edge.controller import Estimates
+
+    e = Estimates(alpha=0.2)
+    for x in (3.0, 2.0, 4.0, 3.0):
+        e.edge_decode_scale.update(x)
+    before = e.edge_decode_scale.value
+    e.edge_decode_scale.update(400.0)  # a lone stall (live run: a 400 ms step on a 1 ms profile)
+    assert e.edge_decode_scale.value == before
+    e.edge_decode_scale.update(3.5)  # the next step is normal again: folded in as usual
+    assert 2.5 < e.edge_decode_scale.value < 4.0
+    e.edge_decode_scale.update(40.0)
+    e.edge_decode_scale.update(44.0)  # two in a row: the device really is slower now
+    assert e.edge_decode_scale.value == pytest.approx(42.0)
+    e.edge_decode_scale.update(3.0)
+    e.edge_decode_scale.update(4.0)  # and back, in two steps too
+    assert e.edge_decode_scale.value == pytest.approx(3.5)
