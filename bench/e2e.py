@@ -6,6 +6,9 @@ through ``seamline.testing.linkemu`` (its own process) at 20 Mbit/s each way and
 
 - **seamline split**: the edge engine (ORT int8 graphs, the bundle's default split, int8 codec,
   pipelined prefill in 64-token chunks) + ``seamline cloud`` (blocks [k, L) + head);
+- **seamline split + speculation**: the same, with ``--speculate auto`` (prompt lookup where the text
+  repeats, the bundle's shallow-exit head where it ships one; drafts verified by the cloud, output unchanged),
+  so one round trip can bring several tokens;
 - **seamline all-local**: the same engine with every layer and the head on the edge, no cloud;
 - **all-cloud (k = 0)**: the same engine sending token ids, the cloud runs every layer (the
   bundle's privacy floor is lowered to 0 in memory for it, as ``partition --min-edge-layers 0`` would);
@@ -41,6 +44,7 @@ prompt, and the demo model at its full context (prompt = max positions - new tok
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import statistics
 import sys
@@ -69,10 +73,11 @@ BANDWIDTH, RTT_MS = "20mbit", 20.0
 NEW_TOKENS, BIG_PROMPT = 32, 512
 SPLIT, LOCAL, CLOUD, HF, NAIVE = ("seamline split", "seamline all-local", "all-cloud (k=0, ids)",
                                   "HF generate() on device", "naive split (fp32, unary)")
+SPEC = "seamline split + speculation"
 SERIAL, ONE_CHUNK = "split, serial chunked prefill", "split, one-chunk prefill"
-PATHS = (SPLIT, LOCAL, CLOUD, HF, NAIVE)
+PATHS = (SPLIT, SPEC, LOCAL, CLOUD, HF, NAIVE)
 GAP_SUFFIX = " @ gap"  # the placement paths again, the device under the quota of the stated gap
-GAP_PATHS = (SPLIT, LOCAL, CLOUD)
+GAP_PATHS = (SPLIT, SPEC, LOCAL, CLOUD)
 GAP_PROMPT_QUICK, GAP_NEW_TOKENS_QUICK = 64, 16  # --quick: the device is slow by design in that phase
 
 
@@ -101,7 +106,8 @@ def _engines(rt, worker, bundle_dir: Path, cloud: str, prompt_len: int) -> dict:
         return GenerationEngine(rt, worker, CloudLink(config) if remote else None, policy, config)
 
     split = engine(True)
-    engines = {SPLIT: split, LOCAL: engine(False), ONE_CHUNK: engine(True, chunk_tokens=prompt_len)}
+    engines = {SPLIT: split, SPEC: engine(True, speculate="auto"), LOCAL: engine(False),
+               ONE_CHUNK: engine(True, chunk_tokens=prompt_len)}
     rt.manifest.min_split = 0  # all-cloud: token ids leave the device (partition --min-edge-layers 0)
     engines[CLOUD] = engine(True, FixedPolicy(SplitChoice(0, CodecConfig())))
     return engines
@@ -142,7 +148,7 @@ async def _measure_engines(engines: dict, ids: list[int], new: int, repeats: int
     out: dict[str, list[Timed]] = {}
     steps: dict[str, list] = {}
     try:
-        for path, tokens in ((SPLIT, new), (LOCAL, new), (CLOUD, new), (ONE_CHUNK, 1)):
+        for path, tokens in ((SPLIT, new), (SPEC, new), (LOCAL, new), (CLOUD, new), (ONE_CHUNK, 1)):
             engine = engines[path]
             await generate(engine, ids, 2)  # warm-up at full size: sessions, arenas, caches
             out[path] = []
@@ -272,12 +278,21 @@ def _decode_breakdown(path: str, steps: list, naive: bool = False) -> dict:
             "prefill_bytes_up": sum(s.bytes_sent for s in steps if s.kind == "prefill")}
 
 
+def _drafts(row: dict) -> dict:
+    """Drafts sent and accepted in a row's last run (its engine's GenerationStats)."""
+    d = row.get("detail") or {}
+    drafted, accepted = d.get("drafted_tokens", 0), d.get("accepted_tokens", 0)
+    return {"drafted": drafted, "accepted": accepted, "acceptance": accepted / drafted if drafted else None}
+
+
 def _row(model: str, path: str, prompt: int, runs: list[Timed]) -> dict:
     per_token = [x for r in runs for x in r.intervals_ms]
     totals = [(r.token_times[-1] - r.start) * 1e3 for r in runs]
     row = {"model": model, "path": path, "prompt_tokens": prompt, "new_tokens": len(runs[0].token_times),
            "ttft_ms": statistics.median(r.ttft_ms for r in runs),
            "per_token_ms_p50": p50(per_token), "per_token_ms_p90": pct(per_token, 0.9),
+           "decode_ms_per_token": statistics.median((r.token_times[-1] - r.token_times[0]) * 1e3
+                                                    / max(1, len(r.token_times) - 1) for r in runs),
            "total_ms": statistics.median(totals), "repeats": len(runs),
            "per_token_ms": [round(x, 3) for x in runs[-1].intervals_ms]}
     stats = runs[-1].stats
@@ -325,7 +340,7 @@ def measure(name: str, place, quick: bool, weak=None) -> tuple[list[dict], dict,
         naive.stop()
         cloud.stop()
     label = name if name in ("demo", "gpt2-124m") else Path(name).name
-    rows = [_row(label, p, prompt, runs[p]) for p in (SPLIT, LOCAL, CLOUD)]
+    rows = [_row(label, p, prompt, runs[p]) for p in (SPLIT, SPEC, LOCAL, CLOUD)]
     rows.append(_row(label, HF, prompt, hf_runs))
     rows.append(_row(label, NAIVE, prompt, naive_runs))
     rows += [_row(label, p, prompt, runs[p]) for p in (SERIAL, ONE_CHUNK)]
@@ -339,10 +354,11 @@ def measure(name: str, place, quick: bool, weak=None) -> tuple[list[dict], dict,
         r["split"] = m.default_split if r["path"].removesuffix(GAP_SUFFIX) not in (LOCAL, HF, CLOUD) else None
         r["total_vs_split"] = r["total_ms"] / base["total_ms"]
         r["ttft_vs_split"] = r["ttft_ms"] / base["ttft_ms"]
-    steps_of = [_decode_breakdown(SPLIT, steps[SPLIT]), _decode_breakdown(CLOUD, steps[CLOUD]),
+    steps_of = [_decode_breakdown(SPLIT, steps[SPLIT]), _decode_breakdown(SPEC, steps[SPEC]),
+                _decode_breakdown(CLOUD, steps[CLOUD]),
                 _decode_breakdown(NAIVE, naive_steps, naive=True)]
     if gap is not None:
-        steps_of += [_decode_breakdown(p + GAP_SUFFIX, steps[p + GAP_SUFFIX]) for p in (SPLIT, CLOUD)]
+        steps_of += [_decode_breakdown(p + GAP_SUFFIX, steps[p + GAP_SUFFIX]) for p in (SPLIT, SPEC, CLOUD)]
     breakdown = {"model": label, "steps": steps_of}
     for b in breakdown["steps"]:
         b["per_token_ms_p50"] = next(r["per_token_ms_p50"] for r in rows if r["path"] == b["path"])
@@ -358,12 +374,12 @@ def _plot(path: Path, rows: list[dict], title: str) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
         if r["path"] in PATHS:
-            a.plot(range(2, len(r["per_token_ms"]) + 2), r["per_token_ms"], marker=".", label=r["path"])
+            a.plot(range(1, len(r["per_token_ms"]) + 2), [0.0, *itertools.accumulate(r["per_token_ms"])],
+                   marker=".", label=r["path"])
     a.set_xlabel("generated token")
-    a.set_ylabel("ms since the previous token")
-    a.set_yscale("log")
+    a.set_ylabel("ms since the first token")
     a.legend(fontsize=8)
-    a.set_title("per-token latency", fontsize=9)
+    a.set_title("decode: when each token arrived (speculative steps bring several at once)", fontsize=9)
     names = [r["path"] for r in rows]
     b.barh(names, [r["ttft_ms"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
     b.invert_yaxis()
@@ -401,13 +417,14 @@ def run(args) -> dict:
                         "(baselines: HF generate() on the device, naive split, all-local, all-cloud; "
                         f"ratios: path / seamline split, higher = slower; '{GAP_SUFFIX.strip()}': the device "
                         "under the quota of the stated device/cloud gap, ratios to the split there)")
-    for col in ("model", "path", "prompt", "TTFT ms", "per token p50 ms", "p90 ms", "total ms", "total / split",
-                "TTFT / split"):
+    for col in ("model", "path", "prompt", "TTFT ms", "per token p50 ms", "p90 ms", "decode ms/token", "total ms",
+                "total / split", "TTFT / split"):
         table.add_column(col, justify="left" if col in ("model", "path") else "right")
     for r in rows:
         table.add_row(r["model"], r["path"], str(r["prompt_tokens"]), f"{r['ttft_ms']:.1f}",
                       "-" if r["new_tokens"] < 2 else f"{r['per_token_ms_p50']:.2f}",
                       "-" if r["new_tokens"] < 2 else f"{r['per_token_ms_p90']:.2f}",
+                      "-" if r["new_tokens"] < 2 else f"{r['decode_ms_per_token']:.2f}",
                       f"{r['total_ms']:.1f}", f"{r['total_vs_split']:.2f}x", f"{r['ttft_vs_split']:.2f}x")
     console.print(table)
     console.print(f"[dim]placement: {place.describe()}. Serial chunked prefill = the same 64-token chunks, "
@@ -432,6 +449,9 @@ def run(args) -> dict:
     summary = {
         "split_vs_hf_generate_speedup": at[HF]["total_ms"] / s["total_ms"],
         "split_vs_naive_speedup": at[NAIVE]["total_ms"] / s["total_ms"],
+        "speculative_split_vs_naive_speedup": at[NAIVE]["total_ms"] / at[SPEC]["total_ms"],
+        "speculative_vs_plain_split_speedup": s["total_ms"] / at[SPEC]["total_ms"],
+        "speculative_drafts": _drafts(at[SPEC]),
         "ttft_pipelined_vs_serial": s["ttft_ms"] / at[SERIAL]["ttft_ms"],
         "ttft_pipelined_vs_one_chunk": s["ttft_ms"] / at[ONE_CHUNK]["ttft_ms"],
         "split_vs_hf_generate_ttft_speedup": at[HF]["ttft_ms"] / s["ttft_ms"],
@@ -453,11 +473,15 @@ def run(args) -> dict:
         summary.update({
             "split_vs_local_speedup": at[LOCAL + GAP_SUFFIX]["total_ms"] / gs["total_ms"],
             "split_vs_all_cloud_speedup": at[CLOUD + GAP_SUFFIX]["total_ms"] / gs["total_ms"],
+            "speculative_split_vs_local_speedup": at[LOCAL + GAP_SUFFIX]["total_ms"]
+            / at[SPEC + GAP_SUFFIX]["total_ms"],
             "edge_vs_cloud_layer_ms": gap.ratio, "speed_gap": gap.to_dict(),
             "gap_measured_on": f"{head}, {gs['prompt_tokens']}-token prompt + {gs['new_tokens']} new tokens, split "
                                f"{gs['split']}; the device: {gap.method}",
         })
     summary["targets"] = {"split_vs_naive_speedup >= 2": summary["split_vs_naive_speedup"] >= 2,
+                          "speculative_split_vs_naive_speedup >= 2":
+                              summary["speculative_split_vs_naive_speedup"] >= 2,
                           "ttft_pipelined_vs_serial <= 0.7": summary["ttft_pipelined_vs_serial"] <= 0.7}
     if gap is not None:
         summary["targets"]["split_vs_local_speedup >= 1.5 (under the gap)"] = summary["split_vs_local_speedup"] >= 1.5

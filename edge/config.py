@@ -100,7 +100,8 @@ class EdgeConfig(Settings, section="edge"):
     chunk_tokens: int = setting(64, "prefill chunk size, tokens per Step request", low=1, metavar="N")
     speculate: str = setting("off", "speculative decoding: draft tokens on the edge and let the cloud verify "
                              "several per round trip (output unchanged): off | prompt-lookup | auto (prompt "
-                             "lookup, the number of drafts chosen from the measured acceptance and RTT) | a "
+                             "lookup where the text repeats, else the bundle's shallow-exit head if it ships one; "
+                             "the number of drafts chosen from the measured acceptance and RTT) | a "
                              "drafter the bundle ships (e.g. shallow-exit)", metavar="MODE")
     draft_tokens: int = setting(4, "--speculate: drafted tokens per step (the most, with auto)", low=1, high=64,
                                 metavar="N")

@@ -51,7 +51,7 @@ import numpy as np
 from seamline.protos.codec import CodecConfig
 
 from . import sampling, wire
-from .drafters import DRAFTERS, DraftContext, drafter_for
+from .drafters import DRAFTERS, DraftContext, auto_drafter, drafter_for
 from .errors import BadRequest, CloudUnavailable, EdgeError, LinkBroken, NoRoute, SessionLost
 from .link import LinkSession
 from .messages import (
@@ -71,7 +71,7 @@ from .messages import (
 )
 from .policy import FixedPolicy
 from .runtime import EdgeCache
-from .speculation import AUTO, OFF, PROMPT_LOOKUP, Speculator, accepted_prefix
+from .speculation import AUTO, OFF, Speculator, accepted_prefix
 from .text import TextTracker
 
 if TYPE_CHECKING:
@@ -426,9 +426,9 @@ class Generation:
             return None
         k = self.choice.k
         if k not in self._speculators:
-            name = PROMPT_LOOKUP if self.spec_mode == AUTO else self.spec_mode
             try:
-                drafter = drafter_for(name, self.engine.runtime, k)
+                drafter = (auto_drafter(self.engine.runtime, k) if self.spec_mode == AUTO
+                           else drafter_for(self.spec_mode, self.engine.runtime, k))
             except LookupError as e:
                 log.warning("no speculation at split %d: %s", k, e)
                 drafter = None

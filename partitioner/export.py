@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from .families import FamilyAdapter
 # and declare the minimum of the dynamic dimension.
 _EX_T, _EX_P = 3, 4
 DEFAULT_OPSET = 18
+log = logging.getLogger("seamline.partitioner.export")
 
 
 class _Embed(torch.nn.Module):
@@ -120,6 +122,103 @@ def export_block(adapter: FamilyAdapter, i: int, path: Path, opset: int = DEFAUL
         mask = torch.ones(1, _EX_T, dtype=torch.long)
         _export(_EncoderBlock(adapter, i), (hidden, mask), path, ["hidden", "attention_mask"], ["hidden_out"],
                 {"hidden": {1: t}, "attention_mask": {1: t}}, opset)
+
+
+def _block_inputs(adapter: FamilyAdapter, t: int = 5, p: int = 3) -> dict[str, torch.Tensor]:
+    """Random inputs of one block call (``p`` cached positions, ``t`` new ones), by graph input name."""
+    s = adapter.shape
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, t, s.hidden_size, generator=g)
+    if not s.causal:
+        return {"hidden": hidden, "attention_mask": torch.ones(1, t, dtype=torch.long)}
+    past = torch.randn(2, 1, s.num_kv_heads, p, s.head_dim, generator=g)
+    return {"hidden": hidden, "past_key": past[0], "past_value": past[1],
+            "position_ids": torch.arange(p, p + t).unsqueeze(0)}
+
+
+def _block_matches_torch(adapter: FamilyAdapter, i: int, path: Path, tol: float = 1e-4) -> bool:
+    """Does the graph at ``path`` compute block i of the model (ONNX Runtime against the adapter)?"""
+    import numpy as np
+    import onnxruntime as ort
+
+    feeds = _block_inputs(adapter)
+    with torch.no_grad():
+        if adapter.shape.causal:
+            want = adapter.block(i, feeds["hidden"], feeds["past_key"], feeds["past_value"], feeds["position_ids"])
+        else:
+            want = (adapter.block(i, feeds["hidden"], None, None, None, feeds["attention_mask"])[0],)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+    return all(np.allclose(g, w.numpy(), rtol=tol, atol=tol * max(1.0, float(w.abs().max())))
+               for g, w in zip(got, want))
+
+
+def _weight_sources(graph, layer: torch.nn.Module) -> dict[str, tuple[str, bool]]:
+    """Initializer name -> (parameter name in ``layer``, transposed) for the graph's initializers that hold
+    one of ``layer``'s float weights as is or transposed (the exporter folds a Linear's transpose)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    params = {n: p.detach().float().numpy() for n, p in layer.named_parameters()}
+    out: dict[str, tuple[str, bool]] = {}
+    for init in graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype != np.float32 or a.ndim == 0 or a.size < 2:
+            continue
+        for name, w in params.items():
+            if w.shape == a.shape and np.array_equal(w, a):
+                out[init.name] = (name, False)
+                break
+            if w.ndim == 2 and w.shape[::-1] == a.shape and np.array_equal(w.T, a):
+                out[init.name] = (name, True)
+                break
+    return out
+
+
+def export_blocks(adapter: FamilyAdapter, paths: list[Path], opset: int = DEFAULT_OPSET,
+                  progress: Callable[[int, bool], None] | None = None) -> int:
+    """Blocks 0..n-1 to ``paths``; returns how many went through the exporter.
+
+    The exporter (several seconds per graph) runs once, for block 0. Every other block is block 0's graph
+    with block 0's weights swapped for its own (matched by value, as is or transposed), accepted only when
+    ONNX Runtime computes the same as the model's block on random inputs (a block with its own constants,
+    e.g. GPT-2's ``scale_attn_by_inverse_layer_idx``, fails that check and is exported by itself).
+    ``progress(i, exported)`` is called after each block."""
+    import onnx
+    from onnx import numpy_helper
+
+    exported = 0
+    template = sources = None
+    for i, path in enumerate(paths):
+        done = False
+        if template is not None and sources:
+            model = onnx.ModelProto()
+            model.CopyFrom(template)
+            params = dict(adapter.block_module(i).named_parameters())
+            for init in model.graph.initializer:
+                if init.name in sources:
+                    name, transposed = sources[init.name]
+                    w = params[name].detach().float().numpy()
+                    init.CopyFrom(numpy_helper.from_array(w.T.copy() if transposed else w, init.name))
+            onnx.save(model, str(path))
+            onnx.checker.check_model(str(path), full_check=True)
+            done = _block_matches_torch(adapter, i, path)
+            if not done:
+                log.info("block %d has constants of its own: exporting it by itself", i)
+        if not done:
+            export_block(adapter, i, path, opset)
+            exported += 1
+            if template is None:
+                template = onnx.load(str(path))
+                try:
+                    sources = _weight_sources(template.graph, adapter.block_module(i))
+                except LookupError as e:
+                    log.info("exporting every block by itself: %s", e)
+        if progress is not None:
+            progress(i, not done)
+    return exported
 
 
 def export_head(adapter: FamilyAdapter, path: Path, opset: int = DEFAULT_OPSET) -> None:

@@ -134,10 +134,14 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
         task = progress.add_task("exporting ONNX graphs", total=n_steps)
         export.export_embed(adapter, out / "embed.onnx", opts.opset)
         progress.advance(task)
-        for i, name in enumerate(blocks):
-            progress.update(task, description=f"exporting {name}")
-            export.export_block(adapter, i, out / name, opts.opset)
+        progress.update(task, description=f"exporting {blocks[0]}" if blocks else "exporting")
+
+        def block_done(i: int, exported: bool) -> None:
             progress.advance(task)
+            if i + 1 < len(blocks):
+                progress.update(task, description=f"exporting {blocks[i + 1]}")
+
+        export.export_blocks(adapter, [out / name for name in blocks], opts.opset, block_done)
         if head:
             progress.update(task, description="exporting head.onnx")
             export.export_head(adapter, out / head, opts.opset)

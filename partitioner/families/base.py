@@ -61,6 +61,15 @@ class FamilyAdapter(ABC):
     def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm + LM head -> (B, T, V) logits; encoders: pooled (B, C) sentence embedding."""
 
+    def block_module(self, i: int) -> torch.nn.Module:
+        """The module holding block i's weights: element i of the model's list of ``num_layers`` layers (the
+        exporter swaps one block's weights for another's). A family whose blocks live elsewhere overrides."""
+        n = self.shape.num_layers
+        for _, m in self.model.named_modules():
+            if isinstance(m, torch.nn.ModuleList) and len(m) == n:
+                return m[i]
+        raise LookupError(f"{type(self.model).__name__} has no list of {n} layer modules")
+
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      attention_mask: torch.Tensor | None, scale: float) -> torch.Tensor:

@@ -66,3 +66,41 @@ def test_edge_runtime_caches_like_one_pass(cut_bundle):
     np.testing.assert_allclose(np.concatenate(rows), full, atol=1e-5)
     with pytest.raises(ValueError, match="replay"):
         rt.forward([1], 3, rt.num_edge_layers, cache)
+
+
+@pytest.mark.parametrize("inverse_layer_scale", [False, True])
+def test_blocks_reuse_one_export_unless_a_block_has_constants_of_its_own(tmp_path, inverse_layer_scale):
+    """export_blocks runs the exporter once and swaps weights for the other blocks; GPT-2's
+    ``scale_attn_by_inverse_layer_idx`` bakes a per-block constant into each graph, so there every block is
+    exported by itself. Either way each graph computes its own block (ONNX Runtime against torch)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from seamline.partitioner import export
+    from seamline.partitioner.families import adapter_for
+    from seamline.partitioner.loading import load_model
+    from seamline.testing.models import byte_checkpoint, random_checkpoint
+
+    if inverse_layer_scale:
+        ckpt = random_checkpoint("gpt2", tmp_path / "m", seed=3, config={
+            "n_layer": 3, "n_embd": 32, "n_head": 2, "n_positions": 64, "vocab_size": 256,
+            "scale_attn_by_inverse_layer_idx": True})
+    else:
+        ckpt = byte_checkpoint("llama", tmp_path / "m", seed=3)
+    adapter = adapter_for(load_model(ckpt)[0])
+    L = adapter.shape.num_layers
+    paths = [tmp_path / f"block_{i}.onnx" for i in range(L)]
+    seen: list[tuple[int, bool]] = []
+    exported = export.export_blocks(adapter, paths, progress=lambda i, e: seen.append((i, e)))
+    assert exported == (L if inverse_layer_scale else 1)
+    assert seen == [(i, inverse_layer_scale or i == 0) for i in range(L)]
+    feeds = export._block_inputs(adapter)
+    outs = []
+    for i, path in enumerate(paths):
+        got = ort.InferenceSession(str(path)).run(None, {k: v.numpy() for k, v in feeds.items()})
+        with torch.no_grad():
+            want = adapter.block(i, feeds["hidden"], feeds["past_key"], feeds["past_value"], feeds["position_ids"])
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-4)
+        outs.append(got[0])
+    assert not np.allclose(outs[0], outs[1])  # the blocks really differ
