@@ -45,14 +45,17 @@ def write_minimal_bundle(folder: Path, **fields) -> Manifest:
     return m
 
 
-# Source whose change makes a cached bundle stale (a manifest this seamline cannot read is re-cut too)
-_BUNDLE_CODE = (("seamline.partitioner", ("export.py", "partition.py", "families/*.py")),
+# Source whose change makes a cached bundle stale (a manifest this seamline cannot read is re-cut too),
+# and the libraries whose version does
+_BUNDLE_CODE = (("seamline.partitioner", ("*.py", "families/*.py")), ("seamline.protos", ("*.py",)),
                 ("seamline.edge", ("chat.py",)))
+_BUNDLE_LIBS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "tokenizers")
 _KEY_SHAPE = "[0-9a-f]{12}-[0-9a-f]{8}-[0-9a-f]{12}"  # model hash, options, code
 
 
 def _code_key() -> str:
     import importlib
+    from importlib.metadata import PackageNotFoundError, version
 
     h = hashlib.sha256()
     for package, patterns in _BUNDLE_CODE:
@@ -61,6 +64,11 @@ def _code_key() -> str:
             for f in sorted(folder.glob(pattern)):
                 h.update(f.name.encode())
                 h.update(f.read_bytes())
+    for lib in _BUNDLE_LIBS:
+        try:
+            h.update(f"{lib}=={version(lib)}".encode())
+        except PackageNotFoundError:
+            h.update(f"{lib} absent".encode())
     return h.hexdigest()[:12]
 
 
@@ -87,28 +95,51 @@ def locked(path: Path) -> Iterator[None]:
 
 def cached_cut(name: str, model: str | Path, checkpoint: Path | None = None, **options) -> Path:
     """``partition(PartitionOptions(model=model, **options))`` into ``$SEAMLINE_CACHE/bundles/NAME-<key>``
-    once per machine; the key covers ``checkpoint``'s weights (default: ``model``, a folder), the options
-    and the partitioner's code. Entries of ``name`` with another key are removed (a bundle of a real model
-    is large)."""
-    from seamline.partitioner.loading import model_hash
+    once per machine; the key covers ``checkpoint``'s weights (default: ``model``, a folder; the embedded
+    demo model for ``"demo"``), its tokenizer, the options, the partitioner's code and the versions of the
+    libraries that export. Entries of ``name`` cut by other code are removed; other options of the same
+    code stay (the test suite cuts one model several ways)."""
+    return cached_partition(name, model, checkpoint, **options)[2]
+
+
+def cached_partition(name: str, model: str | Path, checkpoint: Path | None = None,
+                     **options) -> tuple[Manifest, dict, Path]:
+    """:func:`cached_cut`, with the manifest and the summary ``partition`` returned when it cut the bundle
+    (kept next to it as ``<folder>.summary.json``)."""
+    import json
+
+    from seamline.partitioner.loading import DEMO_DIR, model_hash
     from seamline.partitioner.partition import PartitionOptions, partition
     from seamline.partitioner.sources import cache_root
 
-    key = f"{model_hash(Path(checkpoint or model))[:12]}-{_options_key(options)}-{_code_key()}"
+    source = Path(checkpoint or (DEMO_DIR if str(model) == "demo" else model))
+    weights = model_hash(source)
+    tokenizer = source / "tokenizer.json"
+    if tokenizer.is_file():
+        weights = hashlib.sha256(weights.encode() + tokenizer.read_bytes()).hexdigest()
+    code = _code_key()
+    key = f"{weights[:12]}-{_options_key(options)}-{code}"
     out = cache_root() / "bundles" / f"{name}-{key}"
+    summary_file = out.with_name(out.name + ".summary.json")
     with locked(out.with_name(out.name + ".lock")):
-        if out.exists():
+        manifest = None
+        if out.exists() and summary_file.exists():
             try:
-                load_bundle(out)
-                return out
+                manifest = load_bundle(out)
             except BundleError:
                 shutil.rmtree(out)
-        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        partition(PartitionOptions(model=str(model), out=tmp, **options))
-        os.replace(tmp, out)
+        if manifest is None:
+            shutil.rmtree(out, ignore_errors=True)
+            tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            manifest, summary = partition(PartitionOptions(model=str(model), out=tmp, **options))
+            summary_file.write_text(json.dumps({**summary, "out": str(out)}, default=str))
+            os.replace(tmp, out)
+        summary = json.loads(summary_file.read_text())
     for stale in out.parent.glob(f"{name}-*"):
-        if stale.is_dir() and stale != out and re.fullmatch(rf"{re.escape(name)}-{_KEY_SHAPE}", stale.name):
+        m = re.fullmatch(rf"{re.escape(name)}-{_KEY_SHAPE}", stale.name)
+        if m and stale.is_dir() and not stale.name.endswith(code):
             shutil.rmtree(stale, ignore_errors=True)
-            stale.with_name(stale.name + ".lock").unlink(missing_ok=True)
-    return out
+            for suffix in (".lock", ".summary.json"):
+                stale.with_name(stale.name + suffix).unlink(missing_ok=True)
+    return manifest, summary, out

@@ -45,14 +45,17 @@ def tiny_gpt2_model(tiny_gpt2_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def cut_bundle(tmp_path_factory, tiny_checkpoint, calibration_file):
+def cut_bundle(tiny_checkpoint, calibration_file):
     """Factory: ``cut_bundle(model, **options)`` -> :class:`seamline.testing.models.CutBundle` (manifest,
     summary, path) of ``partition``. ``model`` is a tiny family ("gpt2", "llama", "qwen2", "mistral", cut
     with the shared calibration file unless ``calibration`` is given), "demo" or a checkpoint folder;
     ``options`` are PartitionOptions fields. Exporting is most of the suite's time, so each distinct set
-    of options is cut once per session and shared by every module: the folder is read-only by
-    convention, a test that changes a bundle copies it first."""
-    from seamline.testing.models import CutBundle, cut
+    of options is cut once per machine (``seamline.testing.bundles.cached_partition``: keyed by the
+    weights, the options, the partitioner's code and the exporting libraries) and shared by every module:
+    the folder is read-only by convention, a test that changes a bundle copies it first (a changed file
+    fails the cache's hash check and is re-cut)."""
+    from seamline.testing.bundles import cached_partition
+    from seamline.testing.models import CutBundle
 
     cache: dict[tuple, CutBundle] = {}
 
@@ -64,8 +67,8 @@ def cut_bundle(tmp_path_factory, tiny_checkpoint, calibration_file):
             source = str(model)
         key = (source, tuple(sorted(options.items())))
         if key not in cache:
-            name = Path(source).name if model not in TINY_CONFIGS else model
-            cache[key] = cut(source, tmp_path_factory.mktemp(f"bundle-{name}") / "bundle", **options)
+            name = f"tiny-{model}" if model in TINY_CONFIGS else f"test-{Path(source).name}"
+            cache[key] = CutBundle(*cached_partition(name, source, **options))
         return cache[key]
 
     return make

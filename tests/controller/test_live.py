@@ -52,12 +52,10 @@ def cloud(wide_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def wide_bundle(wide_checkpoint, cloud, calibration_file, tmp_path_factory) -> Path:
-    from seamline.partitioner.partition import PartitionOptions, partition
+def wide_bundle(wide_checkpoint, cloud, calibration_file) -> Path:
+    from seamline.testing.bundles import cached_cut
 
-    out = tmp_path_factory.mktemp("wide-bundle") / "bundle"
-    partition(PartitionOptions(model=str(wide_checkpoint), out=out, calibration=calibration_file))
-    return out
+    return cached_cut("test-wide", wide_checkpoint, calibration=calibration_file)
 
 
 @pytest.fixture(scope="module")

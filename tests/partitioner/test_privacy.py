@@ -8,7 +8,6 @@ import shutil
 import pytest
 from seamline.edge.planner import Constraints, PlanError, privacy_floor
 from seamline.partitioner.loading import DEMO_DIR
-from seamline.partitioner.partition import PartitionOptions, partition
 from seamline.partitioner.privacy import PrivacyError, PrivacyOptions, measure, record
 from seamline.protos.bundle import load_bundle
 
@@ -23,8 +22,10 @@ pytestmark = pytest.mark.timeout(900)
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("privacy") / "bundle"
-    partition(PartitionOptions(model="demo", out=out, split=1, max_edge_layers=2))
+    from seamline.testing.bundles import cached_cut
+
+    out = tmp_path_factory.mktemp("privacy") / "bundle"  # a copy: the tests record curves into it
+    shutil.copytree(cached_cut("test-demo-privacy", "demo", split=1, max_edge_layers=2), out)
     return out
 
 

@@ -19,6 +19,7 @@ from seamline.edge.runtime import EdgeRuntime
 from seamline.partitioner.partition import PartitionError, PartitionOptions, partition
 from seamline.partitioner.quantize import QuantSpec, quantize_graph, weight_report
 from seamline.protos.bundle import BundleError, load_bundle
+from seamline.testing.bundles import cached_cut, cached_partition
 from seamline.testing.servers import AgentThread
 
 
@@ -35,18 +36,12 @@ def llama_int4(tmp_path_factory, calibration_file, minilm_path):
     ckpt = tmp_path_factory.mktemp("llama2")
     tf.LlamaForCausalLM(cfg).save_pretrained(ckpt)
     shutil.copyfile(minilm_path / "tokenizer.json", ckpt / "tokenizer.json")
-    out = tmp_path_factory.mktemp("llama-int4")
-    manifest, summary = partition(PartitionOptions(model=str(ckpt), out=out, split=1, calibration=calibration_file,
-                                                   quantize_edge="int4"))
-    return manifest, summary, out
+    return cached_partition("test-llama2-int4", ckpt, split=1, calibration=calibration_file, quantize_edge="int4")
 
 
 @pytest.fixture(scope="module")
-def demo_int4(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo-int4")
-    partition(PartitionOptions(model="demo", out=out, split=1, max_edge_layers=2, quantize_edge="int4",
-                               keep_fp32=True))
-    return out
+def demo_int4():
+    return cached_cut("test-demo-int4", "demo", split=1, max_edge_layers=2, quantize_edge="int4", keep_fp32=True)
 
 
 def test_blocks_are_matmul_nbits_and_no_fp32_copy_ships(llama_int4):

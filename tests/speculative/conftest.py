@@ -49,17 +49,15 @@ def model_source(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def spec_bundle(model_source, calibration_file, tmp_path_factory):
     """Factory: family -> a full bundle (every layer + head, splits [0, L]), cut once per session."""
-    from seamline.partitioner.partition import PartitionOptions, partition
+    from seamline.testing.bundles import cached_cut
 
     cache: dict[str, Path] = {}
 
     def make(family: str) -> Path:
         if family not in cache:
-            out = tmp_path_factory.mktemp(f"spec-{family}") / "bundle"
             calib = None if family == "demo" else calibration_file
-            partition(PartitionOptions(model=str(model_source(family)), out=out, split=2, calibration=calib,
-                                       min_edge_layers=0))
-            cache[family] = out
+            cache[family] = cached_cut(f"test-spec-{family}", model_source(family), split=2, calibration=calib,
+                                       min_edge_layers=0)
         return cache[family]
 
     return make

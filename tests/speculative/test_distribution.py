@@ -42,13 +42,13 @@ def small_vocab_checkpoint(out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, calibration_file):
-    from seamline.partitioner.partition import PartitionOptions, partition
+    from seamline.testing.bundles import cached_cut
 
     root = tmp_path_factory.mktemp("vocab32")
     ckpt = small_vocab_checkpoint(root / "ckpt")
-    partition(PartitionOptions(model=str(ckpt), out=root / "bundle", split=1, calibration=calibration_file))
+    bundle = cached_cut("test-vocab32", ckpt, split=1, calibration=calibration_file)
     server = ServerThread(cloud_config(ckpt)).start()
-    yield root / "bundle", server
+    yield bundle, server
     server.stop()
 
 
