@@ -498,9 +498,10 @@ class Generation:
             if rows and len(rows) > 1 + keep:
                 cache.truncate(start + 1 + keep)
                 del rows[1 + keep:]
-            todo = ([] if rows else [ids[-1]]) + drafts[keep:]
-            if todo:
-                rows.extend(runtime.forward(todo, start + len(rows), k, cache))
+            # one row per call, as plain decode steps compute them: a batched call rounds differently, and
+            # on a real model (SmolLM2, int8 graphs) that flipped a near-tie draw (bench speculative, free task)
+            for token in ([] if rows else [ids[-1]]) + drafts[keep:]:
+                rows.append(runtime.forward([token], start + len(rows), k, cache)[0])
             hidden = np.stack(rows)  # (1 + g, C)
             return drafts, hidden, wire.encode_chunk(start, hidden, None, cfg, True, zmin)
 

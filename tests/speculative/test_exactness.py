@@ -62,3 +62,31 @@ async def test_seeded_sampling_identical(spec_bundle, spec_cloud):
         assert [t.logprob for t in spec.tokens] == pytest.approx([t.logprob for t in plain.tokens], abs=1e-3)
         assert [[i for i, _ in t.top_logprobs] for t in spec.tokens] == \
             [[i for i, _ in t.top_logprobs] for t in plain.tokens]
+
+
+async def test_speculative_rows_are_bitwise_the_plain_rows(spec_bundle, spec_cloud):
+    """The rows a speculative step sends (the newest token's, then the drafts') are computed one per ONNX
+    Runtime call, as plain decode steps compute them: a batched call rounds differently (1e-6 here, 1e-5 on
+    SmolLM2), and on a real model that flipped a near-tie draw. The edge's replay history, which keeps the
+    rows the cloud was sent, is bitwise the plain run's."""
+    import numpy as np
+
+    family = "demo"
+    engine = build_engine(edge_config(spec_bundle(family), [spec_cloud(family).address]))
+    prompt = tuple(engine.encode_prompt(TEXT))
+    try:
+        engine.policy = FixedPolicy.from_manifest(engine.manifest, 2, "fp32", zstd=False)
+        hist, runs = {}, {}
+        for mode in ("off", "prompt-lookup"):
+            gen = engine.start(GenerationRequest(prompt, N, SamplingParams(), speculate=mode, draft_tokens=4))
+            async for _ in gen.events():
+                pass
+            runs[mode] = gen.result()
+            hist[mode] = gen.hist.rows(0, gen.hist.length)
+    finally:
+        await close_engine(engine)
+    assert runs["prompt-lookup"].token_ids == runs["off"].token_ids
+    assert runs["prompt-lookup"].stats.accepted_tokens > 0
+    n = min(len(hist["off"]), len(hist["prompt-lookup"]))
+    assert n > len(prompt) + runs["prompt-lookup"].stats.accepted_tokens
+    assert np.array_equal(hist["off"][:n], hist["prompt-lookup"][:n])
