@@ -102,6 +102,23 @@ def cached_cut(name: str, model: str | Path, checkpoint: Path | None = None, **o
     return cached_partition(name, model, checkpoint, **options)[2]
 
 
+def _point_at(manifest: Manifest, out: Path, model: Path) -> Manifest:
+    """A cached bundle of the same weights cut from another folder (an earlier session's tmp checkpoint):
+    record the folder given now, as ``partition`` would have (``verify`` and the cloud load the source from
+    ``model_source``)."""
+    from seamline.partitioner.loading import resolve_source
+
+    if not model.is_dir():
+        return manifest  # a GGUF file or hub id: the reference is stable (the machine's cache)
+    _, origin = resolve_source(str(model))
+    if manifest.model_source == origin.reference:
+        return manifest
+    manifest.model_id, manifest.model_source = origin.display_name, origin.reference
+    manifest.model_origin = origin.to_dict()
+    write_manifest(manifest, out)
+    return load_bundle(out)
+
+
 def cached_partition(name: str, model: str | Path, checkpoint: Path | None = None,
                      **options) -> tuple[Manifest, dict, Path]:
     """:func:`cached_cut`, with the manifest and the summary ``partition`` returned when it cut the bundle
@@ -128,6 +145,8 @@ def cached_partition(name: str, model: str | Path, checkpoint: Path | None = Non
                 manifest = load_bundle(out)
             except BundleError:
                 shutil.rmtree(out)
+        if manifest is not None and str(model) != "demo":
+            manifest = _point_at(manifest, out, Path(model))
         if manifest is None:
             shutil.rmtree(out, ignore_errors=True)
             tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
