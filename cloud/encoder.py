@@ -22,7 +22,6 @@ unary call, not the Generate stream: there is no state to keep between messages.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,7 +33,7 @@ from seamline.protos import seamline_pb2 as pb
 
 from .config import CloudConfig
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from .executor import TorchExecutor, resolve_device, resolve_dtype
+from .executor import TorchExecutor, median_ms, resolve_device, resolve_dtype
 from .messages import ModelInfo
 from .metrics import CloudMetrics
 
@@ -136,20 +135,9 @@ class EncoderExecutor:
         pos = torch.arange(tokens, device=dev)[None]
         mask = torch.ones(1, tokens, dtype=torch.long, device=dev)
 
-        def timed(fn) -> float:
-            fn()  # warm-up
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-
-        layer_ms = [timed(lambda i=i: self.adapter.block(i, x, None, None, pos, mask)) for i in range(s.num_layers)]
-        head_ms = timed(lambda: self.adapter.head(x, mask))
-        return layer_ms, head_ms
+        layer_ms = [median_ms(lambda i=i: self.adapter.block(i, x, None, None, pos, mask), dev, repeats)
+                    for i in range(s.num_layers)]
+        return layer_ms, median_ms(lambda: self.adapter.head(x, mask), dev, repeats)
 
 
 def embed_inputs(req: pb.EmbedRequest, model: ModelInfo) -> tuple[int, list[np.ndarray], float]:

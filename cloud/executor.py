@@ -154,20 +154,22 @@ class TorchExecutor:
         key = torch.randn(1, s.num_kv_heads, past, s.head_dim, generator=gen).to(dev, self.dtype)
         pos = torch.full((1, 1), past, device=dev)
 
-        def timed(fn) -> float:
-            fn()  # warm-up
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
+        layer_ms = [median_ms(lambda i=i: self.adapter.block(i, x, key, key, pos), dev, repeats)
+                    for i in range(s.num_layers)]
+        return layer_ms, median_ms(lambda: self.adapter.head(x), dev, repeats)
 
-        layer_ms = [timed(lambda i=i: self.adapter.block(i, x, key, key, pos)) for i in range(s.num_layers)]
-        head_ms = timed(lambda: self.adapter.head(x))
-        return layer_ms, head_ms
+
+def median_ms(fn, device: torch.device, repeats: int) -> float:
+    """Median wall ms of ``fn()`` over ``repeats`` calls after one warm-up (CUDA work waited for)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 class NullExecutor(TorchExecutor):

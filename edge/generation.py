@@ -399,14 +399,7 @@ class Generation:
                 chunks.append(chunk)
             result = None
             for chunk in chunks:
-                try:
-                    result = await session.recv(self._step_timeout())
-                except LinkBroken:
-                    self._time_left()  # a step cut short by the request deadline is DeadlinePassed
-                    raise
-                if result.position != chunk.end:
-                    raise SessionLost(f"{session.endpoint} reports position {result.position} after a chunk "
-                                      f"ending at {chunk.end}")
+                result = await self._reply_to(session, chunk)
                 self.cloud_pos = chunk.end
                 self.stats.add_step(result)
                 self._observe(session, chunk, result)
@@ -418,6 +411,18 @@ class Generation:
         if result is None or result.token_id is None:
             raise LinkBroken(f"{session.endpoint} answered the last chunk without a token")
         return result.token_id, result.logprob, result.top_logprobs
+
+    async def _reply_to(self, session: LinkSession, chunk: OutgoingChunk) -> StepResult:
+        """The cloud's reply to ``chunk`` (sent before), checked to end where the chunk ends."""
+        try:
+            result = await session.recv(self._step_timeout())
+        except LinkBroken:
+            self._time_left()  # a step cut short by the request deadline is DeadlinePassed
+            raise
+        if result.position != chunk.end:
+            raise SessionLost(f"{session.endpoint} reports position {result.position} after a chunk "
+                              f"ending at {chunk.end}")
+        return result
 
     # -- speculative steps ---------------------------------------------------------------------------
     def _speculator(self) -> Speculator | None:
@@ -518,14 +523,7 @@ class Generation:
         self.stats.edge_ms += ms
         try:
             await session.send(chunk, self._step_timeout())
-            try:
-                result = await session.recv(self._step_timeout())
-            except LinkBroken:
-                self._time_left()  # a step cut short by the request deadline is DeadlinePassed
-                raise
-            if result.position != chunk.end:
-                raise SessionLost(f"{session.endpoint} reports position {result.position} after a chunk "
-                                  f"ending at {chunk.end}")
+            result = await self._reply_to(session, chunk)
             if result.token_id is None or len(result.drawn) != g:
                 raise LinkBroken(f"{session.endpoint} answered a step of {g} drafts with {len(result.drawn)} "
                                  f"draws{'' if result.token_id is not None else ' and no token'}")
