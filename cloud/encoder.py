@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ from seamline.protos import seamline_pb2 as pb
 
 from .config import CloudConfig
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from .executor import TorchExecutor, median_ms, resolve_device, resolve_dtype
+from .executor import ModelExecutor, TorchExecutor, median_ms
 from .messages import ModelInfo
 from .metrics import CloudMetrics
 
@@ -58,29 +57,12 @@ def executor_for(model: torch.nn.Module, config: CloudConfig) -> TorchExecutor |
     return EncoderExecutor(model, config)
 
 
-class EncoderExecutor:
+class EncoderExecutor(ModelExecutor):
     """Blocks k..L + pooling of an encoder, on one worker thread."""
 
     def __init__(self, model: torch.nn.Module, config: CloudConfig):
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.adapter = adapter_for(self.model)
-        self.shape = self.adapter.shape
+        super().__init__(model, config)
         self.max_padded = config.max_chunk_tokens
-        if config.threads > 0:
-            torch.set_num_threads(config.threads)
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seamline-torch")
-
-    async def run(self, fn, *args):
-        """Run ``fn(*args)`` on the worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
-
-    @property
-    def device_name(self) -> str:
-        if self.device.type == "cuda":
-            return f"cuda:{self.device.index or 0}"
-        return str(self.device)
 
     def batches(self, lengths: list[int]) -> list[list[int]]:
         """Indices of the inputs, sorted by length, cut into batches of at most ``max_padded`` padded rows

@@ -48,20 +48,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-class TorchExecutor:
+class ModelExecutor:
+    """A model on the configured device and dtype, with its family adapter and one worker thread."""
+
     def __init__(self, model: torch.nn.Module, config: CloudConfig):
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.adapter = adapter_for(self.model)
         self.shape = self.adapter.shape
-        if not self.shape.causal:
-            raise ConfigError(f"{self.shape.family} is an encoder; seamline cloud serves causal language "
-                              "models (GPT-2, Llama-family)")
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seamline-torch")
-        self.pool = KVPool(self.shape, self.dtype, self.device, config.kv_budget)  # every session's KV
 
     async def run(self, fn, *args):
         """Run ``fn(*args)`` on the worker thread."""
@@ -72,6 +70,16 @@ class TorchExecutor:
         if self.device.type == "cuda":
             return f"cuda:{self.device.index or 0}"
         return str(self.device)
+
+
+class TorchExecutor(ModelExecutor):
+    def __init__(self, model: torch.nn.Module, config: CloudConfig):
+        super().__init__(model, config)
+        if not self.shape.causal:
+            self.worker.shutdown(wait=False)
+            raise ConfigError(f"{self.shape.family} is an encoder; seamline cloud serves causal language "
+                              "models (GPT-2, Llama-family)")
+        self.pool = KVPool(self.shape, self.dtype, self.device, config.kv_budget)  # every session's KV
 
     def bytes_per_token(self, split: int) -> int:
         """KV bytes one position costs for layers split..L."""
