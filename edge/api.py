@@ -143,30 +143,19 @@ def _gone(state: AgentState, route: str, what: str) -> Response:
     return Response(status_code=GONE)
 
 
-def _admit(request: Request) -> tuple[AgentState, str, Response | None]:
-    """(state, route, the 503 while draining or None)."""
+async def _generate(request: Request, kind: str) -> Response:
     state: AgentState = request.app.state.agent
     route = request.url.path
     if state.draining:
-        return state, route, _error(Draining("the agent is shutting down; retry on a running agent"), route, state)
-    return state, route, None
-
-
-async def _json_body(request: Request, engine) -> object:
-    """The request's JSON body, read within the agent's size limit (the raw bytes freed on return)."""
-    return parse_json(await _read_body(request, engine.config.max_body_bytes))
-
-
-async def _generate(request: Request, kind: str) -> Response:
-    state, route, refused = _admit(request)
-    if refused is not None:
-        return refused
+        return _error(Draining("the agent is shutting down; retry on a running agent"), route, state)
     engine = state.engine
     try:
         if not engine.manifest.causal:
             raise BadRequest(f"{engine.manifest.model_id} is an encoder ({engine.manifest.family}): it embeds, it "
                              "does not generate; use /v1/embeddings", "model")
-        body = await _json_body(request, engine)
+        raw = await _read_body(request, engine.config.max_body_bytes)
+        body = parse_json(raw)
+        del raw
         api_req = (read_completion(body, engine.limits()) if kind == COMPLETION
                    else read_chat(body, engine.limits(), engine.chat))
         del body
@@ -274,13 +263,16 @@ async def chat_completions(request: Request) -> Response:
 
 async def embeddings(request: Request) -> Response:
     """``POST /v1/embeddings``: one pooled, L2-normalised vector per input (see ``embeddings.py``)."""
-    state, route, refused = _admit(request)
-    if refused is not None:
-        return refused
+    state: AgentState = request.app.state.agent
+    route = request.url.path
+    if state.draining:
+        return _error(Draining("the agent is shutting down; retry on a running agent"), route, state)
     engine = state.engine
     try:
         emb.check_encoder(engine)
-        body = await _json_body(request, engine)
+        raw = await _read_body(request, engine.config.max_body_bytes)
+        body = parse_json(raw)
+        del raw
         req = read_embeddings(body, engine.limits(), engine.manifest.hidden_size)
         del body
         if req.texts:
