@@ -4,13 +4,15 @@ The baseline is the plain (non-speculative) split in the same run: the same edge
 the bundle's default split and codec), the same ``seamline cloud``, the same emulated link (20 Mbit/s
 each way, one-way delay = RTT / 2, at 5, 20, 50 and 100 ms RTT; ``--quick``: 20 and 50 ms), the same
 prompt and greedy decoding of the same number of tokens. Speculative runs draft up to ``GAMMA`` tokens
-per round trip with each drafter:
+per round trip with each drafter, under the agent's default ``--draft-policy adaptive`` (each step drafts
+the number, 0 included, that the drafter's measured acceptance, the round trip and the per-row costs pay
+for; ``edge/speculation.py``):
 
 - **prompt-lookup**: the longest recent n-gram match in prompt + output proposes the continuation;
 - **shallow-exit**: the bundle's draft head at the split (``partition --draft-head``) on the edge's own
   layer-k state (the benchmark adds a draft head to a copy of the cached bench bundle once);
-- **auto**: prompt lookup with the number of drafts chosen per step from the measured acceptance and
-  round trip (0 where drafting does not pay).
+- **auto**: prompt lookup where the text repeats, else the shallow-exit head, each judged by its own
+  measured acceptance.
 
 Two tasks: *grounded* (the prompt holds a held-out passage and asks for it again, then starts it: a
 rewrite of given text, where the output repeats the input) and *free* generation (a continuation of
@@ -120,7 +122,8 @@ async def _one(engine, ids: list[int], n: int, mode: str, task: str, rtt: int) -
 
     engine.policy.steps.clear()
     t0 = time.perf_counter()
-    gen = engine.start(GenerationRequest(tuple(ids), n, speculate=mode, draft_tokens=GAMMA))
+    gen = engine.start(GenerationRequest(tuple(ids), n, speculate=mode, draft_tokens=GAMMA,
+                                          draft_policy="adaptive"))
     gen.stop_ids = frozenset()  # exactly n tokens
     times: list[float] = []
     tokens: list[int] = []
@@ -277,7 +280,9 @@ def summarize(rows: list[dict], info: dict, place, loads: list[str]) -> dict:
                       "grounded_/free_speedup_50ms: the best drafter at 50 ms RTT; worst_speedup: over every "
                       "drafter, RTT and task",
         "link": f"{BANDWIDTH} each way, RTT {', '.join(str(x) for x in sorted({r['rtt_ms'] for r in rows}))} ms",
-        "gamma": info["gamma"], "new_tokens": info["new_tokens"], "prompt_tokens": info["prompt_tokens"],
+        "gamma": info["gamma"],
+        "draft_policy": "adaptive: gamma <= the above per step, 0 where drafting does not pay (the default)",
+        "new_tokens": info["new_tokens"], "prompt_tokens": info["prompt_tokens"],
         "draft_head_acceptance_heldout": info["draft_head_acceptance_heldout"],
         "placement": place.describe(),
         "device_cloud_ratio": "1:1 per layer (both sides one pinned CPU thread, no CPU quota)",

@@ -103,8 +103,13 @@ class EdgeConfig(Settings, section="edge"):
                              "lookup where the text repeats, else the bundle's shallow-exit head if it ships one; "
                              "the number of drafts chosen from the measured acceptance and RTT) | a "
                              "drafter the bundle ships (e.g. shallow-exit)", metavar="MODE")
-    draft_tokens: int = setting(4, "--speculate: drafted tokens per step (the most, with auto)", low=1, high=64,
+    draft_tokens: int = setting(4, "--speculate: the most drafted tokens per step", low=1, high=64,
                                 metavar="N")
+    draft_policy: str = setting("adaptive", "--speculate: adaptive (each step drafts the number, 0 included, "
+                                "that the drafter's measured acceptance, the RTT and the per-row costs pay "
+                                "for, so speculation turns itself off where it does not pay) | fixed (always "
+                                "--draft-tokens when the drafter has them: tests and measurements)",
+                                choices=("adaptive", "fixed"))
     connect_timeout: float = setting(5.0, "seconds for Info / Open / Close calls", low=0, metavar="SECONDS")
     step_timeout: float = setting(30.0, "a cloud reply slower than this counts as a broken link: reconnect and "
                                   "replay", low=0, metavar="SECONDS")

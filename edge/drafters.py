@@ -98,34 +98,18 @@ class PromptLookup:
         return []
 
 
-class FirstOf:
-    """Drafters in order of preference: the first non-empty draft is the step's."""
-
-    def __init__(self, *drafters: Drafter):
-        self.drafters = drafters
-        self.name = "+".join(d.name for d in drafters)
-        self.uses_hidden = any(getattr(d, "uses_hidden", False) for d in drafters)
-
-    def draft(self, ctx: DraftContext, gamma: int) -> list[int]:
-        for d in self.drafters:
-            if out := d.draft(ctx, gamma):
-                return out
-        return []
-
-
 def _prompt_lookup(runtime: Any, k: int) -> Drafter:
     return PromptLookup()
 
 
-def auto_drafter(runtime: Any, k: int) -> Drafter:
-    """``--speculate auto``: prompt lookup where the text repeats itself (exact copies are accepted whole),
-    else the bundle's shallow-exit head for split ``k`` when it ships one."""
-    lookup = PromptLookup()
+def auto_drafters(runtime: Any, k: int) -> tuple[Drafter, ...]:
+    """``--speculate auto``, in order of preference: prompt lookup where the text repeats itself (exact
+    copies are accepted whole), then the bundle's shallow-exit head for split ``k`` when it ships one.
+    ``speculation.Speculator`` tries them in this order, each with its own measured acceptance."""
     try:
-        head = drafter_for("shallow-exit", runtime, k)
+        return PromptLookup(), drafter_for("shallow-exit", runtime, k)
     except LookupError:
-        return lookup
-    return FirstOf(lookup, head)
+        return (PromptLookup(),)
 
 
 DRAFTERS: dict[str, str] = {

@@ -51,7 +51,7 @@ import numpy as np
 from seamline.protos.codec import CodecConfig
 
 from . import sampling, wire
-from .drafters import DRAFTERS, DraftContext, auto_drafter, drafter_for
+from .drafters import DRAFTERS, DraftContext, auto_drafters, drafter_for
 from .errors import BadRequest, CloudUnavailable, EdgeError, LinkBroken, NoRoute, SessionLost
 from .link import LinkSession
 from .messages import (
@@ -71,7 +71,7 @@ from .messages import (
 )
 from .policy import FixedPolicy
 from .runtime import EdgeCache
-from .speculation import AUTO, OFF, Speculator, accepted_prefix
+from .speculation import AUTO, NO_DRAFTS, OFF, POLICIES, Speculator, accepted_prefix
 from .text import TextTracker
 
 if TYPE_CHECKING:
@@ -144,6 +144,10 @@ class Generation:
                              f"{self.spec_mode!r}", "speculate")
         if not 1 <= self.spec_gamma <= 64:
             raise BadRequest(f"draft_tokens must be in [1, 64], got {self.spec_gamma}", "draft_tokens")
+        self.spec_policy = request.draft_policy or self.config.draft_policy
+        if self.spec_policy not in POLICIES:
+            raise BadRequest(f"draft_policy must be one of {', '.join(POLICIES)}; got {self.spec_policy!r}",
+                             "draft_policy")
         self.stats.speculate = self.spec_mode
         self._speculators: dict[int, Speculator | None] = {}  # per split k: drafters are split-specific
 
@@ -432,12 +436,12 @@ class Generation:
         k = self.choice.k
         if k not in self._speculators:
             try:
-                drafter = (auto_drafter(self.engine.runtime, k) if self.spec_mode == AUTO
-                           else drafter_for(self.spec_mode, self.engine.runtime, k))
+                drafters = (auto_drafters(self.engine.runtime, k) if self.spec_mode == AUTO
+                            else (drafter_for(self.spec_mode, self.engine.runtime, k),))
             except LookupError as e:
                 log.warning("no speculation at split %d: %s", k, e)
-                drafter = None
-            self._speculators[k] = None if drafter is None else Speculator(drafter, self.spec_mode, self.spec_gamma)
+                drafters = ()
+            self._speculators[k] = Speculator.of(drafters, self.spec_gamma, self.spec_policy) if drafters else None
         return self._speculators[k]
 
     def _decoding(self, session: LinkSession) -> bool:
@@ -459,20 +463,25 @@ class Generation:
     async def _speculative_step(self, session: LinkSession, spec: Speculator) -> list[tuple[int, float, tuple]]:
         """Draft, send [t, drafts] in one step, accept the drafts the cloud's draws confirm (see the top)."""
         k, cfg = self.choice.k, self.choice.codec
-        m, runtime, cache, drafter = self.engine.manifest, self.engine.runtime, self.cache, spec.drafter
+        m, runtime, cache = self.engine.manifest, self.engine.runtime, self.cache
         ids, n = self.ids, len(self.ids)
         start = n - 1  # the newest token's position: the cloud holds [0, start)
         limit = min(session.max_draft_rows, session.max_chunk_tokens - 1, m.max_positions - n,
                     self.max_new - len(self.tokens) - 1)
-        gamma = spec.gamma(limit)
         zmin = m.codec.zstd_min_tokens
         vocab = m.vocab_size
 
         def job():
+            try:
+                plan = spec.plan(ids, limit)  # who drafts how many (a cheap drafter has proposed already)
+            except Exception:  # a failing drafter costs its drafts, never the generation
+                log.exception("a drafter failed while proposing; this step carries no drafts")
+                plan = NO_DRAFTS
+            gamma = plan.gamma
             rows: list[np.ndarray] = []  # (C,) rows at split k: t's first, then the drafts'
             extended: list[int] = []
             hidden_last = None
-            if k > 0 and gamma > 0 and getattr(drafter, "uses_hidden", False):
+            if k > 0 and gamma > 0 and plan.drafts is None:  # a model drafter reads the newest token's row
                 rows.append(runtime.forward([ids[-1]], start, k, cache)[0])
                 hidden_last = rows[0]
 
@@ -489,16 +498,17 @@ class Generation:
             drafts: list[int] = []
             if gamma > 0:
                 try:
-                    proposed = list(drafter.draft(DraftContext(ids, hidden_last, extend), gamma))[:gamma]
+                    proposed = (list(plan.drafts) if plan.drafts is not None else
+                                list(plan.source.drafter.draft(DraftContext(ids, hidden_last, extend), gamma))[:gamma])
                 except Exception:  # a failing drafter costs its drafts, never the generation
-                    log.exception("drafter %s failed; this step carries no drafts", drafter.name)
+                    log.exception("drafter %s failed; this step carries no drafts", plan.source.name)
                     proposed = []
                 for d in proposed:
                     if not 0 <= int(d) < vocab:
                         break  # a drafter's bug must not reach the cloud (INVALID_ARGUMENT at k = 0)
                     drafts.append(int(d))
             if k == 0:
-                return drafts, None, wire.encode_chunk(start, None, [ids[-1], *drafts], cfg, True, zmin)
+                return plan, drafts, None, wire.encode_chunk(start, None, [ids[-1], *drafts], cfg, True, zmin)
             keep = accepted_prefix(extended, drafts)  # extended rows the drafts still use
             if rows and len(rows) > 1 + keep:
                 cache.truncate(start + 1 + keep)
@@ -508,11 +518,11 @@ class Generation:
             for token in ([] if rows else [ids[-1]]) + drafts[keep:]:
                 rows.append(runtime.forward([token], start + len(rows), k, cache)[0])
             hidden = np.stack(rows)  # (1 + g, C)
-            return drafts, hidden, wire.encode_chunk(start, hidden, None, cfg, True, zmin)
+            return plan, drafts, hidden, wire.encode_chunk(start, hidden, None, cfg, True, zmin)
 
         task = asyncio.get_running_loop().create_task(self.engine.worker.run(job))
         try:
-            (drafts, hidden, encoded), ms = await asyncio.shield(task)
+            (plan, drafts, hidden, encoded), ms = await asyncio.shield(task)
         except BaseException:
             if not task.done():  # cancelled while the worker runs: let it finish before touching the cache
                 await asyncio.wait([task])
@@ -541,7 +551,7 @@ class Generation:
             self.stats.drafted_tokens += g
             self.stats.accepted_tokens += a
         t = result.timings
-        spec.observe(g, a, rows=g + 1, edge_ms=ms, fixed_ms=result.network_ms + t.queue_ms + t.decode_ms,
+        spec.observe(plan.source, g, a, rows=g + 1, edge_ms=ms, fixed_ms=result.network_ms + t.queue_ms + t.decode_ms,
                      compute_ms=t.compute_ms)
         self._observe(session, chunk, result)
         return picked

@@ -27,6 +27,7 @@ class GenerationRequest:
     deadline: float | None = None     # seconds from the start; past it the rest is generated locally
     speculate: str | None = None      # off | prompt-lookup | auto | a drafter's name (None: the agent's)
     draft_tokens: int | None = None   # drafts per speculative step (None: the agent's --draft-tokens)
+    draft_policy: str | None = None   # adaptive | fixed (None: the agent's --draft-policy)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ of one string, or token ids), ``messages`` (see ``text.chat_prompt``), ``max_tok
 ``stop`` (a string or a list), ``n`` = 1, ``logprobs`` (completions: the number of top logprobs;
 chat: a boolean with ``top_logprobs``), ``stream`` with ``stream_options.include_usage``, and the
 extension ``deadline`` (seconds; past it the rest is generated locally), and the extensions ``speculate``
-(off | prompt-lookup | auto | shallow-exit) and ``draft_tokens`` (1-64) that override the agent's
-``--speculate`` / ``--draft-tokens`` for one request (the output does not change, only its speed). Anything that would change
+(off | prompt-lookup | auto | shallow-exit), ``draft_tokens`` (1-64) and ``draft_policy`` (adaptive | fixed)
+that override the agent's ``--speculate`` / ``--draft-tokens`` / ``--draft-policy`` for one request (the
+output does not change, only its speed). Anything that would change
 the output and is not supported (n > 1, echo, suffix, penalties, logit_bias, tools) is a 400.
 
 Every value is range-checked against what the wire and the model accept, and a bad one is a 400
@@ -219,6 +220,9 @@ def _common(body: dict, limits: RequestLimits, max_tokens_names: tuple[str, ...]
     if speculate is not None and len(speculate) > MAX_MODEL_CHARS:
         raise BadRequest(f"speculate must be at most {MAX_MODEL_CHARS} characters", "speculate")
     draft_tokens = _integer(body, "draft_tokens", None, 1, 64)  # extension: drafts per speculative step
+    draft_policy = _get(body, "draft_policy", (str,), None)  # extension: adaptive | fixed
+    if draft_policy not in (None, "adaptive", "fixed"):
+        raise BadRequest(f"draft_policy must be adaptive or fixed, got {str(draft_policy)[:40]!r}", "draft_policy")
     model = _get(body, "model", (str,), None)
     if model is not None and len(model) > MAX_MODEL_CHARS:
         raise BadRequest(f"model must be at most {MAX_MODEL_CHARS} characters, got {len(model)}", "model")
@@ -228,7 +232,8 @@ def _common(body: dict, limits: RequestLimits, max_tokens_names: tuple[str, ...]
         "seed": seed if seed is not None else random.getrandbits(63),
         "stop": _stop(body), "stream": bool(_get(body, "stream", (bool,), False)),
         "include_usage": bool(_get(stream_options, "include_usage", (bool,), False)),
-        "model": model, "deadline": deadline, "speculate": speculate, "draft_tokens": draft_tokens}
+        "model": model, "deadline": deadline, "speculate": speculate, "draft_tokens": draft_tokens,
+        "draft_policy": draft_policy}
 
 
 def read_completion(body: Any, limits: RequestLimits) -> ApiRequest:
@@ -308,7 +313,8 @@ def _build(kind: str, c: dict, ids: list[int], stop: tuple[str, ...], want: bool
                               top_logprobs=top, stop_token_ids=tuple(stop_ids))
     gen = GenerationRequest(prompt_ids=tuple(ids), max_tokens=c["max_tokens"], sampling=sampling, stop=stop,
                             deadline=c["deadline"] if c["deadline"] is not None else deadline,
-                            speculate=c["speculate"], draft_tokens=c["draft_tokens"])
+                            speculate=c["speculate"], draft_tokens=c["draft_tokens"],
+                            draft_policy=c["draft_policy"])
     return ApiRequest(kind, gen, c["model"] or "", c["stream"], c["include_usage"], want, top, text, chat_format)
 
 

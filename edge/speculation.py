@@ -1,28 +1,45 @@
-"""How many tokens to draft per step: the expected-rate model and the running estimates behind it (pure).
+"""How many tokens to draft per step, and from which drafter: the expected-rate model and the running
+estimates behind it (pure).
 
 A speculative step with ``gamma`` drafts yields, when each draft is accepted with probability ``a``
 independently of the others (and the first rejection ends the step), ``(1 - a**(gamma+1)) / (1 - a)``
 tokens on average (``gamma + 1`` when ``a = 1``), and costs one round trip plus ``gamma`` drafted rows
 on the edge and ``gamma + 1`` verified rows in the cloud. :func:`choose_gamma` picks the ``gamma``
-with the most tokens per millisecond, 0 where drafting does not pay. :class:`Speculator` keeps the
-estimates of one generation (acceptance, round trip, per-row costs) and decides each step.
-No I/O here; the generation loop (``generation.py``) measures and calls.
+with the most tokens per millisecond, 0 where drafting does not pay.
+
+:class:`Speculator` keeps the estimates of one generation at one split: the round trip and the cloud's
+per-row cost (shared), and per drafter (:class:`Source`) its own acceptance and edge cost per drafted
+row. Drafters are tried in order of preference. A cheap one (no model: prompt lookup) is asked first
+what it would propose, and its proposal is cut to the gamma its own acceptance pays for; a costly one
+(the shallow-exit head, whose every draft runs the edge's k layers and a head) is asked only for the
+gamma its acceptance pays for. With ``gamma = 0`` a drafter still drafts one token now and then to keep
+measuring (the text may turn repetitive), less often after every rejected probe. The ``fixed`` policy
+drafts ``--draft-tokens`` whenever a drafter has them (tests, measurements).
+No I/O here; the generation loop (``generation.py``) runs :meth:`Speculator.plan` on its compute worker,
+measures the step and calls :meth:`Speculator.observe`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .drafters import Drafter
+from .controller import Ewma
+from .drafters import DraftContext, Drafter
 
 OFF = "off"
 AUTO = "auto"
 PROMPT_LOOKUP = "prompt-lookup"
-PRIOR_ACCEPTANCE = 0.6  # before any draft was verified
+ADAPTIVE = "adaptive"           # gamma from the expected-rate model (0 where drafting does not pay)
+FIXED = "fixed"                 # gamma = --draft-tokens whenever a drafter has drafts
+POLICIES = (ADAPTIVE, FIXED)
+PRIOR_ACCEPTANCE = 0.6  # before any draft of a drafter was verified (a drafter may state its own)
 PRIOR_WEIGHT = 2.0      # worth this many verified drafts
 DECAY = 0.9             # older steps weigh less (acceptance drifts along a text)
-PROBE_EVERY = 8         # auto with gamma = 0: still draft one token every this many steps, to measure
+PROBE_EVERY = 8         # gamma = 0: still draft one token after this many steps without drafts ...
+PROBE_MAX = 64          # ... twice as many after each rejected probe, up to this
+EWMA_ALPHA = 0.3
 
 
 def expected_tokens(acceptance: float, gamma: int) -> float:
@@ -53,68 +70,131 @@ def choose_gamma(acceptance: float, rtt_ms: float, draft_ms_per_token: float, ve
     return best
 
 
-@dataclass
-class _Ema:
-    value: float | None = None
-    alpha: float = 0.3
+def _no_extend(token: int):
+    raise LookupError("a cheap drafter runs no edge layers while proposing")
 
-    def update(self, x: float) -> None:
-        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+
+@dataclass
+class Source:
+    """One drafter's record in one generation: decayed acceptance counts, its edge cost per drafted row,
+    and its probing schedule."""
+
+    drafter: Drafter
+    prior: float = PRIOR_ACCEPTANCE
+    accepted: float = 0.0        # decayed counts: drafts accepted ...
+    tested: float = 0.0          # ... and drafts the cloud's draws tested (up to the first rejection)
+    draft_ms: Ewma = field(default_factory=lambda: Ewma(EWMA_ALPHA))
+    since: int = 0               # steps since this drafter last drafted
+    probe_every: int = PROBE_EVERY
+
+    @property
+    def name(self) -> str:
+        return self.drafter.name
+
+    @property
+    def cheap(self) -> bool:
+        """Proposes without running a model (the loop computes the rows of its drafts afterwards)."""
+        return not getattr(self.drafter, "uses_hidden", False)
+
+    @property
+    def acceptance(self) -> float:
+        """Per-draft acceptance (a geometric model's estimate), with the prior until measured."""
+        return (self.accepted + self.prior * PRIOR_WEIGHT) / (self.tested + PRIOR_WEIGHT)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One step's drafting: who drafts how many. ``drafts`` is set when a cheap drafter already proposed
+    them; otherwise (a model drafter, ``gamma > 0``) the loop calls ``source.drafter.draft``."""
+
+    source: Source | None
+    gamma: int
+    drafts: tuple[int, ...] | None = None
+
+
+NO_DRAFTS = Plan(None, 0, ())
 
 
 @dataclass
 class Speculator:
-    """One generation's speculation: the drafter, the mode, and the estimates ``auto`` decides from."""
+    """One generation's speculation at one split: its drafters in order of preference and the estimates
+    the adaptive policy decides from."""
 
-    drafter: Drafter
-    mode: str                        # prompt-lookup | auto | a registered drafter's name
+    sources: tuple[Source, ...]
     max_gamma: int
-    accepted: float = 0.0            # decayed counts: drafts accepted ...
-    tested: float = 0.0              # ... and drafts the cloud's draws tested (up to the first rejection)
-    rtt: _Ema = field(default_factory=_Ema)
-    draft_ms: _Ema = field(default_factory=_Ema)
-    verify_ms: _Ema = field(default_factory=_Ema)
-    steps_since_draft: int = 0
+    policy: str = ADAPTIVE
+    rtt: Ewma = field(default_factory=lambda: Ewma(EWMA_ALPHA))        # what a step costs whatever its rows
+    row_ms: Ewma = field(default_factory=lambda: Ewma(EWMA_ALPHA))     # the edge's k layers on one row
+    verify_ms: Ewma = field(default_factory=lambda: Ewma(EWMA_ALPHA))  # the cloud's cost of one row
 
-    @property
-    def acceptance(self) -> float:
-        """Per-draft acceptance (a geometric model's estimate), with a prior until measured."""
-        return (self.accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self.tested + PRIOR_WEIGHT)
+    @classmethod
+    def of(cls, drafters: Sequence[Drafter], max_gamma: int, policy: str = ADAPTIVE) -> Speculator:
+        """Drafters in order of preference; one that states its measured acceptance (a draft head's, from
+        the manifest) starts from it instead of the generic prior."""
+        if policy not in POLICIES:
+            raise ValueError(f"draft policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+        sources = []
+        for d in drafters:
+            stated = getattr(d, "acceptance", None)
+            prior = float(stated) if isinstance(stated, (int, float)) and 0.0 <= stated <= 1.0 else PRIOR_ACCEPTANCE
+            sources.append(Source(d, prior))
+        return cls(tuple(sources), max_gamma, policy)
 
-    def gamma(self, limit: int) -> int:
-        """Drafts to ask for in the next step, at most ``limit`` (context, cloud cap, tokens left)."""
+    def gamma(self, source: Source, limit: int) -> int:
+        """Drafts ``source`` should supply in the next step, at most ``limit``."""
         cap = min(self.max_gamma, limit)
         if cap <= 0:
             return 0
-        if self.mode != AUTO or self.rtt.value is None:
+        if self.policy == FIXED:
             return cap
-        g = choose_gamma(self.acceptance, self.rtt.value, self.draft_ms.value or 0.0, self.verify_ms.value or 0.0,
-                         cap)
-        if g == 0 and self.steps_since_draft >= PROBE_EVERY:
+        if self.rtt.value is None:  # the first step: a cheap drafter's proposal, or one probe of a model's
+            return cap if source.cheap else 1
+        draft_ms = source.draft_ms.get(self.row_ms.get(0.0))
+        g = choose_gamma(source.acceptance, self.rtt.value, draft_ms, self.verify_ms.get(0.0), cap)
+        if g == 0 and source.since >= source.probe_every:
             return 1  # keep measuring: the text may turn repetitive later
         return g
 
-    def observe(self, drafted: int, accepted: int, rows: int, edge_ms: float, fixed_ms: float,
-                compute_ms: float) -> None:
-        """One cloud step of ``rows`` rows that carried ``drafted`` drafts, ``accepted`` of them confirmed.
+    def plan(self, tokens: Sequence[int], limit: int) -> Plan:
+        """Who drafts how many in the next step (runs the cheap drafters' proposals; call it on the compute
+        worker). ``limit``: the most drafts the context, the cloud's cap and the tokens left allow."""
+        if min(self.max_gamma, limit) <= 0:
+            return NO_DRAFTS
+        for s in self.sources:
+            if s.cheap:
+                proposal = s.drafter.draft(DraftContext(tokens, None, _no_extend), min(self.max_gamma, limit))
+                if proposal and (g := self.gamma(s, len(proposal))):
+                    return Plan(s, g, tuple(int(t) for t in proposal[:g]))
+            elif g := self.gamma(s, limit):
+                return Plan(s, g, None)
+        return NO_DRAFTS
 
-        ``fixed_ms``: what the step cost regardless of its rows (network, queue, codec decode);
-        ``edge_ms`` / ``compute_ms``: the edge's and the cloud's time on its rows.
-        """
-        if drafted:
+    def observe(self, source: Source | None, drafted: int, accepted: int, rows: int, edge_ms: float,
+                fixed_ms: float, compute_ms: float) -> None:
+        """One cloud step of ``rows`` rows that carried ``drafted`` drafts of ``source``, ``accepted`` of
+        them confirmed. ``fixed_ms``: what the step cost regardless of its rows (network, queue, codec
+        decode); ``edge_ms`` / ``compute_ms``: the edge's and the cloud's time on its rows."""
+        for s in self.sources:
+            s.since += 1
+        if source is not None and drafted:
+            source.since = 0
             tested = accepted + (1 if accepted < drafted else 0)
-            self.accepted = DECAY * self.accepted + accepted
-            self.tested = DECAY * self.tested + tested
-            self.steps_since_draft = 0
-        else:
-            self.steps_since_draft += 1
+            source.accepted = DECAY * source.accepted + accepted
+            source.tested = DECAY * source.tested + tested
+            if accepted:
+                source.probe_every = PROBE_EVERY
+            elif drafted == 1:  # a probe, rejected: probe half as often
+                source.probe_every = min(2 * source.probe_every, PROBE_MAX)
+            if rows > 0:
+                source.draft_ms.update(max(edge_ms, 0.0) / rows)
+        elif rows > 0:
+            self.row_ms.update(max(edge_ms, 0.0) / rows)
         self.rtt.update(max(fixed_ms, 0.0))
         if rows > 0:
-            self.draft_ms.update(max(edge_ms, 0.0) / rows)
             self.verify_ms.update(max(compute_ms, 0.0) / rows)
 
 
-def accepted_prefix(drafts: list[int] | tuple[int, ...], drawn: list[int] | tuple[int, ...]) -> int:
+def accepted_prefix(drafts: Sequence[int], drawn: Sequence[int]) -> int:
     """How many drafts the cloud's draws confirm: the length of the common prefix."""
     n = 0
     for d, x in zip(drafts, drawn, strict=False):

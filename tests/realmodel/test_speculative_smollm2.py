@@ -24,7 +24,7 @@ async def test_greedy_identical_with_prompt_lookup(smol_bundle, smol_cloud):
         prompt = tuple(engine.encode_prompt(PROMPT))
         plain = await engine.run(GenerationRequest(prompt, N, SamplingParams()))
         spec = await engine.run(GenerationRequest(prompt, N, SamplingParams(), speculate="prompt-lookup",
-                                                  draft_tokens=4))
+                                                  draft_tokens=4, draft_policy="fixed"))
     finally:
         await close_engine(engine)
     assert spec.token_ids == plain.token_ids and spec.text == plain.text

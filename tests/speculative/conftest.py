@@ -26,8 +26,8 @@ def cloud_config(model: str | Path, **kw) -> CloudConfig:
 def edge_config(bundle: Path, cloud: list[str], **kw) -> EdgeConfig:
     base = EdgeConfig(bundle=str(bundle), cloud=cloud, listen="127.0.0.1:0", codec="fp32", chunk_tokens=16,
                       connect_timeout=2.0, step_timeout=20.0, reconnect_window=20.0, verify=False,
-                      log_level="WARNING")
-    return replace(base, **kw)
+                      log_level="WARNING", draft_policy="fixed")  # every step drafts: the verify path is
+    return replace(base, **kw)                                      # exercised (adaptive: test_draft_head)
 
 
 async def generate(config: EdgeConfig, prompt: list[int], n: int, sampling: SamplingParams | None = None,

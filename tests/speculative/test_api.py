@@ -1,4 +1,4 @@
-"""The agent's HTTP API takes ``speculate`` / ``draft_tokens`` per request (an extension, like ``deadline``):
+"""The agent's HTTP API takes ``speculate`` / ``draft_tokens`` / ``draft_policy`` per request (an extension, like ``deadline``):
 the same text, the speculation counters in the ``seamline`` object, a 400 for an unknown drafter."""
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ def test_speculate_per_request(spec_bundle, spec_cloud):
         stream = httpx.post(url, json={**base, "speculate": "auto", "stream": True}, timeout=120)
         bad = httpx.post(url, json={**base, "speculate": "telepathy"}, timeout=120)
         too_many = httpx.post(url, json={**base, "speculate": "auto", "draft_tokens": 65}, timeout=120)
+        adaptive = httpx.post(url, json={**base, "speculate": "prompt-lookup", "draft_policy": "adaptive"},
+                              timeout=120).json()
+        bad_policy = httpx.post(url, json={**base, "speculate": "auto", "draft_policy": "sometimes"}, timeout=120)
     finally:
         agent.stop()
     assert spec["choices"][0]["text"] == plain["choices"][0]["text"]
@@ -35,3 +38,5 @@ def test_speculate_per_request(spec_bundle, spec_cloud):
     assert "".join(c["choices"][0]["text"] for c in chunks if c.get("choices")) == plain["choices"][0]["text"]
     assert bad.status_code == 400 and "speculate must be one of" in bad.json()["error"]["message"]
     assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "draft_tokens"
+    assert adaptive["choices"][0]["text"] == plain["choices"][0]["text"]
+    assert bad_policy.status_code == 400 and bad_policy.json()["error"]["param"] == "draft_policy"

@@ -195,9 +195,10 @@ def test_partition_cli_and_split_choice(tmp_path):
 
 async def test_auto_drafts_with_the_head_where_lookup_finds_nothing(headed, spec_cloud):
     """``--speculate auto`` on a bundle with heads: prompt lookup first, the shallow-exit head where the text
-    has no repeat to copy (a prompt of distinct tokens); greedy output still equals the plain run's."""
+    has no repeat to copy (a prompt of distinct tokens); greedy output still equals the plain run's, with
+    every step drafting (fixed) and with the number of drafts chosen per step (adaptive)."""
     from seamline.edge.agent import build_engine, close_engine
-    from seamline.edge.drafters import DraftContext, FirstOf, PromptLookup, auto_drafter
+    from seamline.edge.drafters import PromptLookup, auto_drafters
     from seamline.edge.messages import GenerationRequest
     from seamline.edge.policy import FixedPolicy
     from seamline.edge.shallow_exit import ShallowExit
@@ -209,19 +210,16 @@ async def test_auto_drafts_with_the_head_where_lookup_finds_nothing(headed, spec
     engine = build_engine(edge_config(out, [spec_cloud("llama").address]))
     try:
         k = SPLITS[0]
-        d = auto_drafter(engine.runtime, k)
-        assert isinstance(d, FirstOf) and d.uses_hidden
-        assert [type(x) for x in d.drafters] == [PromptLookup, ShallowExit]
-        ctx = DraftContext(tokens=list(range(5, 25)), hidden_last=np.zeros(engine.manifest.hidden_size, np.float32),
-                           extend=lambda t: np.zeros(engine.manifest.hidden_size, np.float32))
-        assert len(d.draft(ctx, 3)) == 3  # nothing repeats: the head drafts
-        ctx.tokens = [1, 2, 3, 9, 1, 2]
-        assert d.draft(ctx, 2) == [3, 9]  # a repeat: copied
+        assert [type(x) for x in auto_drafters(engine.runtime, k)] == [PromptLookup, ShallowExit]
         prompt = tuple(range(5, 25))
         engine.policy = FixedPolicy.from_manifest(engine.manifest, k, "fp32", zstd=False)
         plain = await engine.run(GenerationRequest(prompt, 16, SamplingParams(), speculate="off"))
         spec = await engine.run(GenerationRequest(prompt, 16, SamplingParams(), speculate="auto", draft_tokens=3))
         assert spec.token_ids == plain.token_ids
         assert spec.stats.drafted_tokens > 0
+        adaptive = await engine.run(GenerationRequest(prompt, 16, SamplingParams(), speculate="auto",
+                                                      draft_tokens=3, draft_policy="adaptive"))
+        assert adaptive.token_ids == plain.token_ids  # however many it drafted (a probe at least)
+        assert adaptive.stats.drafted_tokens > 0
     finally:
         await close_engine(engine)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from seamline.edge.drafters import DRAFTERS, DraftContext, Drafter, PromptLookup, drafter_for
 from seamline.edge.speculation import (
-    AUTO,
+    FIXED,
     PROBE_EVERY,
     Speculator,
     accepted_prefix,
@@ -83,21 +83,82 @@ def test_accepted_prefix():
     assert accepted_prefix([4], [1]) == 0 and accepted_prefix([], []) == 0
 
 
-def test_speculator_auto_learns_acceptance_and_keeps_probing():
-    spec = Speculator(PromptLookup(), AUTO, max_gamma=6)
-    assert spec.gamma(limit=6) == 6 and spec.gamma(limit=2) == 2 and spec.gamma(limit=0) == 0  # unmeasured
-    for _ in range(20):  # every draft rejected on a 5 ms link with 3 ms rows: stop drafting ...
-        spec.observe(drafted=2, accepted=0, rows=3, edge_ms=9, fixed_ms=5, compute_ms=9)
-    assert spec.acceptance < 0.15 and spec.gamma(limit=6) == 0
-    for _ in range(PROBE_EVERY):  # ... but probe now and then
-        spec.observe(drafted=0, accepted=0, rows=1, edge_ms=3, fixed_ms=5, compute_ms=3)
-    assert spec.gamma(limit=6) == 1
-    for _ in range(20):  # every draft accepted: draft the most again
-        spec.observe(drafted=4, accepted=4, rows=5, edge_ms=5, fixed_ms=40, compute_ms=5)
-    assert spec.acceptance > 0.9 and spec.gamma(limit=6) == 6
-    fixed = Speculator(PromptLookup(), "prompt-lookup", max_gamma=3)
-    fixed.observe(drafted=3, accepted=0, rows=4, edge_ms=1, fixed_ms=1, compute_ms=1)
-    assert fixed.gamma(limit=8) == 3  # a fixed mode drafts its --draft-tokens regardless
+REPEATS = [1, 2, 3, 1, 2]  # prompt lookup proposes [3, 1, 2, 3, ...]
+FRESH = [7, 8, 9, 10]       # nothing repeats: prompt lookup proposes nothing
+
+
+class CountingDrafter:
+    """A model-like drafter (it reads hidden states) that records how often it was asked to draft."""
+
+    name = "counting"
+    uses_hidden = True
+
+    def __init__(self, acceptance=None):
+        self.acceptance = acceptance
+        self.asked: list[int] = []
+
+    def draft(self, ctx, gamma):
+        self.asked.append(gamma)
+        return [5] * gamma
+
+
+def _steps(spec, source, n, drafted, accepted, rtt=5.0, row=3.0):
+    for _ in range(n):
+        spec.observe(source, drafted, accepted, rows=drafted + 1, edge_ms=row * (drafted + 1), fixed_ms=rtt,
+                     compute_ms=row * (drafted + 1))
+
+
+def test_speculator_learns_acceptance_stops_drafting_and_probes_less_after_each_rejected_probe():
+    spec = Speculator.of([PromptLookup()], max_gamma=6)
+    plan = spec.plan(REPEATS, limit=6)  # unmeasured: a cheap drafter's whole proposal
+    assert plan.gamma == 6 and plan.drafts == (3, 1, 2, 3, 1, 2)
+    assert spec.plan(REPEATS, limit=2).drafts == (3, 1) and spec.plan(REPEATS, limit=0).gamma == 0
+    assert spec.plan(FRESH, limit=6).gamma == 0  # nothing to propose: a plain step
+    lookup = spec.sources[0]
+    _steps(spec, lookup, 20, drafted=2, accepted=0)  # every draft rejected on a 5 ms link with 3 ms rows
+    assert lookup.acceptance < 0.15 and spec.plan(REPEATS, limit=6).gamma == 0
+    _steps(spec, None, PROBE_EVERY - 1, drafted=0, accepted=0)
+    assert spec.plan(REPEATS, limit=6).gamma == 0
+    _steps(spec, None, 1, drafted=0, accepted=0)
+    assert spec.plan(REPEATS, limit=6).gamma == 1  # a probe after PROBE_EVERY plain steps ...
+    _steps(spec, lookup, 1, drafted=1, accepted=0)
+    _steps(spec, None, PROBE_EVERY, drafted=0, accepted=0)
+    assert spec.plan(REPEATS, limit=6).gamma == 0  # ... rejected: the next one waits twice as long
+    _steps(spec, None, PROBE_EVERY, drafted=0, accepted=0)
+    assert spec.plan(REPEATS, limit=6).gamma == 1
+    _steps(spec, lookup, 20, drafted=4, accepted=4, rtt=40.0)  # every draft accepted: draft the most again
+    assert lookup.acceptance > 0.9 and spec.plan(REPEATS, limit=6).gamma == 6
+    assert lookup.probe_every == PROBE_EVERY
+
+
+def test_each_drafter_is_judged_by_its_own_acceptance():
+    """Prompt lookup keeps drafting where it is right while a model drafter that is wrong is not even asked
+    (its drafting costs the edge a model run per token); the model's stated acceptance is its prior."""
+    model = CountingDrafter(acceptance=0.05)
+    spec = Speculator.of([PromptLookup(), model], max_gamma=4)
+    lookup, head = spec.sources
+    assert head.prior == 0.05 and lookup.prior > 0.5
+    plan = spec.plan(FRESH, limit=4)  # unmeasured: a model drafter only probes
+    assert plan.source is head and plan.gamma == 1 and plan.drafts is None
+    _steps(spec, head, 1, drafted=1, accepted=0, rtt=50.0)  # the probe was rejected
+    _steps(spec, lookup, 10, drafted=4, accepted=4, rtt=50.0)
+    plan = spec.plan(REPEATS, limit=4)
+    assert plan.source is lookup and plan.gamma == 4
+    plan = spec.plan(FRESH, limit=4)  # lookup has nothing here; the model's 5 % does not pay for a draft
+    assert plan.source is None and plan.gamma == 0
+    _steps(spec, None, 2 * PROBE_EVERY - 10, drafted=0, accepted=0)
+    plan = spec.plan(FRESH, limit=4)  # the next probe, 2 x PROBE_EVERY steps after the rejected one
+    assert plan.source is head and plan.gamma == 1
+    assert model.asked == []  # plan() never runs a model drafter: the generation loop does, with its rows
+
+
+def test_fixed_policy_drafts_the_most_regardless():
+    model = CountingDrafter(acceptance=0.0)
+    fixed = Speculator.of([PromptLookup(), model], max_gamma=3, policy=FIXED)
+    _steps(fixed, fixed.sources[1], 10, drafted=3, accepted=0)
+    assert fixed.plan(FRESH, limit=8).gamma == 3 and fixed.plan(REPEATS, limit=8).drafts == (3, 1, 2)
+    with pytest.raises(ValueError, match="adaptive, fixed"):
+        Speculator.of([PromptLookup()], max_gamma=3, policy="sometimes")
 
 
 def test_edge_cache_truncate_rolls_back_rejected_rows(spec_bundle):
