@@ -17,7 +17,8 @@ from pathlib import Path
 # scenario -> (module, what it measures)
 SCENARIOS: dict[str, tuple[str, str]] = {
     "codec": ("seamline.bench.codec", "bytes vs fidelity per codec and split (baseline: unsplit fp32)"),
-    "edge": ("seamline.bench.edge", "edge decode latency: ONNX Runtime fp32/int8 vs eager PyTorch"),
+    "edge": ("seamline.bench.edge", ("edge decode latency: ONNX Runtime fp32/int8 vs eager PyTorch; "
+                                      "every layer vs onnxruntime-genai (the on-device peer)")),
     "overhead": ("seamline.bench.overhead", "framework overhead per decode step vs a bare gRPC ping-pong"),
     "e2e": ("seamline.bench.e2e", "TTFT and per-token latency over the link emulator vs the alternatives"),
     "throughput": ("seamline.bench.throughput", "cloud decode tokens/s at 1..64 concurrent sessions"),

@@ -4,6 +4,10 @@ ONNX Runtime fp32 and int8 (the bundle's graphs, as the device runs them) agains
 on the same layers (the family adapter, the code a user would run without seamline), one
 token at a time after a 64-token context, with the same thread count for both. Layers: the
 default split (k = L/2) and all layers (+ head, i.e. a fully local step).
+
+Then the on-device peer (``peer.py``): onnxruntime-genai and seamline's edge generating from the same
+checkpoint, prompt and threads, at fp32 and int4, each in a process of its own: prefill and decode
+ms/token, peak RSS and model MB; ``fp32_vs_genai`` / ``int4_vs_genai`` in the summary.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from seamline.partitioner.profile import median_ms
 
+from . import peer
 from .models import bundle, checkpoint
 
 CONTEXT = 64
@@ -94,5 +99,30 @@ def run(args) -> dict:
     summary = {"ort_int8_vs_torch_speedup": big["ort_int8_vs_torch_speedup"],
                "ort_fp32_vs_torch_speedup": big["ort_fp32_vs_torch_speedup"],
                "measured_on": f"{big['model']}, all {big['layers']} layers + head, 1 thread"}
+    peer_rows, peer_info = peer.measure(args.model, threads=1, quick=args.quick)
+    summary.update(peer_info)
+    if peer_rows:
+        Console().print(_peer_table(peer_rows))
+    else:
+        Console().print(f"[yellow]peer: {peer_info['peer_missing']}[/yellow]")
     Console().print(summary)
-    return {"scenario": "edge", "rows": rows, "summary": summary}
+    return {"scenario": "edge", "rows": rows, "peer_rows": peer_rows, "summary": summary}
+
+
+def _peer_table(rows: list[dict]):
+    from rich.table import Table
+
+    r0 = rows[0]
+    table = Table(title=f"every layer on this CPU, {r0['model']}: {r0['prompt_tokens']}-token prompt, "
+                        f"{r0['new_tokens']} greedy tokens, {r0['threads']} thread (median of {r0['repeats']}; "
+                        "baseline: onnxruntime-genai, same run)")
+    for col in ("precision", "runtime", "prefill ms", "decode ms/token", "vs genai", "peak RSS MB", "model MB",
+                "tokens = genai's"):
+        table.add_column(col, justify="left" if col in ("precision", "runtime") else "right")
+    base = {r["precision"]: r for r in rows if r["runtime"] == "genai"}
+    for r in rows:
+        ratio = r["decode_ms_per_token"] / base[r["precision"]]["decode_ms_per_token"]
+        table.add_row(r["precision"], r["runtime"], f"{r['prefill_ms']:.0f}", f"{r['decode_ms_per_token']:.2f}",
+                      f"{ratio:.2f}x", f"{r['peak_rss_mb']:.0f}", f"{r['model_mb']:.1f}",
+                      f"{r['tokens_equal_genai_prefix']:.0%} (prefix)")
+    return table

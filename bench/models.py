@@ -118,3 +118,28 @@ def bundle(name: str, quantize: bool = True) -> Path:
     partition(PartitionOptions(model=src, out=out, force=True, quantize_edge="int8" if quantize else None,
                                keep_fp32=True))
     return out
+
+
+def precision_bundle(name: str, precision: str) -> Path:
+    """A bundle of every layer that holds only ``precision``'s graphs (fp32, or int4 / int8 weight-only with
+    the partitioner's defaults), as a device would download it; cached by source hash."""
+    import json
+
+    from seamline.partitioner.loading import model_hash, resolve_model
+    from seamline.partitioner.partition import PartitionOptions, partition
+
+    src = checkpoint(name)
+    out = cache_dir() / f"bundle-{slug(name)}-{precision}"
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        if m.get("source_model_hash") == model_hash(resolve_model(src)) and m.get("precision", "fp32") == precision:
+            return out
+    partition(PartitionOptions(model=src, out=out, force=True,
+                               quantize_edge=None if precision == "fp32" else precision))
+    return out
+
+
+def folder_mb(path: Path) -> float:
+    """What a folder weighs on disk (every file below it), in MB."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6

@@ -566,13 +566,7 @@ class Generation:
             bytes_sent=result.bytes_sent, bytes_received=result.bytes_received, rtt_ms=result.rtt_ms,
             network_ms=result.network_ms, queue_ms=t.queue_ms, compute_ms=t.compute_ms,
             server_decode_ms=t.decode_ms)
-        try:
-            decision = self.engine.policy.observe(stats)
-        except Exception:  # a failing controller must not fail the generation it measures
-            log.exception("the split policy failed to observe a step; keeping the current split")
-            return
-        if decision is not None:
-            self._pending = decision
+        self._tell_policy(stats)
 
     # -- the local path ------------------------------------------------------------------------------
     async def _local_token(self) -> tuple[int, float, tuple]:
@@ -611,10 +605,15 @@ class Generation:
             kind="decode" if tokens == 1 else "prefill", endpoint="local", split=L, codec=LOCAL, tokens=tokens,
             position=position, remaining_tokens=self.max_new - len(self.tokens) - 1, edge_ms=ms, bytes_sent=0,
             bytes_received=0, rtt_ms=0.0, network_ms=0.0, queue_ms=0.0, compute_ms=0.0, server_decode_ms=0.0)
+        self._tell_policy(stats)
+
+    def _tell_policy(self, stats: StepStats) -> None:
+        """One measured step to the split policy; a new choice it returns applies after the current token."""
         try:
             decision = self.engine.policy.observe(stats)
         except Exception:  # a failing controller must not fail the generation it measures
-            log.exception("the split policy failed to observe a local step; keeping the current split")
+            log.exception("the split policy failed to observe a %s step at %s; keeping the current split",
+                          stats.kind, stats.endpoint)
             return
         if decision is not None:
             self._pending = decision
