@@ -2,7 +2,9 @@
 
 Each graph is exported with torch's dynamo exporter from a small wrapper around the family
 adapter (so the graph computes exactly what the cloud computes in torch), checked with
-``onnx.checker``; ``quantize.py`` writes the weight-only quantized copies of the blocks.
+``onnx.checker``, except the blocks a family builds itself around ONNX Runtime's fused operators
+(``FamilyAdapter.block_graph``), each checked against the adapter's block with ONNX Runtime;
+``quantize.py`` writes the weight-only quantized copies of the blocks.
 """
 
 from __future__ import annotations
@@ -136,23 +138,34 @@ def _block_inputs(adapter: FamilyAdapter, t: int = 5, p: int = 3) -> dict[str, t
             "position_ids": torch.arange(p, p + t).unsqueeze(0)}
 
 
-def _block_matches_torch(adapter: FamilyAdapter, i: int, path: Path, tol: float = 1e-4) -> bool:
+# (new, cached) positions a graph is checked at: a prefill chunk after a cached part; a hand-built graph
+# also a first chunk and a decode step, the paths a fused attention operator takes separately
+SWAP_CHECK = ((5, 3),)
+BUILT_CHECK = ((5, 3), (4, 0), (1, 7))
+
+
+def _block_matches_torch(adapter: FamilyAdapter, i: int, path: Path, tol: float = 1e-4,
+                         shapes: tuple[tuple[int, int], ...] = SWAP_CHECK) -> bool:
     """Does the graph at ``path`` compute block i of the model (ONNX Runtime against the adapter)?"""
     import numpy as np
     import onnxruntime as ort
 
-    feeds = _block_inputs(adapter)
-    with torch.no_grad():
-        if adapter.shape.causal:
-            want = adapter.block(i, feeds["hidden"], feeds["past_key"], feeds["past_value"], feeds["position_ids"])
-        else:
-            want = (adapter.block(i, feeds["hidden"], None, None, None, feeds["attention_mask"])[0],)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
-    return all(np.allclose(g, w.numpy(), rtol=tol, atol=tol * max(1.0, float(w.abs().max())))
-               for g, w in zip(got, want))
+    for t, p in shapes if adapter.shape.causal else shapes[:1]:
+        feeds = _block_inputs(adapter, t, p)
+        with torch.no_grad():
+            if adapter.shape.causal:
+                want = adapter.block(i, feeds["hidden"], feeds["past_key"], feeds["past_value"],
+                                     feeds["position_ids"])
+            else:
+                want = (adapter.block(i, feeds["hidden"], None, None, None, feeds["attention_mask"])[0],)
+        got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+        if not all(np.allclose(g, w.numpy(), rtol=tol, atol=tol * max(1.0, float(w.abs().max())))
+                   for g, w in zip(got, want, strict=True)):
+            return False
+    return True
 
 
 def _weight_sources(graph, layer: torch.nn.Module) -> dict[str, tuple[str, bool]]:
@@ -181,19 +194,32 @@ def export_blocks(adapter: FamilyAdapter, paths: list[Path], opset: int = DEFAUL
                   progress: Callable[[int, bool], None] | None = None) -> int:
     """Blocks 0..n-1 to ``paths``; returns how many went through the exporter.
 
-    The exporter (several seconds per graph) runs once, for block 0. Every other block is block 0's graph
-    with block 0's weights swapped for its own (matched by value, as is or transposed), accepted only when
-    ONNX Runtime computes the same as the model's block on random inputs (a block with its own constants,
-    e.g. GPT-2's ``scale_attn_by_inverse_layer_idx``, fails that check and is exported by itself).
+    A family that builds its block graph itself (``FamilyAdapter.block_graph``: the Llama family, around
+    ONNX Runtime's fused attention) gets that graph for every block, each kept only when ONNX Runtime
+    computes the model's block with it (at ``BUILT_CHECK``); the first that does not sends this block and
+    the rest through the exporter. The exporter (several seconds per graph) runs once, for block 0. Every
+    other block is block 0's graph with block 0's weights swapped for its own (matched by value, as is or
+    transposed), accepted only when ONNX Runtime computes the same as the model's block on random inputs (a
+    block with its own constants, e.g. GPT-2's ``scale_attn_by_inverse_layer_idx``, fails that check and is
+    exported by itself).
     ``progress(i, exported)`` is called after each block."""
     import onnx
     from onnx import numpy_helper
 
     exported = 0
     template = sources = None
+    build = True
     for i, path in enumerate(paths):
         done = False
-        if template is not None and sources:
+        built = adapter.block_graph(i, opset) if build else None
+        if built is not None:
+            onnx.save(built, str(path))
+            done = _block_matches_torch(adapter, i, path, shapes=BUILT_CHECK)
+            if not done:
+                log.warning("the built graph of block %d does not compute the model's block: exporting the "
+                            "blocks from here on with torch", i)
+                build = False
+        if not done and template is not None and sources:
             model = onnx.ModelProto()
             model.CopyFrom(template)
             params = dict(adapter.block_module(i).named_parameters())

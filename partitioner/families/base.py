@@ -61,6 +61,11 @@ class FamilyAdapter(ABC):
     def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm + LM head -> (B, T, V) logits; encoders: pooled (B, C) sentence embedding."""
 
+    def block_graph(self, i: int, opset: int):
+        """Block i as an ``onnx.ModelProto`` built without torch's exporter (a family that can write its block
+        around ONNX Runtime's fused operators does), or None: the exporter traces ``block``."""
+        return
+
     def block_module(self, i: int) -> torch.nn.Module:
         """The module holding block i's weights: element i of the model's list of ``num_layers`` layers (the
         exporter swaps one block's weights for another's). A family whose blocks live elsewhere overrides."""

@@ -3,13 +3,18 @@
 q/k/v biases (Qwen2) live in the projection modules themselves. Rotary variants (rope scaling)
 come from the model's own rotary module, so every variant the checkpoint's config names works.
 Mistral's sliding window is not applied: contexts beyond ``sliding_window`` are refused.
+The edge's block graphs are written directly around ONNX Runtime's fused attention (``llama_onnx.py``).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .base import FamilyAdapter, ModelShape, causal_attention, concat_cache
+
+log = logging.getLogger("seamline.partitioner.families.llama")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -59,3 +64,12 @@ class LlamaAdapter(FamilyAdapter):
 
     def head(self, hidden, attention_mask=None):
         return self.model.lm_head(self.core.norm(hidden))  # (B, T, V)
+
+    def block_graph(self, i, opset):
+        from . import llama_onnx
+
+        why = llama_onnx.unsupported(self)
+        if why is not None:
+            log.info("block graphs through torch's exporter: %s", why)
+            return None
+        return llama_onnx.build_block(self, i, opset)

@@ -68,39 +68,56 @@ def test_edge_runtime_caches_like_one_pass(cut_bundle):
         rt.forward([1], 3, rt.num_edge_layers, cache)
 
 
-@pytest.mark.parametrize("inverse_layer_scale", [False, True])
-def test_blocks_reuse_one_export_unless_a_block_has_constants_of_its_own(tmp_path, inverse_layer_scale):
-    """export_blocks runs the exporter once and swaps weights for the other blocks; GPT-2's
-    ``scale_attn_by_inverse_layer_idx`` bakes a per-block constant into each graph, so there every block is
-    exported by itself. Either way each graph computes its own block (ONNX Runtime against torch)."""
+@pytest.mark.parametrize("case", ["built", "swapped", "built-wrong", "own-constants"])
+def test_blocks_are_built_or_reuse_one_export_and_each_computes_its_block(tmp_path, monkeypatch, case):
+    """export_blocks: the Llama family builds its block graphs itself (no exporter run); without that
+    (``swapped``) the exporter runs once and the other blocks swap weights; a built graph that does not
+    compute its block (``built-wrong``: block 1's graph offered for block 0) is caught and the blocks go
+    through the exporter; GPT-2's ``scale_attn_by_inverse_layer_idx`` bakes a per-block constant into each
+    graph, so there every block is exported by itself. Either way each graph computes its own block (ONNX
+    Runtime against torch, at a prefill chunk after a cached part, a first chunk and a decode step)."""
     import numpy as np
+    import onnx
     import onnxruntime as ort
     import torch
     from seamline.partitioner import export
     from seamline.partitioner.families import adapter_for
+    from seamline.partitioner.families.llama import LlamaAdapter
     from seamline.partitioner.loading import load_model
     from seamline.testing.models import byte_checkpoint, random_checkpoint
 
-    if inverse_layer_scale:
+    if case == "own-constants":
         ckpt = random_checkpoint("gpt2", tmp_path / "m", seed=3, config={
             "n_layer": 3, "n_embd": 32, "n_head": 2, "n_positions": 64, "vocab_size": 256,
             "scale_attn_by_inverse_layer_idx": True})
     else:
         ckpt = byte_checkpoint("llama", tmp_path / "m", seed=3)
+    if case == "swapped":
+        monkeypatch.setattr(LlamaAdapter, "block_graph", lambda self, i, opset: None)
+    if case == "built-wrong":
+        right = LlamaAdapter.block_graph
+        monkeypatch.setattr(LlamaAdapter, "block_graph", lambda self, i, opset: right(self, i + 1, opset))
     adapter = adapter_for(load_model(ckpt)[0])
     L = adapter.shape.num_layers
     paths = [tmp_path / f"block_{i}.onnx" for i in range(L)]
     seen: list[tuple[int, bool]] = []
     exported = export.export_blocks(adapter, paths, progress=lambda i, e: seen.append((i, e)))
-    assert exported == (L if inverse_layer_scale else 1)
-    assert seen == [(i, inverse_layer_scale or i == 0) for i in range(L)]
-    feeds = export._block_inputs(adapter)
+    through_exporter = {"built": set(), "swapped": {0}, "built-wrong": {0}, "own-constants": set(range(L))}[case]
+    assert exported == len(through_exporter)
+    assert seen == [(i, i in through_exporter) for i in range(L)]
+    ops = {n.op_type for n in onnx.load(str(paths[-1])).graph.node}
+    assert ("GroupQueryAttention" in ops) == (case == "built")
     outs = []
     for i, path in enumerate(paths):
-        got = ort.InferenceSession(str(path)).run(None, {k: v.numpy() for k, v in feeds.items()})
-        with torch.no_grad():
-            want = adapter.block(i, feeds["hidden"], feeds["past_key"], feeds["past_value"], feeds["position_ids"])
-        for g, w in zip(got, want):
-            np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-4)
-        outs.append(got[0])
+        sess = ort.InferenceSession(str(path))
+        for t, p in export.BUILT_CHECK:
+            feeds = export._block_inputs(adapter, t, p)
+            got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+            with torch.no_grad():
+                want = adapter.block(i, feeds["hidden"], feeds["past_key"], feeds["past_value"],
+                                     feeds["position_ids"])
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-4)
+            if (t, p) == export.BUILT_CHECK[0]:
+                outs.append(got[0])
     assert not np.allclose(outs[0], outs[1])  # the blocks really differ
