@@ -543,27 +543,27 @@ def planned_bundle(name: str, console: Any = None) -> tuple[str, Path]:
     from seamline.partitioner.auto_split import choose_split
     from seamline.protos.bundle import load_bundle
 
-    from .models import bundle, cache_dir, checkpoint
+    from .models import bundle, cache_dir, checkpoint, is_current, stamp_current
 
     if (Path(name) / "manifest.json").exists():  # a bundle folder: its source checkpoint serves the cloud
         plain = Path(name).resolve()
         src = json.loads((plain / "manifest.json").read_text())["model_source"]
-    elif name in ("demo", "gpt2-124m"):
+    elif name not in SYNTHETIC:
         src, plain = checkpoint(name), bundle(name)
-    else:  # a synthetic model or a checkpoint folder: partition it into the cache under its hash
+    else:  # a synthetic model: partition it into the cache under its hash
         from seamline.partitioner.loading import model_hash, resolve_model
         from seamline.partitioner.partition import PartitionOptions, partition
 
-        src = synthetic_checkpoint(name) if name in SYNTHETIC else checkpoint(name)
+        src = synthetic_checkpoint(name)
         plain = cache_dir() / f"bundle-{model_hash(resolve_model(src))[:16]}"
-        if not (plain / "manifest.json").exists():
+        if not is_current(plain):
             partition(PartitionOptions(model=src, out=plain, force=True, quantize_edge="int8", keep_fp32=True))
+            stamp_current(plain)
     src_hash = json.loads((plain / "manifest.json").read_text()).get("source_model_hash") or ""
     planned = cache_dir() / f"bundle-planned-{src_hash[:16]}"
-    if (planned / "manifest.json").exists():
-        m = json.loads((planned / "manifest.json").read_text())
-        if m.get("source_model_hash") == src_hash and (m.get("plan") or {}).get("profiles"):
-            return src, planned
+    if is_current(planned, lambda m: m.get("source_model_hash") == src_hash and bool((m.get("plan") or {}).get(
+            "profiles"))):
+        return src, planned
     if planned.exists():
         shutil.rmtree(planned)
     shutil.copytree(plain, planned)
@@ -571,7 +571,7 @@ def planned_bundle(name: str, console: Any = None) -> tuple[str, Path]:
     args = SimpleNamespace(out=planned, bandwidth="20mbit", rtt="30ms", edge_profile=None, cloud_profile=None,
                            deadline_ms=None, min_agreement=None, prompt_tokens=64, new_tokens=32)
     choose_split(args, manifest, console or Console(quiet=True))
-    return src, planned
+    return src, stamp_current(planned)
 
 
 def _summarize(rows: list[dict], names: list[str], fixed: list[str], sc: Scenario) -> dict:

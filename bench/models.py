@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from seamline.partitioner.loading import DEMO_DIR
@@ -98,46 +99,57 @@ def slug(name: str) -> str:
     return f"{base}-{hashlib.sha256(ref.encode()).hexdigest()[:10]}"
 
 
-def bundle(name: str, quantize: bool = True) -> Path:
-    """A full bundle (every layer, int8 copies) of a benchmark model, cached by source hash."""
+def is_current(out: Path, ok: Callable[[dict], bool] = lambda m: True) -> bool:
+    """A cached bench bundle is current when its manifest passes ``ok`` and the partitioner code and libraries
+    that cut it are the ones installed (``seamline.testing.bundles.code_key``, stamped next to it)."""
     import json
 
+    from seamline.testing.bundles import code_key
+
+    manifest, stamp = out / "manifest.json", out.with_name(out.name + ".code")
+    return (manifest.exists() and stamp.exists() and stamp.read_text() == code_key()
+            and ok(json.loads(manifest.read_text())))
+
+
+def stamp_current(out: Path) -> Path:
+    """Record that ``out`` was cut by the installed partitioner code (see :func:`is_current`)."""
+    from seamline.testing.bundles import code_key
+
+    out.with_name(out.name + ".code").write_text(code_key())
+    return out
+
+
+def bundle(name: str, quantize: bool = True) -> Path:
+    """A full bundle (every layer, int8 copies) of a benchmark model, cached by source hash and partitioner code."""
     from seamline.partitioner.loading import model_hash, resolve_model
     from seamline.partitioner.partition import PartitionOptions, partition
 
     src = checkpoint(name)
     out = cache_dir() / f"bundle-{slug(name)}"
-    manifest = out / "manifest.json"
-    if manifest.exists():
-        m = json.loads(manifest.read_text())
-        shipped = {m.get("precision", "fp32"), *(m.get("variants") or {})}
-        if m.get("source_model_hash") == model_hash(resolve_model(src)) and (
-                {"fp32", "int8"} <= shipped or not quantize):
-            return out
+    want = model_hash(resolve_model(src))
+    if is_current(out, lambda m: m.get("source_model_hash") == want and (
+            {"fp32", "int8"} <= {m.get("precision", "fp32"), *(m.get("variants") or {})} or not quantize)):
+        return out
     # fp32 blocks plus the weight-only int8 copies: the benchmarks compare both precisions on one bundle
     partition(PartitionOptions(model=src, out=out, force=True, quantize_edge="int8" if quantize else None,
                                keep_fp32=True))
-    return out
+    return stamp_current(out)
 
 
 def precision_bundle(name: str, precision: str) -> Path:
     """A bundle of every layer that holds only ``precision``'s graphs (fp32, or int4 / int8 weight-only with
-    the partitioner's defaults), as a device would download it; cached by source hash."""
-    import json
-
+    the partitioner's defaults), as a device would download it; cached like :func:`bundle`."""
     from seamline.partitioner.loading import model_hash, resolve_model
     from seamline.partitioner.partition import PartitionOptions, partition
 
     src = checkpoint(name)
     out = cache_dir() / f"bundle-{slug(name)}-{precision}"
-    manifest = out / "manifest.json"
-    if manifest.exists():
-        m = json.loads(manifest.read_text())
-        if m.get("source_model_hash") == model_hash(resolve_model(src)) and m.get("precision", "fp32") == precision:
-            return out
+    want = model_hash(resolve_model(src))
+    if is_current(out, lambda m: m.get("source_model_hash") == want and m.get("precision", "fp32") == precision):
+        return out
     partition(PartitionOptions(model=src, out=out, force=True,
                                quantize_edge=None if precision == "fp32" else precision))
-    return out
+    return stamp_current(out)
 
 
 def folder_mb(path: Path) -> float:

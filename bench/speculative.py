@@ -46,7 +46,7 @@ from ._harness import (
     pinned,
     placement,
 )
-from .models import bundle, cache_dir, checkpoint
+from .models import bundle, cache_dir, checkpoint, is_current, stamp_current
 
 BANDWIDTH = "20mbit"
 RTTS_MS = (5, 20, 50, 100)
@@ -70,19 +70,16 @@ def draft_bundle(name: str) -> Path:
 
     src = bundle(name)
     out = cache_dir() / f"bundle-{name}-draft"
-    have = out / "manifest.json"
-    if have.exists():
-        m = json.loads(have.read_text())
-        if m.get("draft_heads") and m.get("source_model_hash") == json.loads(
-                (src / "manifest.json").read_text()).get("source_model_hash"):
-            return out
+    want = json.loads((src / "manifest.json").read_text()).get("source_model_hash")
+    if is_current(out, lambda m: bool(m.get("draft_heads")) and m.get("source_model_hash") == want):
+        return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
     add_draft_heads(tmp, load_bundle(tmp, verify=False), DraftHeadOptions(splits="default"))  # the split run here
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return out
+    return stamp_current(out)
 
 
 def prompts(tokenizer, max_prompt: int) -> dict[str, list[int]]:

@@ -53,7 +53,8 @@ _BUNDLE_LIBS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "t
 _KEY_SHAPE = "[0-9a-f]{12}-[0-9a-f]{8}-[0-9a-f]{12}"  # model hash, options, code
 
 
-def _code_key() -> str:
+def code_key() -> str:
+    """A hash of the code and library versions a bundle's graphs depend on (a change re-cuts cached bundles)."""
     import importlib
     from importlib.metadata import PackageNotFoundError, version
 
@@ -134,7 +135,7 @@ def cached_partition(name: str, model: str | Path, checkpoint: Path | None = Non
     tokenizer = source / "tokenizer.json"
     if tokenizer.is_file():
         weights = hashlib.sha256(weights.encode() + tokenizer.read_bytes()).hexdigest()
-    code = _code_key()
+    code = code_key()
     key = f"{weights[:12]}-{_options_key(options)}-{code}"
     out = cache_root() / "bundles" / f"{name}-{key}"
     summary_file = out.with_name(out.name + ".summary.json")
