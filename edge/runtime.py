@@ -1,5 +1,10 @@
 """EdgeRuntime: the bundle's front half in ONNX Runtime, with a numpy KV cache. No torch here.
 
+Block graphs built around ONNX Runtime's GroupQueryAttention (the Llama family) append to the cache in
+place: each block's keys and values live in one buffer per layer (doubling as it fills), bound as the
+graph's past and present at once, so a decode step copies no past position (``LayerCache``). Graphs from
+torch's exporter return new, one-longer arrays each step.
+
 ORT sessions are set up for a small device: ``intra_op_num_threads`` from the caller (default 1
 per session: many sessions with spinning thread pools on 2 cores ran 6-7x slower), spinning off,
 sequential execution, full graph optimisation. The agent calls every session from one worker
@@ -22,14 +27,27 @@ from seamline.protos.bundle import BundleError, Manifest, bundle_file, load_bund
 
 @dataclass
 class LayerCache:
-    """Past keys/values of one block: (1, Hkv, P, D) each."""
+    """Past keys/values of one block: (1, Hkv, capacity, D) each, of which the first ``length`` positions
+    are valid. A block graph that appends in place (``_Graph.kv_in_place``) writes new positions into
+    this buffer through an ``OrtValue`` bound as its past and its present at once; any other graph returns
+    new arrays of exactly ``length`` positions."""
 
     key: np.ndarray
     value: np.ndarray
+    length: int = -1  # -1: the arrays' own length
+    bound: tuple | None = None  # (key, value) OrtValues over the two buffers (in-place graphs)
+
+    def __post_init__(self) -> None:
+        if self.length < 0:
+            self.length = int(self.key.shape[2])
 
     @property
-    def length(self) -> int:
+    def capacity(self) -> int:
         return int(self.key.shape[2])
+
+    def valid(self) -> tuple[np.ndarray, np.ndarray]:
+        """The valid positions as exactly-sized arrays (views)."""
+        return self.key[:, :, :self.length], self.value[:, :, :self.length]
 
 
 @dataclass
@@ -48,11 +66,35 @@ class EdgeCache:
         return lens.pop() if len(lens) == 1 else -1
 
     def truncate(self, length: int) -> None:
-        """Forget positions >= ``length`` in every block (a speculative step's rejected drafts)."""
+        """Forget positions >= ``length`` in every block (a speculative step's rejected drafts). An in-place
+        buffer keeps its memory (later positions are written over); other caches are cut to size."""
         for i, c in enumerate(self.layers):
             if c is not None and c.length > length:
-                self.layers[i] = LayerCache(np.ascontiguousarray(c.key[:, :, :length]),
-                                            np.ascontiguousarray(c.value[:, :, :length]))
+                if c.bound is not None:
+                    c.length = length
+                else:
+                    self.layers[i] = LayerCache(np.ascontiguousarray(c.key[:, :, :length]),
+                                                np.ascontiguousarray(c.value[:, :, :length]))
+
+
+KV_MIN_CAPACITY = 64  # positions an in-place KV buffer starts with (then doubles)
+ROPE_META = "seamline.rope"  # a block graph's property: the rotary tables it takes as inputs
+
+
+def rope_tables(meta: dict[str, str], positions: int) -> dict[str, np.ndarray]:
+    """The ``rope_cos`` / ``rope_sin`` inputs (positions, D/2) of a block graph whose metadata names its rotary
+    frequencies (``partitioner/families/llama_onnx.py``), as the model's rotary module computes them; {} for
+    a graph without them."""
+    import json
+
+    spec = meta.get(ROPE_META)
+    if spec is None:
+        return {}
+    r = json.loads(spec)
+    freqs = np.arange(positions, dtype=np.float32)[:, None] * np.asarray(r["inv_freq"], dtype=np.float32)[None, :]
+    scale = float(r.get("scaling", 1.0))
+    return {"rope_cos": (np.cos(freqs.astype(np.float64)) * scale).astype(np.float32),
+            "rope_sin": (np.sin(freqs.astype(np.float64)) * scale).astype(np.float32)}
 
 
 def session_options(threads: int = 1):
@@ -98,8 +140,33 @@ class _Graph:
             raise BundleError(f"{shown}: the graph has {len(self.session.get_outputs())} outputs, {outputs} "
                               f"expected: {_REPARTITION}")
 
+        self.meta = self.session.get_modelmeta().custom_metadata_map
+        self.kv_in_place = self.meta.get("seamline.kv_in_place") == "1" and {"past_key", "position_ids"} <= self.inputs
+        self.extra: dict[str, object] = {}  # inputs the runtime supplies, as OrtValues (rope tables)
+
     def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, {k: v for k, v in feeds.items() if k in self.inputs})
+
+    def run_in_place(self, hidden: np.ndarray, pos: np.ndarray, cache: LayerCache) -> np.ndarray:
+        """One call of an in-place block graph: the new positions go into ``cache``'s buffers, no copy of
+        the past (``partitioner/families/llama_onnx.py``); returns hidden_out."""
+        import onnxruntime as ort
+
+        if cache.bound is None:
+            cache.bound = (ort.OrtValue.ortvalue_from_numpy(cache.key), ort.OrtValue.ortvalue_from_numpy(cache.value))
+        key, value = cache.bound
+        io = self.session.io_binding()
+        io.bind_cpu_input("hidden", np.ascontiguousarray(hidden, dtype=np.float32))
+        io.bind_cpu_input("position_ids", pos)
+        io.bind_ortvalue_input("past_key", key)
+        io.bind_ortvalue_input("past_value", value)
+        for name, v in self.extra.items():
+            io.bind_ortvalue_input(name, v)
+        io.bind_output("hidden_out", "cpu")
+        io.bind_ortvalue_output("present_key", key)
+        io.bind_ortvalue_output("present_value", value)
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
 
 
 class EdgeRuntime:
@@ -126,6 +193,15 @@ class EdgeRuntime:
         self.embed = graph(names["embed"], ("input_ids",), 1)
         self.blocks = [graph(b, block_in, 3 if m.causal else 1) for b in names["blocks"]]
         self.head = graph(names["head"], ("hidden",), 1) if names.get("head") else None
+        self._rope: dict[str, np.ndarray] = {}
+        for g in self.blocks:
+            if ROPE_META in g.meta:
+                import onnxruntime as ort
+
+                if not self._rope:
+                    self._rope = rope_tables(g.meta, m.max_positions)
+                    shared = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._rope.items()}
+                g.extra = shared
         self._tokenizer = self._load_tokenizer()
         self._check_embed()
 
@@ -205,13 +281,7 @@ class EdgeRuntime:
         m = self.manifest
         for i in range(k):
             if m.causal:
-                c = cache.layers[i]
-                if c is None:
-                    z = np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
-                    c = LayerCache(z, z.copy())
-                hidden, key, value = self.blocks[i].run(hidden=hidden, past_key=c.key, past_value=c.value,
-                                                        position_ids=pos)
-                cache.layers[i] = LayerCache(key, value)
+                hidden = self._block_step(i, hidden, start, pos, cache)
             else:
                 mask = np.ones((1, t), dtype=np.int64)
                 (hidden,) = self.blocks[i].run(hidden=hidden, attention_mask=mask)
@@ -220,20 +290,52 @@ class EdgeRuntime:
     def continue_from(self, hidden: np.ndarray, start: int, k_from: int, k_to: int,
                       cache: EdgeCache) -> np.ndarray:
         """Run blocks [k_from, k_to) on hidden (T, C) at positions start.. (used for local fallback)."""
-        m = self.manifest
         h = hidden.reshape(1, *hidden.shape).astype(np.float32)
         t = h.shape[1]
         pos = np.arange(start, start + t, dtype=np.int64).reshape(1, -1)
         for i in range(k_from, k_to):
-            c = cache.layers[i]
-            if c is None:
-                z = np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
-                c = LayerCache(z, z.copy())
-            if c.length != start:
-                raise ValueError(f"edge cache of block {i} holds {c.length} positions, expected {start}")
-            h, key, value = self.blocks[i].run(hidden=h, past_key=c.key, past_value=c.value, position_ids=pos)
-            cache.layers[i] = LayerCache(key, value)
+            have = cache.layers[i].length if cache.layers[i] is not None else 0
+            if have != start:
+                raise ValueError(f"edge cache of block {i} holds {have} positions, expected {start}")
+            h = self._block_step(i, h, start, pos, cache)
         return h[0]
+
+    def _block_step(self, i: int, hidden: np.ndarray, start: int, pos: np.ndarray, cache: EdgeCache) -> np.ndarray:
+        """Causal block i on hidden (1, T, C) at positions start..: its cache grows by T positions."""
+        m, graph = self.manifest, self.blocks[i]
+        c = cache.layers[i]
+        t = hidden.shape[1]
+        if graph.kv_in_place:
+            if c is None or c.bound is None or c.capacity < start + t:
+                c = self._grown(c, start + t)
+                cache.layers[i] = c
+            out = graph.run_in_place(hidden, pos, c)
+            c.length = start + t
+            return out
+        if c is None:
+            z = np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
+            c = LayerCache(z, z.copy())
+        past_key, past_value = c.valid() if c.bound is not None else (c.key, c.value)
+        hidden, key, value = graph.run(hidden=hidden, past_key=past_key, past_value=past_value, position_ids=pos,
+                                       **self._rope)
+        cache.layers[i] = LayerCache(key, value)
+        return hidden
+
+    def _grown(self, c: LayerCache | None, need: int) -> LayerCache:
+        """An in-place buffer of at least ``need`` positions (doubling, up to max_positions), holding ``c``'s."""
+        m = self.manifest
+        have = c.capacity if c is not None and c.bound is not None else 0
+        cap = max(KV_MIN_CAPACITY, have * 2)
+        while cap < need:
+            cap *= 2
+        cap = max(need, min(cap, m.max_positions))
+        key = np.zeros((1, m.num_kv_heads, cap, m.head_dim), dtype=np.float32)
+        value = np.zeros_like(key)
+        length = 0 if c is None else c.length
+        if length:
+            old_k, old_v = c.valid()
+            key[:, :, :length], value[:, :, :length] = old_k, old_v
+        return LayerCache(key, value, length)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Final norm + LM head on hidden (T, C) -> logits (T, V). Needs a full bundle."""

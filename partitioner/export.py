@@ -149,10 +149,12 @@ def _block_matches_torch(adapter: FamilyAdapter, i: int, path: Path, tol: float 
     """Does the graph at ``path`` compute block i of the model (ONNX Runtime against the adapter)?"""
     import numpy as np
     import onnxruntime as ort
+    from seamline.edge.runtime import rope_tables
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    tables = rope_tables(sess.get_modelmeta().custom_metadata_map, adapter.shape.max_positions)
     for t, p in shapes if adapter.shape.causal else shapes[:1]:
         feeds = _block_inputs(adapter, t, p)
         with torch.no_grad():
@@ -161,7 +163,7 @@ def _block_matches_torch(adapter: FamilyAdapter, i: int, path: Path, tol: float 
                                      feeds["position_ids"])
             else:
                 want = (adapter.block(i, feeds["hidden"], None, None, None, feeds["attention_mask"])[0],)
-        got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+        got = sess.run(None, {**{k: v.numpy() for k, v in feeds.items()}, **tables})
         if not all(np.allclose(g, w.numpy(), rtol=tol, atol=tol * max(1.0, float(w.abs().max())))
                    for g, w in zip(got, want, strict=True)):
             return False

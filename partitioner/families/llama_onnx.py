@@ -20,10 +20,14 @@ graph against the model's block with ONNX Runtime before keeping it and exports 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
 STATIC_ROPE = (None, "default", "linear", "llama3")
+KV_IN_PLACE = "seamline.kv_in_place"  # model property: past/present may be one buffer (edge/runtime.py)
+ROPE = "seamline.rope"  # model property: inv_freq and scaling of the rope_cos / rope_sin input tables
 MS = "com.microsoft"
 
 
@@ -96,15 +100,6 @@ def _rms_norm(b: _Builder, x: str, norm: torch.nn.Module, base: str) -> str:
     return b.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=eps, stash_type=1)[0]
 
 
-def _rotary(b: _Builder, x: str, heads: int, d: int, cos: str, sin: str, shape_h: str, shape_flat: str) -> str:
-    """x (1, T, heads*D) -> the same with the rotary embedding applied per head (HF's rotate_half form)."""
-    x4 = b.one("Reshape", x, shape_h)  # (1, T, heads, D)
-    x1, x2 = b.op("Split", [x4, b.const("half", np.array([d // 2, d // 2], np.int64))], outputs=2, axis=-1)
-    rot = b.one("Concat", b.one("Neg", x2), x1, axis=-1)
-    y = b.one("Add", b.one("Mul", x4, cos), b.one("Mul", rot, sin))
-    return b.one("Reshape", y, shape_flat)
-
-
 def build_block(adapter, i: int, opset: int):
     """Block ``i`` of a Llama-family adapter as an ``onnx.ModelProto`` (see the module's docstring)."""
     from onnx import TensorProto, helper
@@ -116,57 +111,52 @@ def build_block(adapter, i: int, opset: int):
     rot = adapter.core.rotary_emb
     b = _Builder(opset)
 
-    # positions -> cos, sin (1, T, 1, D), as the model's rotary module computes them (float32)
-    inv_freq = rot.inv_freq.detach().float().numpy().reshape(1, 1, -1)  # (1, 1, D/2)
+    # attention: q/k/v projections, then GroupQueryAttention rotates q and k (cos/sin tables of the runtime,
+    # rows by position) and attends over the cache
+    inv_freq = rot.inv_freq.detach().float().numpy()  # (D/2,)
     scaling = float(getattr(rot, "attention_scaling", 1.0))
-    pos = b.one("Unsqueeze", b.one("Cast", "position_ids", to=TensorProto.FLOAT),
-                b.const("axis_last", np.array([-1], np.int64)))  # (1, T, 1)
-    freqs = b.one("Mul", pos, b.const("inv_freq", inv_freq.astype(np.float32)))  # (1, T, D/2)
-    emb = b.one("Concat", freqs, freqs, axis=-1)  # (1, T, D)
-    axis2 = b.const("axis2", np.array([2], np.int64))
-    cos, sin = b.one("Cos", emb), b.one("Sin", emb)
-    if scaling != 1.0:
-        k = b.const("attention_scaling", np.array(scaling, np.float32))
-        cos, sin = b.one("Mul", cos, k), b.one("Mul", sin, k)
-    cos, sin = b.one("Unsqueeze", cos, axis2), b.one("Unsqueeze", sin, axis2)
-
-    # attention: q/k/v projections, rotary, GroupQueryAttention over the cache
     x = _rms_norm(b, "hidden", layer.input_layernorm, f"layers.{i}.input_layernorm")
     q = _linear(b, x, attn.q_proj, f"layers.{i}.q_proj")
     k = _linear(b, x, attn.k_proj, f"layers.{i}.k_proj")
     v = _linear(b, x, attn.v_proj, f"layers.{i}.v_proj")
-    q = _rotary(b, q, h, d, cos, sin, b.const("shape_q", np.array([1, -1, h, d], np.int64)),
-                b.const("shape_qf", np.array([1, -1, h * d], np.int64)))
-    k = _rotary(b, k, hkv, d, cos, sin, b.const("shape_k", np.array([1, -1, hkv, d], np.int64)),
-                b.const("shape_kf", np.array([1, -1, hkv * d], np.int64)))
-    past_len = b.one("Gather", b.one("Shape", "past_key"), b.const("two", np.array(2, np.int64)), axis=0)
-    new_len = b.one("Gather", b.one("Shape", "hidden"), b.const("one", np.array(1, np.int64)), axis=0)
-    total = b.one("Cast", b.one("Add", past_len, new_len), to=TensorProto.INT32)  # scalar
-    seqlens_k = b.one("Reshape", b.one("Sub", total, b.const("one32", np.array(1, np.int32))),
-                      b.const("shape_b", np.array([1], np.int64)))  # (1,)
-    y, present_k, present_v = b.op(
-        "GroupQueryAttention", [q, k, v, "past_key", "past_value", seqlens_k, total], outputs=3, domain=MS,
-        num_heads=h, kv_num_heads=hkv, scale=float(attn.scaling))
-    b.nodes.append(helper.make_node("Identity", [present_k], ["present_key"]))
-    b.nodes.append(helper.make_node("Identity", [present_v], ["present_value"]))
-    hidden = b.one("Add", "hidden", _linear(b, y, attn.o_proj, f"layers.{i}.o_proj"))
+    # lengths from the positions (the cache holds exactly the positions before the first one), not from
+    # past_key's shape: the runtime may pass a larger buffer that GroupQueryAttention fills in place
+    last = b.one("Cast", b.one("Gather", "position_ids", b.const("last", np.array(-1, np.int64)), axis=1),
+                 to=TensorProto.INT32)  # (1,): total length - 1, batch 1
+    total = b.one("Reshape", b.one("Add", last, b.const("one32", np.array([1], np.int32))),
+                  b.const("scalar", np.array([], np.int64)))  # ()
+    y = b.op("GroupQueryAttention", [q, k, v, "past_key", "past_value", last, total, "rope_cos", "rope_sin"],
+             outputs=1, domain=MS, num_heads=h, kv_num_heads=hkv, scale=float(attn.scaling), do_rotary=1,
+             rotary_interleaved=0)[0]
+    b.nodes[-1].output.extend(["present_key", "present_value"])
+    o = _linear(b, y, attn.o_proj, f"layers.{i}.o_proj")
 
-    # MLP: down(silu(gate(x)) * up(x))
-    x = _rms_norm(b, hidden, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
+    # MLP: down(silu(gate(x)) * up(x)), after the residual add fused into the norm
+    norm = layer.post_attention_layernorm
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    x, _, _, hidden = b.op("SkipSimplifiedLayerNormalization",
+                           [o, "hidden", b.const(f"layers.{i}.post_attention_layernorm.weight",
+                                                 norm.weight.detach().float().numpy())],
+                           outputs=4, domain=MS, epsilon=eps)
     gate = _linear(b, x, mlp.gate_proj, f"layers.{i}.gate_proj")
     up = _linear(b, x, mlp.up_proj, f"layers.{i}.up_proj")
     act = b.one("Mul", b.one("Mul", gate, b.one("Sigmoid", gate)), up)
-    out = b.one("Add", hidden, _linear(b, act, mlp.down_proj, f"layers.{i}.down_proj"))
-    b.nodes.append(helper.make_node("Identity", [out], ["hidden_out"]))
+    b.nodes.append(helper.make_node("Add", [hidden, _linear(b, act, mlp.down_proj, f"layers.{i}.down_proj")],
+                                    ["hidden_out"]))
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [helper.make_tensor_value_info("hidden", f32, [1, "T", c]),
               helper.make_tensor_value_info("past_key", f32, [1, hkv, "P", d]),
               helper.make_tensor_value_info("past_value", f32, [1, hkv, "P", d]),
-              helper.make_tensor_value_info("position_ids", i64, [1, "T"])]
+              helper.make_tensor_value_info("position_ids", i64, [1, "T"]),
+              helper.make_tensor_value_info("rope_cos", f32, ["N", d // 2]),
+              helper.make_tensor_value_info("rope_sin", f32, ["N", d // 2])]
     outputs = [helper.make_tensor_value_info("hidden_out", f32, [1, "T", c]),
                helper.make_tensor_value_info("present_key", f32, [1, hkv, "S", d]),
                helper.make_tensor_value_info("present_value", f32, [1, hkv, "S", d])]
     graph = helper.make_graph(b.nodes, f"llama_block_{i}", inputs, outputs, b.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
-                             producer_name="seamline")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+                              producer_name="seamline")
+    helper.set_model_props(model, {KV_IN_PLACE: "1", ROPE: json.dumps(
+        {"inv_freq": [float(f) for f in inv_freq], "scaling": scaling})})
+    return model

@@ -80,6 +80,7 @@ def test_blocks_are_built_or_reuse_one_export_and_each_computes_its_block(tmp_pa
     import onnx
     import onnxruntime as ort
     import torch
+    from seamline.edge.runtime import rope_tables
     from seamline.partitioner import export
     from seamline.partitioner.families import adapter_for
     from seamline.partitioner.families.llama import LlamaAdapter
@@ -110,9 +111,11 @@ def test_blocks_are_built_or_reuse_one_export_and_each_computes_its_block(tmp_pa
     outs = []
     for i, path in enumerate(paths):
         sess = ort.InferenceSession(str(path))
+        tables = rope_tables(sess.get_modelmeta().custom_metadata_map, adapter.shape.max_positions)
+        assert bool(tables) == (case == "built")  # a built graph takes the rotary tables as inputs
         for t, p in export.BUILT_CHECK:
             feeds = export._block_inputs(adapter, t, p)
-            got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+            got = sess.run(None, {**{k: v.numpy() for k, v in feeds.items()}, **tables})
             with torch.no_grad():
                 want = adapter.block(i, feeds["hidden"], feeds["past_key"], feeds["past_value"],
                                      feeds["position_ids"])
