@@ -99,12 +99,15 @@ def run(args) -> dict:
     summary = {"ort_int8_vs_torch_speedup": big["ort_int8_vs_torch_speedup"],
                "ort_fp32_vs_torch_speedup": big["ort_fp32_vs_torch_speedup"],
                "measured_on": f"{big['model']}, all {big['layers']} layers + head, 1 thread"}
-    peer_rows, peer_info = peer.measure(args.model, threads=1, quick=args.quick)
+    try:
+        peer_rows, peer_info = peer.measure(args.model, threads=1, quick=args.quick)
+    except Exception as e:  # noqa: BLE001 - the peer (a fetch, its builder) failing keeps the rest
+        peer_rows, peer_info = [], {"peer_error": f"{type(e).__name__}: {str(e)[:500]}"}
     summary.update(peer_info)
     if peer_rows:
         Console().print(_peer_table(peer_rows))
     else:
-        Console().print(f"[yellow]peer: {peer_info['peer_missing']}[/yellow]")
+        Console().print(f"[yellow]peer: {peer_info.get('peer_missing') or peer_info.get('peer_error')}[/yellow]")
     Console().print(summary)
     return {"scenario": "edge", "rows": rows, "peer_rows": peer_rows, "summary": summary}
 

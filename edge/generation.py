@@ -551,7 +551,7 @@ class Generation:
             self.stats.drafted_tokens += g
             self.stats.accepted_tokens += a
         t = result.timings
-        spec.observe(plan.source, g, a, rows=g + 1, edge_ms=ms, fixed_ms=result.network_ms + t.queue_ms + t.decode_ms,
+        spec.observe(plan.source, g, a, rows=g + 1, edge_ms=ms, probe=plan.probe, fixed_ms=result.network_ms + t.queue_ms + t.decode_ms,
                      compute_ms=t.compute_ms)
         self._observe(session, chunk, result)
         return picked

@@ -78,6 +78,7 @@ class EdgeCache:
 
 
 KV_MIN_CAPACITY = 64  # positions an in-place KV buffer starts with (then doubles)
+ROPE_MIN_ROWS = 1024  # positions the rope tables start with (then double; 256 KB at head size 64)
 ROPE_META = "seamline.rope"  # a block graph's property: the rotary tables it takes as inputs
 
 
@@ -159,9 +160,11 @@ class _Graph:
 
         self.meta = self.session.get_modelmeta().custom_metadata_map
         self.kv_in_place = self.meta.get("seamline.kv_in_place") == "1" and {"past_key", "position_ids"} <= self.inputs
-        self.extra: dict[str, object] = {}  # inputs the runtime supplies, as OrtValues (rope tables)
+        self.tables: dict[str, np.ndarray] = {}  # inputs the runtime supplies (rope tables) ...
+        self.bound_tables: dict[str, object] = {}  # ... and the same as OrtValues, for I/O binding
 
     def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
+        feeds = {**self.tables, **feeds}
         return self.session.run(None, {k: v for k, v in feeds.items() if k in self.inputs})
 
     def run_in_place(self, hidden: np.ndarray, pos: np.ndarray, cache: LayerCache) -> np.ndarray:
@@ -177,7 +180,7 @@ class _Graph:
         io.bind_cpu_input("position_ids", pos)
         io.bind_ortvalue_input("past_key", key)
         io.bind_ortvalue_input("past_value", value)
-        for name, v in self.extra.items():
+        for name, v in self.bound_tables.items():
             io.bind_ortvalue_input(name, v)
         io.bind_output("hidden_out", "cpu")
         io.bind_ortvalue_output("present_key", key)
@@ -210,15 +213,8 @@ class EdgeRuntime:
         self.embed = graph(names["embed"], ("input_ids",), 1)
         self.blocks = [graph(b, block_in, 3 if m.causal else 1) for b in names["blocks"]]
         self.head = graph(names["head"], ("hidden",), 1) if names.get("head") else None
-        self._rope: dict[str, np.ndarray] = {}
-        for g in self.blocks:
-            if ROPE_META in g.meta:
-                import onnxruntime as ort
-
-                if not self._rope:
-                    self._rope = rope_tables(g.meta, m.max_positions)
-                    shared = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._rope.items()}
-                g.extra = shared
+        self._rope_rows = 0  # positions the blocks' rope tables cover (grown with the caches)
+        self._ensure_rope(ROPE_MIN_ROWS)
         self._tokenizer = self._load_tokenizer()
         self._check_embed()
 
@@ -322,6 +318,8 @@ class EdgeRuntime:
         m, graph = self.manifest, self.blocks[i]
         c = cache.layers[i]
         t = hidden.shape[1]
+        if graph.tables and self._rope_rows < start + t:
+            self._ensure_rope(start + t)
         if graph.kv_in_place:
             if c is None or c.bound is None or c.capacity < start + t:
                 c = self._grown(c, start + t)
@@ -333,10 +331,24 @@ class EdgeRuntime:
             z = np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
             c = LayerCache(z, z.copy())
         past_key, past_value = c.valid() if c.bound is not None else (c.key, c.value)
-        hidden, key, value = graph.run(hidden=hidden, past_key=past_key, past_value=past_value, position_ids=pos,
-                                       **self._rope)
+        hidden, key, value = graph.run(hidden=hidden, past_key=past_key, past_value=past_value, position_ids=pos)
         cache.layers[i] = LayerCache(key, value)
         return hidden
+
+    def _ensure_rope(self, rows: int) -> None:
+        """Rope tables of at least ``rows`` positions (doubling, up to max_positions) for every block graph that
+        takes them, shared by all (a 128k-context model does not hold 2 x 17 MB of tables for a short chat)."""
+        import onnxruntime as ort
+
+        takers = [g for g in self.blocks if ROPE_META in g.meta]
+        if not takers or rows <= self._rope_rows:
+            return
+        n = max(rows, min(max(2 * self._rope_rows, ROPE_MIN_ROWS), self.manifest.max_positions))
+        tables = rope_tables(takers[0].meta, n)
+        bound = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tables.items()}
+        for g in takers:
+            g.tables, g.bound_tables = tables, bound
+        self._rope_rows = n
 
     def _grown(self, c: LayerCache | None, need: int) -> LayerCache:
         """An in-place buffer of at least ``need`` positions (doubling, up to max_positions), holding ``c``'s."""

@@ -110,6 +110,7 @@ class Plan:
     source: Source | None
     gamma: int
     drafts: tuple[int, ...] | None = None
+    probe: bool = False  # one draft only to keep measuring a drafter that does not pay now
 
 
 NO_DRAFTS = Plan(None, 0, ())
@@ -142,18 +143,22 @@ class Speculator:
 
     def gamma(self, source: Source, limit: int) -> int:
         """Drafts ``source`` should supply in the next step, at most ``limit``."""
+        return self._choose(source, limit)[0]
+
+    def _choose(self, source: Source, limit: int) -> tuple[int, bool]:
+        """(drafts, whether that is a probe) for ``source`` in the next step."""
         cap = min(self.max_gamma, limit)
         if cap <= 0:
-            return 0
+            return 0, False
         if self.policy == FIXED:
-            return cap
+            return cap, False
         if self.rtt.value is None:  # the first step: a cheap drafter's proposal, or one probe of a model's
-            return cap if source.cheap else 1
+            return (cap, False) if source.cheap else (1, True)
         draft_ms = source.draft_ms.get(self.row_ms.get(0.0))
         g = choose_gamma(source.acceptance, self.rtt.value, draft_ms, self.verify_ms.get(0.0), cap)
         if g == 0 and source.since >= source.probe_every:
-            return 1  # keep measuring: the text may turn repetitive later
-        return g
+            return 1, True  # keep measuring: the text may turn repetitive later
+        return g, False
 
     def plan(self, tokens: Sequence[int], limit: int) -> Plan:
         """Who drafts how many in the next step (runs the cheap drafters' proposals; call it on the compute
@@ -163,17 +168,22 @@ class Speculator:
         for s in self.sources:
             if s.cheap:
                 proposal = s.drafter.draft(DraftContext(tokens, None, _no_extend), min(self.max_gamma, limit))
-                if proposal and (g := self.gamma(s, len(proposal))):
-                    return Plan(s, g, tuple(int(t) for t in proposal[:g]))
-            elif g := self.gamma(s, limit):
-                return Plan(s, g, None)
+                if proposal:
+                    g, probe = self._choose(s, len(proposal))
+                    if g:
+                        return Plan(s, g, tuple(int(t) for t in proposal[:g]), probe)
+            else:
+                g, probe = self._choose(s, limit)
+                if g:
+                    return Plan(s, g, None, probe)
         return NO_DRAFTS
 
     def observe(self, source: Source | None, drafted: int, accepted: int, rows: int, edge_ms: float,
-                fixed_ms: float, compute_ms: float) -> None:
+                fixed_ms: float, compute_ms: float, probe: bool = False) -> None:
         """One cloud step of ``rows`` rows that carried ``drafted`` drafts of ``source``, ``accepted`` of
-        them confirmed. ``fixed_ms``: what the step cost regardless of its rows (network, queue, codec
-        decode); ``edge_ms`` / ``compute_ms``: the edge's and the cloud's time on its rows."""
+        them confirmed (``probe``: the step drafted only to measure). ``fixed_ms``: what the step cost
+        regardless of its rows (network, queue, codec decode); ``edge_ms`` / ``compute_ms``: the edge's and
+        the cloud's time on its rows."""
         for s in self.sources:
             s.since += 1
         if source is not None and drafted:
@@ -183,7 +193,7 @@ class Speculator:
             source.tested = DECAY * source.tested + tested
             if accepted:
                 source.probe_every = PROBE_EVERY
-            elif drafted == 1:  # a probe, rejected: probe half as often
+            elif probe:  # a probe, rejected: probe half as often
                 source.probe_every = min(2 * source.probe_every, PROBE_MAX)
             if rows > 0:
                 source.draft_ms.update(max(edge_ms, 0.0) / rows)

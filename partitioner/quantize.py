@@ -203,10 +203,12 @@ def quantize_graph(src: Path, dst: Path, spec: QuantSpec, layer: int | None = No
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if spec.precision == "int8-dynamic":
+        import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        with _quiet():
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        with _quiet():  # DefaultTensorType: ONNX's shape inference has no schema for ORT's own norm operators
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         return weight_report(dst)
 
     import onnx

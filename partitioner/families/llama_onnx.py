@@ -46,6 +46,8 @@ def unsupported(adapter) -> str | None:
         return "the model's rotary module has no inv_freq"
     if getattr(c, "partial_rotary_factor", 1.0) not in (None, 1.0):
         return "partial rotary embeddings"
+    if adapter.shape.head_dim % 16:
+        return f"head size {adapter.shape.head_dim} (ONNX Runtime's GroupQueryAttention takes multiples of 16)"
     layer = adapter.core.layers[0]
     if type(layer.mlp).__name__ not in ("LlamaMLP", "Qwen2MLP", "MistralMLP") or \
             getattr(c, "hidden_act", "silu") != "silu":

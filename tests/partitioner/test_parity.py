@@ -124,3 +124,43 @@ def test_blocks_are_built_or_reuse_one_export_and_each_computes_its_block(tmp_pa
             if (t, p) == export.BUILT_CHECK[0]:
                 outs.append(got[0])
     assert not np.allclose(outs[0], outs[1])  # the blocks really differ
+
+
+def test_llama_blocks_the_fused_attention_cannot_take_go_through_the_exporter(tmp_path):
+    """GroupQueryAttention with rotary tables takes head sizes in multiples of 16 only: a Llama with head
+    size 24 is exported by torch (the built graph is not offered), and its blocks still compute the model's."""
+    from seamline.partitioner import export
+    from seamline.partitioner.families import adapter_for
+    from seamline.partitioner.families.llama_onnx import unsupported
+    from seamline.partitioner.loading import load_model
+    from seamline.testing.models import random_checkpoint
+
+    ckpt = random_checkpoint("llama", tmp_path / "m", seed=5, config={
+        "num_hidden_layers": 2, "hidden_size": 96, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64, "vocab_size": 256})
+    adapter = adapter_for(load_model(ckpt)[0])
+    assert "head size 24" in unsupported(adapter)
+    paths = [tmp_path / f"block_{i}.onnx" for i in range(2)]
+    assert export.export_blocks(adapter, paths) == 1  # block 0 exported, block 1 swapped
+    assert all(export._block_matches_torch(adapter, i, p, shapes=export.BUILT_CHECK) for i, p in enumerate(paths))
+
+
+def test_profile_and_int8_dynamic_run_built_llama_blocks(tmp_path, tiny_checkpoint, calibration_file):
+    """The per-block profile (``partition --split auto``) feeds the built graphs their rotary tables, and
+    int8-dynamic quantizes them (ONNX shape inference does not know ORT's own norm operators)."""
+    import onnx
+    from seamline.edge.runtime import EdgeRuntime
+    from seamline.partitioner.profile import profile_edge
+    from seamline.testing.bundles import cached_partition
+
+    _, _, out = cached_partition("tiny-llama-int8dyn", tiny_checkpoint("llama"), calibration=calibration_file,
+                                 quantize_edge="int8-dynamic", keep_fp32=True)
+    ops = {n.op_type for n in onnx.load(str(next(out.glob("int8-dynamic/block_*.onnx")))).graph.node}
+    assert {"GroupQueryAttention", "MatMulInteger"} <= ops or {"GroupQueryAttention", "DynamicQuantizeMatMul"} <= ops
+    prof = profile_edge(out, repeats=1)
+    assert len(prof["layers"]) == EdgeRuntime(out, verify=False).num_edge_layers
+    for precision in ("fp32", "int8-dynamic"):
+        rt = EdgeRuntime(out, precision=precision, verify=False)
+        cache = rt.new_cache()
+        hidden = rt.forward(list(range(5, 25)), 0, rt.num_edge_layers, cache)
+        assert hidden.shape == (20, rt.manifest.hidden_size) and cache.length(rt.num_edge_layers) == 20

@@ -102,10 +102,10 @@ class CountingDrafter:
         return [5] * gamma
 
 
-def _steps(spec, source, n, drafted, accepted, rtt=5.0, row=3.0):
+def _steps(spec, source, n, drafted, accepted, rtt=5.0, row=3.0, probe=False):
     for _ in range(n):
         spec.observe(source, drafted, accepted, rows=drafted + 1, edge_ms=row * (drafted + 1), fixed_ms=rtt,
-                     compute_ms=row * (drafted + 1))
+                     compute_ms=row * (drafted + 1), probe=probe)
 
 
 def test_speculator_learns_acceptance_stops_drafting_and_probes_less_after_each_rejected_probe():
@@ -120,8 +120,9 @@ def test_speculator_learns_acceptance_stops_drafting_and_probes_less_after_each_
     _steps(spec, None, PROBE_EVERY - 1, drafted=0, accepted=0)
     assert spec.plan(REPEATS, limit=6).gamma == 0
     _steps(spec, None, 1, drafted=0, accepted=0)
-    assert spec.plan(REPEATS, limit=6).gamma == 1  # a probe after PROBE_EVERY plain steps ...
-    _steps(spec, lookup, 1, drafted=1, accepted=0)
+    plan = spec.plan(REPEATS, limit=6)
+    assert plan.gamma == 1 and plan.probe  # a probe after PROBE_EVERY plain steps ...
+    _steps(spec, lookup, 1, drafted=1, accepted=0, probe=True)
     _steps(spec, None, PROBE_EVERY, drafted=0, accepted=0)
     assert spec.plan(REPEATS, limit=6).gamma == 0  # ... rejected: the next one waits twice as long
     _steps(spec, None, PROBE_EVERY, drafted=0, accepted=0)
@@ -129,6 +130,8 @@ def test_speculator_learns_acceptance_stops_drafting_and_probes_less_after_each_
     _steps(spec, lookup, 20, drafted=4, accepted=4, rtt=40.0)  # every draft accepted: draft the most again
     assert lookup.acceptance > 0.9 and spec.plan(REPEATS, limit=6).gamma == 6
     assert lookup.probe_every == PROBE_EVERY
+    _steps(spec, lookup, 3, drafted=1, accepted=0)  # rejected one-draft steps that were no probes ...
+    assert lookup.probe_every == PROBE_EVERY  # ... do not delay the probes
 
 
 def test_each_drafter_is_judged_by_its_own_acceptance():
@@ -139,8 +142,8 @@ def test_each_drafter_is_judged_by_its_own_acceptance():
     lookup, head = spec.sources
     assert head.prior == 0.05 and lookup.prior > 0.5
     plan = spec.plan(FRESH, limit=4)  # unmeasured: a model drafter only probes
-    assert plan.source is head and plan.gamma == 1 and plan.drafts is None
-    _steps(spec, head, 1, drafted=1, accepted=0, rtt=50.0)  # the probe was rejected
+    assert plan.source is head and plan.gamma == 1 and plan.drafts is None and plan.probe
+    _steps(spec, head, 1, drafted=1, accepted=0, rtt=50.0, probe=True)  # the probe was rejected
     _steps(spec, lookup, 10, drafted=4, accepted=4, rtt=50.0)
     plan = spec.plan(REPEATS, limit=4)
     assert plan.source is lookup and plan.gamma == 4
