@@ -9,7 +9,7 @@ uncounted warm-up generation first.
 
 Prints one JSON object: ``prefill_ms`` (from the call to the first new token: the prompt through every
 layer and the first pick), ``decode_ms_per_token`` (the mean gap between the later tokens),
-``token_ids`` and ``peak_rss_mb`` (this process's peak resident set, libraries included). A process per
+``token_ids`` and ``peak_rss_mb`` (this process's peak resident set, libraries included: ``VmHWM``). A process per
 measurement keeps one runtime's memory out of the other's figure.
 """
 
@@ -93,6 +93,15 @@ def run_genai(folder: str, ids: list[int], new: int, threads: int) -> dict:
     return {"prefill_ms": prefill, "decode_ms_per_token": decode, "token_ids": tokens}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set since it started (``VmHWM``). Not ``ru_maxrss``: Linux keeps that
+    across ``execve``, so a child of a large parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: an upper bound
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m seamline.bench._peer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         out = run_seamline(a.model, a.precision, ids, a.new, a.threads)
     else:
         out = run_genai(a.model, ids, a.new, a.threads)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     json.dump(out, sys.stdout)
     print()
     return 0

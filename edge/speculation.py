@@ -160,23 +160,36 @@ class Speculator:
             return 1, True  # keep measuring: the text may turn repetitive later
         return g, False
 
+    def _rate(self, source: Source, gamma: int) -> float:
+        """Expected tokens per millisecond of a step in which ``source`` drafts ``gamma`` (adaptive policy)."""
+        rtt = self.rtt.get(0.0)
+        draft_ms, verify_ms = source.draft_ms.get(self.row_ms.get(0.0)), self.verify_ms.get(0.0)
+        cost = rtt + gamma * draft_ms + (gamma + 1) * verify_ms
+        return expected_tokens(source.acceptance, gamma) / cost if cost > 0 else math.inf
+
     def plan(self, tokens: Sequence[int], limit: int) -> Plan:
         """Who drafts how many in the next step (runs the cheap drafters' proposals; call it on the compute
-        worker). ``limit``: the most drafts the context, the cloud's cap and the tokens left allow."""
-        if min(self.max_gamma, limit) <= 0:
+        worker). ``limit``: the most drafts the context, the cloud's cap and the tokens left allow. Fixed
+        policy: the first drafter with drafts. Adaptive: of the drafters whose γ pays (or that are due a
+        probe), the one with the most expected tokens per millisecond, a probe only when none pays."""
+        cap = min(self.max_gamma, limit)
+        if cap <= 0:
             return NO_DRAFTS
+        best: tuple[float, Plan] | None = None
         for s in self.sources:
-            if s.cheap:
-                proposal = s.drafter.draft(DraftContext(tokens, None, _no_extend), min(self.max_gamma, limit))
-                if proposal:
-                    g, probe = self._choose(s, len(proposal))
-                    if g:
-                        return Plan(s, g, tuple(int(t) for t in proposal[:g]), probe)
-            else:
-                g, probe = self._choose(s, limit)
-                if g:
-                    return Plan(s, g, None, probe)
-        return NO_DRAFTS
+            proposal = s.drafter.draft(DraftContext(tokens, None, _no_extend), cap) if s.cheap else None
+            if s.cheap and not proposal:
+                continue
+            g, probe = self._choose(s, len(proposal) if proposal else cap)
+            if not g:
+                continue
+            plan = Plan(s, g, tuple(int(t) for t in proposal[:g]) if proposal else None, probe)
+            if self.policy == FIXED or self.rtt.value is None:
+                return plan
+            rate = -1.0 if probe else self._rate(s, g)
+            if best is None or rate > best[0]:
+                best = (rate, plan)
+        return NO_DRAFTS if best is None else best[1]
 
     def observe(self, source: Source | None, drafted: int, accepted: int, rows: int, edge_ms: float,
                 fixed_ms: float, compute_ms: float, probe: bool = False) -> None:

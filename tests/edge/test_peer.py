@@ -20,3 +20,4 @@ def test_genai_and_the_edge_generate_the_same_greedy_tokens(tiny_checkpoint, cut
     assert ours["token_ids"] == peer["token_ids"]
     for run in (ours, peer):
         assert run["prefill_ms"] > 0 and run["decode_ms_per_token"] > 0
+    assert 0 < _peer.peak_rss_mb() < 1e6
