@@ -321,7 +321,7 @@ class EdgeRuntime:
         if graph.tables and self._rope_rows < start + t:
             self._ensure_rope(start + t)
         if graph.kv_in_place:
-            if c is None or c.bound is None or c.capacity < start + t:
+            if c is None or c.capacity < start + t:
                 c = self._grown(c, start + t)
                 cache.layers[i] = c
             out = graph.run_in_place(hidden, pos, c)
@@ -330,8 +330,7 @@ class EdgeRuntime:
         if c is None:
             z = np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
             c = LayerCache(z, z.copy())
-        past_key, past_value = c.valid() if c.bound is not None else (c.key, c.value)
-        hidden, key, value = graph.run(hidden=hidden, past_key=past_key, past_value=past_value, position_ids=pos)
+        hidden, key, value = graph.run(hidden=hidden, past_key=c.key, past_value=c.value, position_ids=pos)
         cache.layers[i] = LayerCache(key, value)
         return hidden
 
@@ -353,7 +352,7 @@ class EdgeRuntime:
     def _grown(self, c: LayerCache | None, need: int) -> LayerCache:
         """An in-place buffer of at least ``need`` positions (doubling, up to max_positions), holding ``c``'s."""
         m = self.manifest
-        have = c.capacity if c is not None and c.bound is not None else 0
+        have = c.capacity if c is not None else 0
         cap = max(KV_MIN_CAPACITY, have * 2)
         while cap < need:
             cap *= 2

@@ -214,6 +214,7 @@ def export_blocks(adapter: FamilyAdapter, paths: list[Path], opset: int = DEFAUL
     for i, path in enumerate(paths):
         done = False
         built = adapter.block_graph(i, opset) if build else None
+        build = build and built is not None  # a family that builds no graph for one builds none
         if built is not None:
             onnx.save(built, str(path))
             try:

@@ -56,13 +56,12 @@ def unsupported(adapter) -> str | None:
 
 
 class _Builder:
-    def __init__(self, opset: int):
+    def __init__(self):
         from onnx import helper
 
         self.h = helper
         self.nodes: list = []
         self.inits: list = []
-        self.opset = opset
         self._n = 0
 
     def name(self, base: str) -> str:
@@ -111,7 +110,7 @@ def build_block(adapter, i: int, opset: int):
     attn, mlp = layer.self_attn, layer.mlp
     c, h, hkv, d = s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim
     rot = adapter.core.rotary_emb
-    b = _Builder(opset)
+    b = _Builder()
 
     # attention: q/k/v projections, then GroupQueryAttention rotates q and k (cos/sin tables of the runtime,
     # rows by position) and attends over the cache
