@@ -162,31 +162,55 @@ class _Graph:
         self.kv_in_place = self.meta.get("seamline.kv_in_place") == "1" and {"past_key", "position_ids"} <= self.inputs
         self.tables: dict[str, np.ndarray] = {}  # inputs the runtime supplies (rope tables) ...
         self.bound_tables: dict[str, object] = {}  # ... and the same as OrtValues, for I/O binding
+        self._io = None  # run_in_place's I/O binding, reused across calls
+        self._kv_bound: tuple | None = None  # the (key, value) OrtValues bound in it now
+        self._tables_bound: dict | None = None  # the rope tables bound in it now
 
     def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
         feeds = {**self.tables, **feeds}
         return self.session.run(None, {k: v for k, v in feeds.items() if k in self.inputs})
 
-    def run_in_place(self, hidden: np.ndarray, pos: np.ndarray, cache: LayerCache) -> np.ndarray:
+    def run_in_place(self, hidden, pos: np.ndarray, cache: LayerCache):
         """One call of an in-place block graph: the new positions go into ``cache``'s buffers, no copy of
-        the past (``partitioner/families/llama_onnx.py``); returns hidden_out."""
+        the past (``partitioner/families/llama_onnx.py``). ``hidden``: a float32 array (1, T, C) or the
+        OrtValue the previous block returned; returns hidden_out as an OrtValue (the next block binds it as
+        it is: no numpy round trip between blocks).
+
+        One I/O binding per graph, reused: the past/present buffers and the rope tables are bound again
+        only when they change (a new or grown cache, longer tables), so a decode step binds two inputs and
+        one output per block. The binding holds the last cache's buffers until another cache is bound."""
         import onnxruntime as ort
 
         if cache.bound is None:
             cache.bound = (ort.OrtValue.ortvalue_from_numpy(cache.key), ort.OrtValue.ortvalue_from_numpy(cache.value))
-        key, value = cache.bound
-        io = self.session.io_binding()
-        io.bind_cpu_input("hidden", np.ascontiguousarray(hidden, dtype=np.float32))
+        io = self._io
+        if io is None:
+            io = self._io = self.session.io_binding()
+            io.bind_output("hidden_out", "cpu")  # first: get_outputs() lists the outputs in binding order
+        if self._kv_bound is not cache.bound:
+            key, value = cache.bound
+            io.bind_ortvalue_input("past_key", key)
+            io.bind_ortvalue_input("past_value", value)
+            io.bind_ortvalue_output("present_key", key)
+            io.bind_ortvalue_output("present_value", value)
+            self._kv_bound = cache.bound
+        if self._tables_bound is not self.bound_tables:
+            for name, v in self.bound_tables.items():
+                io.bind_ortvalue_input(name, v)
+            self._tables_bound = self.bound_tables
+        if isinstance(hidden, np.ndarray):
+            io.bind_cpu_input("hidden", np.ascontiguousarray(hidden, dtype=np.float32))
+        else:
+            io.bind_ortvalue_input("hidden", hidden)
         io.bind_cpu_input("position_ids", pos)
-        io.bind_ortvalue_input("past_key", key)
-        io.bind_ortvalue_input("past_value", value)
-        for name, v in self.bound_tables.items():
-            io.bind_ortvalue_input(name, v)
-        io.bind_output("hidden_out", "cpu")
-        io.bind_ortvalue_output("present_key", key)
-        io.bind_ortvalue_output("present_value", value)
+        io.bind_output("hidden_out", "cpu")  # a new output each call: the last one is the next block's input
         self.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()
+        return io.get_outputs()[0]
+
+
+def _array(hidden) -> np.ndarray:
+    """A block's output as a numpy array (in-place graphs return OrtValues)."""
+    return hidden if isinstance(hidden, np.ndarray) else hidden.numpy()
 
 
 class EdgeRuntime:
@@ -298,7 +322,7 @@ class EdgeRuntime:
             else:
                 mask = np.ones((1, t), dtype=np.int64)
                 (hidden,) = self.blocks[i].run(hidden=hidden, attention_mask=mask)
-        return np.ascontiguousarray(hidden[0], dtype=np.float32)  # (T, C)
+        return np.ascontiguousarray(_array(hidden)[0], dtype=np.float32)  # (T, C)
 
     def continue_from(self, hidden: np.ndarray, start: int, k_from: int, k_to: int,
                       cache: EdgeCache) -> np.ndarray:
@@ -311,13 +335,14 @@ class EdgeRuntime:
             if have != start:
                 raise ValueError(f"edge cache of block {i} holds {have} positions, expected {start}")
             h = self._block_step(i, h, start, pos, cache)
-        return h[0]
+        return _array(h)[0]
 
-    def _block_step(self, i: int, hidden: np.ndarray, start: int, pos: np.ndarray, cache: EdgeCache) -> np.ndarray:
-        """Causal block i on hidden (1, T, C) at positions start..: its cache grows by T positions."""
+    def _block_step(self, i: int, hidden, start: int, pos: np.ndarray, cache: EdgeCache):
+        """Causal block i on hidden (1, T, C) at positions start..: its cache grows by T positions. Takes and
+        returns an array or, between in-place graphs, an OrtValue (``_array`` converts)."""
         m, graph = self.manifest, self.blocks[i]
         c = cache.layers[i]
-        t = hidden.shape[1]
+        t = pos.shape[1]
         if graph.tables and self._rope_rows < start + t:
             self._ensure_rope(start + t)
         if graph.kv_in_place:
@@ -330,7 +355,7 @@ class EdgeRuntime:
         if c is None:
             z = np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
             c = LayerCache(z, z.copy())
-        hidden, key, value = graph.run(hidden=hidden, past_key=c.key, past_value=c.value, position_ids=pos)
+        hidden, key, value = graph.run(hidden=_array(hidden), past_key=c.key, past_value=c.value, position_ids=pos)
         cache.layers[i] = LayerCache(key, value)
         return hidden
 

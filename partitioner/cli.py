@@ -51,6 +51,10 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
                         "the file's own blocks over (the default)")
     p.add_argument("--keep-fp32", action="store_true",
                    help="with --quantize-edge: also ship the fp32 block graphs (`seamline edge --precision fp32`)")
+    p.add_argument("--quant-head", choices=["int8", "int4", "none"], default="int8",
+                   help="with --quantize-edge int4|int8: the LM head's weight-only precision (default int8: the head "
+                        "is the largest matrix of a small model, and int4 costs it more fidelity than the blocks); "
+                        "none keeps it float (fp16 storage when tied)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--calibration", type=Path, default=None,
                    help="UTF-8 text for codec calibration (default: a sample of the demo corpus)")
@@ -92,6 +96,7 @@ def run_partition(args: argparse.Namespace) -> int:
                             quantize_edge=args.quantize_edge,
                             quant_method=args.quant_method, quant_block_size=args.quant_block_size,
                             quant_accuracy_level=args.quant_accuracy_level, keep_fp32=args.keep_fp32,
+                            quant_head=args.quant_head,
                             gguf_blocks=args.gguf_blocks,
                             opset=args.opset, calibration=args.calibration, codec=args.codec, force=args.force)
     try:
@@ -192,6 +197,9 @@ def run_verify(args: argparse.Namespace) -> int:
         table.add_column(col)
     for r in report["splits"]:
         table.add_row(str(r["split"]), f"{r['max_abs_logit_diff']:.2e}", f"{r['greedy_agreement']:.3f}")
+    if report.get("local"):
+        r = report["local"]
+        table.add_row("local (edge head)", f"{r['max_abs_logit_diff']:.2e}", f"{r['greedy_agreement']:.3f}")
     Console().print(table)
     verdict = "PASS" if report["passed"] else "FAIL"
     print(f"{verdict}: max_abs_logit_diff={report['max_abs_logit_diff']:.2e} "

@@ -35,6 +35,7 @@ class PartitionOptions:
     quant_block_size: int = quantize.DEFAULT_BLOCK_SIZE
     quant_accuracy_level: int = quantize.DEFAULT_ACCURACY_LEVEL
     keep_fp32: bool = False  # a quantized bundle also ships the fp32 block graphs
+    quant_head: str = "int8"  # weight-only precisions: the LM head's precision (int8 | int4 | none: float)
     gguf_blocks: bool = True  # int4 from a Q4_0/Q4_1 .gguf: carry the file's blocks over (quantize.py)
     opset: int = export.DEFAULT_OPSET
     calibration: Path | None = None  # text file; default: the demo corpus sample
@@ -129,6 +130,16 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
         except quantize.QuantizeError as e:
             raise PartitionError(str(e)) from None
     to_quantize = blocks if spec else []
+    # The LM head of a weight-only bundle is quantized like the blocks: for SmolLM2 it is 28 M of the 135 M
+    # weights, and in fp32 it was two thirds of the bytes an int4 decode step reads.
+    if opts.quant_head not in (*quantize.WEIGHT_ONLY, "none"):
+        raise PartitionError(f"--quant-head {opts.quant_head}: supported: {', '.join(quantize.WEIGHT_ONLY)}, none")
+    head_spec = None  # round-to-nearest: HQQ has no 8-bit CPU kernel, and a GGUF's blocks are the blocks'
+    if head and spec and spec.precision in quantize.WEIGHT_ONLY and s.causal and opts.quant_head != "none":
+        head_spec = quantize.QuantSpec(opts.quant_head, "rtn", spec.block_size, spec.accuracy_level).validate()
+    quant_head = head_spec is not None
+    if quant_head:
+        to_quantize = [*to_quantize, head]
     n_steps = len(graphs) + len(to_quantize) + 1
     with _progress(console) as progress:
         task = progress.add_task("exporting ONNX graphs", total=n_steps)
@@ -148,14 +159,17 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
             progress.advance(task)
         for i, name in enumerate(to_quantize):
             progress.update(task, description=f"quantizing {name} to {spec.precision}")
-            quantize.quantize_graph(out / name, out / spec.precision / name, spec, layer=i)
+            if name == head:
+                quantize.quantize_graph(out / name, out / spec.precision / name, head_spec)
+            else:
+                quantize.quantize_graph(out / name, out / spec.precision / name, spec, layer=i)
             progress.advance(task)
-        if spec and not opts.keep_fp32:  # the bundle holds only the precision it runs
-            for name in to_quantize:
-                (out / name).unlink()
         # a quantized-only bundle stores the tied embedding / LM head in fp16 (float graphs keep fp32 parity)
         fp16_embed = bool(spec) and not opts.keep_fp32
         tied = bool(head) and export.share_tied_embedding(out, "embed.onnx", head, fp16=fp16_embed)
+        if spec and not opts.keep_fp32:  # the bundle holds only the precision it runs
+            for name in to_quantize:
+                (out / name).unlink()
         progress.update(task, description="calibrating codecs")
         calib = calibrate(adapter, tok_path, calibration_text(opts.calibration), max_split)
         progress.advance(task)
@@ -172,9 +186,10 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
         num_layers=L, hidden_size=s.hidden_size, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
         head_dim=s.head_dim, vocab_size=s.vocab_size, max_positions=s.max_positions, causal=s.causal,
         edge_layers=edge_layers, default_split=split, min_split=min_split, max_split=max_split,
-        opset=opts.opset, blocks=[f"{spec.precision}/{b}" for b in blocks] if spec else blocks, head=head,
-        precision=spec.precision if spec else "fp32",
-        quantization={**spec.to_manifest(), "tied_embedding": "fp16" if fp16_embed and tied else "fp32"} if spec else {},
+        opset=opts.opset, blocks=[f"{spec.precision}/{b}" for b in blocks] if spec else blocks,
+        head=f"{spec.precision}/{head}" if quant_head else head, precision=spec.precision if spec else "fp32",
+        quantization={**spec.to_manifest(), "tied_embedding": "fp16" if fp16_embed and tied else "fp32",
+                      **({"head": head_spec.precision if quant_head else "float"} if head else {})} if spec else {},
         variants={"fp32": GraphSet("embed.onnx", blocks, head)} if spec and opts.keep_fp32 else {},
         eos_token_id=_first(getattr(model.config, "eos_token_id", None)), tied_embedding=export.TIED_FILE if tied else None,
         chat_template=CHAT_FILE if chat is not None else None, model_origin=origin.to_dict(),

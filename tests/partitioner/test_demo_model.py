@@ -168,3 +168,15 @@ def test_corpus_rules_hold_out_whole_works():
     from seamline.partitioner.train_demo import HELDOUT_WORKS
 
     assert set(HELDOUT_WORKS) <= set(_stats()["works"])
+
+
+def test_bf16_autocast_only_where_the_cpu_has_bf16_arithmetic(tmp_path):
+    from seamline.partitioner.train_demo import bf16_pays, cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx512_bf16\n")
+    assert cpu_flags(info) == {"fpu", "sse2", "avx2", "fma"}
+    assert not bf16_pays(cpu_flags(info))  # AVX2 only: emulated bf16, ~10x slower than fp32 here
+    assert bf16_pays({"avx2", "avx512f", "avx512_bf16"})
+    assert bf16_pays({"amx_bf16", "amx_tile"})
+    assert cpu_flags(tmp_path / "absent") == set()

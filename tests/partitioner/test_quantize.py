@@ -136,3 +136,38 @@ def _run(path, feeds):
 def test_bad_quant_options_are_refused(tmp_path, kw, match):
     with pytest.raises(PartitionError, match=match):
         partition(PartitionOptions(model="demo", out=tmp_path / "b", **kw))
+
+
+def test_the_lm_head_is_quantized_like_the_blocks(llama_int4):
+    """The head of a weight-only bundle is a MatMulNBits graph (int8 by default), and only that copy ships."""
+    import onnx
+
+    manifest, _, out = llama_int4
+    assert manifest.head == "int4/head.onnx" and manifest.quantization["head"] == "int8"
+    assert not (out / "head.onnx").exists()
+    model = onnx.load(str(out / manifest.head))
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 1 and {a.name: a.i for a in nodes[0].attribute}["bits"] == 8
+    assert weight_report(out / manifest.head)["float_matmul_weights"] == 0
+
+
+def test_verify_judges_the_quantized_head_on_the_local_path(tmp_path):
+    """A full int4 bundle of the demo model: `verify --quant int4` adds the local row (every layer and the
+    int8 head in ONNX Runtime), which counts in the verdict; --quant-head none keeps the float head."""
+    from seamline.partitioner.verify import VerifyOptions, verify
+
+    full = cached_cut("test-demo-int4-full", "demo", split=3, quantize_edge="int4")
+    m = load_bundle(full)
+    assert m.head == "int4/head.onnx" and m.tied_embedding == "tied_embedding.bin"
+    report = verify(VerifyOptions(bundle=full, quant="int4", decode_steps=8))
+    local = report["local"]
+    assert local is not None and local["greedy_agreement"] >= 0.9, report
+    assert report["greedy_agreement"] == min([r["greedy_agreement"] for r in report["splits"]]
+                                             + [local["greedy_agreement"]])
+    with pytest.raises(PartitionError, match="--quant-head int3"):
+        partition(PartitionOptions(model="demo", out=tmp_path / "b", quantize_edge="int4", quant_head="int3"))
+    float_head = cached_cut("test-demo-int4-float-head", "demo", split=3, max_edge_layers=6, quantize_edge="int4",
+                            quant_head="none")
+    fm = load_bundle(float_head)
+    assert fm.head == "head.onnx" and fm.quantization["head"] == "float"
+    assert weight_report(float_head / fm.head)["matmul_nbits"] == 0
