@@ -268,6 +268,29 @@ def export_head(adapter: FamilyAdapter, path: Path, opset: int = DEFAULT_OPSET) 
 TIED_FILE = "tied_embedding.bin"
 
 
+def _tied_pair(embed, head):
+    """(embedding initializer, head initializer, W (V, C)) when the head's matrix is exactly the transpose
+    of the embedding table, else None."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    e_init = max(embed.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    w = numpy_helper.to_array(e_init)  # (V, C)
+    if w.ndim != 2:
+        return None
+    h_init = next((t for t in head.graph.initializer if list(t.dims) == [w.shape[1], w.shape[0]]), None)
+    if h_init is None or not np.array_equal(numpy_helper.to_array(h_init), w.T):
+        return None
+    return e_init, h_init, w
+
+
+def is_tied(embed_path: Path, head_path: Path) -> bool:
+    """Whether the exported head multiplies by exactly the transpose of the embedding table."""
+    import onnx
+
+    return _tied_pair(onnx.load(str(embed_path)), onnx.load(str(head_path))) is not None
+
+
 def share_tied_embedding(bundle_dir: Path, embed_file: str, head_file: str, fp16: bool = False) -> bool:
     """Store a tied embedding / LM-head matrix once, in ``tied_embedding.bin``, for both graphs.
 
@@ -284,11 +307,10 @@ def share_tied_embedding(bundle_dir: Path, embed_file: str, head_file: str, fp16
     bundle_dir = Path(bundle_dir)
     embed = onnx.load(str(bundle_dir / embed_file))
     head = onnx.load(str(bundle_dir / head_file))
-    e_init = max(embed.graph.initializer, key=lambda t: int(np.prod(t.dims)))
-    w = numpy_helper.to_array(e_init)  # (V, C)
-    h_init = next((t for t in head.graph.initializer if list(t.dims) == [w.shape[1], w.shape[0]]), None)
-    if w.ndim != 2 or h_init is None or not np.array_equal(numpy_helper.to_array(h_init), w.T):
+    found = _tied_pair(embed, head)
+    if found is None:
         return False
+    e_init, h_init, w = found
     data = np.ascontiguousarray(w, dtype="<f2" if fp16 else "<f4").tobytes()
     (bundle_dir / TIED_FILE).write_bytes(data)
     dtype = onnx.TensorProto.FLOAT16 if fp16 else onnx.TensorProto.FLOAT

@@ -164,11 +164,18 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
             else:
                 quantize.quantize_graph(out / name, out / spec.precision / name, spec, layer=i)
             progress.advance(task)
-        # a quantized-only bundle stores the tied embedding / LM head in fp16 (float graphs keep fp32 parity)
+        # A tied model with an int8 head: the head's quantized matrix is the embedding table too (one file,
+        # GatherBlockQuantized in the embedding graph). Otherwise a quantized-only bundle stores the tied
+        # table in fp16 (float graphs keep fp32 parity).
+        q_table = None
+        if quant_head and head_spec.bits == 8 and export.is_tied(out / "embed.onnx", out / head):
+            q_table = quantize.share_quantized_table(out / "embed.onnx", out / spec.precision / head,
+                                                     out / spec.precision / "embed.onnx")
         fp16_embed = bool(spec) and not opts.keep_fp32
-        tied = bool(head) and export.share_tied_embedding(out, "embed.onnx", head, fp16=fp16_embed)
+        tied = bool(head) and (not q_table or opts.keep_fp32) and export.share_tied_embedding(
+            out, "embed.onnx", head, fp16=fp16_embed)
         if spec and not opts.keep_fp32:  # the bundle holds only the precision it runs
-            for name in to_quantize:
+            for name in to_quantize + (["embed.onnx"] if q_table else []):
                 (out / name).unlink()
         progress.update(task, description="calibrating codecs")
         calib = calibrate(adapter, tok_path, calibration_text(opts.calibration), max_split)
@@ -186,12 +193,14 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
         num_layers=L, hidden_size=s.hidden_size, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
         head_dim=s.head_dim, vocab_size=s.vocab_size, max_positions=s.max_positions, causal=s.causal,
         edge_layers=edge_layers, default_split=split, min_split=min_split, max_split=max_split,
+        embed=f"{spec.precision}/embed.onnx" if q_table else "embed.onnx",
         opset=opts.opset, blocks=[f"{spec.precision}/{b}" for b in blocks] if spec else blocks,
         head=f"{spec.precision}/{head}" if quant_head else head, precision=spec.precision if spec else "fp32",
-        quantization={**spec.to_manifest(), "tied_embedding": "fp16" if fp16_embed and tied else "fp32",
+        quantization={**spec.to_manifest(),
+                      "tied_embedding": "int8 (the head's)" if q_table else "fp16" if fp16_embed and tied else "fp32",
                       **({"head": head_spec.precision if quant_head else "float"} if head else {})} if spec else {},
         variants={"fp32": GraphSet("embed.onnx", blocks, head)} if spec and opts.keep_fp32 else {},
-        eos_token_id=_first(getattr(model.config, "eos_token_id", None)), tied_embedding=export.TIED_FILE if tied else None,
+        eos_token_id=_first(getattr(model.config, "eos_token_id", None)), tied_embedding=export.TIED_FILE if tied else f"{spec.precision}/{q_table}" if q_table else None,
         chat_template=CHAT_FILE if chat is not None else None, model_origin=origin.to_dict(),
         codec=CodecDefaults(codec=opts.codec, calibration=calib))
     write_manifest(manifest, out)

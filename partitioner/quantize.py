@@ -279,3 +279,85 @@ def float_weight_bytes(path: Path) -> int:
     model = onnx.load(str(path), load_external_data=False)
     return int(sum(np.prod(t.dims) * 4 for t in model.graph.initializer
                    if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2))
+
+
+QUANT_TABLE_FILE = "tied_embedding.q8.bin"  # next to the quantized graphs: the int8 LM head, read by embed too
+
+
+def _external(name: str, dtype: int, dims: list[int], location: str, offset: int, length: int):
+    import onnx
+
+    t = onnx.TensorProto(name=name, data_type=dtype, dims=dims)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def share_quantized_table(embed_src: Path, head_q: Path, embed_dst: Path) -> str | None:
+    """Store an int8 LM head once, for the head and the embedding of a tied model.
+
+    ``head_q``: the quantized head graph (one 8-bit ``MatMulNBits`` over the (C, V) matrix); ``embed_src``:
+    the float embedding graph, whose ``Gather`` reads the same matrix as (V, C) rows. The head's quantized
+    weight, scales and zero points move to one external-data file next to ``head_q``
+    (:data:`QUANT_TABLE_FILE`), and ``embed_dst`` is the embedding graph with that ``Gather`` replaced by
+    ``GatherBlockQuantized`` (com.microsoft) over the same bytes: the rows a token looks up are the head's
+    rows, dequantized (block ``block_size`` along C, 8 bits, a scale and zero point per block). Nothing of
+    the table stays float. The caller checks that the weights are tied. Returns the file's name, or None
+    (nothing written) when the head is not one 8-bit MatMulNBits over a (V, C) table the embedding gathers.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    head = onnx.load(str(head_q))
+    embed = onnx.load(str(embed_src))
+    nodes = [n for n in head.graph.node if n.op_type == "MatMulNBits"]
+    if len(nodes) != 1:
+        return None
+    mm = nodes[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in mm.attribute}
+    e_inits = {t.name: t for t in embed.graph.initializer}
+    gather = next((n for n in embed.graph.node if n.op_type == "Gather" and n.input[0] in e_inits
+                   and list(e_inits[n.input[0]].dims) == [attrs["N"], attrs["K"]]), None)
+    if attrs.get("bits") != 8 or len(mm.input) < 4 or gather is None:
+        return None
+    h_inits = {t.name: t for t in head.graph.initializer}
+    arrays = [numpy_helper.to_array(h_inits[name]) for name in mm.input[1:4]]  # (V, nb, bs) u8, (V, nb) f32, (V, nb) u8
+    v, nb, bs = arrays[0].shape
+    if v * nb * bs != attrs["N"] * attrs["K"] or arrays[1].shape != (v, nb) or arrays[2].shape != (v, nb):
+        return None
+    layout, data, offset = [], bytearray(), 0
+    for a in arrays:
+        raw = np.ascontiguousarray(a).tobytes()
+        layout.append((offset, len(raw)))
+        data += raw + b"\0" * (-len(raw) % 64)  # 64-byte aligned pieces
+        offset = len(data)
+    Path(head_q).with_name(QUANT_TABLE_FILE).write_bytes(bytes(data))
+
+    # the head: the same initializers, now read from the file
+    for name, a, (off, n) in zip(mm.input[1:4], arrays, layout):
+        t = h_inits[name]
+        head.graph.initializer.remove(t)
+        head.graph.initializer.append(_external(name, t.data_type, list(t.dims), QUANT_TABLE_FILE, off, n))
+    onnx.save(head, str(head_q))
+
+    # the embedding: GatherBlockQuantized over the same bytes, seen as (V, C), (V, nb), (V, nb)
+    u8, f32 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
+    names = ["embed_q8", "embed_q8_scales", "embed_q8_zero_points"]
+    dims = [[v, nb * bs], [v, nb], [v, nb]]
+    table = e_inits[gather.input[0]]
+    embed.graph.initializer.remove(table)
+    for name, dtype, d, (off, n) in zip(names, (u8, f32, u8), dims, layout):
+        embed.graph.initializer.append(_external(name, dtype, d, QUANT_TABLE_FILE, off, n))
+    new = helper.make_node("GatherBlockQuantized", [names[0], gather.input[1], names[1], names[2]], list(gather.output),
+                           name="embed_tokens_q8", domain="com.microsoft", gather_axis=0, quantize_axis=1,
+                           block_size=int(attrs["block_size"]), bits=8)
+    at = list(embed.graph.node).index(gather)
+    embed.graph.node.remove(gather)
+    embed.graph.node.insert(at, new)
+    if not any(op.domain == "com.microsoft" for op in embed.opset_import):
+        embed.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    Path(embed_dst).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(embed, str(embed_dst))
+    return QUANT_TABLE_FILE
