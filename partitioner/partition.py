@@ -164,11 +164,11 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
             else:
                 quantize.quantize_graph(out / name, out / spec.precision / name, spec, layer=i)
             progress.advance(task)
-        # A tied model with an int8 head: the head's quantized matrix is the embedding table too (one file,
+        # A tied model with a quantized head: the head's quantized matrix is the embedding table too (one file,
         # GatherBlockQuantized in the embedding graph). Otherwise a quantized-only bundle stores the tied
         # table in fp16 (float graphs keep fp32 parity).
         q_table = None
-        if quant_head and head_spec.bits == 8 and export.is_tied(out / "embed.onnx", out / head):
+        if quant_head and export.is_tied(out / "embed.onnx", out / head):
             q_table = quantize.share_quantized_table(out / "embed.onnx", out / spec.precision / head,
                                                      out / spec.precision / "embed.onnx")
         fp16_embed = bool(spec) and not opts.keep_fp32
@@ -197,7 +197,7 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
         opset=opts.opset, blocks=[f"{spec.precision}/{b}" for b in blocks] if spec else blocks,
         head=f"{spec.precision}/{head}" if quant_head else head, precision=spec.precision if spec else "fp32",
         quantization={**spec.to_manifest(),
-                      "tied_embedding": "int8 (the head's)" if q_table else "fp16" if fp16_embed and tied else "fp32",
+                      "tied_embedding": f"{head_spec.precision} (the head's)" if q_table else "fp16" if fp16_embed and tied else "fp32",
                       **({"head": head_spec.precision if quant_head else "float"} if head else {})} if spec else {},
         variants={"fp32": GraphSet("embed.onnx", blocks, head)} if spec and opts.keep_fp32 else {},
         eos_token_id=_first(getattr(model.config, "eos_token_id", None)), tied_embedding=export.TIED_FILE if tied else f"{spec.precision}/{q_table}" if q_table else None,

@@ -281,7 +281,7 @@ def float_weight_bytes(path: Path) -> int:
                    if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2))
 
 
-QUANT_TABLE_FILE = "tied_embedding.q8.bin"  # next to the quantized graphs: the int8 LM head, read by embed too
+QUANT_TABLE_FILE = "tied_embedding.q.bin"  # next to the quantized graphs: the quantized LM head, read by embed too
 
 
 def _external(name: str, dtype: int, dims: list[int], location: str, offset: int, length: int):
@@ -296,16 +296,17 @@ def _external(name: str, dtype: int, dims: list[int], location: str, offset: int
 
 
 def share_quantized_table(embed_src: Path, head_q: Path, embed_dst: Path) -> str | None:
-    """Store an int8 LM head once, for the head and the embedding of a tied model.
+    """Store a quantized LM head once, for the head and the embedding of a tied model.
 
-    ``head_q``: the quantized head graph (one 8-bit ``MatMulNBits`` over the (C, V) matrix); ``embed_src``:
+    ``head_q``: the quantized head graph (one 4- or 8-bit ``MatMulNBits`` over the (C, V) matrix); ``embed_src``:
     the float embedding graph, whose ``Gather`` reads the same matrix as (V, C) rows. The head's quantized
     weight, scales and zero points move to one external-data file next to ``head_q``
     (:data:`QUANT_TABLE_FILE`), and ``embed_dst`` is the embedding graph with that ``Gather`` replaced by
     ``GatherBlockQuantized`` (com.microsoft) over the same bytes: the rows a token looks up are the head's
-    rows, dequantized (block ``block_size`` along C, 8 bits, a scale and zero point per block). Nothing of
-    the table stays float. The caller checks that the weights are tied. Returns the file's name, or None
-    (nothing written) when the head is not one 8-bit MatMulNBits over a (V, C) table the embedding gathers.
+    rows, dequantized (block ``block_size`` along C, a scale and zero point per block). Nothing of the table
+    stays float. The caller checks that the weights are tied. Returns the file's name, or None (nothing
+    written) when the head is not one MatMulNBits with zero points over a (V, C) table the embedding gathers
+    whose width is a whole number of blocks.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -320,12 +321,16 @@ def share_quantized_table(embed_src: Path, head_q: Path, embed_dst: Path) -> str
     e_inits = {t.name: t for t in embed.graph.initializer}
     gather = next((n for n in embed.graph.node if n.op_type == "Gather" and n.input[0] in e_inits
                    and list(e_inits[n.input[0]].dims) == [attrs["N"], attrs["K"]]), None)
-    if attrs.get("bits") != 8 or len(mm.input) < 4 or gather is None:
+    bits = attrs.get("bits")
+    if bits not in (4, 8) or len(mm.input) < 4 or not mm.input[3] or gather is None:
         return None
     h_inits = {t.name: t for t in head.graph.initializer}
-    arrays = [numpy_helper.to_array(h_inits[name]) for name in mm.input[1:4]]  # (V, nb, bs) u8, (V, nb) f32, (V, nb) u8
-    v, nb, bs = arrays[0].shape
-    if v * nb * bs != attrs["N"] * attrs["K"] or arrays[1].shape != (v, nb) or arrays[2].shape != (v, nb):
+    # (V, nb, bs * bits / 8) u8, (V, nb) f32, (V, nb * bits / 8 rounded up) u8 (4-bit: two per byte)
+    arrays = [numpy_helper.to_array(h_inits[name]) for name in mm.input[1:4]]
+    v, nb, row = arrays[0].shape
+    bs = int(attrs["block_size"])
+    if (row * 8 != bs * bits or v * nb * bs != attrs["N"] * attrs["K"] or arrays[1].shape != (v, nb)
+            or arrays[2].size != v * -(-nb * bits // 8)):
         return None
     layout, data, offset = [], bytearray(), 0
     for a in arrays:
@@ -342,17 +347,17 @@ def share_quantized_table(embed_src: Path, head_q: Path, embed_dst: Path) -> str
         head.graph.initializer.append(_external(name, t.data_type, list(t.dims), QUANT_TABLE_FILE, off, n))
     onnx.save(head, str(head_q))
 
-    # the embedding: GatherBlockQuantized over the same bytes, seen as (V, C), (V, nb), (V, nb)
+    # the embedding: GatherBlockQuantized over the same bytes, seen as (V, C * bits / 8), (V, nb), (V, ...)
     u8, f32 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
-    names = ["embed_q8", "embed_q8_scales", "embed_q8_zero_points"]
-    dims = [[v, nb * bs], [v, nb], [v, nb]]
+    names = ["embed_q", "embed_q_scales", "embed_q_zero_points"]
+    dims = [[v, nb * row], [v, nb], [v, arrays[2].size // v]]
     table = e_inits[gather.input[0]]
     embed.graph.initializer.remove(table)
     for name, dtype, d, (off, n) in zip(names, (u8, f32, u8), dims, layout):
         embed.graph.initializer.append(_external(name, dtype, d, QUANT_TABLE_FILE, off, n))
     new = helper.make_node("GatherBlockQuantized", [names[0], gather.input[1], names[1], names[2]], list(gather.output),
-                           name="embed_tokens_q8", domain="com.microsoft", gather_axis=0, quantize_axis=1,
-                           block_size=int(attrs["block_size"]), bits=8)
+                           name="embed_tokens_q", domain="com.microsoft", gather_axis=0, quantize_axis=1,
+                           block_size=bs, bits=bits)
     at = list(embed.graph.node).index(gather)
     embed.graph.node.remove(gather)
     embed.graph.node.insert(at, new)

@@ -159,7 +159,7 @@ def test_verify_judges_the_quantized_head_on_the_local_path(tmp_path):
     full = cached_cut("test-demo-int4-full", "demo", split=3, quantize_edge="int4")
     m = load_bundle(full)
     assert m.head == "int4/head.onnx" and m.embed == "int4/embed.onnx"
-    assert m.tied_embedding == "int4/tied_embedding.q8.bin" and m.quantization["tied_embedding"] == "int8 (the head's)"
+    assert m.tied_embedding == "int4/tied_embedding.q.bin" and m.quantization["tied_embedding"] == "int8 (the head's)"
     assert not any(name.endswith((".onnx", ".bin")) and "/" not in name for name in m.files)  # no float graph or table
     report = verify(VerifyOptions(bundle=full, quant="int4", decode_steps=8))
     local = report["local"]
@@ -175,28 +175,37 @@ def test_verify_judges_the_quantized_head_on_the_local_path(tmp_path):
     assert weight_report(float_head / fm.head)["matmul_nbits"] == 0
 
 
-def test_the_embedding_reads_the_int8_head_rows(tmp_path):
-    """A tied model's int8 head is stored once: the embedding graph gathers its rows (GatherBlockQuantized over
-    the same file), so looking a token up gives exactly the head's dequantized column for it."""
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_the_embedding_reads_the_quantized_head_rows(head_bits):
+    """A tied model's quantized head is stored once: the embedding graph gathers its rows (GatherBlockQuantized
+    over the same file), so looking a token up gives exactly the head's dequantized column for it."""
     import onnx
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
     from seamline.protos.bundle import bundle_file
 
-    full = cached_cut("test-demo-int4-full", "demo", split=3, quantize_edge="int4")
+    full = cached_cut(f"test-demo-int4-q{head_bits}-head", "demo", split=3, quantize_edge="int4",
+                      quant_head=f"int{head_bits}")
     m = load_bundle(full)
+    assert m.tied_embedding == "int4/tied_embedding.q.bin"
+    assert m.quantization["tied_embedding"] == f"int{head_bits} (the head's)"
     rt = EdgeRuntime(full)
     embed = onnx.load(str(full / m.embed), load_external_data=False)
-    assert [n.op_type for n in embed.graph.node if n.op_type.startswith("Gather")].count("GatherBlockQuantized") == 1
+    gbq = [n for n in embed.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gbq) == 1 and {a.name: helper.get_attribute_value(a) for a in gbq[0].attribute}["bits"] == head_bits
     head = onnx.load(str(full / m.head))
     mm = next(n for n in head.graph.node if n.op_type == "MatMulNBits")
     q, scales, zp = (numpy_helper.to_array(next(t for t in head.graph.initializer if t.name == name))
                      for name in mm.input[1:4])
-    table = ((q.astype(np.float32) - zp[..., None]) * scales[..., None]).reshape(q.shape[0], -1)  # (V, C)
+    v, nb = scales.shape
+    if head_bits == 4:  # two values per byte, low nibble first
+        q = np.stack([q & 0x0F, q >> 4], -1).reshape(v, nb, -1)
+        zp = np.stack([zp & 0x0F, zp >> 4], -1).reshape(v, -1)[:, :nb]
+    table = ((q.astype(np.float32) - zp[..., None]) * scales[..., None]).reshape(v, -1)  # (V, C)
     ids = np.array([[0, 7, 300, m.vocab_size - 1]], np.int64)
     sess = rt.embed.session
-    token_only = [i.name for i in sess.get_inputs()]
-    feeds = {"input_ids": ids, "position_ids": np.zeros_like(ids)}  # position 0 for every row: same wpe row
-    got = sess.run(None, {k: v for k, v in feeds.items() if k in token_only})[0][0]
+    names = {i.name for i in sess.get_inputs()}
+    feeds = {"input_ids": ids, "position_ids": np.zeros_like(ids)}  # position 0 for every row: the same wpe row
+    got = sess.run(None, {k: x for k, x in feeds.items() if k in names})[0][0]
     wpe = got[0] - table[0]
     np.testing.assert_allclose(got - wpe, table[ids[0]], rtol=0, atol=1e-5)
-    assert bundle_file(full, m.tied_embedding).stat().st_size < m.vocab_size * m.hidden_size * 1.2
+    assert bundle_file(full, m.tied_embedding).stat().st_size < m.vocab_size * m.hidden_size * head_bits / 8 * 1.3
