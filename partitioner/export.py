@@ -302,7 +302,7 @@ def share_tied_embedding(bundle_dir: Path, embed_file: str, head_file: str, fp16
     """
     import numpy as np
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     bundle_dir = Path(bundle_dir)
     embed = onnx.load(str(bundle_dir / embed_file))
