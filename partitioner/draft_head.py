@@ -246,7 +246,8 @@ def lm_head_matrix(fa) -> np.ndarray:
 
 def shared_lm_head_file(bundle_dir: Path, manifest, w: np.ndarray) -> tuple[str, bool]:
     """(file, fp16) holding ``w`` (V, C) for the draft heads: the tied embedding when it is the same
-    matrix, else ``draft_lm_head.bin`` (written here, once)."""
+    matrix (float), else ``draft_lm_head.bin`` (written here, once; fp16 in a quantized bundle, whose tied
+    table, if any, is the quantized head's)."""
     if manifest.tied_embedding:
         p = Path(bundle_dir) / manifest.tied_embedding
         raw = p.read_bytes()
@@ -255,8 +256,9 @@ def shared_lm_head_file(bundle_dir: Path, manifest, w: np.ndarray) -> tuple[str,
                 stored = np.frombuffer(raw, dtype=dtype).reshape(w.shape)
                 if np.array_equal(stored, w.astype(dtype)):
                     return manifest.tied_embedding, fp16
-    (Path(bundle_dir) / LM_HEAD_FILE).write_bytes(np.ascontiguousarray(w, dtype="<f4").tobytes())
-    return LM_HEAD_FILE, False
+    fp16 = manifest.precision != "fp32"  # a quantized bundle (its tied table quantized, or untied) keeps it small
+    (Path(bundle_dir) / LM_HEAD_FILE).write_bytes(np.ascontiguousarray(w, dtype="<f2" if fp16 else "<f4").tobytes())
+    return LM_HEAD_FILE, fp16
 
 
 def point_lm_head(graph_path: Path, w: np.ndarray, file: str, fp16: bool) -> bool:

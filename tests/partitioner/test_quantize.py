@@ -209,3 +209,17 @@ def test_the_embedding_reads_the_quantized_head_rows(head_bits):
     wpe = got[0] - table[0]
     np.testing.assert_allclose(got - wpe, table[ids[0]], rtol=0, atol=1e-5)
     assert bundle_file(full, m.tied_embedding).stat().st_size < m.vocab_size * m.hidden_size * head_bits / 8 * 1.3
+
+
+def test_draft_heads_of_a_quantized_bundle_store_their_lm_head_in_fp16(llama_int4, tmp_path):
+    """The draft heads' LM head file of a quantized bundle is fp16 (its tied table, if any, is quantized;
+    the fp32 matrix would outweigh the int4 blocks)."""
+    from seamline.partitioner.draft_head import LM_HEAD_FILE, shared_lm_head_file
+
+    manifest, _, out = llama_int4
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    w = np.random.default_rng(0).standard_normal((manifest.vocab_size, manifest.hidden_size)).astype(np.float32)
+    assert shared_lm_head_file(copy, manifest, w) == (LM_HEAD_FILE, True)
+    stored = np.frombuffer((copy / LM_HEAD_FILE).read_bytes(), dtype="<f2").reshape(w.shape)
+    np.testing.assert_array_equal(stored, w.astype(np.float16))
