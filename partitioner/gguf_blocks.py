@@ -17,8 +17,13 @@ weight is the Hugging Face weight transposed, and the Hugging Face conversion pe
 llama's q/k projections (``reverse_permute``). Each row of the graph weight is looked up among the
 dequantized rows of the layer's GGUF tensors (exact float32 equality, since the checkpoint was
 dequantized from the same file with the same arithmetic); a weight all of whose rows are found in one
-tensor takes that tensor's blocks in that row order. Anything else (K-quants, Q8_0, float tensors, a
-weight the lookup does not find) is left to the regular quantizer, with the reason recorded.
+tensor takes that tensor's blocks in that row order. Anything else (K-quants, Q8_0 block tensors, float
+tensors, a weight the lookup does not find) is left to the regular quantizer, with the reason recorded.
+
+The LM head is carried too when the file stores it (``output.weight``, or the tied ``token_embd.weight``)
+as Q8_0 (32 signed 8-bit weights and an fp16 scale ``d`` per block: ``w = d * q``) and the bundle's head is
+8-bit (``--quant-head int8``): ``MatMulNBits`` with 8 bits stores ``u = q + 128`` with a zero point of 128 and
+scale ``d``, so ``(u - 128) * d`` is the file's weight exactly (:func:`q8_head`).
 """
 
 from __future__ import annotations
@@ -153,6 +158,53 @@ class GGUFBlocks:
             if all(r is not None for r in rows):
                 return t, np.asarray(rows, dtype=np.int64)
         return None
+
+
+_Q8_BLOCK_BYTES = 34  # fp16 d + 32 int8
+
+
+@dataclass
+class Q8Tensor:
+    """A GGUF Q8_0 tensor: N rows of K weights as raw blocks (N, K // 32, 34)."""
+
+    name: str
+    raw: np.ndarray
+
+    def fields(self) -> tuple[np.ndarray, np.ndarray]:
+        """d (N, nb) float32, q (N, nb, 32) int8."""
+        d = self.raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        return d, self.raw[..., 2:].copy().view(np.int8)
+
+    def dequantize(self) -> np.ndarray:
+        """(N, K) float32: ``d * q``, as ``gguf.quants`` computes it."""
+        d, q = self.fields()
+        return (d[..., None] * q.astype(np.float32)).reshape(self.raw.shape[0], -1)
+
+    def to_matmul_nbits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """8-bit MatMulNBits inputs: B (N, nb, 32) uint8 (q + 128), scales (N, nb) float32, zero points (N, nb)
+        uint8 (128)."""
+        d, q = self.fields()
+        u = (q.astype(np.int16) + 128).astype(np.uint8)
+        return u, d, np.full(d.shape, 128, dtype=np.uint8)
+
+
+def q8_head(path: str, weight_kn: np.ndarray) -> Q8Tensor | None:
+    """The file's LM head (``output.weight``, else the tied ``token_embd.weight``) when it is Q8_0 and its
+    dequantized rows are exactly the columns of ``weight_kn`` (K = hidden, N = vocab), in order."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(Path(path), "r")
+    by_name = {t.name: t for t in reader.tensors}
+    t = by_name.get("output.weight") or by_name.get("token_embd.weight")
+    if t is None or t.tensor_type.name != "Q8_0":
+        return None
+    data = np.asarray(t.data)
+    tensor = Q8Tensor(t.name, data.reshape(data.shape[0], -1, _Q8_BLOCK_BYTES))
+    if tensor.raw.shape[0] != weight_kn.shape[1] or tensor.raw.shape[1] * QK != weight_kn.shape[0]:
+        return None
+    if not np.array_equal(tensor.dequantize(), np.ascontiguousarray(weight_kn.T, dtype=np.float32)):
+        return None
+    return tensor
 
 
 @functools.lru_cache(maxsize=4)

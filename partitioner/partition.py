@@ -136,7 +136,8 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
         raise PartitionError(f"--quant-head {opts.quant_head}: supported: {', '.join(quantize.WEIGHT_ONLY)}, none")
     head_spec = None  # round-to-nearest: HQQ has no 8-bit CPU kernel, and a GGUF's blocks are the blocks'
     if head and spec and spec.precision in quantize.WEIGHT_ONLY and s.causal and opts.quant_head != "none":
-        head_spec = quantize.QuantSpec(opts.quant_head, "rtn", spec.block_size, spec.accuracy_level).validate()
+        head_spec = quantize.QuantSpec(opts.quant_head, "rtn", spec.block_size, spec.accuracy_level,
+                                       gguf=spec.gguf).validate()  # a Q8_0 head in the GGUF file is carried
     quant_head = head_spec is not None
     if quant_head:
         to_quantize = [*to_quantize, head]
@@ -198,7 +199,9 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
         head=f"{spec.precision}/{head}" if quant_head else head, precision=spec.precision if spec else "fp32",
         quantization={**spec.to_manifest(),
                       "tied_embedding": f"{head_spec.precision} (the head's)" if q_table else "fp16" if fp16_embed and tied else "fp32",
-                      **({"head": head_spec.precision if quant_head else "float"} if head else {})} if spec else {},
+                      **({"head": head_spec.precision if quant_head else "float"} if head else {}),
+                      **({"gguf_head": head_spec.carried["head"]} if quant_head and head_spec.carried.get("head") else {})
+                      } if spec else {},
         variants={"fp32": GraphSet("embed.onnx", blocks, head)} if spec and opts.keep_fp32 else {},
         eos_token_id=_first(getattr(model.config, "eos_token_id", None)), tied_embedding=export.TIED_FILE if tied else f"{spec.precision}/{q_table}" if q_table else None,
         chat_template=CHAT_FILE if chat is not None else None, model_origin=origin.to_dict(),

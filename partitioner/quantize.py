@@ -195,6 +195,40 @@ def carry_gguf_blocks(model, spec: QuantSpec, layer: int) -> tuple[int, int]:
     return carried, left
 
 
+def carry_gguf_head(model, spec: QuantSpec) -> str:
+    """Replace the head's MatMul by an 8-bit MatMulNBits holding the GGUF file's Q8_0 LM head, when the file
+    has one and it is this matrix (``gguf_blocks.q8_head``). Returns the tensor carried, or ""."""
+    from onnx import helper, numpy_helper
+
+    from . import gguf_blocks
+
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits]
+    if len(nodes) != 1 or len(inits[nodes[0].input[1]].dims) != 2:
+        return ""
+    node = nodes[0]
+    w_name = node.input[1]
+    w = numpy_helper.to_array(inits[w_name])
+    tensor = gguf_blocks.q8_head(spec.gguf, w)
+    if tensor is None:
+        return ""
+    b, scales, zp = tensor.to_matmul_nbits()
+    names = [f"{w_name}_Q8", f"{w_name}_scales", f"{w_name}_zero_points"]
+    model.graph.initializer.remove(inits[w_name])
+    model.graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip((b, scales, zp), names))
+    k, n = w.shape
+    attrs = {"K": k, "N": n, "bits": 8, "block_size": gguf_blocks.QK}
+    if spec.accuracy_level:
+        attrs["accuracy_level"] = spec.accuracy_level
+    at = list(model.graph.node).index(node)
+    model.graph.node.remove(node)
+    model.graph.node.insert(at, helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
+                                                 name=(node.name or w_name) + "_Q8", domain="com.microsoft", **attrs))
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return tensor.name
+
+
 def quantize_graph(src: Path, dst: Path, spec: QuantSpec, layer: int | None = None) -> dict:
     """Write the quantized copy of the graph ``src`` to ``dst``; returns counts for the summary.
 
@@ -221,6 +255,12 @@ def quantize_graph(src: Path, dst: Path, spec: QuantSpec, layer: int | None = No
     model = onnx.load(str(src))
     gemm_to_matmul(model)
     carried = left = 0
+    if spec.gguf and layer is None and spec.precision == "int8" and spec.block_size == 32:
+        head = carry_gguf_head(model, spec)  # the LM head: the file's own Q8_0 blocks when it has them
+        if head:
+            spec.carried["head"] = head
+            onnx.save(model, str(dst))
+            return {**weight_report(dst), "gguf_carried": 1}
     if spec.carries and layer is not None:
         from . import gguf_blocks
 

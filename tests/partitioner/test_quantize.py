@@ -153,7 +153,9 @@ def test_the_lm_head_is_quantized_like_the_blocks(llama_int4):
 
 def test_verify_judges_the_quantized_head_on_the_local_path(tmp_path):
     """A full int4 bundle of the demo model: `verify --quant int4` adds the local row (every layer and the
-    int8 head in ONNX Runtime), which counts in the verdict; --quant-head none keeps the float head."""
+    int8 head in ONNX Runtime), which counts in the verdict; --quant-head none keeps the float head.
+    (Int4 round-to-nearest blocks alone give the 6-layer demo ~0.89-0.95 agreement: the floor of `verify`
+    is not what this test checks.)"""
     from seamline.partitioner.verify import VerifyOptions, verify
 
     full = cached_cut("test-demo-int4-full", "demo", split=3, quantize_edge="int4")
@@ -162,8 +164,11 @@ def test_verify_judges_the_quantized_head_on_the_local_path(tmp_path):
     assert m.tied_embedding == "int4/tied_embedding.q.bin" and m.quantization["tied_embedding"] == "int8 (the head's)"
     assert not any(name.endswith((".onnx", ".bin")) and "/" not in name for name in m.files)  # no float graph or table
     report = verify(VerifyOptions(bundle=full, quant="int4", decode_steps=8))
-    local = report["local"]
-    assert local is not None and local["greedy_agreement"] >= 0.9, report
+    local, last = report["local"], report["splits"][-1]
+    assert last["split"] == m.num_layers and local is not None, report
+    # the same int4 blocks as split L, then the int8 head instead of torch's float one: it may cost a position
+    assert local["greedy_agreement"] >= last["greedy_agreement"] - 0.05, report
+    assert last["max_abs_logit_diff"] <= local["max_abs_logit_diff"] < 2.0, report
     assert report["greedy_agreement"] == min([r["greedy_agreement"] for r in report["splits"]]
                                              + [local["greedy_agreement"]])
     with pytest.raises(PartitionError, match="--quant-head int3"):

@@ -95,3 +95,29 @@ def test_verify_int4_from_gguf_agrees_at_least_like_round_to_nearest(int4_bundle
     assert got["greedy_agreement"] >= ref["greedy_agreement"], (got["splits"], ref["splits"])
     assert got["greedy_agreement"] >= 0.99 and got["passed"], got["splits"]
     assert got["max_abs_logit_diff"] < ref["max_abs_logit_diff"]
+
+
+def test_the_q8_0_lm_head_is_carried_exactly(smol_gguf, smol_model, tmp_path):
+    """SmolLM2's GGUF file holds its (tied) LM head as Q8_0: an int8 head graph carries those blocks, so the
+    head's weights are the checkpoint's exactly, and the embedding that shares them gathers exact rows."""
+    from onnx import helper, load, numpy_helper
+    from seamline.partitioner import export
+    from seamline.partitioner.families import adapter_for
+    from seamline.partitioner.quantize import QuantSpec, quantize_graph, share_quantized_table
+
+    model, _ = smol_model
+    adapter = adapter_for(model)
+    export.export_head(adapter, tmp_path / "head.onnx")
+    export.export_embed(adapter, tmp_path / "embed.onnx")
+    spec = QuantSpec("int8", gguf=str(smol_gguf))
+    report = quantize_graph(tmp_path / "head.onnx", tmp_path / "q" / "head.onnx", spec)
+    assert report["gguf_carried"] == 1 and spec.carried["head"] == "token_embd.weight", report
+    assert share_quantized_table(tmp_path / "embed.onnx", tmp_path / "q" / "head.onnx", tmp_path / "q" / "embed.onnx")
+    head = load(str(tmp_path / "q" / "head.onnx"))
+    mm = next(n for n in head.graph.node if n.op_type == "MatMulNBits")
+    assert {a.name: helper.get_attribute_value(a) for a in mm.attribute}["bits"] == 8
+    inits = {t.name: numpy_helper.to_array(t) for t in head.graph.initializer}
+    u, scales, zp = (inits[name] for name in mm.input[1:4])
+    w = ((u.astype(np.float32) - zp[..., None]) * scales[..., None]).reshape(u.shape[0], -1)  # (V, C)
+    ref = model.get_output_embeddings().weight.detach().float().numpy()
+    np.testing.assert_array_equal(w, ref)
