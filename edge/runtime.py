@@ -160,8 +160,7 @@ class _Graph:
 
         self.meta = self.session.get_modelmeta().custom_metadata_map
         self.kv_in_place = self.meta.get("seamline.kv_in_place") == "1" and {"past_key", "position_ids"} <= self.inputs
-        self.tables: dict[str, np.ndarray] = {}  # inputs the runtime supplies (rope tables) ...
-        self.bound_tables: dict[str, object] = {}  # ... and the same as OrtValues, for I/O binding
+        self.tables: dict[str, np.ndarray] = {}  # inputs the runtime supplies (rope tables, shared by the blocks)
         self._io = None  # run_in_place's I/O binding, reused across calls
         self._kv_bound: tuple | None = None  # the (key, value) OrtValues bound in it now
         self._tables_bound: dict | None = None  # the rope tables bound in it now
@@ -194,10 +193,10 @@ class _Graph:
             io.bind_ortvalue_output("present_key", key)
             io.bind_ortvalue_output("present_value", value)
             self._kv_bound = cache.bound
-        if self._tables_bound is not self.bound_tables:
-            for name, v in self.bound_tables.items():
-                io.bind_ortvalue_input(name, v)
-            self._tables_bound = self.bound_tables
+        if self._tables_bound is not self.tables:
+            for name, v in self.tables.items():
+                io.bind_cpu_input(name, v)  # the arrays live in self.tables as long as they are bound
+            self._tables_bound = self.tables
         if isinstance(hidden, np.ndarray):
             io.bind_cpu_input("hidden", np.ascontiguousarray(hidden, dtype=np.float32))
         else:
@@ -362,16 +361,13 @@ class EdgeRuntime:
     def _ensure_rope(self, rows: int) -> None:
         """Rope tables of at least ``rows`` positions (doubling, up to max_positions) for every block graph that
         takes them, shared by all (a 128k-context model does not hold 2 x 17 MB of tables for a short chat)."""
-        import onnxruntime as ort
-
         takers = [g for g in self.blocks if ROPE_META in g.meta]
         if not takers or rows <= self._rope_rows:
             return
         n = max(rows, min(max(2 * self._rope_rows, ROPE_MIN_ROWS), self.manifest.max_positions))
         tables = rope_tables(takers[0].meta, n)
-        bound = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tables.items()}
         for g in takers:
-            g.tables, g.bound_tables = tables, bound
+            g.tables = tables
         self._rope_rows = n
 
     def _grown(self, c: LayerCache | None, need: int) -> LayerCache:

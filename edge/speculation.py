@@ -141,12 +141,8 @@ class Speculator:
             sources.append(Source(d, prior))
         return cls(tuple(sources), max_gamma, policy)
 
-    def gamma(self, source: Source, limit: int) -> int:
-        """Drafts ``source`` should supply in the next step, at most ``limit``."""
-        return self._choose(source, limit)[0]
-
     def _choose(self, source: Source, limit: int) -> tuple[int, bool]:
-        """(drafts, whether that is a probe) for ``source`` in the next step."""
+        """(drafts ``source`` should supply in the next step, at most ``limit``; whether that is a probe)."""
         cap = min(self.max_gamma, limit)
         if cap <= 0:
             return 0, False

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .export import external_tensor
 from .loading import DEMO_DIR
 
 LM_HEAD_FILE = "draft_lm_head.bin"
@@ -279,12 +280,8 @@ def point_lm_head(graph_path: Path, w: np.ndarray, file: str, fp16: bool) -> boo
     transposed = list(init.dims) == [w.shape[1], w.shape[0]]
     name = init.name
     nbytes = w.size * (2 if fp16 else 4)
-    ext = onnx.TensorProto(name="draft_lm_head" + ("_fp16" if fp16 else ""),
-                           data_type=onnx.TensorProto.FLOAT16 if fp16 else onnx.TensorProto.FLOAT, dims=list(w.shape))
-    ext.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", file), ("offset", "0"), ("length", str(nbytes))):
-        entry = ext.external_data.add()
-        entry.key, entry.value = key, value
+    ext = external_tensor("draft_lm_head" + ("_fp16" if fp16 else ""),
+                          onnx.TensorProto.FLOAT16 if fp16 else onnx.TensorProto.FLOAT, list(w.shape), file, 0, nbytes)
     model.graph.initializer.remove(init)
     model.graph.initializer.append(ext)
     nodes = []

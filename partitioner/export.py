@@ -268,6 +268,19 @@ def export_head(adapter: FamilyAdapter, path: Path, opset: int = DEFAULT_OPSET) 
 TIED_FILE = "tied_embedding.bin"
 
 
+def external_tensor(name: str, dtype: int, dims: list[int], location: str, offset: int, length: int):
+    """An initializer whose bytes are ``length`` bytes at ``offset`` of the file ``location`` (next to the graph).
+    ONNX's ``set_external_data`` needs the bytes in the tensor first; these are already written."""
+    import onnx
+
+    t = onnx.TensorProto(name=name, data_type=dtype, dims=dims)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
 def _tied_pair(embed, head):
     """(embedding initializer, head initializer, W (V, C)) when the head's matrix is exactly the transpose
     of the embedding table, else None."""
@@ -316,12 +329,7 @@ def share_tied_embedding(bundle_dir: Path, embed_file: str, head_file: str, fp16
     dtype = onnx.TensorProto.FLOAT16 if fp16 else onnx.TensorProto.FLOAT
 
     def external(name: str) -> onnx.TensorProto:
-        t = onnx.TensorProto(name=name + ("_fp16" if fp16 else ""), data_type=dtype, dims=list(w.shape))
-        t.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", TIED_FILE), ("offset", "0"), ("length", str(len(data)))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-        return t
+        return external_tensor(name + ("_fp16" if fp16 else ""), dtype, list(w.shape), TIED_FILE, 0, len(data))
 
     e_init.CopyFrom(external(e_init.name))
     transposed = h_init.name

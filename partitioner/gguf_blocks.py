@@ -43,6 +43,11 @@ class GGUFBlocksError(ValueError):
     pass
 
 
+def _fp16(raw: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 field at byte ``at`` of every block of ``raw`` (..., bytes per block), as float32."""
+    return raw[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
 @dataclass
 class Q4Tensor:
     """One GGUF 4-bit tensor: N rows of K weights, as raw blocks (N, K // 32, bytes per block)."""
@@ -58,11 +63,11 @@ class Q4Tensor:
 
     def fields(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """d (N, nb) float32, m (N, nb) float32 or None, q (N, nb, 32) uint8 in weight order."""
-        d = self.raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        d = _fp16(self.raw, 0)
         off = 2
         m = None
         if self.kind == "Q4_1":
-            m = self.raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            m = _fp16(self.raw, 2)
             off = 4
         qs = self.raw[..., off:off + QK // 2]
         q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # weight j: low nibble of byte j, j+16: high
@@ -172,8 +177,7 @@ class Q8Tensor:
 
     def fields(self) -> tuple[np.ndarray, np.ndarray]:
         """d (N, nb) float32, q (N, nb, 32) int8."""
-        d = self.raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        return d, self.raw[..., 2:].copy().view(np.int8)
+        return _fp16(self.raw, 0), self.raw[..., 2:].copy().view(np.int8)
 
     def dequantize(self) -> np.ndarray:
         """(N, K) float32: ``d * q``, as ``gguf.quants`` computes it."""

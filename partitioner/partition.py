@@ -178,6 +178,8 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
         if spec and not opts.keep_fp32:  # the bundle holds only the precision it runs
             for name in to_quantize + (["embed.onnx"] if q_table else []):
                 (out / name).unlink()
+        tied_file = export.TIED_FILE if tied else f"{spec.precision}/{q_table}" if q_table else None
+        table = f"{head_spec.precision} (the head's)" if q_table else "fp16" if fp16_embed and tied else "fp32"
         progress.update(task, description="calibrating codecs")
         calib = calibrate(adapter, tok_path, calibration_text(opts.calibration), max_split)
         progress.advance(task)
@@ -197,13 +199,12 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
         embed=f"{spec.precision}/embed.onnx" if q_table else "embed.onnx",
         opset=opts.opset, blocks=[f"{spec.precision}/{b}" for b in blocks] if spec else blocks,
         head=f"{spec.precision}/{head}" if quant_head else head, precision=spec.precision if spec else "fp32",
-        quantization={**spec.to_manifest(),
-                      "tied_embedding": f"{head_spec.precision} (the head's)" if q_table else "fp16" if fp16_embed and tied else "fp32",
+        quantization={**spec.to_manifest(), "tied_embedding": table,
                       **({"head": head_spec.precision if quant_head else "float"} if head else {}),
                       **({"gguf_head": head_spec.carried["head"]} if quant_head and head_spec.carried.get("head") else {})
                       } if spec else {},
         variants={"fp32": GraphSet("embed.onnx", blocks, head)} if spec and opts.keep_fp32 else {},
-        eos_token_id=_first(getattr(model.config, "eos_token_id", None)), tied_embedding=export.TIED_FILE if tied else f"{spec.precision}/{q_table}" if q_table else None,
+        eos_token_id=_first(getattr(model.config, "eos_token_id", None)), tied_embedding=tied_file,
         chat_template=CHAT_FILE if chat is not None else None, model_origin=origin.to_dict(),
         codec=CodecDefaults(codec=opts.codec, calibration=calib))
     write_manifest(manifest, out)

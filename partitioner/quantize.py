@@ -91,6 +91,13 @@ class QuantSpec:
         return out
 
     @property
+    def carries_head(self) -> bool:
+        """A GGUF file's Q8_0 LM head can be carried: an int8 head with the file's block size (32)."""
+        from .gguf_blocks import QK
+
+        return bool(self.gguf) and self.precision == "int8" and self.block_size == QK
+
+    @property
     def carries(self) -> bool:
         """GGUF blocks are carried over: int4 from a GGUF file with the file's own block size (32)."""
         from .gguf_blocks import QK
@@ -190,9 +197,24 @@ def carry_gguf_blocks(model, spec: QuantSpec, layer: int) -> tuple[int, int]:
     keep = [t for t in graph.initializer if t.name not in used or t.name in still]
     graph.ClearField("initializer")
     graph.initializer.extend(keep)
-    if carried and not any(op.domain == "com.microsoft" for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if carried:
+        _use_ms_domain(model)
     return carried, left
+
+
+def _use_ms_domain(model) -> None:
+    """Import ONNX Runtime's com.microsoft operator set (MatMulNBits, GatherBlockQuantized) once."""
+    from onnx import helper
+
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def _replace_node(graph, old, new) -> None:
+    """Put ``new`` where ``old`` stands (the node order stays topological)."""
+    at = list(graph.node).index(old)
+    graph.node.remove(old)
+    graph.node.insert(at, new)
 
 
 def carry_gguf_head(model, spec: QuantSpec) -> str:
@@ -220,12 +242,10 @@ def carry_gguf_head(model, spec: QuantSpec) -> str:
     attrs = {"K": k, "N": n, "bits": 8, "block_size": gguf_blocks.QK}
     if spec.accuracy_level:
         attrs["accuracy_level"] = spec.accuracy_level
-    at = list(model.graph.node).index(node)
-    model.graph.node.remove(node)
-    model.graph.node.insert(at, helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
-                                                 name=(node.name or w_name) + "_Q8", domain="com.microsoft", **attrs))
-    if not any(op.domain == "com.microsoft" for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _replace_node(model.graph, node, helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
+                                                      name=(node.name or w_name) + "_Q8", domain="com.microsoft",
+                                                      **attrs))
+    _use_ms_domain(model)
     return tensor.name
 
 
@@ -255,7 +275,7 @@ def quantize_graph(src: Path, dst: Path, spec: QuantSpec, layer: int | None = No
     model = onnx.load(str(src))
     gemm_to_matmul(model)
     carried = left = 0
-    if spec.gguf and layer is None and spec.precision == "int8" and spec.block_size == 32:
+    if spec.carries_head and layer is None:
         head = carry_gguf_head(model, spec)  # the LM head: the file's own Q8_0 blocks when it has them
         if head:
             spec.carried["head"] = head
@@ -324,17 +344,6 @@ def float_weight_bytes(path: Path) -> int:
 QUANT_TABLE_FILE = "tied_embedding.q.bin"  # next to the quantized graphs: the quantized LM head, read by embed too
 
 
-def _external(name: str, dtype: int, dims: list[int], location: str, offset: int, length: int):
-    import onnx
-
-    t = onnx.TensorProto(name=name, data_type=dtype, dims=dims)
-    t.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = t.external_data.add()
-        entry.key, entry.value = key, value
-    return t
-
-
 def share_quantized_table(embed_src: Path, head_q: Path, embed_dst: Path) -> str | None:
     """Store a quantized LM head once, for the head and the embedding of a tied model.
 
@@ -350,6 +359,8 @@ def share_quantized_table(embed_src: Path, head_q: Path, embed_dst: Path) -> str
     """
     import onnx
     from onnx import helper, numpy_helper
+
+    from .export import external_tensor
 
     head = onnx.load(str(head_q))
     embed = onnx.load(str(embed_src))
@@ -384,7 +395,7 @@ def share_quantized_table(embed_src: Path, head_q: Path, embed_dst: Path) -> str
     for name, a, (off, n) in zip(mm.input[1:4], arrays, layout):
         t = h_inits[name]
         head.graph.initializer.remove(t)
-        head.graph.initializer.append(_external(name, t.data_type, list(t.dims), QUANT_TABLE_FILE, off, n))
+        head.graph.initializer.append(external_tensor(name, t.data_type, list(t.dims), QUANT_TABLE_FILE, off, n))
     onnx.save(head, str(head_q))
 
     # the embedding: GatherBlockQuantized over the same bytes, seen as (V, C * bits / 8), (V, nb), (V, ...)
@@ -394,15 +405,11 @@ def share_quantized_table(embed_src: Path, head_q: Path, embed_dst: Path) -> str
     table = e_inits[gather.input[0]]
     embed.graph.initializer.remove(table)
     for name, dtype, d, (off, n) in zip(names, (u8, f32, u8), dims, layout):
-        embed.graph.initializer.append(_external(name, dtype, d, QUANT_TABLE_FILE, off, n))
-    new = helper.make_node("GatherBlockQuantized", [names[0], gather.input[1], names[1], names[2]], list(gather.output),
-                           name="embed_tokens_q", domain="com.microsoft", gather_axis=0, quantize_axis=1,
-                           block_size=bs, bits=bits)
-    at = list(embed.graph.node).index(gather)
-    embed.graph.node.remove(gather)
-    embed.graph.node.insert(at, new)
-    if not any(op.domain == "com.microsoft" for op in embed.opset_import):
-        embed.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        embed.graph.initializer.append(external_tensor(name, dtype, d, QUANT_TABLE_FILE, off, n))
+    _replace_node(embed.graph, gather, helper.make_node(
+        "GatherBlockQuantized", [names[0], gather.input[1], names[1], names[2]], list(gather.output),
+        name="embed_tokens_q", domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=bs, bits=bits))
+    _use_ms_domain(embed)
     Path(embed_dst).parent.mkdir(parents=True, exist_ok=True)
     onnx.save(embed, str(embed_dst))
     return QUANT_TABLE_FILE

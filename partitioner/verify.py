@@ -68,15 +68,19 @@ def _reference(model, ids: list[int], steps: int) -> tuple[list[int], np.ndarray
     return seq, logits.float().numpy()
 
 
+def _chunks(n_prompt: int, n: int) -> list[tuple[int, int]]:
+    """The prefill, then one position at a time, up to the sequence's last input (n - 1)."""
+    return [(0, n_prompt)] + [(p, p + 1) for p in range(n_prompt, n - 1)]
+
+
 @torch.no_grad()
 def _split_logits(runtime: EdgeRuntime, adapter, seq: list[int], n_prompt: int, k: int) -> np.ndarray:
     """Logits of the split model at every position, prefill then one token at a time."""
     L = adapter.shape.num_layers
     edge_cache = runtime.new_cache()
     cloud = [(None, None)] * L
-    chunks = [(0, n_prompt)] + [(p, p + 1) for p in range(n_prompt, len(seq) - 1)]
     out = []
-    for start, end in chunks:
+    for start, end in _chunks(n_prompt, len(seq)):
         h_np = runtime.forward(seq[start:end], start, k, edge_cache)  # (T, C), ONNX Runtime
         h = torch.from_numpy(h_np).unsqueeze(0)
         if k == 0:
@@ -93,8 +97,8 @@ def _local_logits(runtime: EdgeRuntime, seq: list[int], n_prompt: int) -> np.nda
     """Logits of the edge alone (every block, then its head graph), prefill then one token at a time."""
     cache = runtime.new_cache()
     L = runtime.num_edge_layers
-    chunks = [(0, n_prompt)] + [(p, p + 1) for p in range(n_prompt, len(seq) - 1)]
-    return np.concatenate([runtime.logits(runtime.forward(seq[a:b], a, L, cache)) for a, b in chunks])
+    return np.concatenate([runtime.logits(runtime.forward(seq[a:b], a, L, cache))
+                           for a, b in _chunks(n_prompt, len(seq))])
 
 
 @torch.no_grad()
