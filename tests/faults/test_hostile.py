@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import zstandard
 from google.protobuf.message import DecodeError
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from seamline.protos import codec, seamline_pb2_grpc
 from seamline.protos import seamline_pb2 as pb
 
@@ -318,6 +318,9 @@ def test_raw_bytes_on_the_generate_stream(live, watch):
 
     @settings(FUZZ, max_examples=100)
     @given(messages=raw_streams(valid, others))
+    @example(messages=[valid])  # OK: the three statuses asserted below are reached on every run,
+    @example(messages=[others[0]])  # FAILED_PRECONDITION (a rewind),
+    @example(messages=[others[2]])  # INVALID_ARGUMENT (a malformed tensor); the draws add the rest
     def check(messages: list[bytes]) -> None:
         code, details, replies = _raw_codes(live, [opening, first, *messages])
         codes[code] += 1
