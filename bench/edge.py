@@ -63,8 +63,8 @@ def measure(name: str, threads: int, repeats: int) -> list[dict]:
 
     torch.set_num_threads(threads)
     b = bundle(name)
-    rt32 = EdgeRuntime(b, threads=threads)
-    rt8 = EdgeRuntime(b, threads=threads, int8=True)
+    rt32 = EdgeRuntime(b, threads=threads, compose=False)  # single blocks, timed one by one
+    rt8 = EdgeRuntime(b, threads=threads, int8=True, compose=False)
     model, _ = load_model(checkpoint(name))
     adapter = adapter_for(model)
     L = adapter.shape.num_layers

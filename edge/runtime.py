@@ -18,11 +18,16 @@ the embedding runs once (its width must be ``hidden_size``), and the tokenizer i
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from seamline.protos.bundle import BundleError, Manifest, bundle_file, load_bundle
+from seamline.edge.segments import FOLDER_KEY, Composed, NotComposable, compose, kv_names
+from seamline.protos.bundle import KV_IN_PLACE_META, ROPE_META, BundleError, Manifest, bundle_file, load_bundle
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,7 +84,6 @@ class EdgeCache:
 
 KV_MIN_CAPACITY = 64  # positions an in-place KV buffer starts with (then doubles)
 ROPE_MIN_ROWS = 1024  # positions the rope tables start with (then double; 256 KB at head size 64)
-ROPE_META = "seamline.rope"  # a block graph's property: the rotary tables it takes as inputs
 
 
 def rope_tables(meta: dict[str, str], positions: int) -> dict[str, np.ndarray]:
@@ -133,20 +137,28 @@ _REPARTITION = "re-run `partition` (or copy the bundle again)"
 
 
 class _Graph:
-    """One ORT session; feeds only the inputs the graph kept (exporters drop unused ones)."""
+    """One ORT session over blocks [first, stop) (or the embedding or head); feeds only the inputs the graph
+    kept (exporters drop unused ones). ``source``: a graph file, or a composed run of in-place block graphs
+    (``segments.py``)."""
 
-    def __init__(self, path: Path, threads: int, shown: Path | None = None, need: tuple[str, ...] = (),
-                 outputs: int = 1):
+    def __init__(self, source: Path | Composed, threads: int, shown: Path | str | None = None,
+                 need: tuple[str, ...] = (), outputs: int = 1, first: int = 0):
         import onnxruntime as ort
 
-        self.path = path
-        shown = shown or path
+        so = session_options(threads)
+        if isinstance(source, Composed):
+            so.add_session_config_entry(FOLDER_KEY, str(source.folder))
+            model, what = source.model, "these graphs as one"
+            self.path, self.first, self.stop = source.folder, source.first, source.stop
+        else:
+            model, what = str(source), "this graph"
+            self.path, self.first, self.stop = source, first, first + 1
+        shown = shown or self.path
         try:
-            self.session = ort.InferenceSession(str(path), session_options(threads),
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for a bad model
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise BundleError(f"{shown}: ONNX Runtime cannot load this graph ({first}); the file is corrupt "
+            first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise BundleError(f"{shown}: ONNX Runtime cannot load {what} ({first_line}); the file is corrupt "
                               f"or not an ONNX model: {_REPARTITION}") from None
         self.inputs = {i.name for i in self.session.get_inputs()}
         missing = [n for n in need if n not in self.inputs]
@@ -159,40 +171,47 @@ class _Graph:
                               f"expected: {_REPARTITION}")
 
         self.meta = self.session.get_modelmeta().custom_metadata_map
-        self.kv_in_place = self.meta.get("seamline.kv_in_place") == "1" and {"past_key", "position_ids"} <= self.inputs
+        if isinstance(source, Composed):
+            self.kv_in_place, self.kv = True, [kv_names(i) for i in range(self.first, self.stop)]
+        else:
+            self.kv_in_place = self.meta.get(KV_IN_PLACE_META) == "1" and {"past_key", "position_ids"} <= self.inputs
+            self.kv = [("past_key", "past_value", "present_key", "present_value")]
         self.tables: dict[str, np.ndarray] = {}  # inputs the runtime supplies (rope tables, shared by the blocks)
         self._io = None  # run_in_place's I/O binding, reused across calls
-        self._kv_bound: tuple | None = None  # the (key, value) OrtValues bound in it now
+        self._kv_bound: list = [None] * len(self.kv)  # the (key, value) OrtValues bound in it now, per block
         self._tables_bound: dict | None = None  # the rope tables bound in it now
 
     def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
         feeds = {**self.tables, **feeds}
         return self.session.run(None, {k: v for k, v in feeds.items() if k in self.inputs})
 
-    def run_in_place(self, hidden, pos: np.ndarray, cache: LayerCache):
-        """One call of an in-place block graph: the new positions go into ``cache``'s buffers, no copy of
-        the past (``partitioner/families/llama_onnx.py``). ``hidden``: a float32 array (1, T, C) or the
-        OrtValue the previous block returned; returns hidden_out as an OrtValue (the next block binds it as
-        it is: no numpy round trip between blocks).
+    def run_in_place(self, hidden, pos: np.ndarray, caches: list[LayerCache]):
+        """One call of an in-place graph (one block or a composed run): the new positions go into each block's
+        cache buffers, no copy of the past (``partitioner/families/llama_onnx.py``). ``hidden``: a float32
+        array (1, T, C) or the OrtValue the previous graph returned; returns hidden_out as an OrtValue (the
+        next graph binds it as it is: no numpy round trip between graphs).
 
         One I/O binding per graph, reused: the past/present buffers and the rope tables are bound again
         only when they change (a new or grown cache, longer tables), so a decode step binds two inputs and
-        one output per block. The binding holds the last cache's buffers until another cache is bound."""
+        one output per graph. The binding holds the last caches' buffers until other caches are bound."""
         import onnxruntime as ort
 
-        if cache.bound is None:
-            cache.bound = (ort.OrtValue.ortvalue_from_numpy(cache.key), ort.OrtValue.ortvalue_from_numpy(cache.value))
         io = self._io
         if io is None:
             io = self._io = self.session.io_binding()
             io.bind_output("hidden_out", "cpu")  # first: get_outputs() lists the outputs in binding order
-        if self._kv_bound is not cache.bound:
-            key, value = cache.bound
-            io.bind_ortvalue_input("past_key", key)
-            io.bind_ortvalue_input("past_value", value)
-            io.bind_ortvalue_output("present_key", key)
-            io.bind_ortvalue_output("present_value", value)
-            self._kv_bound = cache.bound
+        for j, cache in enumerate(caches):
+            if cache.bound is None:
+                cache.bound = (ort.OrtValue.ortvalue_from_numpy(cache.key),
+                               ort.OrtValue.ortvalue_from_numpy(cache.value))
+            if self._kv_bound[j] is not cache.bound:
+                past_key, past_value, present_key, present_value = self.kv[j]
+                key, value = cache.bound
+                io.bind_ortvalue_input(past_key, key)
+                io.bind_ortvalue_input(past_value, value)
+                io.bind_ortvalue_output(present_key, key)
+                io.bind_ortvalue_output(present_value, value)
+                self._kv_bound[j] = cache.bound
         if self._tables_bound is not self.tables:
             for name, v in self.tables.items():
                 io.bind_cpu_input(name, v)  # the arrays live in self.tables as long as they are bound
@@ -202,9 +221,20 @@ class _Graph:
         else:
             io.bind_ortvalue_input("hidden", hidden)
         io.bind_cpu_input("position_ids", pos)
-        io.bind_output("hidden_out", "cpu")  # a new output each call: the last one is the next block's input
+        io.bind_output("hidden_out", "cpu")  # a new output each call: the last one is the next graph's input
         self.session.run_with_iobinding(io)
         return io.get_outputs()[0]
+
+
+def _parses(path: Path) -> bool:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        onnx.ModelProto.FromString(path.read_bytes())
+        return True
+    except DecodeError:
+        return False
 
 
 def _array(hidden) -> np.ndarray:
@@ -216,9 +246,14 @@ class EdgeRuntime:
     """Runs embed + blocks [0, k) (+ head when the bundle has it) for one device."""
 
     def __init__(self, bundle_dir: Path | str, threads: int = 1, int8: bool = False, verify: bool = True,
-                 precision: str | None = None):
+                 precision: str | None = None, compose: bool = True):
         """``precision``: which of the bundle's graph sets to run (fp32, int4, int8, int8-dynamic; default:
-        the one it was partitioned with). ``int8`` (legacy) = "int8", else "int8-dynamic"."""
+        the one it was partitioned with). ``int8`` (legacy) = "int8", else "int8-dynamic".
+
+        ``compose``: run consecutive in-place block graphs as one graph per segment (``segments.py``): the
+        blocks start as one segment [0, n) and a segment is cut in two where a split first falls inside it
+        (``_cut``), so each split costs one ONNX Runtime call per segment before it. Tools that sweep every
+        split or time single blocks (verify, profile) pass False: one session per block."""
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = load_bundle(self.bundle_dir, verify=verify)
         m = self.manifest
@@ -232,14 +267,76 @@ class EdgeRuntime:
         def graph(name: str, need: tuple[str, ...], outputs: int) -> _Graph:
             return _Graph(bundle_file(self.bundle_dir, name), threads, self.bundle_dir / name, need, outputs)
 
-        block_in = ("hidden",) if not m.causal else ("hidden", "past_key", "past_value")
         self.embed = graph(names["embed"], ("input_ids",), 1)
-        self.blocks = [graph(b, block_in, 3 if m.causal else 1) for b in names["blocks"]]
+        self._threads = threads
+        self._block_names: list[str] = list(names["blocks"])
+        self._rope: dict[str, np.ndarray] = {}  # the rope tables every block graph that takes them shares
+        self._rope_rows = 0  # positions they cover (grown with the caches)
+        self.composed = False  # True while the blocks run as composed segments
+        self._runs: list[_Graph] = self._load_runs(compose and m.causal)  # cover [0, n) in order
         self.head = graph(names["head"], ("hidden",), 1) if names.get("head") else None
-        self._rope_rows = 0  # positions the blocks' rope tables cover (grown with the caches)
         self._ensure_rope(ROPE_MIN_ROWS)
         self._tokenizer = self._load_tokenizer()
         self._check_embed()
+
+    def _load_runs(self, compose: bool) -> list[_Graph]:
+        """The block graphs: one composed segment [0, n) when every block is an in-place graph of one
+        folder, else one session per block."""
+        n = len(self._block_names)
+        if compose and n:
+            try:
+                runs = [self._composed(0, n)]
+                self.composed = True
+                return runs
+            except NotComposable as e:
+                log.debug("blocks run one graph each: %s", e)
+        need = ("hidden", "past_key", "past_value") if self.manifest.causal else ("hidden",)
+        return [_Graph(bundle_file(self.bundle_dir, b), self._threads, self.bundle_dir / b, need,
+                       3 if self.manifest.causal else 1, first=i) for i, b in enumerate(self._block_names)]
+
+    def _composed(self, first: int, stop: int) -> _Graph:
+        from google.protobuf.message import DecodeError
+
+        paths = [bundle_file(self.bundle_dir, b) for b in self._block_names[first:stop]]
+        try:
+            seg = compose(paths, first)
+        except DecodeError:
+            bad = next(p for p in paths if not _parses(p))
+            raise BundleError(f"{self.bundle_dir / self._block_names[paths.index(bad) + first]}: ONNX Runtime "
+                              f"cannot load this graph (it does not parse as an ONNX model); the file is corrupt "
+                              f"or not an ONNX model: {_REPARTITION}") from None
+        shown = f"{self.bundle_dir / self._block_names[first]} .. {Path(self._block_names[stop - 1]).name}"
+        g = _Graph(seg, self._threads, shown, outputs=1 + 2 * (stop - first))
+        g.tables = self._rope if ROPE_META in g.meta else {}
+        return g
+
+    def _cut(self, k: int) -> None:
+        """Make ``k`` a segment boundary: the composed segment [a, b) around it becomes [a, k) and [k, b). The
+        old session goes first, so the weights are held once (a moment of load time instead: ~0.1 s per 10
+        SmolLM2 int4 blocks here)."""
+        for idx, g in enumerate(self._runs):
+            if g.first < k < g.stop:
+                a, b = g.first, g.stop
+                del g, self._runs[idx]
+                t0 = time.perf_counter()
+                self._runs[idx:idx] = [self._composed(a, k), self._composed(k, b)]
+                log.info("edge blocks [%d, %d) split at %d into two graphs (%.2f s)", a, b, k,
+                         time.perf_counter() - t0)
+                return
+
+    def _runs_in(self, a: int, b: int) -> list[_Graph]:
+        """The graphs that run blocks [a, b), in order (cutting segments so that a and b are boundaries)."""
+        self._cut(a)
+        self._cut(b)
+        return [g for g in self._runs if a <= g.first and g.stop <= b]
+
+    @property
+    def blocks(self) -> list[_Graph]:
+        """One graph per block (a runtime made with ``compose=False``): for timing or feeding blocks alone."""
+        if self.composed:
+            raise RuntimeError("this EdgeRuntime runs composed segments; make it with compose=False to run "
+                               "single blocks")
+        return self._runs
 
     def _load_tokenizer(self):
         from tokenizers import Tokenizer
@@ -278,7 +375,7 @@ class EdgeRuntime:
     # -- properties ---------------------------------------------------------------------
     @property
     def num_edge_layers(self) -> int:
-        return len(self.blocks)
+        return len(self._block_names)
 
     @property
     def tokenizer(self):
@@ -314,13 +411,11 @@ class EdgeRuntime:
         t = ids_arr.shape[1]
         pos = np.arange(start, start + t, dtype=np.int64).reshape(1, -1)  # (1, T)
         (hidden,) = self.embed.run(input_ids=ids_arr, position_ids=pos)  # (1, T, C)
-        m = self.manifest
-        for i in range(k):
-            if m.causal:
-                hidden = self._block_step(i, hidden, start, pos, cache)
+        for g in self._runs_in(0, k):
+            if self.manifest.causal:
+                hidden = self._run(g, hidden, start, pos, cache)
             else:
-                mask = np.ones((1, t), dtype=np.int64)
-                (hidden,) = self.blocks[i].run(hidden=hidden, attention_mask=mask)
+                (hidden,) = g.run(hidden=hidden, attention_mask=np.ones((1, t), dtype=np.int64))
         return np.ascontiguousarray(_array(hidden)[0], dtype=np.float32)  # (T, C)
 
     def continue_from(self, hidden: np.ndarray, start: int, k_from: int, k_to: int,
@@ -333,24 +428,30 @@ class EdgeRuntime:
             have = cache.layers[i].length if cache.layers[i] is not None else 0
             if have != start:
                 raise ValueError(f"edge cache of block {i} holds {have} positions, expected {start}")
-            h = self._block_step(i, h, start, pos, cache)
+        for g in self._runs_in(k_from, k_to):
+            h = self._run(g, h, start, pos, cache)
         return _array(h)[0]
 
-    def _block_step(self, i: int, hidden, start: int, pos: np.ndarray, cache: EdgeCache):
-        """Causal block i on hidden (1, T, C) at positions start..: its cache grows by T positions. Takes and
-        returns an array or, between in-place graphs, an OrtValue (``_array`` converts)."""
-        m, graph = self.manifest, self.blocks[i]
-        c = cache.layers[i]
+    def _run(self, graph: _Graph, hidden, start: int, pos: np.ndarray, cache: EdgeCache):
+        """Causal blocks [graph.first, graph.stop) on hidden (1, T, C) at positions start..: their caches grow
+        by T positions. Takes and returns an array or, between in-place graphs, an OrtValue (``_array``
+        converts)."""
         t = pos.shape[1]
         if graph.tables and self._rope_rows < start + t:
             self._ensure_rope(start + t)
         if graph.kv_in_place:
-            if c is None or c.capacity < start + t:
-                c = self._grown(c, start + t)
-                cache.layers[i] = c
-            out = graph.run_in_place(hidden, pos, c)
-            c.length = start + t
+            caches = []
+            for i in range(graph.first, graph.stop):
+                c = cache.layers[i]
+                if c is None or c.capacity < start + t:
+                    c = cache.layers[i] = self._grown(c, start + t)
+                caches.append(c)
+            out = graph.run_in_place(hidden, pos, caches)
+            for c in caches:
+                c.length = start + t
             return out
+        m, i = self.manifest, graph.first  # a graph that returns new arrays: one block
+        c = cache.layers[i]
         if c is None:
             z = np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
             c = LayerCache(z, z.copy())
@@ -361,13 +462,13 @@ class EdgeRuntime:
     def _ensure_rope(self, rows: int) -> None:
         """Rope tables of at least ``rows`` positions (doubling, up to max_positions) for every block graph that
         takes them, shared by all (a 128k-context model does not hold 2 x 17 MB of tables for a short chat)."""
-        takers = [g for g in self.blocks if ROPE_META in g.meta]
+        takers = [g for g in self._runs if ROPE_META in g.meta]
         if not takers or rows <= self._rope_rows:
             return
         n = max(rows, min(max(2 * self._rope_rows, ROPE_MIN_ROWS), self.manifest.max_positions))
-        tables = rope_tables(takers[0].meta, n)
+        self._rope = rope_tables(takers[0].meta, n)
         for g in takers:
-            g.tables = tables
+            g.tables = self._rope
         self._rope_rows = n
 
     def _grown(self, c: LayerCache | None, need: int) -> LayerCache:

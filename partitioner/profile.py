@@ -42,7 +42,7 @@ def _contexts(max_positions: int) -> list[int]:
 def profile_edge(bundle_dir, threads: int = 1, int8: bool = False, repeats: int = 7) -> dict:
     from seamline.edge.runtime import EdgeRuntime
 
-    rt = EdgeRuntime(bundle_dir, threads=threads, int8=int8)
+    rt = EdgeRuntime(bundle_dir, threads=threads, int8=int8, compose=False)  # timed block by block
     m = rt.manifest
     ctxs = _contexts(m.max_positions)
     chunk = min(PREFILL_CHUNK, m.max_positions)

@@ -128,7 +128,8 @@ def verify(opts: VerifyOptions) -> dict:
     quant = opts.quant
     if quant is None and not opts.int8:  # default: exact parity of the fp32 graphs when shipped, else the bundle's
         quant = "fp32" if "fp32" in manifest.precisions() else manifest.precision
-    runtime = EdgeRuntime(opts.bundle, threads=opts.threads, int8=opts.int8, verify=False, precision=quant)
+    runtime = EdgeRuntime(opts.bundle, threads=opts.threads, int8=opts.int8, verify=False, precision=quant,
+                          compose=False)  # every split in turn: one graph per block
     precision = runtime.precision
     ids = _prompt_ids(runtime, opts.prompt_tokens)
     local: dict | None = None  # every layer and the head graph on the edge (full bundles)

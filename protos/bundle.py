@@ -51,6 +51,9 @@ MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "int4", "int8", "int8-dynamic")  # of a bundle's edge graphs (partition --quantize-edge)
 MAX_MANIFEST_BYTES = 16 * 2**20  # a manifest is a few KB; refuse to read a huge one
 MAX_INT = 2**31 - 1  # what the wire's int32 fields carry
+# Block graph metadata (ONNX model properties) the partitioner writes and the edge runtime reads:
+KV_IN_PLACE_META = "seamline.kv_in_place"  # "1": past/present may be one buffer, appended to in place
+ROPE_META = "seamline.rope"  # JSON inv_freq and scaling of the graph's rope_cos / rope_sin input tables
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FIX = "re-run `partition` with this version of seamline (or correct the field)"
 

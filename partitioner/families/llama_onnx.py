@@ -24,10 +24,9 @@ import json
 
 import numpy as np
 import torch
+from seamline.protos.bundle import KV_IN_PLACE_META, ROPE_META
 
 STATIC_ROPE = (None, "default", "linear", "llama3")
-KV_IN_PLACE = "seamline.kv_in_place"  # model property: past/present may be one buffer (edge/runtime.py)
-ROPE = "seamline.rope"  # model property: inv_freq and scaling of the rope_cos / rope_sin input tables
 MS = "com.microsoft"
 
 
@@ -158,6 +157,6 @@ def build_block(adapter, i: int, opset: int):
     graph = helper.make_graph(b.nodes, f"llama_block_{i}", inputs, outputs, b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
                               producer_name="seamline")
-    helper.set_model_props(model, {KV_IN_PLACE: "1", ROPE: json.dumps(
+    helper.set_model_props(model, {KV_IN_PLACE_META: "1", ROPE_META: json.dumps(
         {"inv_freq": [float(f) for f in inv_freq], "scaling": scaling})})
     return model
