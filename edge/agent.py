@@ -38,7 +38,7 @@ def build_engine(config: EdgeConfig, policy: SplitPolicy | None = None) -> Gener
                           "`bundle` in the config file")
     bundle = Path(config.bundle).expanduser()
     runtime = EdgeRuntime(bundle, threads=config.threads, int8=config.int8, verify=config.verify,
-                          precision=config.precision)
+                          precision=config.precision, compose=config.compose)
     m = runtime.manifest
     if not config.cloud and not m.has_all_layers:
         raise ConfigError(f"no cloud endpoint, and {bundle} exports only {m.edge_layers} of {m.num_layers} layers "

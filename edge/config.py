@@ -97,6 +97,8 @@ class EdgeConfig(Settings, section="edge"):
                                     "partitioned with; others only when shipped, e.g. fp32 with --keep-fp32)",
                                     choices=PRECISIONS)
     verify: bool = setting(True, "check every bundle file's sha256 at start-up")
+    compose: bool = setting(True, "run consecutive in-place edge blocks as one graph per segment, cut where a "
+                                  "split falls (--no-compose: one ONNX Runtime session per block)")
     chunk_tokens: int = setting(64, "prefill chunk size, tokens per Step request", low=1, metavar="N")
     speculate: str = setting("off", "speculative decoding: draft tokens on the edge and let the cloud verify "
                              "several per round trip (output unchanged): off | prompt-lookup | auto (prompt "

@@ -354,6 +354,15 @@ class Generation:
                 raise CloudUnavailable(f"the cloud failed {failures} times in one generation "
                                        f"(last: {error.message})")
 
+    async def _graphs_ready(self, k: int) -> None:
+        """Load the edge graphs split k needs before a timed step: the first time a split falls inside a
+        composed segment the runtime cuts it in two (``EdgeRuntime._cut``), and that load is not compute the
+        split policy should learn from the step's edge time."""
+        runtime = self.engine.runtime
+        if not runtime.ready(k):
+            _, ms = await self.engine.worker.run(runtime.prepare, k)
+            log.info("loaded the edge graphs for split %d in %.0f ms", k, ms)
+
     def _prepare(self, a: int, b: int, sample: bool) -> asyncio.Task:
         """Schedule rows [a, b) for the wire: compute what the edge has not, encode; a task."""
         return asyncio.get_running_loop().create_task(self._prepare_chunk(a, b, sample))
@@ -361,6 +370,7 @@ class Generation:
     async def _prepare_chunk(self, a: int, b: int, sample: bool) -> OutgoingChunk:
         k, cfg = self.choice.k, self.choice.codec
         zmin = self.engine.manifest.codec.zstd_min_tokens
+        await self._graphs_ready(k)
         if k == 0:  # all-cloud baseline: token ids go out, nothing to compute
             return wire.encode_chunk(a, None, self.ids[a:b], cfg, sample, zmin)
         known = self.hist.rows(a, min(b, self.edge_sched))
@@ -463,6 +473,7 @@ class Generation:
     async def _speculative_step(self, session: LinkSession, spec: Speculator) -> list[tuple[int, float, tuple]]:
         """Draft, send [t, drafts] in one step, accept the drafts the cloud's draws confirm (see the top)."""
         k, cfg = self.choice.k, self.choice.codec
+        await self._graphs_ready(k)
         m, runtime, cache = self.engine.manifest, self.engine.runtime, self.cache
         ids, n = self.ids, len(self.ids)
         start = n - 1  # the newest token's position: the cloud holds [0, start)
@@ -572,6 +583,7 @@ class Generation:
     async def _local_token(self) -> tuple[int, float, tuple]:
         """Blocks [k, L) + head on the edge for positions [local_pos, len(ids)), then sample."""
         k, n = self.choice.k, len(self.ids)
+        await self._graphs_ready(k)
         runtime, cache, L = self.engine.runtime, self.cache, self.engine.manifest.num_layers
         start = self.local_pos
         known = self.hist.rows(start, self.edge_sched) if k > 0 else None

@@ -11,6 +11,9 @@ sequential execution, full graph optimisation. The agent calls every session fro
 thread (``worker.ComputeWorker``), so ``seamline edge --threads N`` (``intra_op_num_threads``) is
 the whole of the edge's compute parallelism; inter-op parallelism stays at 1.
 
+In-place block graphs run as composed segments (``segments.py``): one ONNX Runtime call per segment instead
+of one per block; a segment is cut in two where a split first falls inside it (``EdgeRuntime._cut``).
+
 Start-up checks the whole bundle, so that a broken one fails to start (never at the first request):
 every graph is loaded and its inputs and outputs checked against the conventions of ``bundle.py``,
 the embedding runs once (its width must be ``hidden_size``), and the tokenizer is loaded and tried.
@@ -25,7 +28,14 @@ from pathlib import Path
 
 import numpy as np
 from seamline.edge.segments import FOLDER_KEY, Composed, NotComposable, compose, kv_names
-from seamline.protos.bundle import KV_IN_PLACE_META, ROPE_META, BundleError, Manifest, bundle_file, load_bundle
+from seamline.protos.bundle import (
+    KV_IN_PLACE_META,
+    ROPE_META,
+    BundleError,
+    Manifest,
+    bundle_file,
+    load_bundle,
+)
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +333,16 @@ class EdgeRuntime:
                 log.info("edge blocks [%d, %d) split at %d into two graphs (%.2f s)", a, b, k,
                          time.perf_counter() - t0)
                 return
+
+    def ready(self, *splits: int) -> bool:
+        """Whether every split is a segment boundary already (running at it loads nothing)."""
+        starts = {g.first for g in self._runs}
+        return all(k <= 0 or k >= self.num_edge_layers or k in starts for k in splits)
+
+    def prepare(self, *splits: int) -> None:
+        """Make every split a segment boundary now (load the graphs it needs), outside a timed step."""
+        for k in splits:
+            self._cut(k)
 
     def _runs_in(self, a: int, b: int) -> list[_Graph]:
         """The graphs that run blocks [a, b), in order (cutting segments so that a and b are boundaries)."""

@@ -79,7 +79,7 @@ def test_blocks_that_cannot_be_composed_run_one_session_each(cut_bundle, tmp_pat
     with pytest.raises(NotComposable, match="in place"):
         compose(sorted(cut_bundle("gpt2").path.glob("block_*.onnx")), 0)
     with pytest.raises(RuntimeError, match="compose=False"):
-        EdgeRuntime(cut_bundle("llama").path, verify=False).blocks
+        _ = EdgeRuntime(cut_bundle("llama").path, verify=False).blocks
 
 
 def test_blocks_in_two_folders_are_not_composed(cut_bundle, tmp_path):
@@ -99,3 +99,14 @@ def test_a_corrupt_block_file_fails_the_start_naming_it(cut_bundle, tmp_path):
     block.write_bytes(b"\xff" * 64 + data[64:])  # the size the manifest says; not an ONNX model
     with pytest.raises(BundleError, match=r"block_02\.onnx: ONNX Runtime cannot load.*corrupt"):
         EdgeRuntime(bad, verify=False)
+
+
+def test_prepare_loads_a_split_before_it_runs(llama):
+    rt = EdgeRuntime(llama, verify=False)
+    n = rt.num_edge_layers
+    assert rt.ready(0, n) and not rt.ready(2)  # the ends are always boundaries
+    rt.prepare(2, 1)
+    assert rt.ready(1, 2) and [(g.first, g.stop) for g in rt._runs] == [(0, 1), (1, 2), (2, n)]
+    before = list(rt._runs)
+    rt.forward([1, 2, 3], 0, 2, rt.new_cache())  # a split that is ready loads nothing
+    assert rt._runs == before
