@@ -78,6 +78,7 @@ if TYPE_CHECKING:
     from .engine import GenerationEngine
 
 log = logging.getLogger("seamline.edge")
+DRAFT_SLACK = 16  # positions past the last token a speculative step may cache (draft rows, rolled back)
 
 
 class DeadlinePassed(CloudUnavailable):
@@ -120,7 +121,7 @@ class Generation:
         if engine.eos_token_id is not None:
             stops.add(engine.eos_token_id)
         self.stop_ids = frozenset(stops)
-        self.cache: EdgeCache = engine.runtime.new_cache()
+        self.cache: EdgeCache = engine.runtime.new_cache(self._reserve())
         self.hist = HiddenHistory(m.hidden_size)
         self.choice: SplitChoice | None = None
         self.session: LinkSession | None = None
@@ -203,6 +204,7 @@ class Generation:
         finally:
             self._close_session()
             self._stop_probing()
+            self.engine.worker.later(self.engine.runtime.release, self.cache)  # its KV buffers go now
             self.stats.completion_tokens = len(self.tokens)
             self.stats.total_ms = (time.perf_counter() - t0) * 1e3
 
@@ -281,6 +283,10 @@ class Generation:
                     log.exception("the split policy failed to observe a link probe")
                 break
 
+    def _reserve(self) -> int:
+        """Positions the edge cache is first made for: the prompt, the new tokens and a few draft rows."""
+        return min(self.n_prompt + self.max_new + DRAFT_SLACK, self.engine.manifest.max_positions)
+
     def _move(self, choice: SplitChoice) -> None:
         """Apply a mid-generation choice of the policy (after the current token), either way between the
         link and the edge alone."""
@@ -306,7 +312,7 @@ class Generation:
                  else f"the split from {self.choice.k}", choice.k, choice.codec_name)
         if choice.k != self.choice.k:
             # The new split's hidden states are not in the history: recompute it at the new k, then replay.
-            self.cache = self.engine.runtime.new_cache()
+            self.cache = self.engine.runtime.new_cache(self._reserve())
             self.hist = HiddenHistory(m.hidden_size)
             self.edge_sched = self.local_pos = 0
         # else: back at the split it fell back from; the history at k is whole (the local path kept it), so

@@ -70,6 +70,7 @@ class EdgeCache:
     """The edge's KV cache for blocks [0, n); ``layers[i]`` is None until block i has run."""
 
     layers: list[LayerCache | None] = field(default_factory=list)
+    reserve: int = 0  # positions an in-place buffer is first made for (the generation's prompt + new tokens)
 
     def length(self, k: int) -> int:
         """Positions cached consistently in blocks [0, k); -1 if they disagree (replay needed)."""
@@ -190,6 +191,11 @@ class _Graph:
         self._io = None  # run_in_place's I/O binding, reused across calls
         self._kv_bound: list = [None] * len(self.kv)  # the (key, value) OrtValues bound in it now, per block
         self._tables_bound: dict | None = None  # the rope tables bound in it now
+
+    def unbind(self) -> None:
+        """Drop the I/O binding (and the buffers it holds); the next ``run_in_place`` makes a new one."""
+        self._io, self._tables_bound = None, None
+        self._kv_bound = [None] * len(self.kv)
 
     def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
         feeds = {**self.tables, **feeds}
@@ -411,8 +417,11 @@ class EdgeRuntime:
     def decode_ids(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def new_cache(self) -> EdgeCache:
-        return EdgeCache([None] * self.num_edge_layers)
+    def new_cache(self, reserve: int = 0) -> EdgeCache:
+        """An empty cache; ``reserve``: the positions it will likely hold, so that in-place buffers are made
+        that size at once (no doubling: a 512-token prompt and 64 new tokens hold 576 positions, not 1,024,
+        and never the old and the new buffer together)."""
+        return EdgeCache([None] * self.num_edge_layers, reserve)
 
     # -- compute ------------------------------------------------------------------------
     def forward(self, ids: list[int] | np.ndarray, start: int, k: int, cache: EdgeCache) -> np.ndarray:
@@ -464,7 +473,7 @@ class EdgeRuntime:
             for i in range(graph.first, graph.stop):
                 c = cache.layers[i]
                 if c is None or c.capacity < start + t:
-                    c = cache.layers[i] = self._grown(c, start + t)
+                    c = cache.layers[i] = self._grown(c, start + t, cache.reserve)
                 caches.append(c)
             out = graph.run_in_place(hidden, pos, caches)
             for c in caches:
@@ -479,6 +488,16 @@ class EdgeRuntime:
         cache.layers[i] = LayerCache(key, value)
         return hidden
 
+    def release(self, cache: EdgeCache) -> None:
+        """A finished generation's cache: its buffers are freed now, not when the next generation binds its
+        own (an I/O binding holds the buffers it was last given: without this, one generation's KV cache
+        stayed alive beside the next one's). Call it on the compute worker's thread (``ComputeWorker.later``)."""
+        held = {id(c.bound) for c in cache.layers if c is not None and c.bound is not None}
+        for g in self._runs:
+            if any(id(b) in held for b in g._kv_bound if b is not None):
+                g.unbind()
+        cache.layers = [None] * len(cache.layers)
+
     def _ensure_rope(self, rows: int) -> None:
         """Rope tables of at least ``rows`` positions (doubling, up to max_positions) for every block graph that
         takes them, shared by all (a 128k-context model does not hold 2 x 17 MB of tables for a short chat)."""
@@ -491,11 +510,12 @@ class EdgeRuntime:
             g.tables = self._rope
         self._rope_rows = n
 
-    def _grown(self, c: LayerCache | None, need: int) -> LayerCache:
-        """An in-place buffer of at least ``need`` positions (doubling, up to max_positions), holding ``c``'s."""
+    def _grown(self, c: LayerCache | None, need: int, reserve: int = 0) -> LayerCache:
+        """An in-place buffer of at least ``need`` positions (the first one ``reserve``, then doubling, up to
+        max_positions), holding ``c``'s."""
         m = self.manifest
         have = c.capacity if c is not None else 0
-        cap = max(KV_MIN_CAPACITY, have * 2)
+        cap = max(KV_MIN_CAPACITY, have * 2) if c is not None or reserve <= 0 else reserve
         while cap < need:
             cap *= 2
         cap = max(need, min(cap, m.max_positions))

@@ -8,12 +8,14 @@ device (see ``runtime.session_options``): concurrent requests interleave job by 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ComputeWorker:
@@ -29,6 +31,20 @@ class ComputeWorker:
 
         out, ms = await asyncio.get_running_loop().run_in_executor(self._pool, timed)
         return out, ms
+
+    def later(self, fn: Callable[..., object], *args) -> None:
+        """Queue ``fn(*args)`` behind the jobs already submitted, without waiting for it (clean-up that must
+        not run while another job uses the same sessions); nothing happens once the worker is shut down."""
+        def logged():
+            try:
+                fn(*args)
+            except Exception:  # clean-up never fails a caller that did not wait for it
+                log.exception("a queued clean-up job failed")
+
+        try:
+            self._pool.submit(logged)
+        except RuntimeError:  # shut down: the process is ending
+            pass
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

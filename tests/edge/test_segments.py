@@ -110,3 +110,49 @@ def test_prepare_loads_a_split_before_it_runs(llama):
     before = list(rt._runs)
     rt.forward([1, 2, 3], 0, 2, rt.new_cache())  # a split that is ready loads nothing
     assert rt._runs == before
+
+
+def test_a_finished_generation_frees_its_kv_buffers(llama):
+    """The graphs' I/O bindings hold the buffers last bound; a generation's end releases them (else one
+    generation's cache stayed alive beside the next one's)."""
+    import asyncio
+    import weakref
+
+    from seamline.edge.agent import build_engine, close_engine
+    from seamline.edge.config import EdgeConfig
+    from seamline.edge.messages import GenerationRequest
+
+    async def main():
+        engine = build_engine(EdgeConfig(bundle=str(llama), cloud=[], verify=False, log_level="WARNING"))
+        try:
+            gen = engine.start(GenerationRequest(tuple(range(100, 120)), 6))
+            buffers = []
+            async for _ in gen.events():
+                buffers = buffers or [weakref.ref(c.key) for c in gen.cache.layers if c is not None]
+            await engine.worker.run(lambda: None)  # the release queued behind the last job has run
+            assert buffers and all(ref() is None for ref in buffers)
+            again = engine.start(GenerationRequest(tuple(range(100, 120)), 6))  # the next one binds anew
+            assert [e.tokens[0].token_id async for e in again.events() if e.tokens] == gen.result().token_ids
+        finally:
+            await close_engine(engine)
+
+    asyncio.run(main())
+
+
+def test_a_reserved_cache_is_made_once_at_its_size(llama):
+    """A generation reserves prompt + new tokens: the in-place buffers are made that size at once (no
+    doubling copy), grow by doubling only past it, and hold the same numbers as an unreserved cache."""
+    rt = EdgeRuntime(llama, verify=False)
+    n = rt.num_edge_layers
+    reserved, plain = rt.new_cache(reserve=100), rt.new_cache()
+    a = rt.forward(list(range(1, 71)), 0, n, reserved)
+    b = rt.forward(list(range(1, 71)), 0, n, plain)
+    np.testing.assert_array_equal(a, b)
+    assert {c.capacity for c in reserved.layers} == {100} and {c.capacity for c in plain.layers} == {128}
+    first = reserved.layers[0].key
+    for p in range(70, 100):
+        rt.forward([p % 50 + 1], p, n, reserved)
+    assert reserved.layers[0].key is first  # filled to its reserve without a new buffer
+    rt.forward([3], 100, n, reserved)
+    assert {c.capacity for c in reserved.layers} == {min(200, rt.manifest.max_positions)}  # doubled, capped
+    assert reserved.length(n) == 101
