@@ -138,10 +138,14 @@ def bootstrap(rootfs: Path, rebuild: bool = False) -> bool:
 
 @contextlib.contextmanager
 def mounted(rootfs: Path) -> Iterator[None]:
-    """/proc, /sys, /dev bound into the chroot; the host's resolver, hosts and CA bundle copied in."""
+    """/proc and /dev bound into the chroot; the host's resolver, hosts and CA bundle copied in. Not /sys:
+    under qemu-user, onnxruntime's CPU detection (cpuinfo) reads the host's x86 CPU entries there as an arm64
+    CPU's and the interpreter dies at ``import onnxruntime`` (SIGSEGV, reproduced here with 1.32.0); without
+    /sys it warns "cpuinfo_initialize failed" and runs its generic arm64 kernels. A real device has its own
+    /sys and is not affected."""
     done = []
     try:
-        for src, fstype in (("/proc", "proc"), ("/sys", None), ("/dev", None), ("/dev/pts", None)):
+        for src, fstype in (("/proc", "proc"), ("/dev", None), ("/dev/pts", None)):
             target = rootfs / src.lstrip("/")
             target.mkdir(parents=True, exist_ok=True)
             if str(target.resolve()) in _mounts_under(target):  # left by a killed run
