@@ -11,7 +11,7 @@ side, write to read), the server's RSS (``/proc/PID/status``) before, at most du
 every session closed, with ``rss_growth_mb`` = after - before. The load runs in two halves with every
 session closed in between: growth in the second half too would be a leak; growth in the first half
 only is the allocator keeping its high-water mark. ``rss_settled_mb`` is read ``TRIM_WAIT_S`` later, once the
-server has handed freed memory back (``cloud/memory.py``: capped malloc arenas, ``malloc_trim`` and the KV
+server has handed freed memory back (``protos/memory.py``: capped malloc arenas, ``malloc_trim`` and the KV
 slab's free pages after a burst of closed sessions), with the growth split into anonymous memory (heap,
 tensors) and file-backed pages (library code paged in on first use). Baseline, measured in the same run:
 one session alone on the idle server.

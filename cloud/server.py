@@ -17,10 +17,9 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from seamline.partitioner.loading import load_model, model_hash
-from seamline.protos import codec
+from seamline.protos import codec, memory
 from seamline.protos import seamline_pb2 as pb
 
-from . import memory
 from .auth import Authenticator, server_credentials
 from .config import CloudConfig, ConfigError
 from .encoder import EncoderExecutor, executor_for
@@ -66,7 +65,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Seamline"].full_name  # seamline.
 @dataclass(eq=False)
 class Trimmer:
     """Frees a dropped session's KV at once, and after a burst of releases (or when the last session went)
-    hands the freed memory back to the OS: the KV slab's free pages, then the malloc heap (memory.py)."""
+    hands the freed memory back to the OS: the KV slab's free pages, then the malloc heap (protos/memory.py)."""
 
     store: SessionStore
     pool: KVPool | None

@@ -10,9 +10,9 @@ import threading
 import grpc
 import numpy as np
 import torch
-from seamline.cloud import memory
 from seamline.cloud.kvpool import PAD, KVPool
 from seamline.partitioner.families import ModelShape
+from seamline.protos import memory
 from seamline.testing.servers import ServerThread
 from seamline.testing.wait import async_wait_until
 

@@ -1,4 +1,5 @@
-"""Process memory that returns: glibc's malloc arenas capped, freed heap handed back to the OS.
+"""Process memory that returns: glibc's malloc arenas capped, freed heap handed back to the OS. Used by both
+daemons (the cloud server and the edge agent), so it lives beside the other shared modules.
 
 glibc gives each thread that allocates its own arena (up to 8 per core) and keeps freed memory in
 them for reuse: a server whose gRPC, asyncio and torch threads allocate and free per message sees its
@@ -30,12 +31,13 @@ def _glibc():
 _LIBC = _glibc()
 
 
-def cap_arenas(arenas: int | None = None) -> bool:
-    """Limit glibc malloc to ``arenas`` arenas (``MALLOC_ARENA_MAX`` when set, else 2); True when applied."""
+def cap_arenas(arenas: int | None = None, default: int = DEFAULT_ARENAS) -> bool:
+    """Limit glibc malloc to ``arenas`` arenas (``MALLOC_ARENA_MAX`` when set, else ``default``); True when
+    applied."""
     if _LIBC is None:
         return False
     if arenas is None:
-        arenas = int(os.environ.get("MALLOC_ARENA_MAX", DEFAULT_ARENAS))
+        arenas = int(os.environ.get("MALLOC_ARENA_MAX", default))
     os.environ.setdefault("MALLOC_ARENA_MAX", str(arenas))  # child processes start capped too
     return bool(_LIBC.mallopt(M_ARENA_MAX, int(arenas)))
 
