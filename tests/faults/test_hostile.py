@@ -319,7 +319,7 @@ def test_raw_bytes_on_the_generate_stream(live, watch):
     @settings(FUZZ, max_examples=100)
     @given(messages=raw_streams(valid, others))
     @example(messages=[valid])  # OK: the three statuses asserted below are reached on every run,
-    @example(messages=[others[0]])  # FAILED_PRECONDITION (a rewind),
+    @example(messages=[others[1]])  # FAILED_PRECONDITION (beyond the session's position),
     @example(messages=[others[2]])  # INVALID_ARGUMENT (a malformed tensor); the draws add the rest
     def check(messages: list[bytes]) -> None:
         code, details, replies = _raw_codes(live, [opening, first, *messages])
