@@ -360,14 +360,23 @@ class Generation:
                 raise CloudUnavailable(f"the cloud failed {failures} times in one generation "
                                        f"(last: {error.message})")
 
-    async def _graphs_ready(self, k: int) -> None:
-        """Load the edge graphs split k needs before a timed step: the first time a split falls inside a
-        composed segment the runtime cuts it in two (``EdgeRuntime._cut``), and that load is not compute the
-        split policy should learn from the step's edge time."""
+    async def _run_at(self, k: int, job):
+        """``job()`` on the compute worker at split k; returns (its result, its ms). The graphs split k needs are
+        loaded first in the same job (the first time a split falls inside a composed segment the runtime cuts
+        it in two: ``EdgeRuntime.prepare``), so the load keeps its place among the other steps' jobs, and its
+        time is left out of the step's edge time, which the split policy learns compute from."""
         runtime = self.engine.runtime
-        if not runtime.ready(k):
-            _, ms = await self.engine.worker.run(runtime.prepare, k)
-            log.info("loaded the edge graphs for split %d in %.0f ms", k, ms)
+
+        def at_k():
+            t0 = time.perf_counter()
+            runtime.prepare(k)
+            loading = (time.perf_counter() - t0) * 1e3
+            return job(), loading
+
+        (out, loading), ms = await self.engine.worker.run(at_k)
+        if loading > 5:
+            log.info("loaded the edge graphs for split %d in %.0f ms (not counted as the step's)", k, loading)
+        return out, ms - loading
 
     def _prepare(self, a: int, b: int, sample: bool) -> asyncio.Task:
         """Schedule rows [a, b) for the wire: compute what the edge has not, encode; a task."""
@@ -376,7 +385,6 @@ class Generation:
     async def _prepare_chunk(self, a: int, b: int, sample: bool) -> OutgoingChunk:
         k, cfg = self.choice.k, self.choice.codec
         zmin = self.engine.manifest.codec.zstd_min_tokens
-        await self._graphs_ready(k)
         if k == 0:  # all-cloud baseline: token ids go out, nothing to compute
             return wire.encode_chunk(a, None, self.ids[a:b], cfg, sample, zmin)
         known = self.hist.rows(a, min(b, self.edge_sched))
@@ -391,7 +399,7 @@ class Generation:
             return wire.encode_chunk(a, rows, None, cfg, sample, zmin), new
 
         try:
-            (chunk, new), ms = await self.engine.worker.run(job)
+            (chunk, new), ms = await self._run_at(k, job)
         except BaseException:
             self.edge_sched = self.hist.length
             raise
@@ -479,7 +487,6 @@ class Generation:
     async def _speculative_step(self, session: LinkSession, spec: Speculator) -> list[tuple[int, float, tuple]]:
         """Draft, send [t, drafts] in one step, accept the drafts the cloud's draws confirm (see the top)."""
         k, cfg = self.choice.k, self.choice.codec
-        await self._graphs_ready(k)
         m, runtime, cache = self.engine.manifest, self.engine.runtime, self.cache
         ids, n = self.ids, len(self.ids)
         start = n - 1  # the newest token's position: the cloud holds [0, start)
@@ -537,7 +544,7 @@ class Generation:
             hidden = np.stack(rows)  # (1 + g, C)
             return plan, drafts, hidden, wire.encode_chunk(start, hidden, None, cfg, True, zmin)
 
-        task = asyncio.get_running_loop().create_task(self.engine.worker.run(job))
+        task = asyncio.get_running_loop().create_task(self._run_at(k, job))
         try:
             (plan, drafts, hidden, encoded), ms = await asyncio.shield(task)
         except BaseException:
@@ -589,7 +596,6 @@ class Generation:
     async def _local_token(self) -> tuple[int, float, tuple]:
         """Blocks [k, L) + head on the edge for positions [local_pos, len(ids)), then sample."""
         k, n = self.choice.k, len(self.ids)
-        await self._graphs_ready(k)
         runtime, cache, L = self.engine.runtime, self.cache, self.engine.manifest.num_layers
         start = self.local_pos
         known = self.hist.rows(start, self.edge_sched) if k > 0 else None
@@ -606,7 +612,7 @@ class Generation:
             logits = runtime.logits(h[-1:])[-1]  # (V,)
             return new, sampling.sample(logits, params, n)
 
-        (new, picked), ms = await self.engine.worker.run(job)
+        (new, picked), ms = await self._run_at(k, job)
         if new is not None and k > 0:
             self.hist.append(new)
             self.edge_sched = self.hist.length

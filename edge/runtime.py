@@ -340,11 +340,6 @@ class EdgeRuntime:
                          time.perf_counter() - t0)
                 return
 
-    def ready(self, *splits: int) -> bool:
-        """Whether every split is a segment boundary already (running at it loads nothing)."""
-        starts = {g.first for g in self._runs}
-        return all(k <= 0 or k >= self.num_edge_layers or k in starts for k in splits)
-
     def prepare(self, *splits: int) -> None:
         """Make every split a segment boundary now (load the graphs it needs), outside a timed step."""
         for k in splits:
