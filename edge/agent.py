@@ -36,8 +36,8 @@ log = logging.getLogger("seamline.edge")
 
 def build_engine(config: EdgeConfig, policy: SplitPolicy | None = None) -> GenerationEngine:
     """Load the bundle and wire runtime, worker, link and policy together (no HTTP)."""
-    # One malloc arena (MALLOC_ARENA_MAX overrides): the compute thread's own arena kept ~25 MB of freed
-    # numpy and tokenizer memory beside the main thread's on SmolLM2 int4; a device has no memory to spare.
+    # One malloc arena (MALLOC_ARENA_MAX overrides): with an arena per thread a SmolLM2 int4 generation
+    # peaked ~20 MB higher (README, "Edge runtime settings"); a device has no memory to spare.
     memory.cap_arenas(default=EDGE_ARENAS)
     if not config.bundle:
         raise ConfigError("no bundle: pass --bundle DIR (a folder written by `seamline partition`) or set "

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from seamline.edge.segments import FOLDER_KEY, Composed, NotComposable, compose, kv_names
+from seamline.edge.segments import FOLDER_KEY, Composed, NotComposable, UnreadableBlock, compose, kv_names
 from seamline.protos.bundle import (
     KV_IN_PLACE_META,
     ROPE_META,
@@ -242,17 +242,6 @@ class _Graph:
         return io.get_outputs()[0]
 
 
-def _parses(path: Path) -> bool:
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    try:
-        onnx.ModelProto.FromString(path.read_bytes())
-        return True
-    except DecodeError:
-        return False
-
-
 def _array(hidden) -> np.ndarray:
     """A block's output as a numpy array (in-place graphs return OrtValues)."""
     return hidden if isinstance(hidden, np.ndarray) else hidden.numpy()
@@ -311,16 +300,14 @@ class EdgeRuntime:
                        3 if self.manifest.causal else 1, first=i) for i, b in enumerate(self._block_names)]
 
     def _composed(self, first: int, stop: int) -> _Graph:
-        from google.protobuf.message import DecodeError
-
-        paths = [bundle_file(self.bundle_dir, b) for b in self._block_names[first:stop]]
+        names = self._block_names[first:stop]
+        paths = [bundle_file(self.bundle_dir, b) for b in names]
         try:
             seg = compose(paths, first)
-        except DecodeError:
-            bad = next(p for p in paths if not _parses(p))
-            raise BundleError(f"{self.bundle_dir / self._block_names[paths.index(bad) + first]}: ONNX Runtime "
-                              f"cannot load this graph (it does not parse as an ONNX model); the file is corrupt "
-                              f"or not an ONNX model: {_REPARTITION}") from None
+        except UnreadableBlock as e:
+            raise BundleError(f"{self.bundle_dir / names[paths.index(e.path)]}: ONNX Runtime cannot load this graph "
+                              f"(it does not parse as an ONNX model); the file is corrupt or not an ONNX model: "
+                              f"{_REPARTITION}") from None
         shown = f"{self.bundle_dir / self._block_names[first]} .. {Path(self._block_names[stop - 1]).name}"
         g = _Graph(seg, self._threads, shown, outputs=1 + 2 * (stop - first))
         g.tables = self._rope if ROPE_META in g.meta else {}
@@ -328,8 +315,8 @@ class EdgeRuntime:
 
     def _cut(self, k: int) -> None:
         """Make ``k`` a segment boundary: the composed segment [a, b) around it becomes [a, k) and [k, b). The
-        old session goes first, so the weights are held once (a moment of load time instead: ~0.1 s per 10
-        SmolLM2 int4 blocks here)."""
+        old session goes first, so the weights are held once (load time instead: composing and loading all 30
+        SmolLM2 int4 blocks took 0.66 s here, against 0.43 s for one session per block)."""
         for idx, g in enumerate(self._runs):
             if g.first < k < g.stop:
                 a, b = g.first, g.stop

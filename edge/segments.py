@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from seamline.protos.bundle import KV_IN_PLACE_META, ROPE_META
+from seamline.protos.bundle import KV_IN_PLACE_META, ROPE_META, external_tensor
 
 FOLDER_KEY = "session.model_external_initializers_file_folder_path"  # ONNX Runtime session config entry
 SHARED = ("position_ids", "rope_cos", "rope_sin")  # inputs every block of a run reads as they are
@@ -35,6 +35,14 @@ INLINE_BYTES = 1024  # initializers smaller than this stay inside the composed g
 
 class NotComposable(Exception):
     """These block graphs cannot run as one graph (the runtime keeps one session per block); says why."""
+
+
+class UnreadableBlock(ValueError):
+    """A block file that does not parse as an ONNX model; ``path`` is the file."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} does not parse as an ONNX model")
+        self.path = path
 
 
 @dataclass(frozen=True)
@@ -72,10 +80,16 @@ def _renamer(i: int, first: int, last: bool):
 def compose(paths: list[Path], first: int) -> Composed:
     """One graph for the block files ``paths`` (blocks ``first``, ``first + 1``, ...). Raises NotComposable
     when a block is not an in-place graph of the expected interface, when the blocks' rotary tables differ,
-    or when they do not share one folder; ``onnx.onnx_ml_pb2`` DecodeError for a file that is not a model
-    (the caller names it)."""
+    or when they do not share one folder; UnreadableBlock for a file that is not a model."""
     import onnx
+    from google.protobuf.message import DecodeError
     from onnx import TensorProto, helper
+
+    def renamed(v, name: str):
+        copy = onnx.ValueInfoProto()  # a copy: a reference into a block's model would keep its bytes alive
+        copy.CopyFrom(v)
+        copy.name = name
+        return copy
 
     if not paths:
         raise NotComposable("no blocks")
@@ -89,7 +103,10 @@ def compose(paths: list[Path], first: int) -> Composed:
         if path.parent != folder:
             raise NotComposable(f"{path} is not in {folder} with the other blocks")
         data = path.read_bytes()
-        model = onnx.ModelProto.FromString(data)
+        try:
+            model = onnx.ModelProto.FromString(data)
+        except DecodeError:
+            raise UnreadableBlock(path) from None
         props = {p.key: p.value for p in model.metadata_props}
         if props.get(KV_IN_PLACE_META) != "1":
             raise NotComposable(f"{path.name} does not append to its cache in place")
@@ -115,11 +132,7 @@ def compose(paths: list[Path], first: int) -> Composed:
             raw = t.raw_data
             if len(raw) >= INLINE_BYTES and t.data_location != TensorProto.EXTERNAL:
                 offset = data.find(raw)  # the serialized tensor holds its bytes as they are
-                ref = TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,
-                                  data_location=TensorProto.EXTERNAL)
-                for key, value in (("location", path.name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = ref.external_data.add()
-                    entry.key, entry.value = key, value
+                ref = external_tensor(t.name, t.data_type, list(t.dims), path.name, offset, len(raw))
             else:  # small, or already external (relative to this folder)
                 ref = TensorProto()
                 ref.CopyFrom(t)
@@ -127,12 +140,10 @@ def compose(paths: list[Path], first: int) -> Composed:
             inits.append(ref)
         for v in g.input:
             if j == 0 or v.name not in ("hidden", *SHARED):
-                inputs.append(helper.make_tensor_value_info(rename(v.name), v.type.tensor_type.elem_type, None))
-                inputs[-1].type.CopyFrom(v.type)
+                inputs.append(renamed(v, rename(v.name)))
         for v in g.output:
             if v.name != "hidden_out" or j == len(paths) - 1:
-                outputs.append(helper.make_tensor_value_info(rename(v.name), v.type.tensor_type.elem_type, None))
-                outputs[-1].type.CopyFrom(v.type)
+                outputs.append(renamed(v, rename(v.name)))
         for op in model.opset_import:
             opsets[op.domain] = max(opsets.get(op.domain, 0), op.version)
         ir_version = max(ir_version, model.ir_version)

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from seamline.protos.bundle import external_tensor
 
-from .export import external_tensor
 from .loading import DEMO_DIR
 
 LM_HEAD_FILE = "draft_lm_head.bin"

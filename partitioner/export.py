@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from seamline.protos.bundle import external_tensor
 
 from .families import FamilyAdapter
 
@@ -266,19 +267,6 @@ def export_head(adapter: FamilyAdapter, path: Path, opset: int = DEFAULT_OPSET) 
 
 
 TIED_FILE = "tied_embedding.bin"
-
-
-def external_tensor(name: str, dtype: int, dims: list[int], location: str, offset: int, length: int):
-    """An initializer whose bytes are ``length`` bytes at ``offset`` of the file ``location`` (next to the graph).
-    ONNX's ``set_external_data`` needs the bytes in the tensor first; these are already written."""
-    import onnx
-
-    t = onnx.TensorProto(name=name, data_type=dtype, dims=dims)
-    t.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = t.external_data.add()
-        entry.key, entry.value = key, value
-    return t
 
 
 def _tied_pair(embed, head):

@@ -359,8 +359,7 @@ def share_quantized_table(embed_src: Path, head_q: Path, embed_dst: Path) -> str
     """
     import onnx
     from onnx import helper, numpy_helper
-
-    from .export import external_tensor
+    from seamline.protos.bundle import external_tensor
 
     head = onnx.load(str(head_q))
     embed = onnx.load(str(embed_src))

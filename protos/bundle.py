@@ -571,3 +571,16 @@ def verify_files(manifest: Manifest, bundle_dir: Path, hashes: bool = True) -> N
         if sha256_file(real[name], entry.bytes) != entry.sha256:
             raise BundleError(f"{bundle_dir / name}: sha256 mismatch — re-run `partition` or copy the bundle "
                               "again")
+
+
+def external_tensor(name: str, dtype: int, dims: list[int], location: str, offset: int, length: int):
+    """An ONNX initializer whose bytes are ``length`` bytes at ``offset`` of the file ``location`` (next to the
+    graph): how a bundle's graphs share one table file, and how a composed edge segment reads its blocks'
+    weights. ONNX's ``set_external_data`` needs the bytes in the tensor first; these are already on disk."""
+    import onnx
+
+    t = onnx.TensorProto(name=name, data_type=dtype, dims=dims, data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
