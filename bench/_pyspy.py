@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -109,7 +110,8 @@ def _thread_kind(name: str) -> str:
 def profile(pid: int, out: Path, label: str, rate: int = 500, gil: bool = False) -> Iterator[Profile]:
     """Sample ``pid`` while the block runs; ``gil``: only the thread holding the GIL (Python work)."""
     prof = Profile(label, rate)
-    exe = shutil.which("py-spy")
+    # the venv's bin folder is not on PATH when seamline runs as .venv/bin/seamline
+    exe = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if exe is None:
         prof.error = "py-spy is not installed (pip install py-spy)"
         yield prof

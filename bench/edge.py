@@ -119,13 +119,13 @@ def _peer_table(rows: list[dict]):
     table = Table(title=f"every layer on this CPU, {r0['model']}: {r0['prompt_tokens']}-token prompt, "
                         f"{r0['new_tokens']} greedy tokens, {r0['threads']} thread (median of {r0['repeats']}; "
                         "baseline: onnxruntime-genai, same run)")
-    for col in ("precision", "runtime", "prefill ms", "decode ms/token", "vs genai", "peak RSS MB", "model MB",
-                "tokens = genai's"):
-        table.add_column(col, justify="left" if col in ("precision", "runtime") else "right")
+    for col in ("precision", "runtime", "weights", "prefill ms", "decode ms/token", "vs genai", "peak RSS MB",
+                "model MB", "tokens = genai's"):
+        table.add_column(col, justify="left" if col in ("precision", "runtime", "weights") else "right")
     base = {r["precision"]: r for r in rows if r["runtime"] == "genai"}
     for r in rows:
         ratio = r["decode_ms_per_token"] / base[r["precision"]]["decode_ms_per_token"]
-        table.add_row(r["precision"], r["runtime"], f"{r['prefill_ms']:.0f}", f"{r['decode_ms_per_token']:.2f}",
+        table.add_row(r["precision"], r["runtime"], r["weights"], f"{r['prefill_ms']:.0f}", f"{r['decode_ms_per_token']:.2f}",
                       f"{ratio:.2f}x", f"{r['peak_rss_mb']:.0f}", f"{r['model_mb']:.1f}",
                       f"{r['tokens_equal_genai_prefix']:.0%} (prefix)")
     return table

@@ -136,19 +136,27 @@ def bundle(name: str, quantize: bool = True) -> Path:
     return stamp_current(out)
 
 
-def precision_bundle(name: str, precision: str) -> Path:
+# Partition options per bundle scheme: the partitioner's defaults, or the weight format onnxruntime-genai's
+# builder writes for int4 (symmetric blocks of 32, no zero points; an int4 LM head), for a comparison of the
+# two runtimes on the same weights' format (bench/peer.py).
+SCHEMES = {"default": {}, "genai": {"quant_symmetric": True, "quant_head": "int4"}}
+
+
+def precision_bundle(name: str, precision: str, scheme: str = "default") -> Path:
     """A bundle of every layer that holds only ``precision``'s graphs (fp32, or int4 / int8 weight-only with
-    the partitioner's defaults), as a device would download it; cached like :func:`bundle`."""
+    the partitioner's defaults, or with ``SCHEMES[scheme]``), as a device would download it; cached like
+    :func:`bundle`."""
     from seamline.partitioner.loading import model_hash, resolve_model
     from seamline.partitioner.partition import PartitionOptions, partition
 
     src = checkpoint(name)
-    out = cache_dir() / f"bundle-{slug(name)}-{precision}"
+    extra = SCHEMES[scheme] if precision != "fp32" else {}
+    out = cache_dir() / f"bundle-{slug(name)}-{precision}{'' if not extra else '-' + scheme}"
     want = model_hash(resolve_model(src))
     if is_current(out, lambda m: m.get("source_model_hash") == want and m.get("precision", "fp32") == precision):
         return out
     partition(PartitionOptions(model=src, out=out, force=True,
-                               quantize_edge=None if precision == "fp32" else precision))
+                               quantize_edge=None if precision == "fp32" else precision, **extra))
     return stamp_current(out)
 
 

@@ -46,6 +46,9 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-accuracy-level", type=int, default=q.DEFAULT_ACCURACY_LEVEL, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute: 0 float activations, 4 int8 blocks of the activations on the fly "
                         f"(faster; default {q.DEFAULT_ACCURACY_LEVEL})")
+    p.add_argument("--quant-symmetric", action="store_true",
+                   help="rtn: blocks without zero points (the scale alone; what onnxruntime-genai's builder writes): "
+                        "a faster kernel, a coarser grid for skewed blocks; see README 'Weight-only quantization'")
     p.add_argument("--no-gguf-blocks", dest="gguf_blocks", action="store_false",
                    help="int4 from a Q4_0/Q4_1 .gguf: re-quantize its dequantized weights instead of carrying "
                         "the file's own blocks over (the default)")
@@ -96,7 +99,7 @@ def run_partition(args: argparse.Namespace) -> int:
                             quantize_edge=args.quantize_edge,
                             quant_method=args.quant_method, quant_block_size=args.quant_block_size,
                             quant_accuracy_level=args.quant_accuracy_level, keep_fp32=args.keep_fp32,
-                            quant_head=args.quant_head,
+                            quant_head=args.quant_head, quant_symmetric=args.quant_symmetric,
                             gguf_blocks=args.gguf_blocks,
                             opset=args.opset, calibration=args.calibration, codec=args.codec, force=args.force)
     try:

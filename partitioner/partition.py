@@ -34,6 +34,7 @@ class PartitionOptions:
     quant_method: str = "rtn"  # rtn | hqq (quantize.py)
     quant_block_size: int = quantize.DEFAULT_BLOCK_SIZE
     quant_accuracy_level: int = quantize.DEFAULT_ACCURACY_LEVEL
+    quant_symmetric: bool = False  # rtn blocks without zero points (quantize.py)
     keep_fp32: bool = False  # a quantized bundle also ships the fp32 block graphs
     quant_head: str = "int8"  # weight-only precisions: the LM head's precision (int8 | int4 | none: float)
     gguf_blocks: bool = True  # int4 from a Q4_0/Q4_1 .gguf: carry the file's blocks over (quantize.py)
@@ -124,7 +125,7 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
     if opts.quantize_edge not in (None, "none", "fp32"):
         try:
             spec = quantize.QuantSpec(opts.quantize_edge, opts.quant_method, opts.quant_block_size,
-                                      opts.quant_accuracy_level,
+                                      opts.quant_accuracy_level, symmetric=opts.quant_symmetric,
                                       gguf=origin.reference if origin.kind == "gguf" and opts.gguf_blocks else ""
                                       ).validate()
         except quantize.QuantizeError as e:

@@ -53,6 +53,7 @@ class QuantSpec:
     method: str = "rtn"  # rtn | hqq (weight-only precisions)
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    symmetric: bool = False  # rtn: blocks without zero points (w = scale * (q - 8) at 4 bits)
     gguf: str = ""  # int4 from a GGUF file: carry its Q4_0/Q4_1 blocks over ("" = re-quantize everything)
     carried: dict = field(default_factory=dict, repr=False)  # filled by quantize_graph: counts and notes
 
@@ -82,6 +83,7 @@ class QuantSpec:
         if self.precision == "int8-dynamic":
             return {"method": "dynamic", "bits": 8, "tool": f"onnxruntime {onnxruntime.__version__} quantize_dynamic"}
         out = {"precision": self.precision, "method": self.method, "block_size": self.block_size,
+               "symmetric": self.symmetric,
                "accuracy_level": self.accuracy_level, "bits": self.bits, "op": "com.microsoft.MatMulNBits",
                "tool": f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer"}
         if self.gguf and self.carries:
@@ -202,6 +204,71 @@ def carry_gguf_blocks(model, spec: QuantSpec, layer: int) -> tuple[int, int]:
     return carried, left
 
 
+def pack_parallel_matmuls(model) -> int:
+    """Merge the MatMulNBits nodes that read the same input with the same settings (a Llama block's q, k
+    and v projections; its gate and up projections) into one node over the weights stacked along N,
+    followed by a ``Split`` that gives every old output its columns. Returns the nodes saved.
+
+    Exact: each output column of MatMulNBits depends only on its own weight column's blocks, scales and
+    zero points, and those are stacked unchanged (row-wise along N). One kernel call over N = 960 costs
+    less than three over 576, 192 and 192 (ONNX Runtime 1.32, 1 thread: 0.060 ms against 0.105 for
+    SmolLM2's q/k/v with zero points; 0.146 against 0.176 for gate/up).
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    groups: dict[tuple, list] = {}
+    for node in graph.node:
+        inputs = [i for i in node.input]
+        if (node.op_type != "MatMulNBits" or len(inputs) not in (3, 4)
+                or not all(i in inits for i in inputs[1:])):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if set(attrs) - {"K", "N", "bits", "block_size", "accuracy_level"}:
+            continue
+        zp = inits[inputs[3]].data_type if len(inputs) == 4 else None
+        key = (inputs[0], attrs["K"], attrs["bits"], attrs["block_size"], attrs.get("accuracy_level", 0), zp,
+               inits[inputs[2]].data_type, len(inits[inputs[2]].dims))
+        groups.setdefault(key, []).append(node)
+    saved, dropped, replace = 0, set(), {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        first = members[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in first.attribute}
+        sizes = [next(helper.get_attribute_value(a) for a in m.attribute if a.name == "N") for m in members]
+        names = []
+        for j in range(1, len(first.input)):
+            parts = [numpy_helper.to_array(inits[m.input[j]]) for m in members]
+            # row-major along N whatever the layout: B (N, blocks, bytes), scales and zero points (N, ...) or flat
+            stacked = np.concatenate([a.reshape(n, -1) for a, n in zip(parts, sizes)])
+            stacked = stacked.reshape(-1) if parts[0].ndim == 1 else stacked.reshape(-1, *parts[0].shape[1:])
+            name = f"{first.input[j]}_packed"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(stacked), name))
+            names.append(name)
+            dropped.update(m.input[j] for m in members)
+        out = f"{first.output[0]}_packed"
+        split = f"{first.output[0]}_split_sizes"
+        graph.initializer.append(numpy_helper.from_array(np.asarray(sizes, np.int64), split))
+        packed = helper.make_node("MatMulNBits", [first.input[0], *names], [out], name=f"{first.name or first.output[0]}_packed",
+                                  domain="com.microsoft", **{**attrs, "N": int(sum(sizes))})
+        cut = helper.make_node("Split", [out, split], [m.output[0] for m in members], name=f"{first.name or first.output[0]}_split",
+                               axis=-1)
+        replace[id(first)] = [packed, cut]
+        replace.update({id(m): [] for m in members[1:]})
+        saved += len(members) - 1
+    if not saved:
+        return 0
+    nodes = [n for node in graph.node for n in replace.get(id(node), [node])]
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    keep = [t for t in graph.initializer if t.name not in dropped]
+    graph.ClearField("initializer")
+    graph.initializer.extend(keep)
+    return saved
+
+
 def _use_ms_domain(model) -> None:
     """Import ONNX Runtime's com.microsoft operator set (MatMulNBits, GatherBlockQuantized) once."""
     from onnx import helper
@@ -279,7 +346,7 @@ def quantize_graph(src: Path, dst: Path, spec: QuantSpec, layer: int | None = No
         head = carry_gguf_head(model, spec)  # the LM head: the file's own Q8_0 blocks when it has them
         if head:
             spec.carried["head"] = head
-            onnx.save(model, str(dst))
+            onnx.save(model, str(dst))  # one MatMul: nothing to pack
             return {**weight_report(dst), "gguf_carried": 1}
     if spec.carries and layer is not None:
         from . import gguf_blocks
@@ -291,12 +358,13 @@ def quantize_graph(src: Path, dst: Path, spec: QuantSpec, layer: int | None = No
         if note:
             spec.carried["note"] = note
         if not left:
+            pack_parallel_matmuls(model)
             onnx.save(model, str(dst))
             return {**weight_report(dst), "gguf_carried": carried}
     if spec.method == "hqq":
         config = HQQWeightOnlyQuantConfig(block_size=spec.block_size, bits=spec.bits)
     else:
-        config = DefaultWeightOnlyQuantConfig(block_size=spec.block_size, is_symmetric=False,
+        config = DefaultWeightOnlyQuantConfig(block_size=spec.block_size, is_symmetric=spec.symmetric,
                                               accuracy_level=spec.accuracy_level or None, bits=spec.bits)
     with _quiet():
         quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=spec.block_size,
@@ -307,6 +375,7 @@ def quantize_graph(src: Path, dst: Path, spec: QuantSpec, layer: int | None = No
         for node in out.graph.node:
             if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
                 node.attribute.append(onnx.helper.make_attribute("accuracy_level", spec.accuracy_level))
+    pack_parallel_matmuls(out)
     onnx.save(out, str(dst))
     report = weight_report(dst)
     if report["float_matmul_weights"]:

@@ -51,7 +51,7 @@ def test_blocks_are_matmul_nbits_and_no_fp32_copy_ships(llama_int4):
     for name in manifest.blocks:
         assert name.startswith("int4/")
         report = weight_report(out / name)
-        assert report["matmul_nbits"] == 7, report  # q, k, v, o, gate, up, down
+        assert report["matmul_nbits"] == 4, report  # q/k/v packed, o, gate/up packed, down
         assert report["float_matmul_weights"] == 0, report
     assert not list(out.glob("block_*.onnx"))  # the fp32 blocks were not kept
     assert summary["bytes_total"] == sum(p.stat().st_size for p in out.rglob("*")
@@ -106,19 +106,27 @@ def test_verify_quant_agreement_on_the_demo_model(demo_int4, tmp_path):
     assert rt.precision == "fp32" and [g.path.name for g in rt.blocks] == ["block_00.onnx", "block_01.onnx"]
 
 
-def test_hqq_and_gemm_blocks(demo_int4, tmp_path):
+def test_hqq_symmetric_and_gemm_blocks(demo_int4, tmp_path):
     """GPT-2's Conv1D layers export as Gemm: rewritten to MatMul + bias, then quantized; HQQ (float zero
-    points) runs in ONNX Runtime and stays close to the fp32 block."""
+    points) and symmetric round-to-nearest (no zero points) run in ONNX Runtime and stay close to the fp32
+    block."""
+    import onnx
+
     src = demo_int4 / "block_00.onnx"
     dst = tmp_path / "hqq.onnx"
     report = quantize_graph(src, dst, QuantSpec("int4", "hqq"))
     assert report["matmul_nbits"] == 4 and report["float_matmul_weights"] == 0
+    sym = tmp_path / "sym.onnx"
+    spec = QuantSpec("int4", symmetric=True)
+    assert quantize_graph(src, sym, spec)["matmul_nbits"] == 4 and spec.to_manifest()["symmetric"] is True
+    assert all(len(n.input) == 3 for n in onnx.load(str(sym)).graph.node if n.op_type == "MatMulNBits")  # no zp
     rng = np.random.default_rng(0)
     past = np.zeros((1, 6, 0, 32), np.float32)
     feeds = {"hidden": rng.standard_normal((1, 3, 192)).astype(np.float32), "past_key": past, "past_value": past,
              "position_ids": np.arange(3).reshape(1, -1)}
-    ref, got = (_run(p, feeds) for p in (src, dst))
+    ref, got, got_sym = (_run(p, feeds) for p in (src, dst, sym))
     assert np.abs(got - ref).mean() < 0.05 * np.abs(ref).mean()
+    assert np.abs(got_sym - ref).mean() < 0.05 * np.abs(ref).mean()
 
 
 def _run(path, feeds):
@@ -228,3 +236,49 @@ def test_draft_heads_of_a_quantized_bundle_store_their_lm_head_in_fp16(llama_int
     assert shared_lm_head_file(copy, manifest, w) == (LM_HEAD_FILE, True)
     stored = np.frombuffer((copy / LM_HEAD_FILE).read_bytes(), dtype="<f2").reshape(w.shape)
     np.testing.assert_array_equal(stored, w.astype(np.float16))
+
+
+def _nbits_graph(rng, with_zp: dict[str, bool]):
+    """MatMulNBits nodes q, k, v, w on input x (K = 80: a partial last block) and u on input y; q/k/v with
+    integer zero points, w without (symmetric), as the quantizer writes them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, bs = 80, 32
+    nb = -(-k // bs)
+    sizes = {"q": 48, "k": 16, "v": 16, "w": 24, "u": 40}
+    nodes, inits = [], []
+    for name, n in sizes.items():
+        inputs = ["y" if name == "u" else "x", f"{name}_B", f"{name}_s"]
+        inits += [numpy_helper.from_array(rng.integers(0, 256, (n, nb, bs // 2), dtype=np.uint8), f"{name}_B"),
+                  numpy_helper.from_array((rng.random((n, nb)) * 0.02).astype(np.float32), f"{name}_s")]
+        if with_zp[name]:
+            inits.append(numpy_helper.from_array(rng.integers(0, 256, (n, -(-nb // 2)), dtype=np.uint8), f"{name}_z"))
+            inputs.append(f"{name}_z")
+        nodes.append(helper.make_node("MatMulNBits", inputs, [name], domain="com.microsoft", K=k, N=n, bits=4,
+                                      block_size=bs, accuracy_level=4))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(i, TensorProto.FLOAT, ["M", k]) for i in "xy"],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["M", sizes[o]]) for o in sizes],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_parallel_projections_are_packed_into_one_node_exactly():
+    """q/k/v (same input, same settings) become one MatMulNBits and a Split; a node without zero points and a
+    node on another input stay alone; every output is what the separate nodes computed, bit for bit."""
+    import onnxruntime as ort
+    from seamline.partitioner.quantize import pack_parallel_matmuls
+
+    rng = np.random.default_rng(0)
+    model = _nbits_graph(rng, {"q": True, "k": True, "v": True, "w": False, "u": True})
+    packed = type(model)()
+    packed.CopyFrom(model)
+    assert pack_parallel_matmuls(packed) == 2
+    ops = [n.op_type for n in packed.graph.node]
+    assert ops.count("MatMulNBits") == 3 and ops.count("Split") == 1, ops
+    assert pack_parallel_matmuls(packed) == 0  # nothing left to pack
+    assert not {"q_B", "k_B", "v_B", "q_z"} & {t.name for t in packed.graph.initializer}  # no copy left behind
+    feeds = {i: rng.standard_normal((5, 80)).astype(np.float32) for i in "xy"}
+    ref, got = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+                for m in (model, packed))
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a, b)

@@ -69,11 +69,17 @@ def test_carried_blocks_are_the_checkpoints_weights(int4_bundles, smol_checkpoin
     for i in range(EDGE_LAYERS):
         model = onnx.load(str(out / "int4" / f"block_{i:02d}.onnx"))
         nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-        assert len(nodes) == len(PROJ)
+        assert len(nodes) == 4  # q/k/v packed into one node, o, gate/up packed, down
         assert weight_report(out / "int4" / f"block_{i:02d}.onnx")["float_matmul_weights"] == 0
-        for node, proj in zip(nodes, PROJ):
-            hf = weights[f"model.layers.{i}.{proj}.weight"]  # (out, in), q/k rows permuted by the conversion
-            np.testing.assert_allclose(_dequantized(model, node), hf, rtol=0, atol=1e-6, err_msg=f"layer {i} {proj}")
+        # a packed node's rows are its projections' rows stacked in graph order
+        hf = [weights[f"model.layers.{i}.{proj}.weight"] for proj in PROJ]  # (out, in), q/k rows permuted
+        for node in nodes:
+            got = _dequantized(model, node)
+            parts = []
+            while sum(len(p) for p in parts) < len(got):
+                parts.append(hf.pop(0))
+            np.testing.assert_allclose(got, np.concatenate(parts), rtol=0, atol=1e-6, err_msg=f"layer {i}")
+        assert not hf
 
 
 def test_verify_int4_from_gguf_agrees_at_least_like_round_to_nearest(int4_bundles, smol_gguf):
