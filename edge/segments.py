@@ -95,6 +95,7 @@ def compose(paths: list[Path], first: int) -> Composed:
         raise NotComposable("no blocks")
     folder = paths[0].parent
     nodes, inits, inputs, outputs = [], [], [], []
+    small: dict[tuple, str] = {}  # a small constant's contents -> the name it has in the composed graph
     opsets: dict[str, int] = {}
     ir_version = 0
     meta: dict[str, str] | None = None
@@ -120,7 +121,19 @@ def compose(paths: list[Path], first: int) -> Composed:
             raise NotComposable(f"{path.name} takes {names_in}")
         if {v.name for v in g.output} != set(OUTPUTS) or len(g.sparse_initializer):
             raise NotComposable(f"{path.name} returns {[v.name for v in g.output]}")
-        rename = _renamer(i, first, j == len(paths) - 1)
+        block_rename = _renamer(i, first, j == len(paths) - 1)
+        # Small constants equal to one an earlier block holds are that one (the lengths every block derives
+        # from position_ids): ONNX Runtime's common-subexpression pass then computes them once per call.
+        alias: dict[str, str] = {}
+        for t in g.initializer:
+            if len(t.raw_data) < INLINE_BYTES and t.data_location != TensorProto.EXTERNAL:
+                key = (t.data_type, tuple(t.dims), t.raw_data, tuple(t.float_data), tuple(t.int64_data),
+                       tuple(t.int32_data))
+                alias[t.name] = small.setdefault(key, block_rename(t.name))
+
+        def rename(name: str, alias=alias, block_rename=block_rename) -> str:
+            return alias.get(name) or block_rename(name)
+
         for k, n in enumerate(g.node):
             node = onnx.NodeProto()  # copies: a reference into `model` would keep all of its bytes alive
             node.CopyFrom(n)
@@ -130,6 +143,8 @@ def compose(paths: list[Path], first: int) -> Composed:
             nodes.append(node)
         for t in g.initializer:
             raw = t.raw_data
+            if alias.get(t.name, "") != block_rename(t.name) and t.name in alias:
+                continue  # an earlier block's constant stands for it
             if len(raw) >= INLINE_BYTES and t.data_location != TensorProto.EXTERNAL:
                 offset = data.find(raw)  # the serialized tensor holds its bytes as they are
                 ref = external_tensor(t.name, t.data_type, list(t.dims), path.name, offset, len(raw))

@@ -261,12 +261,36 @@ def pack_parallel_matmuls(model) -> int:
     if not saved:
         return 0
     nodes = [n for node in graph.node for n in replace.get(id(node), [node])]
+    nodes = _attention_takes_packed_qkv(nodes, {o.name for o in graph.output}, dropped)
     graph.ClearField("node")
     graph.node.extend(nodes)
     keep = [t for t in graph.initializer if t.name not in dropped]
     graph.ClearField("initializer")
     graph.initializer.extend(keep)
     return saved
+
+
+def _attention_takes_packed_qkv(nodes: list, graph_outputs: set[str], dropped: set[str]) -> list:
+    """GroupQueryAttention reads packed q/k/v itself (``query`` = [q | k | v], ``key`` and ``value`` empty):
+    a Split whose three outputs are exactly that node's first three inputs, and nothing else's, goes."""
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    gone = set()
+    for split in nodes:
+        outs = list(split.output)
+        if split.op_type != "Split" or len(outs) != 3 or graph_outputs & set(outs):
+            continue
+        users = {id(u) for o in outs for u in consumers.get(o, [])}
+        attn = consumers.get(outs[0], [None])[0]
+        if (attn is None or attn.op_type != "GroupQueryAttention" or users != {id(attn)}
+                or list(attn.input[:3]) != outs or any(len(consumers[o]) != 1 for o in outs)):
+            continue
+        attn.input[0], attn.input[1], attn.input[2] = split.input[0], "", ""
+        gone.add(id(split))
+        dropped.add(split.input[1])  # the split sizes
+    return [n for n in nodes if id(n) not in gone]
 
 
 def _use_ms_domain(model) -> None:

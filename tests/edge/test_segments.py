@@ -64,6 +64,11 @@ def test_a_composed_graph_carries_no_weights_of_its_own(llama):
     model = onnx.ModelProto.FromString(seg.model)
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external and all(len(t.raw_data) < INLINE_BYTES for t in model.graph.initializer)
+    # a small constant equal in every block (the lengths each derives from position_ids) is held once
+    small = [(t.data_type, tuple(t.dims), t.raw_data) for t in model.graph.initializer
+             if t.data_location != onnx.TensorProto.EXTERNAL]
+    per_block = [t for t in onnx.load(str(blocks[0])).graph.initializer if len(t.raw_data) < INLINE_BYTES]
+    assert len(small) == len(set(small)) and len(small) < len(blocks) * len(per_block)
     for t in external[:20]:  # each reference reads the block's own bytes back
         ref = {e.key: e.value for e in t.external_data}
         block = int(t.name.split("/")[0][1:])
