@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from seamline.edge.segments import FOLDER_KEY, Composed, NotComposable, UnreadableBlock, compose, kv_names
+from seamline.edge.table import QuantizedRows
 from seamline.protos.bundle import (
     KV_IN_PLACE_META,
     ROPE_META,
@@ -272,7 +273,7 @@ class EdgeRuntime:
         def graph(name: str, need: tuple[str, ...], outputs: int) -> _Graph:
             return _Graph(bundle_file(self.bundle_dir, name), threads, self.bundle_dir / name, need, outputs)
 
-        self.embed = graph(names["embed"], ("input_ids",), 1)
+        self.embed = self._quantized_rows(names["embed"]) or graph(names["embed"], ("input_ids",), 1)
         self._threads = threads
         self._block_names: list[str] = list(names["blocks"])
         self._rope: dict[str, np.ndarray] = {}  # the rope tables every block graph that takes them shares
@@ -283,6 +284,20 @@ class EdgeRuntime:
         self._ensure_rope(ROPE_MIN_ROWS)
         self._tokenizer = self._load_tokenizer()
         self._check_embed()
+
+    def _quantized_rows(self, name: str) -> QuantizedRows | None:
+        """A quantized token table read row by row from its file (``table.py``: no mapped file whose pages a
+        prompt makes resident), when the embedding graph is that one gather; else None (ONNX Runtime)."""
+        folder = Path(name).parent
+        try:
+            return QuantizedRows.of(bundle_file(self.bundle_dir, name),
+                                    lambda loc: bundle_file(self.bundle_dir, str(folder / loc)))
+        except BundleError:
+            raise
+        except ValueError as e:
+            raise BundleError(str(e)) from None
+        except Exception:  # noqa: BLE001 - an unreadable graph: ONNX Runtime's load then says what is wrong
+            return None
 
     def _load_runs(self, compose: bool) -> list[_Graph]:
         """The block graphs: one composed segment [0, n) when every block is an in-place graph of one
