@@ -143,7 +143,7 @@ def compose(paths: list[Path], first: int) -> Composed:
             nodes.append(node)
         for t in g.initializer:
             raw = t.raw_data
-            if alias.get(t.name, "") != block_rename(t.name) and t.name in alias:
+            if t.name in alias and alias[t.name] != block_rename(t.name):
                 continue  # an earlier block's constant stands for it
             if len(raw) >= INLINE_BYTES and t.data_location != TensorProto.EXTERNAL:
                 offset = data.find(raw)  # the serialized tensor holds its bytes as they are

@@ -62,6 +62,8 @@ class QuantSpec:
             raise QuantizeError(f"--quantize-edge {self.precision}: supported: {', '.join(PRECISIONS)}")
         if self.method not in METHODS:
             raise QuantizeError(f"--quant-method {self.method}: supported: {', '.join(METHODS)}")
+        if self.method == "hqq" and self.symmetric:
+            raise QuantizeError("--quant-symmetric applies to --quant-method rtn; hqq fits its own float zero points")
         if self.method == "hqq" and self.precision == "int8":
             raise QuantizeError("--quant-method hqq with int8: ONNX Runtime's CPU MatMulNBits has no 8-bit kernel "
                                 "for HQQ's float zero points; use --quant-method rtn for int8")
@@ -250,10 +252,10 @@ def pack_parallel_matmuls(model) -> int:
         out = f"{first.output[0]}_packed"
         split = f"{first.output[0]}_split_sizes"
         graph.initializer.append(numpy_helper.from_array(np.asarray(sizes, np.int64), split))
-        packed = helper.make_node("MatMulNBits", [first.input[0], *names], [out], name=f"{first.name or first.output[0]}_packed",
+        base = first.name or first.output[0]
+        packed = helper.make_node("MatMulNBits", [first.input[0], *names], [out], name=f"{base}_packed",
                                   domain="com.microsoft", **{**attrs, "N": int(sum(sizes))})
-        cut = helper.make_node("Split", [out, split], [m.output[0] for m in members], name=f"{first.name or first.output[0]}_split",
-                               axis=-1)
+        cut = helper.make_node("Split", [out, split], [m.output[0] for m in members], name=f"{base}_split", axis=-1)
         replace[id(first)] = [packed, cut]
         replace.update({id(m): [] for m in members[1:]})
         saved += len(members) - 1

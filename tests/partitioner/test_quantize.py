@@ -140,6 +140,7 @@ def _run(path, feeds):
 @pytest.mark.parametrize("kw, match", [
     ({"quantize_edge": "int8", "quant_method": "hqq"}, "hqq with int8"),
     ({"quantize_edge": "int4", "quant_block_size": 24}, "--quant-block-size 24"),
+    ({"quantize_edge": "int4", "quant_method": "hqq", "quant_symmetric": True}, "--quant-symmetric applies to"),
 ])
 def test_bad_quant_options_are_refused(tmp_path, kw, match):
     with pytest.raises(PartitionError, match=match):
