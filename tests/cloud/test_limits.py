@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from seamline.testing.wait import async_wait_until
@@ -73,6 +75,21 @@ async def test_silent_stream_times_out_and_frees_its_session(start_server, model
         info = await client.info()
         assert info.load.active_sessions == 0 and info.load.kv_bytes == 0
         await expect(grpc.StatusCode.DEADLINE_EXCEEDED, client.raw().read(), "--stream-idle-timeout")
+        await assert_healthy(client, models)
+
+
+async def test_a_stream_that_keeps_sending_outlives_the_idle_timeout(start_server, models):
+    """The idle timeout counts a silence, not the stream's age: steps 0.2 s apart for three times the 0.5 s
+    timeout all get their replies."""
+    server = start_server("gpt2", stream_idle_timeout=0.5)
+    _, mhash = models["gpt2"]
+    async with Client(server.address) as client:
+        stream = await client.open(mhash, 0)
+        reply = await stream.step(step_request(0, 0, [1, 2, 3]))
+        for _ in range(8):
+            await asyncio.sleep(0.2)
+            reply = await stream.step(step_request(reply.position, 0, [reply.token_id]))
+        assert reply.position == 11
         await assert_healthy(client, models)
 
 
