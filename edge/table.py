@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 _DTYPES = {1: np.float32, 10: np.float16}  # scales: float, float16
+GRAPH_MAX_BYTES = 64 * 1024  # the one-node graph over external data is ~2 KB; an embedding with inline weights
+#                              (GPT-2's position table: 3 MB) is left to ONNX Runtime without reading it here
 _UINT8 = 2
 
 
@@ -54,6 +56,8 @@ class QuantizedRows:
         import onnx
         from onnx import helper
 
+        if Path(graph).stat().st_size > GRAPH_MAX_BYTES:  # weights inline: not this form, and not parsed twice
+            return None
         model = onnx.load(str(graph), load_external_data=False)
         g = model.graph
         if len(g.node) != 1:

@@ -221,7 +221,7 @@ def pack_parallel_matmuls(model) -> int:
     inits = {t.name: t for t in graph.initializer}
     groups: dict[tuple, list] = {}
     for node in graph.node:
-        inputs = [i for i in node.input]
+        inputs = list(node.input)
         if (node.op_type != "MatMulNBits" or len(inputs) not in (3, 4)
                 or not all(i in inits for i in inputs[1:])):
             continue
