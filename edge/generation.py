@@ -22,6 +22,11 @@ Offline fallback: when no endpoint answers within the reconnect window, after ``
 past the request's deadline, a bundle with every layer finishes locally: blocks [k, L) run over the
 history from ``hist`` (once), then every token runs the whole model on the edge and is sampled
 with the same parameters. Without the full model the generation fails with :class:`NoRoute`.
+The local decode loop runs one token ahead: the worker job that picks token t queues the job for t+1
+itself (unless t is a stop id or the last allowed, the generation ended, or a move of the split is
+pending), so the worker never waits for the event loop, and t's logprob, text and event are made while
+t+1 runs (``_queue_local``). A move the policy asks for applies after the token already queued; a
+generation that a stop string ends wastes that one job; the tokens do not change.
 While it runs locally with an adaptive policy, a probe asks the cloud for ``Info`` every
 ``probe_interval`` s and hands the timing to the policy; once the link works again and the policy
 predicts the cloud saves more over the remaining tokens than the replay costs, the generation moves
@@ -45,6 +50,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -108,6 +115,15 @@ class HiddenHistory:
         return view
 
 
+@dataclass
+class _LocalStep:
+    """A local token's job on the worker: its future, and the split and positions it was queued for."""
+    future: Future  # concurrent.futures: a job may queue the next one from the worker thread
+    k: int
+    n: int  # len(ids) the job computes the next token after
+    start: int  # local_pos when it was queued
+
+
 class Generation:
     def __init__(self, engine: GenerationEngine, request: GenerationRequest):
         self.engine = engine
@@ -136,6 +152,8 @@ class Generation:
         self.deadline: float | None = None
         self._pending: SplitChoice | None = None  # a mid-generation choice, applied after the current token
         self._probe: asyncio.Task | None = None  # asks the cloud whether the link works while running locally
+        self._ahead: _LocalStep | None = None  # the next local token's job, already on the worker (_queue_local)
+        self._closed = False  # set (on the loop) before the cache is released; local jobs check it first
         if self.mode == LOCAL:
             self.stats.fallback_reason = "no cloud endpoint configured"
         self.spec_mode = request.speculate or self.config.speculate
@@ -176,7 +194,8 @@ class Generation:
                 else:
                     picked = [await self._local_token()]
                 mode = self.mode
-                for token, logprob, top in picked:  # a speculative step yields several; one event each
+                for item in picked:  # a speculative step yields several; one event each
+                    token, logprob, top = item() if callable(item) else item  # local: the logprob comes now
                     if not self.tokens and self.stats.ttft_ms == 0:
                         self.stats.ttft_ms = (time.perf_counter() - t0) * 1e3
                     self.ids.append(token)
@@ -194,7 +213,8 @@ class Generation:
                     yield GenerationEvent(delta, (info,))
                     if self.finish_reason is not None:
                         break  # tokens after a stop or past max_tokens are dropped
-                if self._pending is not None:  # the policy moved the split: from the next token on
+                if self._pending is not None and self._ahead is None:  # the policy moved the split: from the
+                    # next token on (after the local token already queued, if any)
                     if self.finish_reason is None:
                         self._move(self._pending)
                     self._pending = None
@@ -202,6 +222,10 @@ class Generation:
             if tail:
                 yield GenerationEvent(tail)
         finally:
+            self._closed = True  # before the release below is queued: a local job queued after it does nothing
+            if self._ahead is not None:  # a stop string or a closed consumer: the job finishes unread
+                self._ahead.future.cancel()
+                self._ahead = None
             self._close_session()
             self._stop_probing()
             self.engine.worker.later(self.engine.runtime.release, self.cache)  # its KV buffers go now
@@ -365,6 +389,10 @@ class Generation:
         loaded first in the same job (the first time a split falls inside a composed segment the runtime cuts
         it in two: ``EdgeRuntime.prepare``), so the load keeps its place among the other steps' jobs, and its
         time is left out of the step's edge time, which the split policy learns compute from."""
+        return self._without_loading(k, await self.engine.worker.submit(self._at_k(k, job)))
+
+    def _at_k(self, k: int, job):
+        """``job`` wrapped to load split k's graphs first and time that apart (``_without_loading`` subtracts it)."""
         runtime = self.engine.runtime
 
         def at_k():
@@ -373,7 +401,11 @@ class Generation:
             loading = (time.perf_counter() - t0) * 1e3
             return job(), loading
 
-        (out, loading), ms = await self.engine.worker.run(at_k)
+        return at_k
+
+    @staticmethod
+    def _without_loading(k: int, done):
+        (out, loading), ms = done
         if loading > 5:
             log.info("loaded the edge graphs for split %d in %.0f ms (not counted as the step's)", k, loading)
         return out, ms - loading
@@ -593,34 +625,59 @@ class Generation:
         self._tell_policy(stats)
 
     # -- the local path ------------------------------------------------------------------------------
-    async def _local_token(self) -> tuple[int, float, tuple]:
-        """Blocks [k, L) + head on the edge for positions [local_pos, len(ids)), then sample."""
-        k, n = self.choice.k, len(self.ids)
+    async def _local_token(self) -> sampling.Details:
+        """The next token from the edge alone (the job the previous one queued, else one queued now), as the
+        call that gives (id, logprob, top logprobs)."""
+        if self._ahead is None:
+            k, start = self.choice.k, self.local_pos
+            known = self.hist.rows(start, self.edge_sched) if k > 0 else None
+            new_from = self.edge_sched if k > 0 else start
+            self._ahead = self._queue_local(k, len(self.ids), start, new_from, self.ids[new_from:], known)
+        step = self._ahead
+        (new, details, queued), ms = self._without_loading(step.k, await asyncio.wrap_future(step.future))
+        self._ahead = queued
+        if new is not None and step.k > 0:
+            self.hist.append(new)
+            self.edge_sched = self.hist.length
+        self.local_pos = step.n
+        self.stats.local_ms += ms
+        if step.k == 0 or step.n - step.start == 1:  # a step that ran every layer here (not a replay's tail)
+            self._observe_local(tokens=step.n - step.start, position=step.start, ms=ms)
+        return details
+
+    def _queue_local(self, k: int, n: int, start: int, new_from: int, new_ids: list[int],
+                     known: np.ndarray | None) -> _LocalStep:
+        """Queue blocks [k, L) + head on the edge for positions [start, n) (the rows of [start, new_from) known
+        at split k, the ids of [new_from, n) run through blocks [0, k) first), then the pick. Called on the
+        loop and, for the token after, on the worker by the job itself: the job's result is (the new rows at
+        split k, the pick, the next token's step or None)."""
         runtime, cache, L = self.engine.runtime, self.cache, self.engine.manifest.num_layers
-        start = self.local_pos
-        known = self.hist.rows(start, self.edge_sched) if k > 0 else None
-        new_from = self.edge_sched if k > 0 else start
-        new_ids = self.ids[new_from:n]
         params = self.request.sampling
 
         def job():
+            if self._closed:  # ended while this waited (its cache may be released): nobody reads the result
+                return None, None, None
             rows = known
             new = runtime.forward(new_ids, new_from, k, cache) if new_ids else None  # (T, C) at split k
             if new is not None:
                 rows = new if rows is None or len(rows) == 0 else np.concatenate([rows, new])
             h = runtime.continue_from(rows, start, k, L, cache)  # (T, C) after the last block
             logits = runtime.logits(h[-1:])[-1]  # (V,)
-            return new, sampling.sample(logits, params, n)
+            token, details = sampling.pick(logits, params, n)
+            # the next token's job, queued before this one returns (a flag the loop sets meanwhile costs one job)
+            try:
+                ahead = self._queue_local(k, n + 1, n, n, [token], None) if self._wants_next(n, token) else None
+            except RuntimeError:  # the worker is shutting down (the engine closes): no token after this one
+                ahead = None
+            return new, details, ahead
 
-        (new, picked), ms = await self._run_at(k, job)
-        if new is not None and k > 0:
-            self.hist.append(new)
-            self.edge_sched = self.hist.length
-        self.local_pos = n
-        self.stats.local_ms += ms
-        if k == 0 or n - start == 1:  # a step that ran every layer here (not the tail of a replay at split k)
-            self._observe_local(tokens=n - start, position=start, ms=ms)
-        return picked
+        return _LocalStep(self.engine.worker.queue(self._at_k(k, job)), k, n, start)
+
+    def _wants_next(self, n: int, token: int) -> bool:
+        """Whether the generation will surely want the token after ``token`` (picked after n ids) from the
+        edge. Read on the worker: the loop only ever sets the flags that stop it."""
+        return (not self._closed and self.mode == LOCAL and self._pending is None and self.finish_reason is None
+                and token not in self.stop_ids and n + 1 - self.n_prompt < self.max_new)
 
     def _observe_local(self, tokens: int, position: int, ms: float) -> None:
         """Tell the split policy what running every layer here cost, so it can compare it with the link."""

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -24,13 +24,22 @@ class ComputeWorker:
 
     async def run(self, fn: Callable[..., T], *args) -> tuple[T, float]:
         """Run ``fn(*args)`` on the worker thread; returns (result, milliseconds it ran)."""
+        return await self.submit(fn, *args)
+
+    def submit(self, fn: Callable[..., T], *args) -> asyncio.Future[tuple[T, float]]:
+        """Queue ``fn(*args)`` on the worker thread now (call from the event loop); the future gives (result,
+        milliseconds it ran). For a caller that has work of its own to do while the job runs."""
+        return asyncio.wrap_future(self.queue(fn, *args))
+
+    def queue(self, fn: Callable[..., T], *args) -> Future[tuple[T, float]]:
+        """``submit`` from any thread, a job on the worker included (it runs after the current one): a
+        ``concurrent.futures.Future``; the event loop awaits it through ``asyncio.wrap_future``."""
         def timed():
             t0 = time.perf_counter()
             out = fn(*args)
             return out, (time.perf_counter() - t0) * 1e3
 
-        out, ms = await asyncio.get_running_loop().run_in_executor(self._pool, timed)
-        return out, ms
+        return self._pool.submit(timed)
 
     def later(self, fn: Callable[..., object], *args) -> None:
         """Queue ``fn(*args)`` behind the jobs already submitted, without waiting for it (clean-up that must

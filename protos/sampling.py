@@ -151,32 +151,35 @@ def top_logprobs(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
     return tuple((int(i), float(logprobs[i])) for i in ids)
 
 
-def _greedy_fast(logits: np.ndarray) -> Sample | None:
-    """Greedy token and its logprob without cleaning a copy of the row: one argmax, one logsumexp.
-
-    Gives exactly what the general path gives (same float64 operations in the same order); returns None
-    when the row holds NaN, ``+inf`` or only ``-inf`` (its maximum is not finite), which the general path
-    handles (``clean_logits``).
-    """
+def greedy_token(logits: np.ndarray) -> int | None:
+    """The greedy token of ``(V,)`` logits by one argmax, without cleaning a copy of the row; None when the
+    row is empty or holds NaN, ``+inf`` or only ``-inf`` (its maximum is not finite), which ``sample``'s
+    general path handles (``clean_logits``)."""
     x = np.asarray(logits).reshape(-1)
     if x.size == 0:
         return None
     token = int(np.argmax(x))  # the first NaN when there is one: not finite, the general path takes it
+    return token if math.isfinite(float(x[token])) else None
+
+
+def greedy_logprob(logits: np.ndarray, token: int) -> float:
+    """The logprob of ``greedy_token(logits)`` (one float64 logsumexp): exactly what the general path gives
+    (same float64 operations in the same order). Split from the pick so a caller can compute it later,
+    off its critical path (the edge's local decode loop)."""
+    x = np.asarray(logits).reshape(-1)
     m = float(x[token])
-    if not math.isfinite(m):
-        return None
     d = x.astype(np.float64)  # the one float64 copy
     np.subtract(d, m, out=d)
     np.exp(d, out=d)
-    return Sample(token, float(np.float64(m) - (np.float64(m) + np.log(d.sum()))))
+    return float(np.float64(m) - (np.float64(m) + np.log(d.sum())))
 
 
 def sample(logits: np.ndarray, params: SamplingParams, position: int) -> Sample:
     """Pick the next token from ``(V,)`` logits at ``position`` (the index the token will occupy)."""
     if params.greedy and not params.top_logprobs:
-        fast = _greedy_fast(logits)
-        if fast is not None:
-            return fast
+        token = greedy_token(logits)
+        if token is not None:
+            return Sample(token, greedy_logprob(logits, token))
     x = clean_logits(logits)
     m = x.max()
     lse = m + np.log(np.exp(x - m).sum())  # log_softmax(x) == x - lse, element for element
