@@ -222,6 +222,15 @@ class Controller:
         self.started_at = clock()
         self.last_network_at: float | None = None
         self.last_plan: Plan | None = None
+        self._menu_cache: list[tuple[int, str]] = []
+        self._menu_for: Constraints | None = None  # the constraints _menu_cache was made for
+
+    def _menu(self) -> list[tuple[int, str]]:
+        """The allowed (split, codec) options: they depend on the constraints and the profiles' coverage,
+        not on the live estimates, so one list serves every step (a mid-generation check runs per token)."""
+        if self._menu_for is not self.constraints:
+            self._menu_cache, self._menu_for = options(self._base(), self.constraints)[0], self.constraints
+        return self._menu_cache
 
     # -- estimates -----------------------------------------------------------------------
     def _base(self) -> CostModel:
@@ -236,10 +245,13 @@ class Controller:
         e = self.est
         local_dec, local_pre = e.local_scale("decode"), e.local_scale("prefill")
         # before the first split-k step, what local steps measured stands in (the same device, slow or fast)
-        edge = self.edge.scaled(e.edge_decode_scale.get(local_dec), e.edge_prefill_scale.get(local_pre))
+        edge_dec, edge_pre = e.edge_decode_scale.get(local_dec), e.edge_prefill_scale.get(local_pre)
+        cloud_scale = e.cloud_scale.get(1.0)
+        edge = self.edge.scaled(edge_dec, edge_pre)
         local = self.edge.scaled(local_dec, local_pre)
-        cloud = self.cloud.scaled(e.cloud_scale.get(1.0), e.cloud_scale.get(1.0))
-        return CostModel(edge, cloud, self.link(), self.wire, CloudLoad(max(0.0, e.queue_ms.get(0.0))), local)
+        cloud = self.cloud.scaled(cloud_scale, cloud_scale)
+        return CostModel(edge, cloud, self.link(), self.wire, CloudLoad(max(0.0, e.queue_ms.get(0.0))), local,
+                         (edge_dec, edge_pre), cloud_scale)
 
     def observe(self, obs: StepObservation, now: float | None = None) -> None:
         """Fold one step's measurements into the estimates."""
@@ -249,10 +261,12 @@ class Controller:
             if obs.codec == LOCAL:
                 predicted = (base.decode_ms(L, LOCAL, obs.position) if obs.tokens == 1
                              else base.prefill(L, LOCAL, obs.tokens)[0])
-            elif obs.tokens == 1:
-                predicted = self.edge.embed_ms + self.edge.decode_ms(0, obs.split, obs.position)
+            elif obs.tokens == 1:  # edge_ms holds the encode too: so does the prediction it is compared with
+                predicted = (self.edge.embed_ms + self.edge.decode_ms(0, obs.split, obs.position)
+                             + self.wire.encode_ms(obs.codec, 1))
             else:
-                predicted = self.edge.embed_ms + self.edge.prefill_ms(0, obs.split, obs.tokens)
+                predicted = (self.edge.embed_ms + self.edge.prefill_ms(0, obs.split, obs.tokens)
+                             + self.wire.encode_ms(obs.codec, obs.tokens))
             if predicted > 0:
                 e, kind = self.est, "decode" if obs.tokens == 1 else "prefill"
                 getattr(e, f"{'local' if obs.codec == LOCAL else 'edge'}_{kind}_scale").update(obs.edge_ms / predicted)
@@ -352,7 +366,7 @@ class Controller:
             return None
         model = self.cost_model()
         ctx = position + remaining_tokens / 2
-        opts, _ = options(model, self.constraints)
+        opts = self._menu()
         t_new, _, k, codec = min((model.decode_ms(k, c, ctx), -self.constraints.agreement(c)[0], k, c)
                                  for k, c in opts)
         here = option(current)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, astuple, dataclass, field, replace
 from typing import Any
 
 from seamline.protos import codecs
@@ -210,6 +210,20 @@ class CodecSpeed:
 DEFAULT_CODEC_SPEEDS = {c.name: CodecSpeed(c.encode_ns, c.decode_ns) for c in codecs.REGISTRY.values()}
 
 
+def plan_codec_speeds(plan: Mapping[str, Any] | None) -> dict[str, CodecSpeed]:
+    """The codec speeds a bundle's plan records (``codec_speeds``, measured by ``partition --split auto``);
+    entries that are not a registered codec with finite, non-negative figures are left out."""
+    out = {}
+    for name, d in ((plan or {}).get("codec_speeds") or {}).items():
+        try:
+            speed = CodecSpeed(float(d["encode_ns"]), float(d["decode_ns"]), float(d.get("fixed_ms", 0.02)))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+        if name in codecs.REGISTRY and all(math.isfinite(v) and v >= 0 for v in astuple(speed)):
+            out[name] = speed
+    return out
+
+
 @dataclass(frozen=True)
 class WireModel:
     """Bytes and codec time of one message of ``t`` rows at split ``k``."""
@@ -222,16 +236,20 @@ class WireModel:
     outliers_by_key: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
     speeds: Mapping[str, CodecSpeed] = field(default_factory=lambda: dict(DEFAULT_CODEC_SPEEDS))
     overhead_bytes: int = MESSAGE_OVERHEAD_BYTES
+    _sizes: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # message_bytes memo
 
     @classmethod
     def from_manifest(cls, manifest: Any, speeds: Mapping[str, CodecSpeed] | None = None) -> WireModel:
+        """The bundle's wire: its width, calibration and codec speeds (``speeds``, else the ones ``partition
+        --split auto`` measured and wrote to the plan, else the registry's defaults)."""
         calib = manifest.codec.calibration
+        speeds = speeds or plan_codec_speeds(getattr(manifest, "plan", None))
         return cls(hidden_size=manifest.hidden_size, vocab_size=manifest.vocab_size,
                    group_size=manifest.codec.group_size,
                    outliers={int(k): len(v.get("outlier_channels", [])) for k, v in calib.items()},
                    outliers_by_key={c.outlier_key: {int(k): len(v.get(c.outlier_key, [])) for k, v in calib.items()}
                                     for c in codecs.REGISTRY.values() if c.outlier_key != "outlier_channels"},
-                   speeds=dict(speeds or DEFAULT_CODEC_SPEEDS))
+                   speeds={**DEFAULT_CODEC_SPEEDS, **(speeds or {})})
 
     def _outliers(self, k: int, codec: str) -> int:
         key = codecs.get(codec).outlier_key
@@ -243,6 +261,15 @@ class WireModel:
         return None if why is None else f"split {k}, {why}"
 
     def message_bytes(self, k: int, codec: str, tokens: int) -> int:
+        key = (k, codec, tokens)
+        n = self._sizes.get(key)
+        if n is None:
+            if len(self._sizes) >= 4096:  # bounded: callers ask for chunks of at most a prefill chunk's rows
+                self._sizes.clear()
+            n = self._sizes[key] = self._message_bytes(k, codec, tokens)
+        return n
+
+    def _message_bytes(self, k: int, codec: str, tokens: int) -> int:
         if codec == LOCAL:
             return 0
         if codec == IDS:  # packed varints in TokenIds
@@ -427,6 +454,16 @@ class CostModel:
     wire: WireModel
     load: CloudLoad = CloudLoad()
     local: EdgeProfile | None = None  # the edge running every layer (all-local), if it differs from ``edge``
+    # how much slower than the profiled speed each side runs now (the controller's measured ratios): the
+    # codec's encode runs on the device (decode step, prefill chunk), its decode in the cloud
+    edge_scale: tuple[float, float] = (1.0, 1.0)
+    cloud_scale: float = 1.0
+
+    def encode_ms(self, codec: str, tokens: int, prefill: bool = False) -> float:
+        return self.wire.encode_ms(codec, tokens) * self.edge_scale[prefill]
+
+    def codec_decode_ms(self, codec: str, tokens: int) -> float:
+        return self.wire.decode_ms(codec, tokens) * self.cloud_scale
 
     @property
     def num_layers(self) -> int:
@@ -443,7 +480,7 @@ class CostModel:
         edge = e.embed_ms + e.decode_ms(0, k, context) if k > 0 else 0.0
         cloud = (g.embed_ms if k == 0 else 0.0) + g.decode_ms(k, L, context) + (g.head_ms or 0.0)
         wire = self._ms_on_wire(self.wire.message_bytes(k, codec, 1)) + self.link.rtt_ms + self.load.queue_ms
-        return edge + self.wire.encode_ms(codec, 1) + wire + cloud + self.wire.decode_ms(codec, 1)
+        return edge + self.encode_ms(codec, 1) + wire + cloud + self.codec_decode_ms(codec, 1)
 
     def _chunks(self, tokens: int) -> list[int]:
         s = self.edge.chunk
@@ -461,10 +498,10 @@ class CostModel:
         done_e = done_x = done_c = 0.0
         busy = {"edge": 0.0, "link": 0.0, "cloud": 0.0}
         for t in self._chunks(tokens):
-            stage_e = (e.embed_ms + e.prefill_ms(0, k, t) + w.encode_ms(codec, t)) if k > 0 else 0.0
+            stage_e = (e.embed_ms + e.prefill_ms(0, k, t) + self.encode_ms(codec, t, True)) if k > 0 else 0.0
             stage_x = self._ms_on_wire(w.message_bytes(k, codec, t))
             stage_c = (self.load.queue_ms + (g.embed_ms if k == 0 else 0.0) + g.prefill_ms(k, L, t)
-                       + w.decode_ms(codec, t))
+                       + self.codec_decode_ms(codec, t))
             done_e += stage_e
             done_x = max(done_e, done_x) + stage_x
             done_c = max(done_x + self.link.rtt_ms / 2, done_c) + stage_c

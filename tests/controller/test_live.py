@@ -383,11 +383,13 @@ def test_local_prediction_is_measured_locally():
     def local_ms() -> float:
         return ctl.cost_model().decode_ms(L, "local", 64)
 
-    def split_ms() -> float:  # the edge's part of a split-1 step: block 0
-        return ctl.cost_model().edge.decode_ms(0, 1, 64)
+    def split_ms() -> float:  # the edge's part of a split-1 step: block 0 and the encode (edge_ms holds both)
+        model = ctl.cost_model()
+        return model.edge.decode_ms(0, 1, 64) + model.encode_ms("fp32", 1)
 
     ctl.observe(StepObservation(L, "local", 1, 64, edge_ms=18.0))  # local runs 3x its profile (6 ms)
-    assert local_ms() == pytest.approx(18.0) and split_ms() == pytest.approx(3.0)  # stands in for split-k
+    encode = WireModel(H).encode_ms("fp32", 1)  # at the profiled speed
+    assert local_ms() == pytest.approx(18.0) and split_ms() == pytest.approx(3.0 * (1.0 + encode))  # stands in
     ctl.observe(remote(2.0))  # block 0 alone takes 2x its profile: local pays more (head, sampling)
     assert split_ms() == pytest.approx(2.0) and local_ms() == pytest.approx(18.0)
     ctl.observe(remote(8.0))  # split-k steps slow down (e.g. throttled right after network waits)

@@ -163,3 +163,39 @@ def test_units_and_profile_interpolation():
     assert prof.decode_ms(0, 1, 0) == pytest.approx(1.0)  # never below the smallest measurement
     assert prof.prefill_ms(0, 1, 32) == pytest.approx(4.0)
     assert prof.scaled(decode=2.0).decode_ms(0, 1, 64) == pytest.approx(2.0)
+
+
+def test_the_codec_work_scales_with_the_side_that_does_it():
+    """The encode runs on the device and the decode in the cloud: at a device 30x slower than profiled, a
+    codec whose encode costs more CPU than its smaller message saves on the wire loses (fast link)."""
+    speeds = {"fp32": CodecSpeed(0.0, 0.0, 0.05), "int8": CodecSpeed(0.0, 0.0, 0.2)}
+    wire = WireModel(hidden_size=256, vocab_size=100, speeds=speeds)
+    fast = LinkEstimate(bandwidth_bps=100e6, rtt_ms=5.0)  # int8 saves (1094 - 332) bytes = 0.061 ms per step
+    profiled = CostModel(EDGE, CLOUD, fast, wire)
+    slow = CostModel(EDGE.scaled(30.0, 30.0), CLOUD, fast, wire, edge_scale=(30.0, 30.0))
+    loaded = CostModel(EDGE, CLOUD.scaled(4.0, 4.0), fast, wire, cloud_scale=4.0)
+    gap = 0.2 - 0.05
+    assert profiled.decode_ms(1, "int8", 64) - profiled.decode_ms(1, "fp32", 64) == pytest.approx(2 * gap - 0.061, abs=1e-3)
+    assert slow.decode_ms(1, "int8", 64) - slow.decode_ms(1, "fp32", 64) == pytest.approx(31 * gap - 0.061, abs=1e-3)
+    assert loaded.decode_ms(1, "int8", 64) - loaded.decode_ms(1, "fp32", 64) == pytest.approx(5 * gap - 0.061, abs=1e-3)
+    # prefill: the encode of each chunk on the device, at the device's prefill ratio
+    assert slow.prefill_ms(1, "int8", 64) - slow.prefill_ms(1, "fp32", 64) == pytest.approx(
+        31 * gap + 8e3 * (B["int8", 64] - B["fp32", 64]) / 100e6, abs=1e-3)
+
+
+def test_the_wire_model_takes_the_codec_speeds_the_plan_measured():
+    from types import SimpleNamespace
+
+    from seamline.edge.planner import DEFAULT_CODEC_SPEEDS, plan_codec_speeds
+
+    plan = {"codec_speeds": {"int8": {"encode_ns": 2.0, "decode_ns": 1.5, "fixed_ms": 0.04},
+                             "fp16": {"encode_ns": "fast"}, "int4": {"encode_ns": -1.0, "decode_ns": 1.0},
+                             "no-such-codec": {"encode_ns": 1.0, "decode_ns": 1.0}}}
+    assert plan_codec_speeds(plan) == {"int8": CodecSpeed(2.0, 1.5, 0.04)}  # the malformed ones are left out
+    assert plan_codec_speeds(None) == {} and plan_codec_speeds({}) == {}
+    manifest = SimpleNamespace(hidden_size=256, vocab_size=100, plan=plan,
+                               codec=SimpleNamespace(calibration={}, group_size=32))
+    wire = WireModel.from_manifest(manifest)
+    assert wire.speeds["int8"] == CodecSpeed(2.0, 1.5, 0.04)
+    assert wire.speeds["fp16"] == DEFAULT_CODEC_SPEEDS["fp16"]  # measured nothing usable: the default
+    assert WireModel.from_manifest(manifest, {"int8": CodecSpeed(9.0, 9.0)}).speeds["int8"] == CodecSpeed(9.0, 9.0)
