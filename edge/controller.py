@@ -6,8 +6,10 @@ Estimates (each an EWMA, weight ``alpha`` for a new sample):
   samples in a row beyond ``rtt_jump`` x and ``rtt_jump_ms`` on the same side replace the estimate with
   their mean (a jump is followed in two steps, and leaving the link for the edge does not freeze the
   estimate halfway up its EWMA);
-- bandwidth from large messages (prefill chunks of at least ``large_message_bytes``):
-  ``bytes / (net - rtt)``, an EWMA of its logarithm (``bandwidth_alpha``)
+- bandwidth from large messages (prefill chunks of at least ``large_message_bytes``, or of at least
+  ``min_sample_bytes`` whose transfer at the current estimate would take as long as the RTT: a compact
+  codec's chunks are small, and without them a low estimate left by a slow link would never be corrected
+  once the controller chose the compact codec for it): ``bytes / (net - rtt)``, an EWMA of its logarithm (``bandwidth_alpha``)
   with a change detector: two samples in a row beyond ``bandwidth_jump`` x on the same side replace the
   estimate with their geometric mean (large chunks are rare; a 100x collapse is followed after two of them,
   a single wild sample moves the estimate only by its EWMA share); a chunk whose ``net - rtt`` is under
@@ -111,6 +113,7 @@ class ControllerConfig:
     min_dwell_s: float = 2.0
     probe_after_s: float = 30.0
     large_message_bytes: int = 16_384
+    min_sample_bytes: int = 1_024  # a smaller message is an RTT sample, whatever the bandwidth estimate
     min_transfer_share: float = 0.1  # a bandwidth sample needs net - rtt >= this share of the network time
     prefer_fidelity_within: float = 0.02
     max_bandwidth_bps: float = 10e9
@@ -289,12 +292,14 @@ class Controller:
         net = max(0.0, net)
         self.last_network_at = now
         link = self.link()
-        if obs.bytes_up >= self.config.large_message_bytes:
+        expected = 8e3 * obs.bytes_up / link.bandwidth_bps  # its transfer at the current estimate
+        if obs.bytes_up >= self.config.large_message_bytes or (
+                obs.bytes_up >= self.config.min_sample_bytes and expected >= link.rtt_ms):
             transfer = net - link.rtt_ms
             if transfer >= self.config.min_transfer_share * net:  # else the RTT estimate is off (stale): skip
                 self.est.bandwidth_sample(min(8e3 * obs.bytes_up / transfer, self.config.max_bandwidth_bps))
         else:
-            self.est.rtt_sample(max(0.0, net - 8e3 * obs.bytes_up / link.bandwidth_bps))
+            self.est.rtt_sample(max(0.0, net - expected))
 
     def observe_probe(self, rtt_ms: float | None = None, queue_ms: float | None = None,
                       now: float | None = None) -> None:

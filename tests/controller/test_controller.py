@@ -250,3 +250,24 @@ def test_a_generation_that_fell_back_returns_once_the_link_is_seen_working():
     policy2.observe_info(info, rtt_ms=6.0)
     clock.t += 0.05
     assert policy2.observe(_stats("local", 71, 1, edge_ms=40.0)) is None
+
+
+def test_a_compact_codecs_chunks_correct_a_low_bandwidth_estimate():
+    """After a slow link the controller picks a compact codec, whose prefill chunks are under
+    ``large_message_bytes``; they still measure the bandwidth when their transfer, at the current estimate,
+    would take as long as the RTT, so a link that got faster is seen. A chunk that the estimate says crosses
+    in well under the RTT stays an RTT sample."""
+    ctl, _ = controller(prior=(0.3e6, 10.0))
+    int4 = WIRE.message_bytes(1, "int4", 16)  # a 16-token chunk at width 768
+    assert ctl.config.min_sample_bytes <= int4 < ctl.config.large_message_bytes
+    true_bps = 4e6
+    for _ in range(3):
+        net = 10.0 + 8e3 * int4 / true_bps
+        ctl.observe(StepObservation(1, "int4", 16, 0, bytes_up=int4, round_trip_ms=net + 1.0, compute_ms=1.0))
+    assert ctl.link().bandwidth_bps == pytest.approx(true_bps, rel=0.05)
+    assert ctl.link().rtt_ms == pytest.approx(10.0)  # the chunks were not taken for round trips
+
+    fast, _ = controller(prior=(100e6, 10.0))  # the same chunk crosses in 0.6 ms at this estimate: an RTT sample
+    for _ in range(2):
+        fast.observe(StepObservation(1, "int4", 16, 0, bytes_up=int4, round_trip_ms=31.0, compute_ms=1.0))
+    assert fast.link().bandwidth_bps == pytest.approx(100e6) and fast.link().rtt_ms == pytest.approx(30.0 - 8e3 * int4 / 100e6)
