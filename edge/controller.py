@@ -6,10 +6,11 @@ Estimates (each an EWMA, weight ``alpha`` for a new sample):
   samples in a row beyond ``rtt_jump`` x and ``rtt_jump_ms`` on the same side replace the estimate with
   their mean (a jump is followed in two steps, and leaving the link for the edge does not freeze the
   estimate halfway up its EWMA);
-- bandwidth from large messages (prefill chunks of at least ``large_message_bytes``, or of at least
-  ``min_sample_bytes`` whose transfer at the current estimate would take as long as the RTT: a compact
-  codec's chunks are small, and without them a low estimate left by a slow link would never be corrected
-  once the controller chose the compact codec for it): ``bytes / (net - rtt)``, an EWMA of its logarithm (``bandwidth_alpha``)
+- bandwidth from large messages (prefill chunks of at least ``large_message_bytes``; also a chunk of at
+  least ``min_sample_bytes`` whose transfer at the current estimate would take as long as the RTT and that
+  crossed faster than that: a compact codec's chunks are small, and without them a low estimate left by a
+  slow link would never be corrected once the controller chose the compact codec for it; such a chunk only
+  raises the estimate, one that crossed slower is an RTT sample as before): ``bytes / (net - rtt)``, an EWMA of its logarithm (``bandwidth_alpha``)
   with a change detector: two samples in a row beyond ``bandwidth_jump`` x on the same side replace the
   estimate with their geometric mean (large chunks are rare; a 100x collapse is followed after two of them,
   a single wild sample moves the estimate only by its EWMA share); a chunk whose ``net - rtt`` is under
@@ -226,13 +227,14 @@ class Controller:
         self.last_network_at: float | None = None
         self.last_plan: Plan | None = None
         self._menu_cache: list[tuple[int, str]] = []
-        self._menu_for: Constraints | None = None  # the constraints _menu_cache was made for
+        self._menu_for: tuple | None = None  # the (constraints, edge, wire) _menu_cache was made for
 
     def _menu(self) -> list[tuple[int, str]]:
         """The allowed (split, codec) options: they depend on the constraints and the profiles' coverage,
         not on the live estimates, so one list serves every step (a mid-generation check runs per token)."""
-        if self._menu_for is not self.constraints:
-            self._menu_cache, self._menu_for = options(self._base(), self.constraints)[0], self.constraints
+        inputs = (self.constraints, self.edge, self.wire)  # what options() reads besides the live estimates
+        if self._menu_for is None or any(a is not b for a, b in zip(inputs, self._menu_for)):
+            self._menu_cache, self._menu_for = options(self._base(), self.constraints)[0], inputs
         return self._menu_cache
 
     # -- estimates -----------------------------------------------------------------------
@@ -293,8 +295,11 @@ class Controller:
         self.last_network_at = now
         link = self.link()
         expected = 8e3 * obs.bytes_up / link.bandwidth_bps  # its transfer at the current estimate
-        if obs.bytes_up >= self.config.large_message_bytes or (
-                obs.bytes_up >= self.config.min_sample_bytes and expected >= link.rtt_ms):
+        # a smaller chunk that crossed faster than the estimate allows says the bandwidth is higher; one that
+        # crossed slower is taken for a round trip as before (a longer RTT must not read as a slower link)
+        faster = (obs.bytes_up >= self.config.min_sample_bytes and expected >= link.rtt_ms
+                  and net - link.rtt_ms < expected)
+        if obs.bytes_up >= self.config.large_message_bytes or faster:
             transfer = net - link.rtt_ms
             if transfer >= self.config.min_transfer_share * net:  # else the RTT estimate is off (stale): skip
                 self.est.bandwidth_sample(min(8e3 * obs.bytes_up / transfer, self.config.max_bandwidth_bps))

@@ -23,10 +23,11 @@ past the request's deadline, a bundle with every layer finishes locally: blocks 
 history from ``hist`` (once), then every token runs the whole model on the edge and is sampled
 with the same parameters. Without the full model the generation fails with :class:`NoRoute`.
 The local decode loop runs one token ahead: the worker job that picks token t queues the job for t+1
-itself (unless t is a stop id or the last allowed, the generation ended, or a move of the split is
-pending), so the worker never waits for the event loop, and t's logprob, text and event are made while
-t+1 runs (``_queue_local``). A move the policy asks for applies after the token already queued; a
-generation that a stop string ends wastes that one job; the tokens do not change.
+itself (unless t is a stop id or the last allowed, the generation ended, a move of the split is pending,
+or the loop has not read token t-1 yet), so the worker does not wait for the event loop, and t's logprob,
+text and event are made while t+1 runs (``_queue_local``, ``_wants_next``). A move the policy asks for
+applies after the token already queued; a stop string or a reader that stops reading wastes at most two
+jobs; the tokens do not change.
 While it runs locally with an adaptive policy, a probe asks the cloud for ``Info`` every
 ``probe_interval`` s and hands the timing to the policy; once the link works again and the policy
 predicts the cloud saves more over the remaining tokens than the replay costs, the generation moves
@@ -666,18 +667,22 @@ class Generation:
             token, details = sampling.pick(logits, params, n)
             # the next token's job, queued before this one returns (a flag the loop sets meanwhile costs one job)
             try:
-                ahead = self._queue_local(k, n + 1, n, n, [token], None) if self._wants_next(n, token) else None
+                ahead = self._queue_local(k, n + 1, n, n, [token], None) if self._wants_next(start, n, token) else None
             except RuntimeError:  # the worker is shutting down (the engine closes): no token after this one
                 ahead = None
             return new, details, ahead
 
         return _LocalStep(self.engine.worker.queue(self._at_k(k, job)), k, n, start)
 
-    def _wants_next(self, n: int, token: int) -> bool:
-        """Whether the generation will surely want the token after ``token`` (picked after n ids) from the
-        edge. Read on the worker: the loop only ever sets the flags that stop it."""
-        return (not self._closed and self.mode == LOCAL and self._pending is None and self.finish_reason is None
-                and token not in self.stop_ids and n + 1 - self.n_prompt < self.max_new)
+    def _wants_next(self, start: int, n: int, token: int) -> bool:
+        """Whether to queue the token after ``token`` (picked after n ids by the job for [start, n)) now: the
+        generation will surely want it from the edge, and the loop has read the job before this one
+        (``local_pos`` reached ``start``), so the worker runs at most one token ahead of the reader: a slow
+        or stalled client, or a stop string, costs at most two jobs (the one running and the one it queued). Read on the worker: the loop only
+        ever sets the flags that stop it, and moves ``local_pos`` forward."""
+        return (not self._closed and self.local_pos == start and self.mode == LOCAL and self._pending is None
+                and self.finish_reason is None and token not in self.stop_ids
+                and n + 1 - self.n_prompt < self.max_new)
 
     def _observe_local(self, tokens: int, position: int, ms: float) -> None:
         """Tell the split policy what running every layer here cost, so it can compare it with the link."""

@@ -271,3 +271,17 @@ def test_a_compact_codecs_chunks_correct_a_low_bandwidth_estimate():
     for _ in range(2):
         fast.observe(StepObservation(1, "int4", 16, 0, bytes_up=int4, round_trip_ms=31.0, compute_ms=1.0))
     assert fast.link().bandwidth_bps == pytest.approx(100e6) and fast.link().rtt_ms == pytest.approx(30.0 - 8e3 * int4 / 100e6)
+
+
+def test_a_longer_round_trip_is_not_taken_for_a_slower_link():
+    """The same rule must not lock a low estimate in: a small chunk that crossed slower than the estimate
+    allows is an RTT sample, so a round trip that grew from 10 to 100 ms is followed (the bandwidth estimate
+    is left to large chunks)."""
+    ctl, _ = controller(prior=(1e6, 10.0))
+    fp16 = WIRE.message_bytes(1, "fp16", 1)
+    assert fp16 >= ctl.config.min_sample_bytes and 8e3 * fp16 / 1e6 >= 10.0  # "expected >= RTT" holds
+    for _ in range(30):
+        net = 100.0 + 8e3 * fp16 / 100e6  # the true link: 100 Mbit/s, 100 ms
+        ctl.observe(StepObservation(1, "fp16", 1, 64, bytes_up=fp16, round_trip_ms=net + 1.0, compute_ms=1.0))
+    assert ctl.link().bandwidth_bps == pytest.approx(1e6)
+    assert ctl.link().rtt_ms == pytest.approx(100.0 - 8e3 * fp16 / 1e6, rel=0.05)

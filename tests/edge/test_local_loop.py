@@ -89,9 +89,9 @@ def test_max_tokens_queues_no_job_past_the_last_token(llama):
     assert _run(llama, body) == (7, 7, "length")
 
 
-def test_a_stop_string_wastes_at_most_the_queued_job_and_the_next_generation_is_intact(llama):
-    """The job queued for the token after the stop runs unread and finds its generation closed or finishes
-    before the cache is released; the next generation on the same worker gives the same tokens as a first."""
+def test_a_stop_string_wastes_at_most_two_jobs_and_the_next_generation_is_intact(llama):
+    """The jobs running and queued when the stop is seen run unread (or find their generation closed) before
+    the cache is released; the next generation on the same worker gives the same tokens as a first."""
     first = _step_by_step(llama, PROMPT, 10, SamplingParams())
 
     async def body(engine):
@@ -111,7 +111,7 @@ def test_a_stop_string_wastes_at_most_the_queued_job_and_the_next_generation_is_
 
     reason, got, wasted, again = _run(llama, body)
     assert reason == "stop" and got == [t for t, _, _ in first[:len(got)]] and len(got) < 10
-    assert wasted in (0, 1)
+    assert 0 <= wasted <= 2  # the job running when the stop was seen, and the one it may have queued
     assert again == [t for t, _, _ in first]
 
 
@@ -139,7 +139,7 @@ def test_a_reader_that_stops_early_leaves_the_worker_and_the_next_generation_int
 
     got, again, wasted = _run(llama, body)
     assert got == [t for t, _, _ in first[:3]]
-    assert wasted in (0, 1)  # the job queued when the reader left, and no chain of jobs after it
+    assert 0 <= wasted <= 2  # the jobs running and queued when the reader left, and no chain after them
     assert again == [t for t, _, _ in first]
 
 
@@ -151,3 +151,24 @@ def test_greedy_pick_defers_only_the_logprob():
                     np.full(4, -np.inf, dtype=np.float32)):
             token, details = sampling.pick(row, params, 9)
             assert details() == sampling.sample(row, params, 9) and token == details()[0]
+
+
+def test_the_worker_stays_one_token_ahead_of_a_slow_reader(llama):
+    """A client that reads slowly (a job of the tiny model takes about a millisecond) holds the worker at one
+    token ahead: the tokens it never reads are not computed, and the other generations keep the worker."""
+    async def body(engine):
+        heads = _counting_heads(engine)
+        gen = engine.start(GenerationRequest(PROMPT, 40))
+        gen.stop_ids = frozenset()
+        events, got = gen.events(), 0
+        async for e in events:
+            got += len(e.tokens)
+            await asyncio.sleep(0.05)  # the worker would finish all 40 tokens meanwhile if it ran free
+            if got == 5:
+                break
+        await events.aclose()
+        await engine.worker.run(lambda: None)
+        return got, len(heads)
+
+    got, heads = _run(llama, body)
+    assert got == 5 and 5 <= heads <= 7
