@@ -5,6 +5,7 @@ edge's state must be exactly what one step at a time gives, however the generati
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import numpy as np
 import pytest
@@ -172,3 +173,28 @@ def test_the_worker_stays_one_token_ahead_of_a_slow_reader(llama):
 
     got, heads = _run(llama, body)
     assert got == 5 and 5 <= heads <= 7
+
+
+def test_a_fallback_at_split_k_chains_the_same_tokens(llama):
+    """The chain at k > 0: a generation at split 2 whose cloud never answers falls back to the edge, runs
+    blocks [2, L) over the rows it computed at split 2, then chains one token after another from there; the
+    tokens are those of the whole model on the edge from the start."""
+    want = [t for t, _, _ in _step_by_step(llama, PROMPT, 10, SamplingParams())]
+    with socket.socket() as s:  # a port with nothing behind it: every connect is refused at once
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+
+    async def main():
+        engine = build_engine(EdgeConfig(bundle=str(llama), cloud=[dead], split=2, verify=False, connect_timeout=0.5,
+                                         reconnect_window=0.5, log_level="ERROR"))
+        try:
+            gen = engine.start(GenerationRequest(PROMPT, 10))
+            gen.stop_ids = frozenset()
+            tokens = [t async for e in gen.events() for t in e.tokens]
+            return tokens, gen.result().stats
+        finally:
+            await close_engine(engine)
+
+    tokens, stats = asyncio.run(main())
+    assert stats.split == 2 and stats.fallback_reason and {t.path for t in tokens} == {"local"}
+    assert [t.token_id for t in tokens] == want
