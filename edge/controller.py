@@ -10,7 +10,8 @@ Estimates (each an EWMA, weight ``alpha`` for a new sample):
   least ``min_sample_bytes`` whose transfer at the current estimate would take as long as the RTT and that
   crossed faster than that: a compact codec's chunks are small, and without them a low estimate left by a
   slow link would never be corrected once the controller chose the compact codec for it; such a chunk only
-  raises the estimate, one that crossed slower is an RTT sample as before): ``bytes / (net - rtt)``, an EWMA of its logarithm (``bandwidth_alpha``)
+  raises the estimate, one that crossed slower is an RTT sample as before): ``bytes / (net - rtt)``, an
+  EWMA of its logarithm (``bandwidth_alpha``)
   with a change detector: two samples in a row beyond ``bandwidth_jump`` x on the same side replace the
   estimate with their geometric mean (large chunks are rare; a 100x collapse is followed after two of them,
   a single wild sample moves the estimate only by its EWMA share); a chunk whose ``net - rtt`` is under

@@ -195,8 +195,7 @@ class Generation:
                 else:
                     picked = [await self._local_token()]
                 mode = self.mode
-                for item in picked:  # a speculative step yields several; one event each
-                    token, logprob, top = item() if callable(item) else item  # local: the logprob comes now
+                for token, logprob, top in picked:  # a speculative step yields several; one event each
                     if not self.tokens and self.stats.ttft_ms == 0:
                         self.stats.ttft_ms = (time.perf_counter() - t0) * 1e3
                     self.ids.append(token)
@@ -626,9 +625,10 @@ class Generation:
         self._tell_policy(stats)
 
     # -- the local path ------------------------------------------------------------------------------
-    async def _local_token(self) -> sampling.Details:
-        """The next token from the edge alone (the job the previous one queued, else one queued now), as the
-        call that gives (id, logprob, top logprobs)."""
+    async def _local_token(self) -> tuple[int, float, tuple]:
+        """The next token from the edge alone (the job the previous one queued, else one queued now): (id,
+        logprob, top logprobs). A greedy logprob is made here, on the loop, while the worker already runs the
+        job the finished one queued."""
         if self._ahead is None:
             k, start = self.choice.k, self.local_pos
             known = self.hist.rows(start, self.edge_sched) if k > 0 else None
@@ -644,7 +644,7 @@ class Generation:
         self.stats.local_ms += ms
         if step.k == 0 or step.n - step.start == 1:  # a step that ran every layer here (not a replay's tail)
             self._observe_local(tokens=step.n - step.start, position=step.start, ms=ms)
-        return details
+        return details()
 
     def _queue_local(self, k: int, n: int, start: int, new_from: int, new_ids: list[int],
                      known: np.ndarray | None) -> _LocalStep:
@@ -678,8 +678,8 @@ class Generation:
         """Whether to queue the token after ``token`` (picked after n ids by the job for [start, n)) now: the
         generation will surely want it from the edge, and the loop has read the job before this one
         (``local_pos`` reached ``start``), so the worker runs at most one token ahead of the reader: a slow
-        or stalled client, or a stop string, costs at most two jobs (the one running and the one it queued). Read on the worker: the loop only
-        ever sets the flags that stop it, and moves ``local_pos`` forward."""
+        or stalled client, or a stop string, costs at most two jobs (the one running and the one it queued).
+        Read on the worker: the loop only ever sets the flags that stop it, and moves ``local_pos`` forward."""
         return (not self._closed and self.local_pos == start and self.mode == LOCAL and self._pending is None
                 and self.finish_reason is None and token not in self.stop_ids
                 and n + 1 - self.n_prompt < self.max_new)

@@ -216,7 +216,7 @@ def plan_codec_speeds(plan: Mapping[str, Any] | None) -> dict[str, CodecSpeed]:
     out = {}
     for name, d in ((plan or {}).get("codec_speeds") or {}).items():
         try:
-            speed = CodecSpeed(float(d["encode_ns"]), float(d["decode_ns"]), float(d.get("fixed_ms", 0.02)))
+            speed = CodecSpeed(float(d["encode_ns"]), float(d["decode_ns"]), float(d.get("fixed_ms", CodecSpeed.fixed_ms)))
         except (KeyError, TypeError, ValueError, AttributeError):
             continue
         if name in codecs.REGISTRY and all(math.isfinite(v) and v >= 0 for v in astuple(speed)):
@@ -249,7 +249,7 @@ class WireModel:
                    outliers={int(k): len(v.get("outlier_channels", [])) for k, v in calib.items()},
                    outliers_by_key={c.outlier_key: {int(k): len(v.get(c.outlier_key, [])) for k, v in calib.items()}
                                     for c in codecs.REGISTRY.values() if c.outlier_key != "outlier_channels"},
-                   speeds={**DEFAULT_CODEC_SPEEDS, **(speeds or {})})
+                   speeds={**DEFAULT_CODEC_SPEEDS, **speeds})
 
     def _outliers(self, k: int, codec: str) -> int:
         key = codecs.get(codec).outlier_key
