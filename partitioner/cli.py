@@ -43,14 +43,15 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
                    help="rtn: round-to-nearest (default); hqq: half-quadratic, data-free, int4 only on CPU")
     p.add_argument("--quant-block-size", type=int, default=q.DEFAULT_BLOCK_SIZE,
                    help=f"weights per quantization block along K (default {q.DEFAULT_BLOCK_SIZE})")
-    p.add_argument("--quant-accuracy-level", type=int, default=q.DEFAULT_ACCURACY_LEVEL, choices=[0, 1, 2, 3, 4],
+    p.add_argument("--quant-accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute: 0 float activations, 4 int8 blocks of the activations on the fly "
-                        f"(faster; default {q.DEFAULT_ACCURACY_LEVEL})")
+                        f"(faster). Default {q.DEFAULT_ACCURACY_LEVEL}, except 0 for the blocks carried from a "
+                        "Q4_0/Q4_1 .gguf (exact; SmolLM2 at 4: greedy agreement 0.936; the LM head stays at 4)")
     p.add_argument("--quant-symmetric", action="store_true",
                    help="rtn: blocks without zero points (the scale alone; what onnxruntime-genai's builder writes): "
                         "a faster kernel, a coarser grid for skewed blocks; see README 'Weight-only quantization'")
     p.add_argument("--no-gguf-blocks", dest="gguf_blocks", action="store_false",
-                   help="int4 from a Q4_0/Q4_1 .gguf: re-quantize its dequantized weights instead of carrying "
+                   help="int4/int8 from a Q4_0/Q4_1 .gguf: re-quantize its dequantized weights instead of carrying "
                         "the file's own blocks over (the default)")
     p.add_argument("--keep-fp32", action="store_true",
                    help="with --quantize-edge: also ship the fp32 block graphs (`seamline edge --precision fp32`)")
@@ -159,6 +160,8 @@ def run_partition(args: argparse.Namespace) -> int:
         table.add_row(f"draft head k={k}", f"acceptance {h['acceptance']:.3f} on held-out text "
                                            f"(untrained logit lens {h['logit_lens_acceptance']:.3f})")
     Console().print(table)
+    for note in summary.get("notes", []):
+        Console(stderr=True).print(f"[yellow]note:[/yellow] {note}", highlight=False)
     print(f"bundle {summary['bundle']}: {summary['bytes_total'] / 1e6:.2f} MB on disk, edge graphs in "
           f"{summary['precision']}" + (f" ({', '.join(summary['precisions'][1:])} too)"
                                        if len(summary["precisions"]) > 1 else ""))

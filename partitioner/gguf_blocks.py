@@ -1,14 +1,19 @@
-"""Carry a GGUF file's own 4-bit blocks into the int4 edge graphs (``MatMulNBits``), unchanged.
+"""Carry a GGUF file's own 4-bit blocks into the int4 and int8 edge graphs (``MatMulNBits``), unchanged.
 
 A GGUF Q4_0 / Q4_1 tensor stores each row in blocks of 32 weights along K, with an fp16 scale ``d``
 (and, Q4_1, an fp16 minimum ``m``): ``w = d * (q - 8)`` (Q4_0) or ``w = d * q + m`` (Q4_1).
-ONNX Runtime's ``MatMulNBits`` computes ``w = (q - zp) * scale`` per block of 32 along K, with a
-default zero point of 8 for 4 bits and, on the CPU, float zero points of the scales' type. So:
+ONNX Runtime's ``MatMulNBits`` computes ``w = (q - zp) * scale`` per block of 32 along K. Its fast CPU
+kernels take integer zero points only: float zero points (``-m / d``, which is what a Q4_1 block would
+need) run a fallback that is ~50x slower per call (SmolLM2's 576 x 1536, one row, one thread, ONNX Runtime
+1.32: 3.2 ms against 0.063 ms). So the file's codes keep the zero point 8 and a Q4_1 block's rest is added
+in float (:meth:`Q4Tensor.to_matmul_nbits`):
 
-- Q4_0: scale = d, no zero point input (the default 8): exact;
-- Q4_1: scale = d, zero point = -m / d (float); a block with d == 0 holds m everywhere: it becomes
-  scale = m, zero point 0 and every q = 1. Exact to float32 rounding (~1e-7 relative).
+- Q4_0: scale = d, zero point 8: exact;
+- Q4_1: scale = d, zero point 8, plus ``blocksum(x) @ O``: ``blocksum(x)`` the sums of x over each block of
+  32 (``x @ E``, E a 0/1 block indicator), ``O`` (blocks, N) the offsets ``m + 8 d``. Exact to float32
+  rounding; a block with d == 0 is its offset alone.
 
+At int4 the codes are packed two per byte; at int8 one per byte (the same weights, twice the bytes).
 Only the nibble order differs: GGUF byte j holds weights j (low) and j + 16 (high) of its block,
 ``MatMulNBits`` byte j holds weights 2j (low) and 2j + 1 (high).
 
@@ -89,24 +94,25 @@ class Q4Tensor:
             self._rows = {w[i].tobytes(): i for i in range(w.shape[0])}
         return self._rows
 
-    def to_matmul_nbits(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """MatMulNBits inputs for rows ``rows`` (default all): packed B (N, nb, 16) uint8, scales (N*nb,)
-        float32, zero points (N*nb,) float32 or None (Q4_0: the operator's default zero point 8)."""
+    def to_matmul_nbits(self, rows: np.ndarray | None = None, bits: int = 4
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """MatMulNBits inputs for rows ``rows`` (default all), exact: B, scales ``d``, zero points and, for Q4_1,
+        the block offsets (nb, N) float32 that the graph adds as ``blocksum(x) @ offsets``.
+
+        The codes keep the file's zero point 8, so ``(q - 8) * d`` is centred on the block like the weights
+        (what an int8 activation kernel multiplies) and a Q4_1 block's offset is ``m + 8 d``. At 4 bits: B
+        (N, nb, 16) packed, scales (N * nb,), no zero point input (the operator's default 8); at 8 bits one
+        code per byte: B (N, nb, 32), scales (N, nb), uint8 zero points 8 (N, nb)."""
         d, m, q = self.fields()
         if rows is not None:
             d, q = d[rows], q[rows]
             m = None if m is None else m[rows]
-        q = q.copy()
-        zp = None
-        if m is not None:
-            zero = d == 0
-            with np.errstate(divide="ignore", invalid="ignore"):
-                zp = np.where(zero, 0.0, -m / np.where(zero, 1.0, d)).astype(np.float32)
-            d = np.where(zero, m, d).astype(np.float32)  # w = m for the whole block: (1 - 0) * m
-            q[zero] = 1
-            zp = zp.reshape(-1)
+        offsets = None if m is None else np.ascontiguousarray((m + np.float32(8) * d).T, dtype=np.float32)
+        if bits == 8:
+            return (np.ascontiguousarray(q, dtype=np.uint8), d.astype(np.float32),
+                    np.full(d.shape, 8, dtype=np.uint8), offsets)
         packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-        return packed, d.reshape(-1).astype(np.float32), zp
+        return packed, d.reshape(-1).astype(np.float32), None, offsets
 
 
 @dataclass
@@ -140,14 +146,14 @@ class GGUFBlocks:
             n = data.shape[0]
             layer.tensors.append(Q4Tensor(t.name, kind, data.reshape(n, -1, _BLOCK_BYTES[kind])))
 
-    def refusal(self) -> str:
+    def refusal(self, precision: str = "int4") -> str:
         """Why weights of this file are not carried (empty when every 2-D block tensor is Q4_0/Q4_1)."""
         other = {k: v for k, v in self.types.items() if k not in CARRIED_TYPES}
         if not other:
             return ""
         names = ", ".join(f"{k} x{v}" for k, v in sorted(other.items()))
         return (f"{self.path.name}: {names} block tensors are not Q4_0/Q4_1 (K-quants and other formats are not "
-                "carried over): those weights are re-quantized with round-to-nearest int4 instead")
+                f"carried over): those weights are re-quantized with round-to-nearest {precision} instead")
 
     def match(self, layer: int, weight_kn: np.ndarray) -> tuple[Q4Tensor, np.ndarray] | None:
         """The tensor of ``layer`` whose dequantized rows are the rows of ``weight_kn.T``, and the row order."""

@@ -46,10 +46,14 @@ def gguf_file(tmp_path_factory):
     return path, deq
 
 
-def _dequant_nbits(packed, scales, zp, n, k):
-    q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, k // 32, 32).astype(np.float32)
-    zero = 8.0 if zp is None else zp.reshape(n, -1, 1)
-    return ((q - zero) * scales.reshape(n, -1, 1)).reshape(n, k)
+def _dequant_nbits(b, scales, zp, offsets, n, k, bits=4):
+    """(N, K) of MatMulNBits inputs plus the carried Q4_1 offsets: (q - zp) * scale per block, + offset."""
+    q = (np.stack([b & 0x0F, b >> 4], -1) if bits == 4 else b).reshape(n, k // 32, 32).astype(np.float32)
+    zero = 8.0 if zp is None else zp.reshape(n, -1, 1).astype(np.float32)
+    w = (q - zero) * scales.reshape(n, -1, 1)
+    if offsets is not None:
+        w = w + offsets.T[..., None]
+    return w.reshape(n, k)
 
 
 def test_blocks_reproduce_the_files_weights(gguf_file):
@@ -57,28 +61,33 @@ def test_blocks_reproduce_the_files_weights(gguf_file):
 
     path, deq = gguf_file
     blocks = GGUFBlocks(path)
-    assert "Q6_K x1" in blocks.refusal() and "round-to-nearest" in blocks.refusal()
+    assert "Q6_K x1" in blocks.refusal() and "round-to-nearest int4" in blocks.refusal()
+    assert "round-to-nearest int8" in blocks.refusal("int8")
     tensors = {t.name: t for t in blocks.layers[0].tensors}
     assert set(tensors) == {"blk.0.attn_q.weight", "blk.0.ffn_up.weight"}
     for name, t in tensors.items():
         np.testing.assert_array_equal(t.dequantize(), deq[name])  # bit-identical to gguf.quants
-        packed, scales, zp = t.to_matmul_nbits()
-        assert (zp is None) == (t.kind == "Q4_0")
-        got = _dequant_nbits(packed, scales, zp, N, K)
-        np.testing.assert_allclose(got, deq[name], rtol=0, atol=1e-6)
+        for bits in (4, 8):
+            b, scales, zp, offsets = t.to_matmul_nbits(bits=bits)
+            assert (offsets is None) == (t.kind == "Q4_0") and (zp is None) == (bits == 4)
+            assert b.dtype == np.uint8 and b.shape == (N, K // 32, 32 * bits // 8)
+            if zp is not None:
+                assert zp.dtype == np.uint8 and (zp == 8).all()  # integer zero points: the fast kernels
+            got = _dequant_nbits(b, scales, zp, offsets, N, K, bits)
+            np.testing.assert_allclose(got, deq[name], rtol=0, atol=1e-6)
     q1 = tensors["blk.0.attn_q.weight"]
     assert (q1.fields()[0] == 0).sum() >= 2  # the zero and the constant block (d == 0)
     np.testing.assert_allclose(_dequant_nbits(*q1.to_matmul_nbits(), N, K)[5, 32:64], 0.0371, atol=1e-4)
 
 
-def _graph(weights: list[np.ndarray]):
+def _graph(weights: list[np.ndarray], lead: tuple = ("M",)):
     from onnx import TensorProto, helper, numpy_helper
 
     inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)]
     nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"mm{i}") for i in range(len(weights))]
     nodes.append(helper.make_node("Concat", [f"y{i}" for i in range(len(weights))], ["y"], axis=-1))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", None])], inits)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*lead, None])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -99,10 +108,10 @@ def test_graph_weights_are_matched_by_value_and_run_in_onnxruntime(gguf_file, tm
     onnx.save(_graph([w_q.T.copy(), w_up.T.copy(), other.T.copy()]), str(src))
     spec = QuantSpec("int4", accuracy_level=0, gguf=str(path))  # float compute: the weights alone are compared
     report = quantize_graph(src, dst, spec, layer=0)
-    assert report["matmul_nbits"] == 3 and report["float_matmul_weights"] == 0 and report["gguf_carried"] == 2
+    assert report["float_matmul_weights"] == 0 and report["gguf_carried"] == 2  # the two carried are packed
     manifest = spec.to_manifest()["gguf_blocks"]
     assert manifest["carried"] == 2 and manifest["requantized"] == 1 and "Q6_K" in manifest["note"]
-    assert weight_report(dst)["matmul_nbits"] == 3
+    assert weight_report(dst)["matmul_nbits"] == 2
     x = rng.standard_normal((5, K)).astype(np.float32)
     y = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y[:, :N], x @ w_q.T, rtol=1e-5, atol=1e-5)
@@ -116,3 +125,72 @@ def test_graph_weights_are_matched_by_value_and_run_in_onnxruntime(gguf_file, tm
     spec64 = QuantSpec("int4", block_size=64, gguf=str(path))
     quantize_graph(src, tmp_path / "q64.onnx", spec64, layer=0)
     assert not spec64.carries and "gguf_blocks" not in spec64.to_manifest()
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+@pytest.mark.parametrize("level", [0, 4])
+def test_carried_blocks_keep_integer_zero_points(gguf_file, tmp_path, precision, level):
+    """The file's codes with zero point 8 (4-bit packed, or one per byte at int8) and its scales; a Q4_1
+    block's offset m + 8d added as block sums of x times the offsets. ONNX Runtime computes x @ W.T of the
+    file's weights (float compute: to float32 rounding); two Q4_1 weights on one input are packed into one
+    node whose offsets are added once, before the split; a weight the file does not hold is re-quantized
+    round-to-nearest while the offsets' float MatMuls are left alone."""
+    import onnx
+    import onnxruntime as ort
+    from seamline.partitioner.quantize import QuantSpec, quantize_graph, weight_report
+
+    path, deq = gguf_file
+    rng = np.random.default_rng(2)
+    w_q = deq["blk.0.attn_q.weight"][rng.permutation(N)]
+    w_q2 = deq["blk.0.attn_q.weight"][rng.permutation(N)]
+    w_up = deq["blk.0.ffn_up.weight"]
+    other = rng.standard_normal((N, K)).astype(np.float32) * 0.05
+    x = rng.standard_normal((2, 5, K)).astype(np.float32)  # rank 3, as in the block graphs
+
+    def run(weights, name):
+        src, dst = tmp_path / f"{name}.onnx", tmp_path / f"{name}.q.onnx"
+        onnx.save(_graph([w.T.copy() for w in weights], ("B", "M")), str(src))
+        spec = QuantSpec(precision, accuracy_level=level, gguf=str(path))
+        report = quantize_graph(src, dst, spec, layer=0)
+        y = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        return report, spec, onnx.load(str(dst)), y
+
+    tol = 1e-5 if level == 0 else 3e-2  # level 4: the kernel rounds x to int8 per block on the fly
+    report, spec, model, y = run([w_q, w_q2], "two_q4_1")
+    assert report["gguf_carried"] == 2 and report["float_matmul_weights"] == 0 and report["matmul_nbits"] == 1
+    carried = spec.to_manifest()["gguf_blocks"]
+    assert carried["carried"] == 2 and carried["requantized"] == 0
+    assert f"round-to-nearest {precision}" in carried["note"]
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Add") == 1 and ops.count("Split") == 1  # offsets added once, before the split
+    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}["bits"] == int(precision[3])
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    if precision == "int8":
+        assert inits[node.input[1]].max() <= 15 and (inits[node.input[3]] == 8).all()  # the 4-bit codes, a byte each
+    else:
+        assert len(node.input) == 3  # the default zero point 8: no float zero points (a slow fallback kernel)
+    np.testing.assert_allclose(y[..., :N], x @ w_q.T, rtol=tol, atol=tol)
+    np.testing.assert_allclose(y[..., N:], x @ w_q2.T, rtol=tol, atol=tol)
+
+    report, spec, model, y = run([w_q, w_up, other], "mixed")
+    assert report["gguf_carried"] == 2 and report["float_matmul_weights"] == 0 and report["matmul_nbits"] >= 1
+    assert spec.to_manifest()["gguf_blocks"]["requantized"] == 1
+    inits = {t.name for t in model.graph.initializer}
+    assert any(name.endswith("_block_offsets") for name in inits)  # still float: the quantizer left them
+    np.testing.assert_allclose(y[..., :N], x @ w_q.T, rtol=tol, atol=tol)
+    np.testing.assert_allclose(y[..., N:2 * N], x @ w_up.T, rtol=tol, atol=tol)
+    np.testing.assert_allclose(y[..., 2 * N:], x @ other.T, rtol=0, atol=5e-2 if precision == "int8" else 0.3)
+    assert weight_report(tmp_path / "mixed.q.onnx")["float_matmul_weights"] == 0
+
+
+def test_partition_notes_say_what_the_carried_graphs_cost():
+    from seamline.partitioner.partition import quantization_notes
+
+    assert quantization_notes({}) == [] and quantization_notes({"precision": "int4", "accuracy_level": 4}) == []
+    int4 = quantization_notes({"precision": "int4", "accuracy_level": 0, "gguf_blocks": {"carried": 7}})
+    assert len(int4) == 1 and "--quant-accuracy-level 4" in int4[0]
+    assert quantization_notes({"precision": "int4", "accuracy_level": 4, "gguf_blocks": {"carried": 7}}) == []
+    int8 = quantization_notes({"precision": "int8", "accuracy_level": 0,
+                               "gguf_blocks": {"carried": 7, "note": "x.gguf: Q6_K x1 ..."}})
+    assert int8[0].startswith("x.gguf") and "--quantize-edge int4" in int8[1]

@@ -1,4 +1,4 @@
-"""SmolLM2's own Q4_1 blocks in the int4 edge graphs (``partitioner/gguf_blocks.py``).
+"""SmolLM2's own Q4_1 blocks in the int4 and int8 edge graphs (``partitioner/gguf_blocks.py``).
 
 The cached fp32 bundle's block graphs (EDGE_LAYERS layers) are quantized twice, carrying the GGUF
 file's blocks and re-quantizing round-to-nearest, into two int4 bundles (the fp32 graphs ship along).
@@ -21,16 +21,16 @@ PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
         "mlp.up_proj", "mlp.down_proj"]
 
 
-def _int4_bundle(src, out, gguf: str):
+def _int4_bundle(src, out, gguf: str, precision: str = "int4"):
     from seamline.partitioner.quantize import QuantSpec, quantize_graph
     from seamline.protos.bundle import GraphSet, load_bundle, write_manifest
 
     shutil.copytree(src, out)
     m = load_bundle(out, verify=False)
-    spec = QuantSpec("int4", gguf=gguf)
+    spec = QuantSpec(precision, gguf=gguf)  # carried: float activations (accuracy level 0) unless asked
     for i, name in enumerate(m.blocks):
-        quantize_graph(out / name, out / "int4" / name, spec, layer=i)
-    m = dataclasses.replace(m, blocks=[f"int4/{b}" for b in m.blocks], precision="int4",
+        quantize_graph(out / name, out / precision / name, spec, layer=i)
+    m = dataclasses.replace(m, blocks=[f"{precision}/{b}" for b in m.blocks], precision=precision,
                             quantization=spec.to_manifest(),
                             variants={"fp32": GraphSet(m.embed, list(m.blocks), m.head)})
     write_manifest(m, out)
@@ -54,8 +54,12 @@ def _dequantized(model, node):
     packed = numpy_helper.to_array(inits[node.input[1]])
     scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, -1, 1)
     zp = numpy_helper.to_array(inits[node.input[3]]).reshape(n, -1, 1) if len(node.input) > 3 else 8.0
-    q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, k // bs, bs).astype(np.float32)
-    return ((q - zp) * scales).reshape(n, k)
+    q = np.stack([packed & 0x0F, packed >> 4], -1) if attrs["bits"] == 4 else packed
+    w = (q.reshape(n, k // bs, bs).astype(np.float32) - zp) * scales
+    offsets = inits.get(f"{node.output[0]}_block_offsets")  # a Q4_1 block's m + 8d, added in float
+    if offsets is not None:
+        w = w + numpy_helper.to_array(offsets).T[..., None]
+    return w.reshape(n, k)
 
 
 def test_carried_blocks_are_the_checkpoints_weights(int4_bundles, smol_checkpoint):
@@ -70,6 +74,7 @@ def test_carried_blocks_are_the_checkpoints_weights(int4_bundles, smol_checkpoin
         model = onnx.load(str(out / "int4" / f"block_{i:02d}.onnx"))
         nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
         assert len(nodes) == 4  # q/k/v packed into one node, o, gate/up packed, down
+        assert all(len(n.input) == 3 for n in nodes)  # the default zero point 8, not float ones (a slow kernel)
         assert weight_report(out / "int4" / f"block_{i:02d}.onnx")["float_matmul_weights"] == 0
         # a packed node's rows are its projections' rows stacked in graph order
         hf = [weights[f"model.layers.{i}.{proj}.weight"] for proj in PROJ]  # (out, in), q/k rows permuted
@@ -101,6 +106,20 @@ def test_verify_int4_from_gguf_agrees_at_least_like_round_to_nearest(int4_bundle
     assert got["greedy_agreement"] >= ref["greedy_agreement"], (got["splits"], ref["splits"])
     assert got["greedy_agreement"] >= 0.99 and got["passed"], got["splits"]
     assert got["max_abs_logit_diff"] < ref["max_abs_logit_diff"]
+
+
+def test_int8_from_gguf_carries_the_same_weights_exactly(smol_gguf, smol_bundle, tmp_path):
+    """int8 from the Q4_1 file: the file's codes one per byte, zero point 8, the blocks' offsets added in float
+    (ONNX Runtime's 8-bit kernel takes no float zero points): the weights are the checkpoint's, and verify
+    agrees with the fp32 model at every split like fp32 parity does."""
+    from seamline.partitioner.verify import VerifyOptions, verify
+
+    out, spec = _int4_bundle(smol_bundle, tmp_path / "int8", str(smol_gguf), "int8")
+    assert spec.accuracy_level == 0 and spec.to_manifest()["gguf_blocks"] == {"carried": 7 * EDGE_LAYERS,
+                                                                            "requantized": 0}
+    got = verify(VerifyOptions(bundle=out, model=str(smol_gguf), quant="int8", prompt_tokens=16, decode_steps=8))
+    assert [r["split"] for r in got["splits"]] == list(range(1, EDGE_LAYERS + 1))
+    assert got["greedy_agreement"] == 1.0 and got["max_abs_logit_diff"] < 1e-3, got["splits"]
 
 
 def test_the_q8_0_lm_head_is_carried_exactly(smol_gguf, smol_model, tmp_path):
