@@ -224,6 +224,21 @@ def test_the_embedding_reads_the_quantized_head_rows(head_bits):
     np.testing.assert_allclose(got - wpe, table[ids[0]], rtol=0, atol=1e-5)
     assert bundle_file(full, m.tied_embedding).stat().st_size < m.vocab_size * m.hidden_size * head_bits / 8 * 1.3
 
+    # level 4 rounds the head's input to int8 on the fly; its top logits are recomputed exactly from the same rows
+    import onnxruntime as ort
+    from seamline.partitioner.quantize import RESCORED
+
+    assert {"TopK", "GatherBlockQuantized", "ScatterElements"} <= {n.op_type for n in head.graph.node}
+    head.graph.output.append(helper.make_tensor_value_info(mm.input[0], onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(head.SerializeToString(), providers=["CPUExecutionProvider"])
+    hidden = np.random.default_rng(0).standard_normal((1, 5, m.hidden_size)).astype(np.float32) * 3
+    logits, xn = sess.run(None, {sess.get_inputs()[0].name: hidden})
+    exact = xn @ table.T
+    top = np.argsort(-logits, -1)[..., :RESCORED // 2]  # the last of the 16 may be one left approximate
+    np.testing.assert_allclose(np.take_along_axis(logits, top, -1), np.take_along_axis(exact, top, -1),
+                               rtol=1e-5, atol=1e-4)
+    assert (logits.argmax(-1) == exact.argmax(-1)).all()
+
 
 def test_draft_heads_of_a_quantized_bundle_store_their_lm_head_in_fp16(llama_int4, tmp_path):
     """The draft heads' LM head file of a quantized bundle is fp16 (its tied table, if any, is quantized;
