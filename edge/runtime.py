@@ -28,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 from seamline.edge.segments import FOLDER_KEY, Composed, NotComposable, UnreadableBlock, compose, kv_names
-from seamline.edge.table import QuantizedRows
+from seamline.edge.table import QuantizedRows, rescore_top
 from seamline.protos.bundle import (
+    HEAD_INPUT,
     KV_IN_PLACE_META,
+    RESCORE_META,
     ROPE_META,
     BundleError,
     Manifest,
@@ -281,9 +283,22 @@ class EdgeRuntime:
         self.composed = False  # True while the blocks run as composed segments
         self._runs: list[_Graph] = self._load_runs(compose and m.causal)  # cover [0, n) in order
         self.head = graph(names["head"], ("hidden",), 1) if names.get("head") else None
+        self._head_rows = self._head_rescoring(names["head"]) if self.head is not None else None
         self._ensure_rope(ROPE_MIN_ROWS)
         self._tokenizer = self._load_tokenizer()
         self._check_embed()
+
+    def _head_rescoring(self, name: str) -> tuple[QuantizedRows, int] | None:
+        """The rows and count of a level-4 head's logits recomputed exactly (``table.rescore_top``), when its graph
+        says where they are; else None."""
+        meta = self.head.meta.get(RESCORE_META)
+        if not meta or HEAD_INPUT not in {o.name for o in self.head.session.get_outputs()}:
+            return None
+        folder = Path(name).parent
+        try:
+            return QuantizedRows.of_head(meta, lambda loc: bundle_file(self.bundle_dir, str(folder / loc)))
+        except ValueError as e:
+            raise BundleError(f"{self.bundle_dir / name}: {e}") from None
 
     def _quantized_rows(self, name: str) -> QuantizedRows | None:
         """A quantized token table read row by row from its file (``table.py``: no mapped file whose pages a
@@ -530,8 +545,11 @@ class EdgeRuntime:
             raise BundleError(f"{self.bundle_dir}: this bundle has no head graph (it exports "
                               f"{self.num_edge_layers} of {self.manifest.num_layers} layers); local "
                               "generation needs a bundle partitioned with every layer")
-        (logits,) = self.head.run(hidden=hidden.reshape(1, *hidden.shape).astype(np.float32))
-        return logits[0]
+        out = self.head.run(hidden=hidden.reshape(1, *hidden.shape).astype(np.float32))
+        if self._head_rows is None:
+            return out[0][0]
+        rows, top = self._head_rows  # a level-4 head: its top logits made exact from the table's rows
+        return rescore_top(out[0][0], out[1][0], rows, top)
 
     def sentence_embedding(self, ids: list[int], k: int | None = None) -> np.ndarray:
         """Encoders: pooled sentence embedding from the edge alone (needs a full bundle)."""

@@ -10,6 +10,9 @@ scales and zero points: three reads per token, from the page cache once warm) an
 operator does, ``(q - zero point) * scale`` per block of ``block_size`` along the row, bit for bit the same
 floats (``tests/edge/test_table.py``). Only this one graph form is taken (``QuantizedRows.of`` returns None
 otherwise and the runtime runs the graph in ONNX Runtime).
+
+The same reader serves the LM head's exact rescoring (:func:`rescore_top`): a level-4 head graph says in its
+metadata where its rows are (``QuantizedRows.of_head``), and the runtime recomputes its top logits from them.
 """
 
 from __future__ import annotations
@@ -109,6 +112,35 @@ class QuantizedRows:
         return cls(path, vocab, width, bits, bs, field(data, refs[0]), field(scales, refs[1]),
                    _DTYPES[scales.data_type], field(zp, refs[2]) if zp is not None else None)
 
+    @classmethod
+    def of_head(cls, meta: str, resolve) -> tuple[QuantizedRows, int]:
+        """The LM head's rows from its graph's rescoring metadata (``partitioner/quantize.mark_head_rescoring``:
+        JSON with the table file, vocab, width, bits, block_size, top and per field [offset, row bytes]) and
+        the number of top logits to recompute. ``resolve`` turns the file's location into a path. Raises
+        ValueError when the metadata is malformed or the file is shorter than it says."""
+        import json
+
+        try:
+            m = json.loads(meta)
+            vocab, width, bits, bs, top = (int(m[k]) for k in ("vocab", "width", "bits", "block_size", "top"))
+            spans = {k: (int(m[k][0]), int(m[k][1])) for k in ("data", "scales", "zero_points") if m.get(k)}
+            location = str(m["location"])
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise ValueError(f"the head graph's {meta[:80]!r} rescoring metadata is malformed ({e}); "
+                             "re-run `partition`") from None
+        blocks = -(-width // bs) if bs > 0 else 0
+        want = {"data": width * bits // 8, "scales": blocks * 4, "zero_points": -(-blocks * bits // 8)}
+        path = Path(resolve(location))
+        size = path.stat().st_size
+        if (bits not in (4, 8) or bs <= 0 or width % bs or not 0 < top <= vocab or "data" not in spans
+                or "scales" not in spans or any(spans[k][1] != want[k] for k in spans)
+                or any(off < 0 or off + row * vocab > size for off, row in spans.values())):
+            raise ValueError(f"{path}: the head graph's rescoring metadata does not fit this table ({meta[:200]}); "
+                             "the bundle is damaged — re-run `partition` or copy the bundle again")
+        zp = spans.get("zero_points")
+        return cls(path, vocab, width, bits, bs, _Field(*spans["data"]), _Field(*spans["scales"]), np.float32,
+                   _Field(*zp) if zp else None), top
+
     def _read(self, f: _Field, ids: np.ndarray) -> np.ndarray:
         out = bytearray(f.row_bytes * len(ids))
         view = memoryview(out)
@@ -154,3 +186,15 @@ class QuantizedRows:
 
     def __del__(self):
         self.close()
+
+
+def rescore_top(logits: np.ndarray, x: np.ndarray, rows: QuantizedRows, top: int) -> np.ndarray:
+    """``logits`` (T, V) from a head whose kernel rounded its input to int8, with the ``top`` largest of each
+    row replaced by the exact dot products of ``x`` (T, C, the head's float input) with those tokens' rows
+    (read from the file). In place; returns ``logits``."""
+    t = logits.shape[0]
+    ids = np.argpartition(-logits, top - 1, axis=-1)[:, :top]  # (T, top), unordered
+    w = rows.rows(ids).reshape(t, top, rows.width)
+    exact = np.einsum("tkc,tc->tk", w, x.reshape(t, rows.width).astype(np.float32))
+    np.put_along_axis(logits, ids, exact.astype(logits.dtype), axis=-1)
+    return logits

@@ -546,42 +546,31 @@ def float_weight_bytes(path: Path) -> int:
 QUANT_TABLE_FILE = "tied_embedding.q.bin"  # next to the quantized graphs: the quantized LM head, read by embed too
 
 
-RESCORED = 16  # the head's top logits recomputed exactly (rescore_top_logits)
+RESCORED = 16  # the head's top logits the edge recomputes exactly (mark_head_rescoring)
 
 
-def rescore_top_logits(head, mm, rows: list[str], block_size: int, bits: int, top: int = RESCORED) -> None:
-    """Make the head's ``top`` largest logits exact: at ``--quant-accuracy-level 4`` ``MatMulNBits`` rounds the
-    head's input to int8 per block of 32 on the fly (fast; SmolLM2's outlier channels come out of it with
-    logits off by up to 0.5, enough to flip 1 greedy pick in 30). The node's logits pick the ``top`` candidates
-    (``TopK``), their weight rows are read from the same quantized table (``GatherBlockQuantized`` over
-    ``rows``: the head's own bytes, no copy) and dotted with the float input, and the exact values are
-    scattered back over the approximate ones. The greedy pick is the exact model's unless the true best token
-    is not among the approximate top ``top``; sampling sees exact values where the probability is.
-    Costs one TopK over the vocabulary and ``top`` rows per position."""
-    from onnx import helper, numpy_helper
+def mark_head_rescoring(head, mm, layout: list[tuple[int, int]], dims: list[list[int]], block_size: int,
+                        bits: int, top: int = RESCORED) -> None:
+    """Let the edge make the head's ``top`` largest logits exact. At ``--quant-accuracy-level 4``
+    ``MatMulNBits`` rounds the head's input to int8 per block of 32 on the fly (fast; SmolLM2's outlier
+    channels come out of it with logits off by up to 0.5, enough to flip 1 greedy pick in 30). The head graph
+    gets a second output, :data:`HEAD_INPUT` (the float row it multiplies), and metadata naming where the
+    quantized rows are in the shared table file; the edge (``edge/table.py``, ``rescore_top``) reads the
+    ``top`` candidates' rows with ``pread`` (not through a mapping, whose pages would stay resident), takes
+    the dot products in float and puts them in place of the approximate values. Gathering the rows inside
+    the graph worked the same but left the mapped table's pages resident (+14 MB over 52 SmolLM2 tokens)."""
+    import json
 
-    x, out = mm.input[0], mm.output[0]
-    approx = f"{out}_level4"
-    mm.output[0] = approx
-    k, axes = "head_rescore_k", "head_rescore_axes"
-    head.graph.initializer.extend([numpy_helper.from_array(np.asarray([top], np.int64), k),
-                                   numpy_helper.from_array(np.asarray([-2], np.int64), axes),
-                                   numpy_helper.from_array(np.asarray([-1], np.int64), f"{axes}_last")])
-    nodes = [
-        helper.make_node("TopK", [approx, k], ["head_top_values", "head_top_ids"], name="head_rescore_topk", axis=-1),
-        helper.make_node("GatherBlockQuantized", [rows[0], "head_top_ids", rows[1], rows[2]], ["head_top_rows"],
-                         name="head_rescore_rows", domain="com.microsoft", gather_axis=0, quantize_axis=1,
-                         block_size=block_size, bits=bits),
-        helper.make_node("Unsqueeze", [x, axes], ["head_rescore_x"], name="head_rescore_unsqueeze"),
-        helper.make_node("Mul", ["head_top_rows", "head_rescore_x"], ["head_top_products"], name="head_rescore_mul"),
-        helper.make_node("ReduceSum", ["head_top_products", f"{axes}_last"], ["head_top_exact"],
-                         name="head_rescore_sum", keepdims=0),
-        helper.make_node("ScatterElements", [approx, "head_top_ids", "head_top_exact"], [out],
-                         name="head_rescore_scatter", axis=-1),
-    ]
-    at = list(head.graph.node).index(mm) + 1
-    for i, node in enumerate(nodes):
-        head.graph.node.insert(at + i, node)
+    from onnx import StringStringEntryProto, TensorProto, helper
+    from seamline.protos.bundle import HEAD_INPUT, RESCORE_META
+
+    head.graph.node.append(helper.make_node("Identity", [mm.input[0]], [HEAD_INPUT], name="head_input_out"))
+    head.graph.output.append(helper.make_tensor_value_info(HEAD_INPUT, TensorProto.FLOAT, None))
+    fields = dict(zip(("data", "scales", "zero_points"),
+                      ([off, n // d[0]] for (off, n), d in zip(layout, dims))))
+    meta = {"location": QUANT_TABLE_FILE, "vocab": dims[0][0], "width": dims[1][1] * block_size, "bits": bits,
+            "block_size": block_size, "top": top, **fields}
+    head.metadata_props.append(StringStringEntryProto(key=RESCORE_META, value=json.dumps(meta)))
 
 
 def share_quantized_table(embed_src: Path, head_q: Path, embed_dst: Path) -> str | None:
@@ -639,10 +628,7 @@ def share_quantized_table(embed_src: Path, head_q: Path, embed_dst: Path) -> str
     u8, f32 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
     dims = [[v, nb * row], [v, nb], [v, arrays[2].size // v]]
     if attrs.get("accuracy_level", 0) == 4:
-        rows = ["head_rows_q", "head_rows_q_scales", "head_rows_q_zero_points"]
-        head.graph.initializer.extend(external_tensor(name, dtype, d, QUANT_TABLE_FILE, off, n)
-                                      for name, dtype, d, (off, n) in zip(rows, (u8, f32, u8), dims, layout))
-        rescore_top_logits(head, mm, rows, bs, bits)
+        mark_head_rescoring(head, mm, layout, dims, bs, bits)
     onnx.save(head, str(head_q))
 
     # the embedding: GatherBlockQuantized over the same bytes

@@ -105,3 +105,32 @@ def test_a_table_without_zero_points_takes_the_operators_default(tmp_path):
         (want,) = _Graph(tmp_path / "embed.onnx", 1).run(input_ids=ids)
         np.testing.assert_array_equal(table.run(input_ids=ids)[0], want)
         table.close()
+
+
+def test_the_level4_heads_top_logits_are_read_exactly(bundle):
+    """The head's rows, read from the file by the rescoring metadata, are the embedding's rows (the same table),
+    and the runtime's logits equal the float dot products at their top: the int8 head and the int4 head."""
+    import json
+
+    from seamline.protos.bundle import RESCORE_META
+
+    manifest, out = bundle
+    rt = EdgeRuntime(out, verify=False)
+    rows, top = rt._head_rows
+    assert top == 16 and rows.path == rt.embed.path
+    ids = np.array([0, 7, 300, manifest.vocab_size - 1])
+    np.testing.assert_array_equal(rows.rows(ids), rt.embed.rows(ids))
+    hidden = np.random.default_rng(1).standard_normal((3, manifest.hidden_size)).astype(np.float32) * 4
+    _, x = rt.head.run(hidden=hidden[None])
+    exact = x[0] @ rt.embed.rows(np.arange(manifest.vocab_size)).T
+    got = rt.logits(hidden)
+    best = np.argsort(-got, -1)[:, :8]
+    np.testing.assert_allclose(np.take_along_axis(got, best, -1), np.take_along_axis(exact, best, -1),
+                               rtol=1e-5, atol=1e-5)
+    # metadata that does not fit the file is refused at load, naming the graph
+    meta = json.loads(rt.head.meta[RESCORE_META])
+    for bad in ({**meta, "vocab": meta["vocab"] * 100}, {**meta, "data": [0, 3]}, {"top": 16}):
+        with pytest.raises(ValueError, match="rescoring metadata"):
+            QuantizedRows.of_head(json.dumps(bad), lambda loc: out / "int4" / loc)
+    with pytest.raises(ValueError, match="malformed"):
+        QuantizedRows.of_head("{not json", lambda loc: out / "int4" / loc)
