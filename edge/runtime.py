@@ -31,6 +31,7 @@ from seamline.edge.segments import FOLDER_KEY, Composed, NotComposable, Unreadab
 from seamline.edge.table import QuantizedRows, rescore_top
 from seamline.protos.bundle import (
     HEAD_INPUT,
+    HEAD_TOP_IDS,
     KV_IN_PLACE_META,
     RESCORE_META,
     ROPE_META,
@@ -292,7 +293,7 @@ class EdgeRuntime:
         """The rows and count of a level-4 head's logits recomputed exactly (``table.rescore_top``), when its graph
         says where they are; else None."""
         meta = self.head.meta.get(RESCORE_META)
-        if not meta or HEAD_INPUT not in {o.name for o in self.head.session.get_outputs()}:
+        if not meta or [o.name for o in self.head.session.get_outputs()][1:3] != [HEAD_INPUT, HEAD_TOP_IDS]:
             return None
         folder = Path(name).parent
         try:
@@ -548,8 +549,8 @@ class EdgeRuntime:
         out = self.head.run(hidden=hidden.reshape(1, *hidden.shape).astype(np.float32))
         if self._head_rows is None:
             return out[0][0]
-        rows, top = self._head_rows  # a level-4 head: its top logits made exact from the table's rows
-        return rescore_top(out[0][0], out[1][0], rows, top)
+        rows, _ = self._head_rows  # a level-4 head: its top logits made exact from the table's rows
+        return rescore_top(out[0][0], out[1][0], rows, out[2][0])
 
     def sentence_embedding(self, ids: list[int], k: int | None = None) -> np.ndarray:
         """Encoders: pooled sentence embedding from the edge alone (needs a full bundle)."""

@@ -188,13 +188,12 @@ class QuantizedRows:
         self.close()
 
 
-def rescore_top(logits: np.ndarray, x: np.ndarray, rows: QuantizedRows, top: int) -> np.ndarray:
-    """``logits`` (T, V) from a head whose kernel rounded its input to int8, with the ``top`` largest of each
-    row replaced by the exact dot products of ``x`` (T, C, the head's float input) with those tokens' rows
-    (read from the file). In place; returns ``logits``."""
-    t = logits.shape[0]
-    ids = np.argpartition(-logits, top - 1, axis=-1)[:, :top]  # (T, top), unordered
-    w = rows.rows(ids).reshape(t, top, rows.width)
+def rescore_top(logits: np.ndarray, x: np.ndarray, rows: QuantizedRows, ids: np.ndarray) -> np.ndarray:
+    """``logits`` (T, V) from a head whose kernel rounded its input to int8, with the entries ``ids`` (T, k: the
+    head graph's top-k) replaced by the exact dot products of ``x`` (T, C, the head's float input) with those
+    tokens' rows (read from the file). In place; returns ``logits``."""
+    t, k = ids.shape
+    w = rows.rows(ids).reshape(t, k, rows.width)
     exact = np.einsum("tkc,tc->tk", w, x.reshape(t, rows.width).astype(np.float32))
     np.put_along_axis(logits, ids, exact.astype(logits.dtype), axis=-1)
     return logits

@@ -56,6 +56,7 @@ KV_IN_PLACE_META = "seamline.kv_in_place"  # "1": past/present may be one buffer
 ROPE_META = "seamline.rope"  # JSON inv_freq and scaling of the graph's rope_cos / rope_sin input tables
 RESCORE_META = "seamline.head_rescore"  # JSON: where a level-4 head's rows are, to make its top logits exact
 HEAD_INPUT = "head_input"  # such a head graph's second output: the float row its MatMulNBits multiplies
+HEAD_TOP_IDS = "head_top_ids"  # and its third: the ids of its largest logits, the ones to make exact
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FIX = "re-run `partition` with this version of seamline (or correct the field)"
 

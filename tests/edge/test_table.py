@@ -121,7 +121,7 @@ def test_the_level4_heads_top_logits_are_read_exactly(bundle):
     ids = np.array([0, 7, 300, manifest.vocab_size - 1])
     np.testing.assert_array_equal(rows.rows(ids), rt.embed.rows(ids))
     hidden = np.random.default_rng(1).standard_normal((3, manifest.hidden_size)).astype(np.float32) * 4
-    _, x = rt.head.run(hidden=hidden[None])
+    _, x, _ = rt.head.run(hidden=hidden[None])
     exact = x[0] @ rt.embed.rows(np.arange(manifest.vocab_size)).T
     got = rt.logits(hidden)
     best = np.argsort(-got, -1)[:, :8]
