@@ -98,6 +98,10 @@ class EdgeCache:
 
 
 KV_MIN_CAPACITY = 64  # positions an in-place KV buffer starts with (then doubles)
+# A long prompt runs through the blocks this many positions at a time (into the same in-place caches): the
+# activations of a 512-token prefill peaked 40 MB higher in one call (SmolLM2 int4 edge, every layer: peak RSS
+# 328 against 288 MB at 128), for the same time (2.13-2.49 s against 2.20-2.42 s).
+PREFILL_CHUNK = 128
 ROPE_MIN_ROWS = 1024  # positions the rope tables start with (then double; 256 KB at head size 64)
 
 
@@ -451,6 +455,9 @@ class EdgeRuntime:
                              "replay the history from position 0")
         ids_arr = np.asarray(ids, dtype=np.int64).reshape(1, -1)  # (1, T)
         t = ids_arr.shape[1]
+        if self.manifest.causal and k > 0 and t > PREFILL_CHUNK:
+            return np.concatenate([self.forward(ids_arr[0, a:a + PREFILL_CHUNK], start + a, k, cache)
+                                   for a in range(0, t, PREFILL_CHUNK)])
         pos = np.arange(start, start + t, dtype=np.int64).reshape(1, -1)  # (1, T)
         (hidden,) = self.embed.run(input_ids=ids_arr, position_ids=pos)  # (1, T, C)
         for g in self._runs_in(0, k):
@@ -463,6 +470,9 @@ class EdgeRuntime:
     def continue_from(self, hidden: np.ndarray, start: int, k_from: int, k_to: int,
                       cache: EdgeCache) -> np.ndarray:
         """Run blocks [k_from, k_to) on hidden (T, C) at positions start.. (used for local fallback)."""
+        if self.manifest.causal and len(hidden) > PREFILL_CHUNK:
+            return np.concatenate([self.continue_from(hidden[a:a + PREFILL_CHUNK], start + a, k_from, k_to, cache)
+                                   for a in range(0, len(hidden), PREFILL_CHUNK)])
         h = hidden.reshape(1, *hidden.shape).astype(np.float32)
         t = h.shape[1]
         pos = np.arange(start, start + t, dtype=np.int64).reshape(1, -1)

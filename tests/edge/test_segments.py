@@ -162,3 +162,27 @@ def test_a_reserved_cache_is_made_once_at_its_size(llama):
     rt.forward([3], 100, n, reserved)
     assert {c.capacity for c in reserved.layers} == {min(200, rt.manifest.max_positions)}  # doubled, capped
     assert reserved.length(n) == 101
+
+
+def test_a_long_prompt_runs_in_chunks_with_the_same_numbers(llama, monkeypatch):
+    """A prompt longer than PREFILL_CHUNK runs through the blocks a chunk at a time into the same caches (a
+    lower activation peak): the hidden states, the caches and the next step equal one call's, at a split and
+    on the local fallback (continue_from)."""
+    import seamline.edge.runtime as runtime_module
+
+    rt = EdgeRuntime(llama, verify=False)
+    n = rt.num_edge_layers
+    prompt = [int(i) for i in np.random.default_rng(0).integers(100, 1000, 300)]
+    runs = {}
+    for chunk in (10**6, runtime_module.PREFILL_CHUNK, 7):
+        monkeypatch.setattr(runtime_module, "PREFILL_CHUNK", chunk)
+        c = rt.new_cache()
+        rows = rt.forward(prompt, 0, 2, c)
+        top = rt.continue_from(rows, 0, 2, n, c)
+        runs[chunk] = (rows, top, rt.forward([7], len(prompt), n, c), c.length(n))
+        rt.release(c)
+    one = runs[10**6]
+    for chunk in (runtime_module.PREFILL_CHUNK, 7):
+        for a, b in zip(runs[chunk][:3], one[:3]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert runs[chunk][3] == one[3] == len(prompt) + 1
