@@ -301,9 +301,14 @@ class EdgeRuntime:
             return None
         folder = Path(name).parent
         try:
-            return QuantizedRows.of_head(meta, lambda loc: bundle_file(self.bundle_dir, str(folder / loc)))
+            rows, top = QuantizedRows.of_head(meta, lambda loc: bundle_file(self.bundle_dir, str(folder / loc)))
         except ValueError as e:
             raise BundleError(f"{self.bundle_dir / name}: {e}") from None
+        m = self.manifest
+        if (rows.vocab, rows.width) != (m.vocab_size, m.hidden_size):
+            raise BundleError(f"{self.bundle_dir / name}: its rescoring rows are {rows.vocab} x {rows.width}, the "
+                              f"model's head {m.vocab_size} x {m.hidden_size}: {_REPARTITION}")
+        return rows, top
 
     def _quantized_rows(self, name: str) -> QuantizedRows | None:
         """A quantized token table read row by row from its file (``table.py``: no mapped file whose pages a

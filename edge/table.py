@@ -125,14 +125,14 @@ class QuantizedRows:
             vocab, width, bits, bs, top = (int(m[k]) for k in ("vocab", "width", "bits", "block_size", "top"))
             spans = {k: (int(m[k][0]), int(m[k][1])) for k in ("data", "scales", "zero_points") if m.get(k)}
             location = str(m["location"])
-        except (ValueError, TypeError, KeyError, IndexError) as e:
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
             raise ValueError(f"the head graph's {meta[:80]!r} rescoring metadata is malformed ({e}); "
                              "re-run `partition`") from None
         blocks = -(-width // bs) if bs > 0 else 0
         want = {"data": width * bits // 8, "scales": blocks * 4, "zero_points": -(-blocks * bits // 8)}
         path = Path(resolve(location))
         size = path.stat().st_size
-        if (bits not in (4, 8) or bs <= 0 or width % bs or not 0 < top <= vocab or "data" not in spans
+        if (bits not in (4, 8) or bs <= 0 or width <= 0 or width % bs or not 0 < top <= vocab or "data" not in spans
                 or "scales" not in spans or any(spans[k][1] != want[k] for k in spans)
                 or any(off < 0 or off + row * vocab > size for off, row in spans.values())):
             raise ValueError(f"{path}: the head graph's rescoring metadata does not fit this table ({meta[:200]}); "

@@ -46,7 +46,8 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute: 0 float activations, 4 int8 blocks of the activations on the fly "
                         f"(faster). Default {q.DEFAULT_ACCURACY_LEVEL}, except 0 for the blocks carried from a "
-                        "Q4_0/Q4_1 .gguf (exact; SmolLM2 at 4: greedy agreement 0.936; the LM head stays at 4)")
+                        "Q4_0/Q4_1 .gguf (exact; SmolLM2 at 4: greedy agreement 0.936), whose LM head stays at 4 "
+                        "(given, the level applies to everything)")
     p.add_argument("--quant-symmetric", action="store_true",
                    help="rtn: blocks without zero points (the scale alone; what onnxruntime-genai's builder writes): "
                         "a faster kernel, a coarser grid for skewed blocks; see README 'Weight-only quantization'")

@@ -10,7 +10,7 @@ in float (:meth:`Q4Tensor.to_matmul_nbits`):
 
 - Q4_0: scale = d, zero point 8: exact;
 - Q4_1: scale = d, zero point 8, plus ``blocksum(x) @ O``: ``blocksum(x)`` the sums of x over each block of
-  32 (``x @ E``, E a 0/1 block indicator), ``O`` (blocks, N) the offsets ``m + 8 d``. Exact to float32
+  32 (a Reshape and a ReduceSum), ``O`` (blocks, N) the offsets ``m + 8 d``. Exact to float32
   rounding; a block with d == 0 is its offset alone.
 
 At int4 the codes are packed two per byte; at int8 one per byte (the same weights, twice the bytes).

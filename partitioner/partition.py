@@ -33,7 +33,7 @@ class PartitionOptions:
     quantize_edge: str | None = None  # None | "int4" | "int8" (weight-only MatMulNBits) | "int8-dynamic"
     quant_method: str = "rtn"  # rtn | hqq (quantize.py)
     quant_block_size: int = quantize.DEFAULT_BLOCK_SIZE
-    quant_accuracy_level: int | None = None  # None: 0 for blocks carried from a GGUF file, else 4 (quantize.py)
+    quant_accuracy_level: int | None = None  # None: 4, and 0 for the blocks carried from a GGUF file (quantize.py)
     quant_symmetric: bool = False  # rtn blocks without zero points (quantize.py)
     keep_fp32: bool = False  # a quantized bundle also ships the fp32 block graphs
     quant_head: str = "int8"  # weight-only precisions: the LM head's precision (int8 | int4 | none: float)
@@ -136,9 +136,8 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
         raise PartitionError(f"--quant-head {opts.quant_head}: supported: {', '.join(quantize.WEIGHT_ONLY)}, none")
     head_spec = None  # round-to-nearest: HQQ has no 8-bit CPU kernel, and a GGUF's blocks are the blocks'
     if head and spec and spec.precision in quantize.WEIGHT_ONLY and s.causal and opts.quant_head != "none":
-        head_spec = quantize.QuantSpec(opts.quant_head, "rtn", spec.block_size,
-                                       quantize.DEFAULT_ACCURACY_LEVEL if opts.quant_accuracy_level is None
-                                       else spec.accuracy_level, gguf=spec.gguf).validate()  # a Q8_0 head in the GGUF file is carried
+        head_spec = quantize.QuantSpec(opts.quant_head, "rtn", spec.block_size, spec.accuracy_level,
+                                       gguf=spec.gguf).validate()  # a Q8_0 head in the GGUF file is carried
     quant_head = head_spec is not None
     if quant_head:
         to_quantize = [*to_quantize, head]
@@ -251,14 +250,14 @@ def quantization_notes(q: dict) -> list[str]:
     carried = q.get("gguf_blocks", {})
     if carried.get("note"):
         notes.append(carried["note"])
-    if not carried.get("carried"):
+    if not carried.get("carried") or carried.get("accuracy_level") != 0:
         return notes
     if q.get("precision") == "int8":
         notes.append("int8 from a Q4 .gguf holds the file's 4-bit codes one per byte: the same weights as "
                      "--quantize-edge int4 at twice the bytes, and ONNX Runtime's 8-bit kernel with float "
                      "activations is ~12x slower than the 4-bit one (SmolLM2-135M, one thread: 602 against "
                      "46-54 ms/token); --quantize-edge int4 carries the file's weights exactly too")
-    elif q.get("accuracy_level") == 0:
+    else:
         notes.append("the file's blocks run with float activations (--quant-accuracy-level 0: the file's model "
                      "exactly); --quant-accuracy-level 4 decodes ~2.4x faster with int8 activations, at some "
                      "fidelity (SmolLM2-135M: 20.5 against 46-54 ms/token, greedy agreement 0.936 at the worst split)")

@@ -49,31 +49,27 @@ class QuantizeError(ValueError):
     pass
 
 
-def default_accuracy_level(asked: int | None, gguf: str, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
-    """The MatMulNBits compute type when ``--quant-accuracy-level`` is not given: 0 (float activations) for
-    blocks carried from a GGUF file, whose point is the file's weights exactly, else
-    ``DEFAULT_ACCURACY_LEVEL``. Measured on SmolLM2-135M's Q4_1 file, every layer on the edge: level 4
-    (int8 activations per block of 32, on the fly) takes greedy agreement with the fp32 model from 1.000
-    to 0.936 at the worst split; SmolLM2's outlier channels do not survive int8 activations."""
-    from .gguf_blocks import QK
-
-    if asked is not None:
-        return asked
-    return 0 if gguf and block_size == QK else DEFAULT_ACCURACY_LEVEL
-
-
 @dataclass
 class QuantSpec:
     precision: str  # int4 | int8 | int8-dynamic
     method: str = "rtn"  # rtn | hqq (weight-only precisions)
     block_size: int = DEFAULT_BLOCK_SIZE
-    accuracy_level: int | None = None  # None: default_accuracy_level (0 for carried GGUF blocks, else 4)
+    accuracy_level: int | None = None  # None: DEFAULT_ACCURACY_LEVEL, and 0 for the carried GGUF blocks
     symmetric: bool = False  # rtn: blocks without zero points (w = scale * (q - 8) at 4 bits)
     gguf: str = ""  # int4/int8 from a GGUF file: carry its Q4_0/Q4_1 blocks over ("" = re-quantize everything)
     carried: dict = field(default_factory=dict, repr=False)  # filled by quantize_graph: counts and notes
 
+    # the compute type of the blocks carried from ``gguf``: the level asked for, else 0 (float activations).
+    # Their point is the file's weights exactly; measured on SmolLM2-135M's Q4_1 file, every layer on the edge,
+    # level 4 (int8 activations per block of 32, on the fly) takes greedy agreement with the fp32 model from
+    # 1.000 to 0.936 at the worst split: SmolLM2's outlier channels do not survive int8 activations. Weights
+    # the file does not hold as Q4_0/Q4_1 are re-quantized and run at ``accuracy_level`` like any others.
+    carried_level: int = field(default=0, init=False)
+
     def __post_init__(self) -> None:
-        self.accuracy_level = default_accuracy_level(self.accuracy_level, self.gguf, self.block_size)
+        self.carried_level = 0 if self.accuracy_level is None else self.accuracy_level
+        if self.accuracy_level is None:
+            self.accuracy_level = DEFAULT_ACCURACY_LEVEL
 
     def validate(self) -> QuantSpec:
         if self.precision not in PRECISIONS:
@@ -107,7 +103,7 @@ class QuantSpec:
                "accuracy_level": self.accuracy_level, "bits": self.bits, "op": "com.microsoft.MatMulNBits",
                "tool": f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer"}
         if self.gguf and self.carries:
-            out["gguf_blocks"] = {"carried": self.carried.get("carried", 0),
+            out["gguf_blocks"] = {"carried": self.carried.get("carried", 0), "accuracy_level": self.carried_level,
                                   "requantized": self.carried.get("requantized", 0),
                                   **({"note": self.carried["note"]} if self.carried.get("note") else {})}
         return out
@@ -208,9 +204,9 @@ def carry_gguf_blocks(model, spec: QuantSpec, layer: int) -> tuple[int, int]:
         if zp is not None:
             names.append(f"{w_name}_zero_points")
             graph.initializer.append(numpy_helper.from_array(zp, names[2]))
-        attrs = {"K": k, "N": n, "bits": spec.bits, "block_size": gguf_blocks.QK}
-        if spec.accuracy_level:
-            attrs["accuracy_level"] = spec.accuracy_level
+        # the level always written (0 too): the quantizer's pass over the re-quantized rest adds its own level
+        # to MatMulNBits nodes without one
+        attrs = {"K": k, "N": n, "bits": spec.bits, "block_size": gguf_blocks.QK, "accuracy_level": spec.carried_level}
         out = node.output[0] if mins is None else f"{node.output[0]}_codes"
         before, after = ([], []) if mins is None else _add_block_offsets(graph, node.input[0], k, out, mins,
                                                                           node.output[0], sums)
@@ -234,8 +230,9 @@ def carry_gguf_blocks(model, spec: QuantSpec, layer: int) -> tuple[int, int]:
 def _add_block_offsets(graph, x: str, k: int, codes: str, offsets: np.ndarray, out: str,
                        sums: dict) -> tuple[list, list]:
     """Nodes computing ``out = codes + blocksum(x) @ offsets``: a Q4_1 block's offset ``o`` adds ``o * sum(x
-    over the block)`` to every output column. ``blocksum(x) = x @ E`` (E (K, K/32) 0/1, one per input, shared
-    through ``sums``) keeps any rank of ``x``. ``offsets`` (K/32, N) float32, stored as ``<codes>_block_offsets``
+    over the block)`` to every output column. ``blocksum(x)`` (a Reshape to (..., K/32, 32) and a ReduceSum, once
+    per input, shared through ``sums``: no constant, any rank of ``x``; a stored 0/1 (K, K/32) indicator grew
+    as K^2/32 per input). ``offsets`` (K/32, N) float32, stored as ``<codes>_block_offsets``
     (also after packing: ``<packed output>_block_offsets``). Returns the nodes to put before the node computing
     ``codes`` (the block sums, once per input: ahead of a later packed node) and after."""
     from onnx import helper, numpy_helper
@@ -243,17 +240,18 @@ def _add_block_offsets(graph, x: str, k: int, codes: str, offsets: np.ndarray, o
     from .gguf_blocks import QK
 
     before = []
-    if x not in sums:  # E = the identity (K/32, 1, K/32) expanded to (K/32, 32, K/32), as (K, K/32): a few KB
-        nb = k // QK   # in the file instead of K * K/32 floats; ONNX Runtime folds the constant at load
+    if x not in sums:  # x (..., K) -> (..., K/32, 32) -> summed over the last axis: no constant, any rank
+        nb = k // QK
         sums[x] = f"{x}_blocksums"
-        eye, e = f"{sums[x]}_eye", f"{sums[x]}_E"
-        graph.initializer.extend([
-            numpy_helper.from_array(np.eye(nb, dtype=np.float32).reshape(nb, 1, nb), eye),
-            numpy_helper.from_array(np.asarray([nb, QK, nb], np.int64), f"{e}_expand"),
-            numpy_helper.from_array(np.asarray([k, nb], np.int64), f"{e}_shape")])
-        before += [helper.make_node("Expand", [eye, f"{e}_expand"], [f"{e}_3d"], name=f"{e}_expand_node"),
-                   helper.make_node("Reshape", [f"{e}_3d", f"{e}_shape"], [e], name=f"{e}_reshape"),
-                   helper.make_node("MatMul", [x, e], [sums[x]], name=f"{sums[x]}_matmul")]
+        b = sums[x]
+        graph.initializer.extend([numpy_helper.from_array(np.asarray([nb, QK], np.int64), f"{b}_block_shape"),
+                                  numpy_helper.from_array(np.asarray([-1], np.int64), f"{b}_last_axis")])
+        before += [helper.make_node("Shape", [x], [f"{b}_lead"], name=f"{b}_shape", end=-1),
+                   helper.make_node("Concat", [f"{b}_lead", f"{b}_block_shape"], [f"{b}_shape_to"],
+                                    name=f"{b}_concat", axis=0),
+                   helper.make_node("Reshape", [x, f"{b}_shape_to"], [f"{b}_blocks"], name=f"{b}_reshape"),
+                   helper.make_node("ReduceSum", [f"{b}_blocks", f"{b}_last_axis"], [b], name=f"{b}_sum",
+                                    keepdims=0)]
     graph.initializer.append(numpy_helper.from_array(offsets, f"{codes}_block_offsets"))
     after = [helper.make_node("MatMul", [sums[x], f"{codes}_block_offsets"], [f"{codes}_offsets"],
                               name=f"{codes}_offsets_matmul"),
@@ -353,7 +351,7 @@ def _offsets_before_split(nodes: list, graph, dropped: set[str]) -> list:
                 break
             mm = made.get(add.input[1])
             if (mm is None or mm.op_type != "MatMul" or mm.input[1] not in inits
-                    or len(consumers.get(mm.output[0], [])) != 1):
+                    or not mm.input[1].endswith(OFFSET_SUFFIXES) or len(consumers.get(mm.output[0], [])) != 1):
                 break
             adds.append(add)
             mins.append(mm)
@@ -632,8 +630,9 @@ def share_quantized_table(embed_src: Path, head_q: Path, embed_dst: Path) -> str
     # the rows of the table as GatherBlockQuantized reads them: (V, C * bits / 8), (V, nb), (V, ...)
     u8, f32 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
     dims = [[v, nb * row], [v, nb], [v, arrays[2].size // v]]
-    if attrs.get("accuracy_level", 0) == 4:
-        mark_head_rescoring(head, mm, layout, dims, bs, bits)
+    if (attrs.get("accuracy_level", 0) == 4 and len(mm.input) <= 4  # no bias: the node's output is x @ W
+            and mm.output[0] in {o.name for o in head.graph.output}):  # and the logits, nothing after it
+        mark_head_rescoring(head, mm, layout, dims, bs, bits, min(RESCORED, v))
     onnx.save(head, str(head_q))
 
     # the embedding: GatherBlockQuantized over the same bytes

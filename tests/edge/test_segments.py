@@ -173,11 +173,15 @@ def test_a_long_prompt_runs_in_chunks_with_the_same_numbers(llama, monkeypatch):
     rt = EdgeRuntime(llama, verify=False)
     n = rt.num_edge_layers
     prompt = [int(i) for i in np.random.default_rng(0).integers(100, 1000, 300)]
-    runs = {}
+    runs, calls = {}, []
+    embed = rt.embed.run
+    monkeypatch.setattr(rt.embed, "run", lambda **feeds: calls.append(feeds["input_ids"].shape[1]) or embed(**feeds))
     for chunk in (10**6, runtime_module.PREFILL_CHUNK, 7):
         monkeypatch.setattr(runtime_module, "PREFILL_CHUNK", chunk)
         c = rt.new_cache()
+        calls.clear()
         rows = rt.forward(prompt, 0, 2, c)
+        assert calls == [min(chunk, len(prompt) - a) for a in range(0, len(prompt), chunk)]  # chunked, in order
         top = rt.continue_from(rows, 0, 2, n, c)
         runs[chunk] = (rows, top, rt.forward([7], len(prompt), n, c), c.length(n))
         rt.release(c)

@@ -188,9 +188,31 @@ def test_partition_notes_say_what_the_carried_graphs_cost():
     from seamline.partitioner.partition import quantization_notes
 
     assert quantization_notes({}) == [] and quantization_notes({"precision": "int4", "accuracy_level": 4}) == []
-    int4 = quantization_notes({"precision": "int4", "accuracy_level": 0, "gguf_blocks": {"carried": 7}})
+    int4 = quantization_notes({"precision": "int4", "gguf_blocks": {"carried": 7, "accuracy_level": 0}})
     assert len(int4) == 1 and "--quant-accuracy-level 4" in int4[0]
-    assert quantization_notes({"precision": "int4", "accuracy_level": 4, "gguf_blocks": {"carried": 7}}) == []
-    int8 = quantization_notes({"precision": "int8", "accuracy_level": 0,
-                               "gguf_blocks": {"carried": 7, "note": "x.gguf: Q6_K x1 ..."}})
+    assert quantization_notes({"precision": "int4", "gguf_blocks": {"carried": 7, "accuracy_level": 4}}) == []
+    assert quantization_notes({"precision": "int8", "gguf_blocks": {"carried": 0, "accuracy_level": 0}}) == []
+    int8 = quantization_notes({"precision": "int8",
+                               "gguf_blocks": {"carried": 7, "accuracy_level": 0, "note": "x.gguf: Q6_K x1 ..."}})
     assert int8[0].startswith("x.gguf") and "--quantize-edge int4" in int8[1]
+
+
+def test_by_default_only_the_carried_blocks_run_with_float_activations(gguf_file, tmp_path):
+    """No --quant-accuracy-level: the file's blocks at 0 (exact), a weight re-quantized from it at 4 (the default
+    of every re-quantized weight), each MatMulNBits node with its own level; the manifest names the carried one."""
+    import onnx
+    from onnx import helper
+    from seamline.partitioner.quantize import DEFAULT_ACCURACY_LEVEL, QuantSpec, quantize_graph
+
+    path, deq = gguf_file
+    other = np.random.default_rng(3).standard_normal((N, K)).astype(np.float32) * 0.05
+    onnx.save(_graph([deq["blk.0.attn_q.weight"].T.copy(), other.T.copy()]), str(tmp_path / "f.onnx"))
+    spec = QuantSpec("int4", gguf=str(path))
+    assert (spec.accuracy_level, spec.carried_level) == (DEFAULT_ACCURACY_LEVEL, 0)
+    quantize_graph(tmp_path / "f.onnx", tmp_path / "q.onnx", spec, layer=0)
+    levels = sorted({a.name: helper.get_attribute_value(a) for a in n.attribute}.get("accuracy_level", 0)
+                    for n in onnx.load(str(tmp_path / "q.onnx")).graph.node if n.op_type == "MatMulNBits")
+    assert levels == [0, DEFAULT_ACCURACY_LEVEL]
+    manifest = spec.to_manifest()
+    assert manifest["accuracy_level"] == DEFAULT_ACCURACY_LEVEL and manifest["gguf_blocks"]["accuracy_level"] == 0
+    assert QuantSpec("int4", accuracy_level=4, gguf=str(path)).carried_level == 4  # asked: everything at 4

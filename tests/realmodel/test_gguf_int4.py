@@ -68,7 +68,7 @@ def test_carried_blocks_are_the_checkpoints_weights(int4_bundles, smol_checkpoin
     from seamline.partitioner.quantize import weight_report
 
     (out, spec), _ = int4_bundles
-    assert spec.to_manifest()["gguf_blocks"] == {"carried": 7 * EDGE_LAYERS, "requantized": 0}
+    assert spec.to_manifest()["gguf_blocks"] == {"carried": 7 * EDGE_LAYERS, "accuracy_level": 0, "requantized": 0}
     weights = load_file(str(smol_checkpoint / "model.safetensors"))
     for i in range(EDGE_LAYERS):
         model = onnx.load(str(out / "int4" / f"block_{i:02d}.onnx"))
@@ -115,8 +115,8 @@ def test_int8_from_gguf_carries_the_same_weights_exactly(smol_gguf, smol_bundle,
     from seamline.partitioner.verify import VerifyOptions, verify
 
     out, spec = _int4_bundle(smol_bundle, tmp_path / "int8", str(smol_gguf), "int8")
-    assert spec.accuracy_level == 0 and spec.to_manifest()["gguf_blocks"] == {"carried": 7 * EDGE_LAYERS,
-                                                                            "requantized": 0}
+    assert spec.carried_level == 0 and spec.to_manifest()["gguf_blocks"] == {
+        "carried": 7 * EDGE_LAYERS, "accuracy_level": 0, "requantized": 0}
     got = verify(VerifyOptions(bundle=out, model=str(smol_gguf), quant="int8", prompt_tokens=16, decode_steps=8))
     assert [r["split"] for r in got["splits"]] == list(range(1, EDGE_LAYERS + 1))
     assert got["greedy_agreement"] == 1.0 and got["max_abs_logit_diff"] < 1e-3, got["splits"]
