@@ -255,10 +255,10 @@ def quantization_notes(q: dict) -> list[str]:
     if q.get("precision") == "int8":
         notes.append("int8 from a Q4 .gguf holds the file's 4-bit codes one per byte: the same weights as "
                      "--quantize-edge int4 at twice the bytes, and ONNX Runtime's 8-bit kernel with float "
-                     "activations is ~12x slower than the 4-bit one (SmolLM2-135M, one thread: 602 against "
-                     "46-54 ms/token); --quantize-edge int4 carries the file's weights exactly too")
+                     "activations is ~12x slower than the 4-bit one (SmolLM2-135M, one thread: 397 against "
+                     "32-33 ms/token); --quantize-edge int4 carries the file's weights exactly too")
     else:
         notes.append("the file's blocks run with float activations (--quant-accuracy-level 0: the file's model "
-                     "exactly); --quant-accuracy-level 4 decodes ~2.4x faster with int8 activations, at some "
-                     "fidelity (SmolLM2-135M: 20.5 against 46-54 ms/token, greedy agreement 0.936 at the worst split)")
+                     "exactly); --quant-accuracy-level 4 decodes ~2x faster with int8 activations, at some "
+                     "fidelity (SmolLM2-135M: 16.7 against 32-33 ms/token, greedy agreement 0.936 at the worst split)")
     return notes
