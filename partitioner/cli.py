@@ -10,6 +10,11 @@ from pathlib import Path
 from .families import supported_families
 
 
+def accuracy_level(value: str) -> str | int:
+    """``--quant-accuracy-level``: ``auto`` or a number (argparse names this function in its error)."""
+    return value if value == "auto" else int(value)
+
+
 def add_partition_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Cut a transformer at a layer and export the edge half to ONNX: embeddings, one graph per block "
@@ -43,11 +48,12 @@ def add_partition_arguments(p: argparse.ArgumentParser) -> None:
                    help="rtn: round-to-nearest (default); hqq: half-quadratic, data-free, int4 only on CPU")
     p.add_argument("--quant-block-size", type=int, default=q.DEFAULT_BLOCK_SIZE,
                    help=f"weights per quantization block along K (default {q.DEFAULT_BLOCK_SIZE})")
-    p.add_argument("--quant-accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+    p.add_argument("--quant-accuracy-level", type=accuracy_level, default="auto",
+                   choices=["auto", 0, 1, 2, 3, 4],
                    help="MatMulNBits compute: 0 float activations, 4 int8 blocks of the activations on the fly "
-                        f"(faster). Default {q.DEFAULT_ACCURACY_LEVEL}, except 0 for the blocks carried from a "
-                        "Q4_0/Q4_1 .gguf (exact; SmolLM2 at 4: greedy agreement 0.936), whose LM head stays at 4 "
-                        "(given, the level applies to everything)")
+                        f"(faster). auto: {q.DEFAULT_ACCURACY_LEVEL}, except 0 for the blocks carried from a "
+                        "Q4_0/Q4_1 .gguf (exact; SmolLM2 at 4: greedy agreement 0.936), whose LM head stays at 4; "
+                        "a number applies to everything")
     p.add_argument("--quant-symmetric", action="store_true",
                    help="rtn: blocks without zero points (the scale alone; what onnxruntime-genai's builder writes): "
                         "a faster kernel, a coarser grid for skewed blocks; see README 'Weight-only quantization'")
@@ -100,7 +106,8 @@ def run_partition(args: argparse.Namespace) -> int:
                             min_edge_layers=1 if args.min_edge_layers is None else args.min_edge_layers,
                             quantize_edge=args.quantize_edge,
                             quant_method=args.quant_method, quant_block_size=args.quant_block_size,
-                            quant_accuracy_level=args.quant_accuracy_level, keep_fp32=args.keep_fp32,
+                            quant_accuracy_level=None if args.quant_accuracy_level == "auto"
+                            else args.quant_accuracy_level, keep_fp32=args.keep_fp32,
                             quant_head=args.quant_head, quant_symmetric=args.quant_symmetric,
                             gguf_blocks=args.gguf_blocks,
                             opset=args.opset, calibration=args.calibration, codec=args.codec, force=args.force)

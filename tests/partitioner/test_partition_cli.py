@@ -58,6 +58,10 @@ def test_cli_help_lists_demo_and_families():
                          timeout=120)
     assert out.returncode == 0
     assert "demo" in out.stdout and "Llama-family" in out.stdout
+    assert "--quant-accuracy-level {auto,0,1,2,3,4}" in out.stdout and "(default: auto)" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "seamline", "partition", "--quant-accuracy-level", "fast"],
+                         capture_output=True, text=True, check=False, timeout=120)
+    assert bad.returncode == 2 and "invalid accuracy_level value: 'fast'" in bad.stderr
 
 
 def test_verify_cli_exit_codes(tmp_path, cut_bundle):
