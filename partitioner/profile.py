@@ -74,7 +74,7 @@ def profile_edge(bundle_dir, threads: int = 1, int8: bool = False, repeats: int 
     embed_ms = median_ms(lambda: rt.embed.run(input_ids=ids1, position_ids=ids1), repeats)
     head_ms = None
     if rt.head is not None and m.causal:
-        head_ms = median_ms(lambda: rt.head.run(hidden=h1), repeats)
+        head_ms = median_ms(lambda: rt.logits(h1[0]), repeats)  # the head as the edge runs it (rescoring too)
     return {
         "profile_version": PROFILE_VERSION, "kind": "edge", "runtime": "onnxruntime",
         "int8": int8, "threads": threads, "device": "cpu", "machine": _machine(),
