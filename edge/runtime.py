@@ -293,22 +293,22 @@ class EdgeRuntime:
         self._tokenizer = self._load_tokenizer()
         self._check_embed()
 
-    def _head_rescoring(self, name: str) -> tuple[QuantizedRows, int] | None:
-        """The rows and count of a level-4 head's logits recomputed exactly (``table.rescore_top``), when its graph
-        says where they are; else None."""
+    def _head_rescoring(self, name: str) -> QuantizedRows | None:
+        """The rows of a level-4 head whose top logits are recomputed exactly (``table.rescore_top``; the graph's
+        own TopK says which), when its graph says where they are; else None."""
         meta = self.head.meta.get(RESCORE_META)
         if not meta or [o.name for o in self.head.session.get_outputs()][1:3] != [HEAD_INPUT, HEAD_TOP_IDS]:
             return None
         folder = Path(name).parent
         try:
-            rows, top = QuantizedRows.of_head(meta, lambda loc: bundle_file(self.bundle_dir, str(folder / loc)))
+            rows = QuantizedRows.of_head(meta, lambda loc: bundle_file(self.bundle_dir, str(folder / loc)))
         except ValueError as e:
             raise BundleError(f"{self.bundle_dir / name}: {e}") from None
         m = self.manifest
         if (rows.vocab, rows.width) != (m.vocab_size, m.hidden_size):
             raise BundleError(f"{self.bundle_dir / name}: its rescoring rows are {rows.vocab} x {rows.width}, the "
                               f"model's head {m.vocab_size} x {m.hidden_size}: {_REPARTITION}")
-        return rows, top
+        return rows
 
     def _quantized_rows(self, name: str) -> QuantizedRows | None:
         """A quantized token table read row by row from its file (``table.py``: no mapped file whose pages a
@@ -564,8 +564,8 @@ class EdgeRuntime:
         out = self.head.run(hidden=hidden.reshape(1, *hidden.shape).astype(np.float32))
         if self._head_rows is None:
             return out[0][0]
-        rows, _ = self._head_rows  # a level-4 head: its top logits made exact from the table's rows
-        return rescore_top(out[0][0], out[1][0], rows, out[2][0])
+        # a level-4 head: its top logits (the graph's TopK ids) made exact from the table's rows
+        return rescore_top(out[0][0], out[1][0], self._head_rows, out[2][0])
 
     def sentence_embedding(self, ids: list[int], k: int | None = None) -> np.ndarray:
         """Encoders: pooled sentence embedding from the edge alone (needs a full bundle)."""

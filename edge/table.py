@@ -113,16 +113,16 @@ class QuantizedRows:
                    _DTYPES[scales.data_type], field(zp, refs[2]) if zp is not None else None)
 
     @classmethod
-    def of_head(cls, meta: str, resolve) -> tuple[QuantizedRows, int]:
+    def of_head(cls, meta: str, resolve) -> QuantizedRows:
         """The LM head's rows from its graph's rescoring metadata (``partitioner/quantize.mark_head_rescoring``:
-        JSON with the table file, vocab, width, bits, block_size, top and per field [offset, row bytes]) and
-        the number of top logits to recompute. ``resolve`` turns the file's location into a path. Raises
-        ValueError when the metadata is malformed or the file is shorter than it says."""
+        JSON with the table file, vocab, width, bits, block_size and per field [offset, row bytes]).
+        ``resolve`` turns the file's location into a path. Raises ValueError when the metadata is malformed or
+        the file is shorter than it says."""
         import json
 
         try:
             m = json.loads(meta)
-            vocab, width, bits, bs, top = (int(m[k]) for k in ("vocab", "width", "bits", "block_size", "top"))
+            vocab, width, bits, bs = (int(m[k]) for k in ("vocab", "width", "bits", "block_size"))
             spans = {k: (int(m[k][0]), int(m[k][1])) for k in ("data", "scales", "zero_points") if m.get(k)}
             location = str(m["location"])
         except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
@@ -132,14 +132,14 @@ class QuantizedRows:
         want = {"data": width * bits // 8, "scales": blocks * 4, "zero_points": -(-blocks * bits // 8)}
         path = Path(resolve(location))
         size = path.stat().st_size
-        if (bits not in (4, 8) or bs <= 0 or width <= 0 or width % bs or not 0 < top <= vocab or "data" not in spans
+        if (bits not in (4, 8) or bs <= 0 or width <= 0 or width % bs or vocab <= 0 or "data" not in spans
                 or "scales" not in spans or any(spans[k][1] != want[k] for k in spans)
                 or any(off < 0 or off + row * vocab > size for off, row in spans.values())):
             raise ValueError(f"{path}: the head graph's rescoring metadata does not fit this table ({meta[:200]}); "
                              "the bundle is damaged — re-run `partition` or copy the bundle again")
         zp = spans.get("zero_points")
         return cls(path, vocab, width, bits, bs, _Field(*spans["data"]), _Field(*spans["scales"]), np.float32,
-                   _Field(*zp) if zp else None), top
+                   _Field(*zp) if zp else None)
 
     def _read(self, f: _Field, ids: np.ndarray) -> np.ndarray:
         out = bytearray(f.row_bytes * len(ids))
@@ -194,6 +194,6 @@ def rescore_top(logits: np.ndarray, x: np.ndarray, rows: QuantizedRows, ids: np.
     tokens' rows (read from the file). In place; returns ``logits``."""
     t, k = ids.shape
     w = rows.rows(ids).reshape(t, k, rows.width)
-    exact = np.einsum("tkc,tc->tk", w, x.reshape(t, rows.width).astype(np.float32))
-    np.put_along_axis(logits, ids, exact.astype(logits.dtype), axis=-1)
+    exact = np.einsum("tkc,tc->tk", w, x.reshape(t, rows.width).astype(np.float32, copy=False))
+    np.put_along_axis(logits, ids, exact.astype(logits.dtype, copy=False), axis=-1)
     return logits

@@ -572,7 +572,7 @@ def mark_head_rescoring(head, mm, layout: list[tuple[int, int]], dims: list[list
     fields = dict(zip(("data", "scales", "zero_points"),
                       ([off, n // d[0]] for (off, n), d in zip(layout, dims))))
     meta = {"location": QUANT_TABLE_FILE, "vocab": dims[0][0], "width": dims[1][1] * block_size, "bits": bits,
-            "block_size": block_size, "top": top, **fields}
+            "block_size": block_size, **fields}  # how many to rescore: the TopK's own k, said once
     head.metadata_props.append(StringStringEntryProto(key=RESCORE_META, value=json.dumps(meta)))
 
 
