@@ -18,6 +18,8 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT8_OUTLIER: _ClassVar[Codec]
     INT8_ROT: _ClassVar[Codec]
     INT4_ROT_OUTLIER: _ClassVar[Codec]
+    RICE8: _ClassVar[Codec]
+    RICE4: _ClassVar[Codec]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +34,8 @@ INT4_ROT: Codec
 INT8_OUTLIER: Codec
 INT8_ROT: Codec
 INT4_ROT_OUTLIER: Codec
+RICE8: Codec
+RICE4: Codec
 COMPRESSION_NONE: Compression
 ZSTD: Compression
 

@@ -8,7 +8,7 @@ decorated with :func:`register` (in a module imported below) and its tests.
 
 from __future__ import annotations
 
-from . import floats, int4, int8  # noqa: F401  (each module registers its codecs)
+from . import floats, int4, int8, rice  # noqa: F401  (each module registers its codecs)
 from ._common import CodecError, varint_len
 from .base import REGISTRY, Codec, by_enum, get, register
 from .rotation import rotation_matrix

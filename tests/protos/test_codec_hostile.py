@@ -15,8 +15,10 @@ import zstandard
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from seamline.protos import codec as C
 from seamline.protos import seamline_pb2 as pb
 from seamline.protos.codec import CODEC_NAMES, CodecConfig, CodecError, DecodeLimits, decode, encode
+from seamline.protos.codecs.rotation import rotate
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -27,7 +29,7 @@ GIB = 1 << 30
 
 
 def _cfg(codec: str, **kw) -> CodecConfig:
-    if codec in ("int8-outlier", "int8-rot", "int4-rot-outlier"):
+    if codec in ("int8-outlier", "int8-rot", "int4-rot-outlier", "rice8", "rice4"):
         kw.setdefault("outlier_channels", (3, 40))
     return CodecConfig(codec=codec, **kw)
 
@@ -129,7 +131,7 @@ def test_huge_shapes_allocate_nothing():
         assert _peak_bytes(lambda bad=bad: _rejects(bad, cfg)) < 256 * 1024
 
 
-@pytest.mark.parametrize("value", [pb.CODEC_UNSPECIFIED, 9, 99, -1, 2**31 - 1, -(2**31)])
+@pytest.mark.parametrize("value", [pb.CODEC_UNSPECIFIED, 11, 99, -1, 2**31 - 1, -(2**31)])
 def test_unknown_codec_enum(value):
     t, cfg = _valid("int8")
     _rejects(_copy(t, codec=value), cfg, "unknown codec enum")
@@ -232,6 +234,25 @@ def test_non_finite_outlier_values():
     _rejects(_copy(t, payload=bytes(payload)), cfg, "NaN or Inf")
 
 
+def test_rice_value_beyond_its_bound():
+    """A record can spell a value far beyond any the encoder makes (|q| <= 2**15): refused."""
+    width = 1024
+    cfg = CodecConfig.for_codec("rice8", rotation_seed=7)
+    t = encode(np.random.default_rng(0).standard_normal((1, width)).astype(np.float32), cfg)
+    a, b, record = _rice_parts(t, "rice8")
+    payload = bytearray(t.payload)
+    payload[a:b] = bytes([7]) + bytes(b - a - 1)  # block 0: 7 low bits per value, the rest none
+    bits = np.zeros(record * 8, np.uint8)
+    bits[64 * 7:64 * 7 + 6000] = 1  # the first value's unary part: 6000, so u = 6000 << 7
+    payload[b:b + record] = np.packbits(bits).tobytes()
+    limits = DecodeLimits(hidden_size=width, max_tokens=1)
+    _rejects(_copy(t, payload=bytes(payload)), cfg, "beyond", limits)
+    bits[64 * 7:64 * 7 + 6000] = 0
+    bits[64 * 7:64 * 7 + 500] = 1  # u = 500 << 7 = 64,000: within the bound, decodes
+    payload[b:b + record] = np.packbits(bits).tobytes()
+    assert np.isfinite(decode(_copy(t, payload=bytes(payload)), cfg, limits)).all()
+
+
 def test_out_of_range_quantized_values():
     t, cfg = _valid("int8")
     payload = bytearray(t.payload)
@@ -241,6 +262,42 @@ def test_out_of_range_quantized_values():
     payload = bytearray(t.payload)
     payload[5] = 0x81  # high nibble -8
     _rejects(_copy(t, payload=bytes(payload)), cfg, "nibble")
+
+
+def _rice_parts(t: pb.Tensor, codec: str) -> tuple[int, int, int]:
+    """(start of the Rice parameters, start of the records, record bytes) of a one-token rice tensor."""
+    c = C.codecs.get(codec)
+    width = t.shape[1]
+    nibbles = c._params(width)[1]
+    return 2, 2 + nibbles, c.record_bytes(width, 0)
+
+
+@pytest.mark.parametrize("codec", ["rice8", "rice4"])
+def test_rice_records_that_lie(codec):
+    """Every way a Rice record can be corrupt is refused before a value is read past its end."""
+    t, cfg = _valid(codec, tokens=1)
+    a, b, record = _rice_parts(t, codec)
+    payload = bytearray(t.payload)
+    payload[a] = 0xFF  # Rice parameters 15, 15: more low bits than the record holds
+    payload[a + 1:b] = b"\xff" * (b - a - 1)
+    _rejects(_copy(t, payload=bytes(payload)), cfg, "more low bits")
+    payload = bytearray(t.payload)
+    payload[b:b + record] = b"\xff" * record  # no terminating 0 anywhere: the unary codes never end
+    _rejects(_copy(t, payload=bytes(payload)), cfg, "ends before")
+    payload = bytearray(t.payload)
+    payload[a:b] = bytes(b - a)  # every parameter 0: each value is its unary code alone
+    payload[b:b + record] = b"\xff" * 8 + bytes(record - 8)  # 64 ones then 0s: the first value is 64
+    payload[0:2] = np.array([1.0], "<f2").tobytes()
+    y = decode(_copy(t, payload=bytes(payload)), cfg, LIMITS)  # legal: the values it spells, rotated back
+    q = np.zeros((1, HIDDEN), np.float32)
+    q[0, 0] = 32.0  # u = 64 -> q = +32, times delta 1
+    want = rotate(q, cfg.rotation_seed, inverse=True)
+    outliers = list(cfg.outlier_channels)
+    want[:, outliers] = np.frombuffer(bytes(payload[b + record:]), "<f2")
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-6)
+    payload = bytearray(t.payload)
+    payload[0:2] = np.array([np.nan], "<f2").tobytes()
+    _rejects(_copy(t, payload=bytes(payload)), cfg, "NaN or Inf")
 
 
 # ---------------------------------------------------------------------------------------------- zstd
