@@ -71,6 +71,7 @@ class CodecConfig:
     group_size: int = 32
     rotation_seed: int = 0
     outlier_channels: tuple[int, ...] = ()
+    channel_order: tuple[int, ...] = ()  # rice8 / rice4: a permutation of the channels, or () (the rotation)
 
     def __post_init__(self) -> None:
         codec_enum(self.codec)
@@ -90,6 +91,13 @@ class CodecConfig:
         if any(c < 0 for c in channels):
             raise CodecError(f"outlier channels must be >= 0, got {sorted(channels)}")
         object.__setattr__(self, "outlier_channels", tuple(sorted(channels)))
+        try:
+            order = tuple(int(c) for c in self.channel_order)
+        except (TypeError, ValueError):
+            raise CodecError(f"channel order {self.channel_order!r} is not a list of integers") from None
+        if len(set(order)) != len(order) or any(c < 0 for c in order):
+            raise CodecError("channel order must list each channel once (a permutation of [0, hidden))")
+        object.__setattr__(self, "channel_order", order)
         object.__setattr__(self, "zstd", bool(self.zstd))
 
     def to_proto(self) -> pb.CodecSpec:
@@ -99,15 +107,18 @@ class CodecConfig:
             group_size=self.group_size,
             rotation_seed=self.rotation_seed,
             outlier_channels=list(self.outlier_channels),
+            channel_order=list(self.channel_order),
         )
 
     @classmethod
     def for_codec(cls, name: str, *, zstd: bool = False, group_size: int = 32, rotation_seed: int = 0,
-                  outlier_channels: tuple[int, ...] = ()) -> CodecConfig:
-        """The config of codec ``name`` from a bundle's defaults; outlier channels kept only where they matter."""
-        keep = codecs.get(name).uses_outliers
+                  outlier_channels: tuple[int, ...] = (), channel_order: tuple[int, ...] = ()) -> CodecConfig:
+        """The config of codec ``name`` from a bundle's defaults; outlier channels and the channel order kept
+        only where they matter."""
+        codec = codecs.get(name)
         return cls(codec=name, zstd=zstd, group_size=group_size, rotation_seed=rotation_seed,
-                   outlier_channels=tuple(outlier_channels) if keep else ())
+                   outlier_channels=tuple(outlier_channels) if codec.uses_outliers else (),
+                   channel_order=tuple(channel_order) if codec.uses_order else ())
 
     @classmethod
     def for_split(cls, name: str, calibration: dict | None, *, zstd: bool = False, group_size: int = 32,
@@ -117,7 +128,8 @@ class CodecConfig:
         codec = codecs.get(name)
         calibration = calibration or {}
         return cls.for_codec(name, zstd=zstd, group_size=group_size, rotation_seed=rotation_seed,
-                             outlier_channels=tuple(calibration.get(codec.outlier_key, ())))
+                             outlier_channels=tuple(calibration.get(codec.outlier_key, ())),
+                             channel_order=tuple(calibration.get("channel_order", ())))
 
     @classmethod
     def from_proto(cls, spec: pb.CodecSpec, hidden_size: int) -> CodecConfig:
@@ -134,6 +146,7 @@ class CodecConfig:
             group_size=group_size,
             rotation_seed=spec.rotation_seed,
             outlier_channels=tuple(spec.outlier_channels),
+            channel_order=tuple(spec.channel_order) if codecs.get(name).uses_order else (),
         )
         _check_config(cfg, hidden_size)
         return cfg
@@ -166,6 +179,9 @@ def _check_config(cfg: CodecConfig, hidden: int) -> None:
         codecs.get(cfg.codec).check(hidden, cfg.group_size, len(cfg.outlier_channels))
     except CodecError as e:
         raise CodecError(f"codec {cfg.codec}: {e}") from None
+    if cfg.channel_order and (len(cfg.channel_order) != hidden or max(cfg.channel_order) >= hidden):
+        raise CodecError(f"channel order lists {len(cfg.channel_order)} channels up to {max(cfg.channel_order)}; "
+                         f"it must be a permutation of [0, {hidden})")
     if cfg.outlier_channels:
         if cfg.outlier_channels[-1] >= hidden:
             raise CodecError(f"outlier channel {cfg.outlier_channels[-1]} is out of range [0, {hidden})")
@@ -376,7 +392,8 @@ def calibrate(samples: np.ndarray, max_outliers: int | None = None) -> dict:
 
     Returns ``{"outlier_channels": [sorted ints], "rot_outlier_channels": [...], "int4_outlier_channels": [...],
     "absmax": float,
-    "rms": float, "channel_absmax_p99": float}``. An outlier channel has a per-channel absmax above
+    "rms": float, "channel_absmax_p99": float, "channel_order": [a permutation of the channels]}``. An
+    outlier channel has a per-channel absmax above
     ``OUTLIER_RATIO`` (6) times the median channel's; the largest ``max_outliers`` of them are kept
     (default ``max(1, hidden // 32)``, never more than ``hidden // 4``) for int8-outlier. int8-rot
     (``rot_outlier_channels``) keeps the ``ROT_OUTLIERS`` (2) largest channels and int4-rot-outlier
@@ -408,4 +425,8 @@ def calibrate(samples: np.ndarray, max_outliers: int | None = None) -> dict:
         "absmax": float(channel_absmax.max()),
         "rms": float(np.sqrt(np.mean(np.square(x)))),
         "channel_absmax_p99": float(np.percentile(channel_absmax, 99)),
+        # rice8 / rice4 code the channels in this order, so that each block of their Rice parameters holds
+        # channels of like size: largest median |x| first (the median: a few huge tokens, such as an
+        # attention sink, do not decide it)
+        "channel_order": [int(c) for c in np.argsort(-np.median(np.abs(x), axis=0), kind="stable")],
     }

@@ -58,18 +58,20 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., scales: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., uncompressed_size: _Optional[int] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class CodecSpec(_message.Message):
-    __slots__ = ("codec", "zstd", "group_size", "rotation_seed", "outlier_channels")
+    __slots__ = ("codec", "zstd", "group_size", "rotation_seed", "outlier_channels", "channel_order")
     CODEC_FIELD_NUMBER: _ClassVar[int]
     ZSTD_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     ROTATION_SEED_FIELD_NUMBER: _ClassVar[int]
     OUTLIER_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_ORDER_FIELD_NUMBER: _ClassVar[int]
     codec: Codec
     zstd: bool
     group_size: int
     rotation_seed: int
     outlier_channels: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, codec: _Optional[_Union[Codec, str]] = ..., zstd: _Optional[bool] = ..., group_size: _Optional[int] = ..., rotation_seed: _Optional[int] = ..., outlier_channels: _Optional[_Iterable[int]] = ...) -> None: ...
+    channel_order: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, codec: _Optional[_Union[Codec, str]] = ..., zstd: _Optional[bool] = ..., group_size: _Optional[int] = ..., rotation_seed: _Optional[int] = ..., outlier_channels: _Optional[_Iterable[int]] = ..., channel_order: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed", "stop_token_ids", "max_new_tokens", "top_logprobs")

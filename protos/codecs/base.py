@@ -29,6 +29,7 @@ class Codec:
     has_group_size: ClassVar[bool] = False  # Tensor.group_size carries the session's group size
     uses_outliers: ClassVar[bool] = False  # CodecConfig.outlier_channels (calibrated per split) matter
     outlier_key: ClassVar[str] = "outlier_channels"  # the calibrate() entry holding this codec's channels
+    uses_order: ClassVar[bool] = False  # CodecConfig.channel_order (calibrated per split) matters
     bits: ClassVar[int] = 32  # bits per value of its main payload (the byte class of the benchmarks)
     rows_concatenate: ClassVar[bool] = False  # payloads and scales of [T1, H] and [T2, H] joined = [T1 + T2, H]
 

@@ -7,8 +7,10 @@ bytes for rice8, int4-rot-outlier's for rice4): most values are small, cost few 
 out about half of int8-rot's at the same bytes. On SmolLM2-135M that halves the hidden state's
 relative L2 error (``seamline bench codec``).
 
-Per token, after the calibrated outlier channels are taken out in fp16 and the rest rotated (the
-int4-rot Hadamard rotation, which spreads heavy tails): ``q = rint(z / delta)``, zigzag-mapped to
+Per token, after the calibrated outlier channels are taken out in fp16 and the rest put in the split's
+calibrated channel order (``CodecConfig.channel_order``: largest typical magnitude first, so that each
+block holds channels of like size; without one, the int4-rot Hadamard rotation, which spreads heavy
+tails): ``q = rint(z / delta)``, zigzag-mapped to
 ``u >= 0`` (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...), and in blocks of :data:`BLOCK` values with a Rice
 parameter ``m`` per block (the one that codes that block in the fewest bits): the low ``m`` bits of
 each ``u`` as they are, and ``u >> m`` in unary (that many 1 bits, then a 0). Both encode and decode are
@@ -64,17 +66,19 @@ def _zigzag(q: np.ndarray) -> np.ndarray:
 def _cost(z: np.ndarray, delta: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(u [T, H], Rice parameters [T, nb], bits per token [T]) of ``z`` quantized with ``delta`` [T].
 
-    A block's parameter is the cheapest of three around log2(ln 2 * mean u), the optimum for a geometric
+    In float32, exact: every u is an integer below 2**17 (|q| <= QMAX) and every sum below 2**24. A block's
+    parameter is the cheapest of three around log2(ln 2 * mean u), the optimum for a geometric
     distribution (checked against every parameter in the tests)."""
     tokens, width = z.shape
-    q = np.rint(z / delta[:, None].astype(np.float32)).astype(np.int64)
-    u = _zigzag(q)
+    q = np.rint(z / delta[:, None].astype(np.float32))
+    u = np.abs(q) * np.float32(2.0) - (q < 0)  # zigzag: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ...
     ub = u.reshape(tokens, width // block, block)
-    guess = np.floor(np.log2(ub.mean(-1) * np.log(2.0) + 1.0)).astype(np.int64)
-    cand = np.clip(guess[None] + np.arange(-1, 2)[:, None, None], 0, MAX_M)  # [3, T, nb]
-    costs = (ub[None] >> cand[..., None]).sum(-1) + block * (cand + 1)
+    guess = np.floor(np.log2(ub.mean(-1) * np.float32(np.log(2.0)) + np.float32(1.0)))
+    cand = np.clip(guess[None] + np.arange(-1, 2, dtype=np.float32)[:, None, None], 0, MAX_M)  # [3, T, nb]
+    costs = np.floor(ub[None] * np.exp2(-cand)[..., None]).sum(-1) + block * (cand + 1)
     pick = costs.argmin(0)[None]
-    return u, np.take_along_axis(cand, pick, 0)[0], np.take_along_axis(costs, pick, 0)[0].sum(-1)
+    m = np.take_along_axis(cand, pick, 0)[0].astype(np.int64)
+    return u, m, np.take_along_axis(costs, pick, 0)[0].sum(-1)
 
 
 def _fit(z: np.ndarray, budget: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,14 +98,18 @@ def _fit(z: np.ndarray, budget: int, block: int) -> tuple[np.ndarray, np.ndarray
     hi = np.full(tokens, none)  # the smallest pattern known to fit
     lo_bits = np.full(tokens, -1, dtype=np.int64)
     hi_bits = np.zeros(tokens, dtype=np.int64)
+    hi_u = np.zeros(z.shape, dtype=np.float32)
+    hi_m = np.zeros((tokens, width // block), dtype=np.int64)
 
     def probe(d: np.ndarray) -> np.ndarray:
-        nonlocal lo, hi, lo_bits, hi_bits
+        nonlocal lo, hi, lo_bits, hi_bits, hi_u, hi_m
         pat = d.view(np.uint16).astype(np.int64)
-        bits = _cost(z, d, block)[2]
+        u, m, bits = _cost(z, d, block)
+        bits = bits.astype(np.int64)
         fits = bits <= budget
         better_hi, better_lo = fits & (pat < hi), ~fits & (pat > lo)
         hi, hi_bits = np.where(better_hi, pat, hi), np.where(better_hi, bits, hi_bits)
+        hi_u, hi_m = np.where(better_hi[:, None], u, hi_u), np.where(better_hi[:, None], m, hi_m)
         lo, lo_bits = np.where(better_lo, pat, lo), np.where(better_lo, bits, lo_bits)
         return bits
 
@@ -126,9 +134,7 @@ def _fit(z: np.ndarray, budget: int, block: int) -> tuple[np.ndarray, np.ndarray
         mid = np.clip(lo + np.rint(frac * gap).astype(np.int64), lo + 1, hi - 1)
         mid = np.where(gap > 1, mid, hi)
         probe(mid.astype(np.uint16).view(np.float16))
-    delta = hi.astype(np.uint16).view(np.float16)
-    u, m, _ = _cost(z, delta, block)
-    return delta, u, m
+    return hi.astype(np.uint16).view(np.float16), hi_u.astype(np.int64), hi_m
 
 
 def _bit_layout(m: np.ndarray, block: int, width: int):
@@ -145,8 +151,24 @@ def _bit_layout(m: np.ndarray, block: int, width: int):
     return mc, value // width, within[value] + j, value, j
 
 
+def _forward(z: np.ndarray, cfg) -> np.ndarray:
+    """The coded order of the channels: the calibrated ``channel_order``, or the rotation without one."""
+    if cfg.channel_order:
+        return np.ascontiguousarray(z[:, np.asarray(cfg.channel_order)])
+    return rotate(z, cfg.rotation_seed)
+
+
+def _inverse(y: np.ndarray, cfg) -> np.ndarray:
+    if cfg.channel_order:
+        x = np.empty_like(y)
+        x[:, np.asarray(cfg.channel_order)] = y
+        return x
+    return rotate(y, cfg.rotation_seed, inverse=True)
+
+
 class _Rice(Codec):
     uses_outliers = True
+    uses_order = True
     rows_concatenate = False  # the outlier block follows every record
 
     def record_bytes(self, width: int, outliers: int) -> int:
@@ -177,7 +199,7 @@ class _Rice(Codec):
         out16 = to_fp16(x[:, outliers], f"{self.name} outlier channels")
         z = x.copy()
         z[:, outliers] = 0.0
-        z = rotate(z, cfg.rotation_seed)
+        z = _forward(z, cfg)
         to_fp16(np.abs(z).max(axis=1, initial=0.0) / np.float32(QMAX), f"{self.name} step size")
         delta, u, m = _fit(z, record * 8, block)
         mc, tok, pos, value, j = _bit_layout(m, block, width)
@@ -229,7 +251,7 @@ class _Rice(Codec):
         if (u > 2 * QMAX).any():
             raise CodecError(f"{self.name}: a quantized value is beyond +-{QMAX}")
         q = (u >> 1) ^ -(u & 1)
-        x = rotate(q.astype(np.float32) * delta[:, None], cfg.rotation_seed, inverse=True)
+        x = _inverse(q.astype(np.float32) * delta[:, None], cfg)
         x[:, outliers] = np.frombuffer(view[c:], dtype="<f2").reshape(tokens, len(outliers))
         return x
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -93,6 +94,10 @@ def test_config_sorts_outlier_channels_and_non_int4_ignores_group_size_zero():
         (pb.CodecSpec(codec=pb.INT8_OUTLIER, outlier_channels=[4, 4]), HIDDEN, "duplicates"),
         (pb.CodecSpec(codec=pb.INT8_OUTLIER, outlier_channels=list(range(49))), HIDDEN, "hidden/4"),
         (pb.CodecSpec(codec=pb.FP32), 0, "hidden size"),
+        (pb.CodecSpec(codec=pb.RICE8, channel_order=list(range(HIDDEN - 1))), HIDDEN, "permutation of"),
+        (pb.CodecSpec(codec=pb.RICE8, channel_order=list(range(1, HIDDEN + 1))), HIDDEN, "permutation of"),
+        (pb.CodecSpec(codec=pb.RICE4, channel_order=[0] * HIDDEN), HIDDEN, "each channel once"),
+        (pb.CodecSpec(codec=pb.RICE4, channel_order=[-1] + list(range(1, HIDDEN))), HIDDEN, "each channel once"),
     ],
 )
 def test_from_proto_rejects(spec, hidden, message):
@@ -223,6 +228,30 @@ def test_rice_step_fills_the_record_and_picks_the_cheapest_parameters():
     ub = u.reshape(16, 4, 64)
     every = np.stack([(ub >> k).sum(-1) + 64 * (k + 1) for k in range(16)])
     np.testing.assert_array_equal(np.take_along_axis(every, m[None], 0)[0], every.min(0))
+
+
+def test_rice_codes_in_the_calibrated_channel_order():
+    """Calibration orders the channels by typical size; the order travels in the CodecSpec (only for the
+    codecs that use it), and coding in it beats the rotation when channel sizes differ."""
+    rng = np.random.default_rng(5)
+    sizes = np.exp(rng.uniform(-3.0, 2.0, size=HIDDEN)).astype(np.float32)  # channels of very different size
+    x = (rng.standard_normal((256, HIDDEN)) * sizes).astype(np.float32)
+    x[0] *= 40.0  # one huge token (an attention sink) must not decide the order
+    stats = calibrate(x)
+    order = stats["channel_order"]
+    assert sorted(order) == list(range(HIDDEN))
+    rank = np.empty(HIDDEN)
+    rank[np.argsort(-sizes)] = np.arange(HIDDEN)  # each channel's rank by its true size
+    assert np.corrcoef(rank[order], np.arange(HIDDEN))[0, 1] > 0.99  # (a few near-equal sizes may swap)
+    cfg = CodecConfig.for_split("rice8", stats, rotation_seed=5)
+    assert cfg.channel_order == tuple(order)
+    assert CodecConfig.for_split("int8-rot", stats).channel_order == ()  # codecs that do not use it drop it
+    assert CodecConfig.from_proto(cfg.to_proto(), HIDDEN) == cfg
+    assert CodecConfig.from_proto(CodecConfig.for_split("int8", stats).to_proto(), HIDDEN).channel_order == ()
+    y = x[1:65]
+    ordered = _rel(_roundtrip(y, cfg), y)
+    rotated = _rel(_roundtrip(y, dataclasses.replace(cfg, channel_order=())), y)
+    assert ordered < rotated / 1.2, (ordered, rotated)
 
 
 def test_calibrate_picks_the_largest_channels_for_int8_rot():
