@@ -38,6 +38,7 @@ from .models import checkpoint
 
 PREFILL_CHUNK = 64
 WINDOW = 256
+TIE_GAP = 0.02  # logits: a token whose unsplit top-2 logits are closer is a near-tie (any rounding may flip it)
 FREE_TOKENS = 64  # greedy tokens generated per prompt (free-running agreement)
 FREE_PROMPT = 32  # prompt tokens
 FREE_ALL_SPLITS = 8  # free-running at every split up to this many splits, else at each codec's worst three
@@ -212,6 +213,8 @@ def bench_decoder(model_name: str, n_tokens: int, splits: list[int] | None, prog
     ids = _heldout_ids(load_tokenizer_path(path), n_tokens)
     _, ref_logits = _hidden_and_logits(adapter, ids, 0)
     ref_argmax = np.concatenate([lg.argmax(-1) for lg in ref_logits])
+    top2 = np.sort(np.concatenate(ref_logits), axis=-1)[:, -2:]
+    decisive = top2[:, 1] - top2[:, 0] >= TIE_GAP  # the tokens that are not near-ties of the unsplit model
     ref_ppl = _ppl(ref_logits, ids)
     from tokenizers import Tokenizer
 
@@ -242,6 +245,9 @@ def bench_decoder(model_name: str, n_tokens: int, splits: list[int] | None, prog
                 "codec_us_per_token": _codec_us(flat, cfg, 64),
                 "rel_l2_error": float(np.linalg.norm(dec_flat - flat) / np.linalg.norm(flat)),
                 "agreement": float((got == ref_argmax).mean()),
+                "decisive_agreement": float((got == ref_argmax)[decisive].mean()),
+                "near_ties": int((~decisive).sum()),
+                "flips_at_near_ties": int((got != ref_argmax)[~decisive].sum()),
                 "ppl": ppl, "ppl_unsplit": ref_ppl, "ppl_change_pct": 100.0 * (ppl / ref_ppl - 1.0),
                 "tokens": len(ids),
             })
@@ -363,6 +369,7 @@ def summarize(rows: list[dict], minilm: list[dict]) -> dict:
         best.update({f"{prefix}_codec": c, f"{prefix}_fits_bytes": fits, f"{prefix}_agreement": worst(c, "agreement"),
                      f"{prefix}_bytes_ratio": worst(c, "bytes_ratio", max),
                      f"{prefix}_ppl_change_pct": worst(c, "ppl_change_pct", max),
+                     f"{prefix}_decisive_agreement": worst(c, "decisive_agreement"),
                      f"{prefix}_free_prefix": worst(c, "free_prefix"), f"{prefix}_free_match": worst(c, "free_match")})
     return {
         "int8_agreement": worst("int8", "agreement"),
@@ -377,6 +384,8 @@ def summarize(rows: list[dict], minilm: list[dict]) -> dict:
                 "best8/best4: the best 8-bit / 4-bit codec at <= 0.26 / <= 0.16 of fp32 bytes (*_fits_bytes false: "
                 "none fits, the best of its class); *_free_prefix / *_free_match: free-running greedy agreement "
                 "(share of tokens before the first divergence / share of identical positions, worst split measured); "
+                f"*_decisive_agreement: agreement over the tokens whose unsplit top-2 logits differ by >= {TIE_GAP} "
+                "(near-ties excluded; the rows give how many there were and how many flipped); "
                 "baseline: the unsplit fp32 model and fp32 bytes in the same run",
     }
 
@@ -398,7 +407,8 @@ def run(args) -> dict:
     table = Table(title=f"codecs on {args.model}: {n_tokens} held-out tokens, teacher-forced; free-running: "
                         f"{FREE_TOKENS} greedy tokens from 4 held-out prompts (baseline: unsplit fp32)")
     for col in ("split", "codec", "B/tok decode", "B/tok prefill+zstd", "ratio", "µs/tok", "rel L2",
-                "agreement", "ppl Δ%", "free prefix", "free match"):
+                "agreement", f"flips at ties (gap < {TIE_GAP})", "agreement, other tokens", "ppl Δ%", "free prefix",
+                "free match"):
         table.add_column(col, justify="right")
 
     def free(v):
@@ -408,6 +418,7 @@ def run(args) -> dict:
         table.add_row(str(r["split"]), r["codec"], f"{r['decode_bytes_per_token']:.0f}",
                       f"{r['prefill_bytes_per_token']:.0f}", f"{r['bytes_ratio']:.3f}",
                       f"{r['codec_us_per_token']:.0f}", f"{r['rel_l2_error']:.4f}", f"{r['agreement']:.4f}",
+                      f"{r['flips_at_near_ties']} of {r['near_ties']}", f"{r['decisive_agreement']:.4f}",
                       f"{r['ppl_change_pct']:+.2f}", free(r.get("free_prefix")), free(r.get("free_match")))
     console.print(table)
     t2 = Table(title="all-MiniLM-L6-v2 sentence embeddings, split vs unsplit")
