@@ -125,6 +125,10 @@ class EdgeConfig(Settings, section="edge"):
     probe_interval: float = setting(1.0, "--adaptive: while a generation runs every layer on the device, how "
                                     "often it asks the cloud (Info) whether the link works, so that it can move "
                                     "back when that pays", gt=0, metavar="SECONDS")
+    probe_pause_ms: float = setting(50.0, "--adaptive: the local loop pauses up to this long at a token boundary while "
+                                    "a link probe is in flight, so the device's own compute does not delay the "
+                                    "probe's reply (on a throttled device the round trip would read many times "
+                                    "the link's); 0: never pause", low=0, metavar="MS")
     deadline: float | None = setting(None, "per-request deadline: past it the rest is generated locally (full "
                                      "bundle) or fails (default none)", low=0, metavar="SECONDS")
     keepalive: float = setting(30.0, "seconds between HTTP/2 keepalive pings on an active stream", low=0,

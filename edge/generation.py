@@ -29,7 +29,10 @@ text and event are made while t+1 runs (``_queue_local``, ``_wants_next``). A mo
 applies after the token already queued; a stop string or a reader that stops reading wastes at most two
 jobs; the tokens do not change.
 While it runs locally with an adaptive policy, a probe asks the cloud for ``Info`` every
-``probe_interval`` s and hands the timing to the policy; once the link works again and the policy
+``probe_interval`` s and hands the timing to the policy. The probe is sent at a token boundary with the
+worker idle, and the local loop waits for its answer (up to ``probe_pause_ms``) before the next token:
+on a device whose CPU is throttled, a reply that arrives while the worker computes waits for the CPU,
+and the probe's round trip would read several times the link's. Once the link works again and the policy
 predicts the cloud saves more over the remaining tokens than the replay costs, the generation moves
 back (at the split it left, the history is resent as it is; at another, it is recomputed first).
 
@@ -87,6 +90,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("seamline.edge")
 DRAFT_SLACK = 16  # positions past the last token a speculative step may cache (draft rows, rolled back)
+PROBE_BOUNDARY_WAIT_S = 5.0  # a probe waits this long for the local loop's next token boundary, then goes anyway
 
 
 class DeadlinePassed(CloudUnavailable):
@@ -153,6 +157,9 @@ class Generation:
         self.deadline: float | None = None
         self._pending: SplitChoice | None = None  # a mid-generation choice, applied after the current token
         self._probe: asyncio.Task | None = None  # asks the cloud whether the link works while running locally
+        self._probe_wanted = False  # a probe waits for a token boundary: queue no local job ahead (_wants_next)
+        self._probe_ready = asyncio.Event()  # the local loop is at a boundary, its worker idle: send the probe
+        self._probe_done = asyncio.Event()  # the probe answered (or failed): the local loop goes on
         self._ahead: _LocalStep | None = None  # the next local token's job, already on the worker (_queue_local)
         self._closed = False  # set (on the loop) before the cache is released; local jobs check it first
         if self.mode == LOCAL:
@@ -286,6 +293,8 @@ class Generation:
         if self._probe is not None:
             self._probe.cancel()
             self._probe = None
+        self._probe_wanted = False
+        self._probe_done.set()
 
     async def _probe_link(self) -> None:
         """Every ``probe_interval`` s, a timed ``Info`` to the first endpoint that answers, handed to the
@@ -294,18 +303,28 @@ class Generation:
         link, policy = self.engine.link, self.engine.policy
         while True:
             await asyncio.sleep(self.config.probe_interval)
-            for endpoint in link.endpoints:
-                t0 = time.perf_counter()
-                try:
-                    info = await link.info(endpoint, self.config.connect_timeout)
-                except EdgeError as e:
-                    log.debug("link probe of %s: %s", endpoint, e.message)
-                    continue
-                try:
-                    policy.observe_info(info, (time.perf_counter() - t0) * 1e3)
-                except Exception:  # a failing controller must not fail the generation it measures
-                    log.exception("the split policy failed to observe a link probe")
-                break
+            pause = self.config.probe_pause_ms > 0
+            if pause:  # wait for the local loop's next token boundary (a stalled reader: probe anyway)
+                self._probe_done.clear()
+                self._probe_wanted = True
+                await _wait_event(self._probe_ready, PROBE_BOUNDARY_WAIT_S)
+            try:
+                for endpoint in link.endpoints:
+                    t0 = time.perf_counter()
+                    try:
+                        info = await link.info(endpoint, self.config.connect_timeout)
+                    except EdgeError as e:
+                        log.debug("link probe of %s: %s", endpoint, e.message)
+                        continue
+                    try:
+                        policy.observe_info(info, (time.perf_counter() - t0) * 1e3)
+                    except Exception:  # a failing controller must not fail the generation it measures
+                        log.exception("the split policy failed to observe a link probe")
+                    break
+            finally:
+                self._probe_wanted = False
+                self._probe_ready.clear()
+                self._probe_done.set()
 
     def _reserve(self) -> int:
         """Positions the edge cache is first made for: the prompt, the new tokens and a few draft rows."""
@@ -630,6 +649,9 @@ class Generation:
         logprob, top logprobs). A greedy logprob is made here, on the loop, while the worker already runs the
         job the finished one queued."""
         if self._ahead is None:
+            if self._probe_wanted:  # the worker is idle: let the probe measure the link, not this device's CPU
+                self._probe_ready.set()
+                await _wait_event(self._probe_done, self.config.probe_pause_ms / 1e3)
             k, start = self.choice.k, self.local_pos
             known = self.hist.rows(start, self.edge_sched) if k > 0 else None
             new_from = self.edge_sched if k > 0 else start
@@ -681,7 +703,7 @@ class Generation:
         or stalled client, or a stop string, costs at most two jobs (the one running and the one it queued).
         Read on the worker: the loop only ever sets the flags that stop it, and moves ``local_pos`` forward."""
         return (not self._closed and self.local_pos == start and self.mode == LOCAL and self._pending is None
-                and self.finish_reason is None and token not in self.stop_ids
+                and not self._probe_wanted and self.finish_reason is None and token not in self.stop_ids
                 and n + 1 - self.n_prompt < self.max_new)
 
     def _observe_local(self, tokens: int, position: int, ms: float) -> None:
@@ -703,3 +725,15 @@ class Generation:
             return
         if decision is not None:
             self._pending = decision
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` up to ``timeout`` seconds; False on timeout."""
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

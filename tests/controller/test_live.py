@@ -355,6 +355,61 @@ async def test_after_a_fallback_the_generation_returns_to_the_cloud(link, wide_b
     assert _ended(result.token_ids, torch_greedy(ids, 40))
 
 
+async def test_link_probes_go_out_while_the_device_is_idle(link, wide_bundle, torch_greedy):
+    """While a generation runs every layer on the device, each link probe is sent at a token boundary and
+    the local loop waits for its answer: no local compute overlaps a probe's round trip (on a throttled
+    device the reply would wait for the CPU, and the probe would read a slow link). Tokens unchanged."""
+    import time
+
+    from seamline.edge.controller import AdaptivePolicy
+    from seamline.edge.planner import LinkEstimate
+
+    link.set(bandwidth_bps=100e6, delay_ms=15.0)
+    busy: list[tuple[float, float]] = []
+    probes: list[tuple[float, float]] = []
+
+    def policy_for(manifest):  # a prior of a dead link: the generation starts on the device, and probes
+        return AdaptivePolicy.from_manifest(manifest, LinkEstimate(1e3, 5000.0), codecs=("fp32",))
+
+    def timed(engine):
+        rt = engine.runtime
+        for name in ("forward", "continue_from", "logits"):
+            fn = getattr(rt, name)
+
+            def wrapper(*a, fn=fn, name=name, **kw):
+                t0 = time.perf_counter()
+                if name == "logits":
+                    time.sleep(0.03)  # a slower device: a local token takes 30 ms more
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    busy.append((t0, time.perf_counter()))
+
+            setattr(rt, name, wrapper)
+        info = engine.link.info
+
+        async def timed_info(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return await info(*a, **kw)
+            finally:
+                probes.append((t0, time.perf_counter()))
+
+        engine.link.info = timed_info
+
+    try:
+        ids, result, _ = await _generate(wide_bundle, link.address, policy_for, TEXT, 32, prepare=timed,
+                                         probe_interval=0.15, probe_pause_ms=2000.0)
+    finally:
+        link.set(delay_ms=1.0)
+    assert result.stats.served_by["local"] > 0
+    assert len(probes) >= 2, probes
+    for a, b in probes:
+        overlap = [(s, e) for s, e in busy if s < b and e > a]
+        assert not overlap, (a, b, overlap)
+    assert _ended(result.token_ids, torch_greedy(ids, 32))
+
+
 # ------------------------------------------------------- estimator details the live runs above depend on
 
 
