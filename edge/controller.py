@@ -135,15 +135,18 @@ class Ewma:
     value: float | None = None
     samples: int = 0
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=2))
+    jumped: bool = False  # the last update replaced the estimate (a regime change)
 
     def update(self, x: float) -> float:
         v, recent = self.value, self.recent
         recent.append(x)
+        self.jumped = False
         if v is None:
             self.value = x
         elif len(recent) == recent.maxlen and len(sides := {self.far(r, v) for r in recent}) == 1 and 0 not in sides:
             self.value = sum(recent) / len(recent)
             recent.clear()
+            self.jumped = True
         elif self.hold_outliers and self.far(x, v):
             return v
         else:
@@ -153,6 +156,11 @@ class Ewma:
 
     def get(self, default: float) -> float:
         return default if self.value is None else self.value
+
+    def forget(self) -> None:
+        """Back to no estimate (the prior stands in until the next sample)."""
+        self.value, self.samples, self.jumped = None, 0, False
+        self.recent.clear()
 
 
 def beyond(ratio: float, margin: float = 0.0) -> Callable[[float, float], int]:
@@ -195,8 +203,14 @@ class Estimates:
         self.rtt_ms = Ewma(self.alpha, beyond(self.rtt_jump, self.rtt_jump_ms))
         self.log_bandwidth = Ewma(self.bandwidth_alpha, beyond_log(self.bandwidth_jump))
 
-    def rtt_sample(self, ms: float) -> None:
+    def rtt_sample(self, ms: float, probe: bool = False) -> None:
+        """An RTT sample. When a probe's (an empty round trip: ``Info`` during a fallback) confirms a new round
+        trip, the bandwidth measured on the old link is forgotten: the probes see only the RTT, and the next
+        request would otherwise judge the new link by the old one's bandwidth. (A step's RTT sample can jump
+        because its chunk crossed slower than the bandwidth estimate said; that keeps the bandwidth.)"""
         self.rtt_ms.update(ms)
+        if probe and self.rtt_ms.jumped:
+            self.log_bandwidth.forget()
 
     def local_scale(self, kind: str) -> float:
         """All-local ratio measured / profiled for ``kind`` (decode | prefill); the split-k one until measured."""
@@ -312,7 +326,7 @@ class Controller:
         """A ping (health check, ``Info``): a near-empty round trip and/or the cloud's reported queue."""
         now = self.clock() if now is None else now
         if rtt_ms is not None:
-            self.est.rtt_sample(max(0.0, rtt_ms))
+            self.est.rtt_sample(max(0.0, rtt_ms), probe=True)
             self.last_network_at = now
         if queue_ms is not None:
             self.est.queue_ms.update(max(0.0, queue_ms))

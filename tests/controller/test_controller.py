@@ -252,6 +252,39 @@ def test_a_generation_that_fell_back_returns_once_the_link_is_seen_working():
     assert policy2.observe(_stats("local", 71, 1, edge_ms=40.0)) is None
 
 
+def test_a_new_round_trip_forgets_the_old_links_bandwidth():
+    """A fallback's probes measure only the round trip. When they confirm another link (two in a row far
+    from the estimate), the bandwidth measured on the old one is forgotten: the prior stands in until a
+    transfer measures the new one, instead of the last link's bandwidth deciding the next request."""
+    from seamline.edge.controller import Estimates
+
+    e = Estimates(alpha=0.2)
+    e.bandwidth_sample(0.5e6)
+    for ms in (300.0, 310.0, 305.0):
+        e.rtt_sample(ms, probe=True)
+    assert e.log_bandwidth.value is not None
+    e.rtt_sample(8.0, probe=True)  # one sample far off: noise, maybe
+    assert e.log_bandwidth.value is not None
+    e.rtt_sample(9.0, probe=True)  # confirmed: another link
+    assert e.rtt_ms.value == pytest.approx(8.5) and e.log_bandwidth.value is None
+    e.bandwidth_sample(4e6)
+    e.rtt_sample(8.5, probe=True)
+    e.rtt_sample(7.5, probe=True)  # the same link: its bandwidth stays
+    assert e.log_bandwidth.value is not None
+    e.rtt_sample(300.0)
+    e.rtt_sample(300.0)  # a step's chunk that crossed slowly: an RTT jump that says nothing of the bandwidth
+    assert e.rtt_ms.value == pytest.approx(300.0) and e.log_bandwidth.value is not None
+
+    ctl, _ = controller(prior=(20e6, 30.0))
+    ctl.est.bandwidth_sample(0.5e6)
+    ctl.observe_probe(rtt_ms=300.0)
+    ctl.observe_probe(rtt_ms=300.0)
+    assert ctl.link().bandwidth_bps == pytest.approx(0.5e6)
+    ctl.observe_probe(rtt_ms=8.0)
+    ctl.observe_probe(rtt_ms=8.0)
+    assert ctl.link() == LinkEstimate(20e6, 8.0)
+
+
 def test_a_compact_codecs_chunks_correct_a_low_bandwidth_estimate():
     """After a slow link the controller picks a compact codec, whose prefill chunks are under
     ``large_message_bytes``; they still measure the bandwidth when their transfer, at the current estimate,
