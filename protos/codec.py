@@ -3,7 +3,7 @@
 Pure logic (numpy, protobuf, zstandard); no torch, no I/O. The edge calls :func:`encode`, the cloud
 calls :func:`decode`, the partitioner calls :func:`calibrate`.
 
-Each codec (fp32, fp16, int8, int4, int4-rot, int8-outlier, int8-rot, int4-rot-outlier) is one class in ``protos/codecs/``: its
+Each codec (fp32, fp16, int8, int4, int4-rot, int8-outlier, int8-rot, int4-rot-outlier, rice8, rice4) is one class in ``protos/codecs/``: its
 name, enum, wire layout (the class docstring: every multi-byte value little-endian, every array
 row-major), exact byte count and the (payload, scales) encoding. This module is the framing they share:
 :class:`CodecConfig` (the session's parameters), the ``Tensor`` message, zstd and the checks of
@@ -35,7 +35,7 @@ from seamline.protos import seamline_pb2 as pb
 from seamline.protos.codecs import CodecError, rotation_matrix
 from seamline.protos.codecs.rotation import UINT64_MAX
 
-CODEC_NAMES = codecs.NAMES  # fp32, fp16, int8, int4, int4-rot, int8-outlier, int8-rot, int4-rot-outlier
+CODEC_NAMES = codecs.NAMES  # fp32, fp16, int8, int4, int4-rot, int8-outlier, int8-rot, int4-rot-outlier, rice8, rice4
 GROUP_SIZES = (32, 64)
 ZSTD_LEVEL = 3
 OUTLIER_RATIO = 6.0  # calibrate: a channel is an outlier when its absmax > OUTLIER_RATIO * median
