@@ -127,6 +127,7 @@ class _LocalStep:
     k: int
     n: int  # len(ids) the job computes the next token after
     start: int  # local_pos when it was queued
+    measured: bool = True  # its time tells the policy what a local token costs (not the first after a pause)
 
 
 class Generation:
@@ -649,13 +650,17 @@ class Generation:
         logprob, top logprobs). A greedy logprob is made here, on the loop, while the worker already runs the
         job the finished one queued."""
         if self._ahead is None:
-            if self._probe_wanted:  # the worker is idle: let the probe measure the link, not this device's CPU
+            paused = self._probe_wanted
+            if paused:  # the worker is idle: let the probe measure the link, not this device's CPU
                 self._probe_ready.set()
                 await _wait_event(self._probe_done, self.config.probe_pause_ms / 1e3)
             k, start = self.choice.k, self.local_pos
             known = self.hist.rows(start, self.edge_sched) if k > 0 else None
             new_from = self.edge_sched if k > 0 else start
             self._ahead = self._queue_local(k, len(self.ids), start, new_from, self.ids[new_from:], known)
+            # after an idle pause a throttled device computes the next token on a full CPU quota: faster than
+            # it runs token after token, so that time would mislead the policy
+            self._ahead.measured = not paused
         step = self._ahead
         (new, details, queued), ms = self._without_loading(step.k, await asyncio.wrap_future(step.future))
         self._ahead = queued
@@ -664,8 +669,8 @@ class Generation:
             self.edge_sched = self.hist.length
         self.local_pos = step.n
         self.stats.local_ms += ms
-        if step.k == 0 or step.n - step.start == 1:  # a step that ran every layer here (not a replay's tail)
-            self._observe_local(tokens=step.n - step.start, position=step.start, ms=ms)
+        if step.measured and (step.k == 0 or step.n - step.start == 1):  # every layer ran here (not a replay's
+            self._observe_local(tokens=step.n - step.start, position=step.start, ms=ms)  # tail), no pause before
         return details()
 
     def _queue_local(self, k: int, n: int, start: int, new_from: int, new_ids: list[int],

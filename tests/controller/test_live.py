@@ -368,8 +368,11 @@ async def test_link_probes_go_out_while_the_device_is_idle(link, wide_bundle, to
     busy: list[tuple[float, float]] = []
     probes: list[tuple[float, float]] = []
 
+    observed: list = []
+
     def policy_for(manifest):  # a prior of a dead link: the generation starts on the device, and probes
-        return AdaptivePolicy.from_manifest(manifest, LinkEstimate(1e3, 5000.0), codecs=("fp32",))
+        policy = AdaptivePolicy.from_manifest(manifest, LinkEstimate(1e3, 5000.0), codecs=("fp32",))
+        return _watched(policy, observed.append, [])
 
     def timed(engine):
         rt = engine.runtime
@@ -407,6 +410,9 @@ async def test_link_probes_go_out_while_the_device_is_idle(link, wide_bundle, to
     for a, b in probes:
         overlap = [(s, e) for s, e in busy if s < b and e > a]
         assert not overlap, (a, b, overlap)
+    # the token after each pause ran on an idle CPU: its time is not handed to the policy
+    local_decodes = [s for s in observed if s.codec == "local" and s.kind == "decode"]
+    assert len(local_decodes) <= result.stats.served_by["local"] - len(probes) + 1, (len(local_decodes), probes)
     assert _ended(result.token_ids, torch_greedy(ids, 32))
 
 
