@@ -28,8 +28,8 @@ or the loop has not read token t-1 yet), so the worker does not wait for the eve
 text and event are made while t+1 runs (``_queue_local``, ``_wants_next``). A move the policy asks for
 applies after the token already queued; a stop string or a reader that stops reading wastes at most two
 jobs; the tokens do not change.
-While it runs locally with an adaptive policy, a probe asks the cloud for ``Info`` every
-``probe_interval`` s and hands the timing to the policy. The probe is sent at a token boundary with the
+While it runs locally with an adaptive policy, a probe asks the cloud for ``Info`` (twice) at once and
+then every ``probe_interval`` s and hands the timings to the policy. The probe is sent at a token boundary with the
 worker idle, and the local loop waits for its answer (up to ``probe_pause_ms``) before the next token:
 on a device whose CPU is throttled, a reply that arrives while the worker computes waits for the CPU,
 and the probe's round trip would read several times the link's. Once the link works again and the policy
@@ -91,6 +91,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("seamline.edge")
 DRAFT_SLACK = 16  # positions past the last token a speculative step may cache (draft rows, rolled back)
 PROBE_BOUNDARY_WAIT_S = 5.0  # a probe waits this long for the local loop's next token boundary, then goes anyway
+PROBE_SAMPLES = 2  # timed Info round trips per probe
 
 
 class DeadlinePassed(CloudUnavailable):
@@ -298,12 +299,18 @@ class Generation:
         self._probe_done.set()
 
     async def _probe_link(self) -> None:
-        """Every ``probe_interval`` s, a timed ``Info`` to the first endpoint that answers, handed to the
-        policy: with nothing else measuring the link while the edge runs every layer, this is what lets
-        the policy see it recover (and move the generation back, ``_move``)."""
+        """At once, then every ``probe_interval`` s: two timed ``Info`` round trips to the first endpoint that
+        answers, handed to the policy. With nothing else measuring the link while the edge runs every layer,
+        this is what lets the policy see it recover (and move the generation back, ``_move``): the first
+        probe goes out at the first token boundary, so a short request that the policy kept on the device
+        because of a link that has since recovered still measures it, and two samples confirm a new round
+        trip at once (the estimator moves to a new level after two samples in a row)."""
         link, policy = self.engine.link, self.engine.policy
+        first = True
         while True:
-            await asyncio.sleep(self.config.probe_interval)
+            if not first:
+                await asyncio.sleep(self.config.probe_interval)
+            first = False
             pause = self.config.probe_pause_ms > 0
             if pause:  # wait for the local loop's next token boundary (a stalled reader: probe anyway)
                 self._probe_done.clear()
@@ -311,17 +318,21 @@ class Generation:
                 await _wait_event(self._probe_ready, PROBE_BOUNDARY_WAIT_S)
             try:
                 for endpoint in link.endpoints:
-                    t0 = time.perf_counter()
-                    try:
-                        info = await link.info(endpoint, self.config.connect_timeout)
-                    except EdgeError as e:
-                        log.debug("link probe of %s: %s", endpoint, e.message)
-                        continue
-                    try:
-                        policy.observe_info(info, (time.perf_counter() - t0) * 1e3)
-                    except Exception:  # a failing controller must not fail the generation it measures
-                        log.exception("the split policy failed to observe a link probe")
-                    break
+                    answered = False
+                    for _ in range(PROBE_SAMPLES):
+                        t0 = time.perf_counter()
+                        try:
+                            info = await link.info(endpoint, self.config.connect_timeout)
+                        except EdgeError as e:
+                            log.debug("link probe of %s: %s", endpoint, e.message)
+                            break
+                        answered = True
+                        try:
+                            policy.observe_info(info, (time.perf_counter() - t0) * 1e3)
+                        except Exception:  # a failing controller must not fail the generation it measures
+                            log.exception("the split policy failed to observe a link probe")
+                    if answered:
+                        break
             finally:
                 self._probe_wanted = False
                 self._probe_ready.clear()
@@ -651,7 +662,8 @@ class Generation:
         job the finished one queued."""
         if self._ahead is None:
             paused = self._probe_wanted
-            if paused:  # the worker is idle: let the probe measure the link, not this device's CPU
+            if paused:  # the worker is idle: let the probe measure the link, not this device's CPU (once per
+                self._probe_wanted = False  # probe: one that takes longer than the pause goes on alone)
                 self._probe_ready.set()
                 await _wait_event(self._probe_done, self.config.probe_pause_ms / 1e3)
             k, start = self.choice.k, self.local_pos
