@@ -46,6 +46,7 @@ MAX_M = 15  # a Rice parameter is 4 bits
 QMAX = 1 << 15  # |q| bound: the step is never below absmax / QMAX, decode rejects larger values
 FIT_ROUNDS = 3  # secant steps of the step size towards the budget before the final upward search
 TINY = float(np.finfo(np.float16).smallest_subnormal)
+_AROUND = np.arange(-1, 2, dtype=np.float32)[:, None, None]  # the Rice parameters tried around the estimate
 
 
 def _block(width: int) -> int:
@@ -73,12 +74,11 @@ def _cost(z: np.ndarray, delta: np.ndarray, block: int) -> tuple[np.ndarray, np.
     q = np.rint(z / delta[:, None].astype(np.float32))
     u = np.abs(q) * np.float32(2.0) - (q < 0)  # zigzag: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ...
     ub = u.reshape(tokens, width // block, block)
-    guess = np.floor(np.log2(ub.mean(-1) * np.float32(np.log(2.0)) + np.float32(1.0)))
-    cand = np.clip(guess[None] + np.arange(-1, 2, dtype=np.float32)[:, None, None], 0, MAX_M)  # [3, T, nb]
+    guess = np.floor(np.log2(ub.sum(-1) * np.float32(np.log(2.0) / block) + np.float32(1.0)))
+    cand = np.clip(guess[None] + _AROUND, 0, MAX_M)  # [3, T, nb]
     costs = np.floor(ub[None] * np.exp2(-cand)[..., None]).sum(-1) + block * (cand + 1)
-    pick = costs.argmin(0)[None]
-    m = np.take_along_axis(cand, pick, 0)[0].astype(np.int64)
-    return u, m, np.take_along_axis(costs, pick, 0)[0].sum(-1)
+    m = np.choose(costs.argmin(0), cand).astype(np.int64)
+    return u, m, costs.min(0).sum(-1)
 
 
 def _fit(z: np.ndarray, budget: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
