@@ -46,6 +46,7 @@ MAX_M = 15  # a Rice parameter is 4 bits
 QMAX = 1 << 15  # |q| bound: the step is never below absmax / QMAX, decode rejects larger values
 FIT_ROUNDS = 3  # secant steps of the step size towards the budget before the final upward search
 TINY = float(np.finfo(np.float16).smallest_subnormal)
+FP16_MAX = float(np.finfo(np.float16).max)
 _AROUND = np.arange(-1, 2, dtype=np.float32)[:, None, None]  # the Rice parameters tried around the estimate
 
 
@@ -54,10 +55,12 @@ def _block(width: int) -> int:
 
 
 def _fp16_up(x: np.ndarray) -> np.ndarray:
-    """float16 values >= ``x`` (the next representable one where rounding went down)."""
-    h = np.minimum(x, np.float32(65504.0)).astype(np.float16)
-    low = h.astype(np.float32) < x
-    return np.where(low, np.nextafter(h, np.float16(np.inf)), h)
+    """float16 values >= ``x`` (the next representable one where rounding went down); the largest finite
+    float16 (65504) where ``x`` is beyond it."""
+    h = np.minimum(x, np.float32(FP16_MAX)).astype(np.float16)
+    low = (h.astype(np.float32) < x) & (h < np.float16(FP16_MAX))
+    with np.errstate(over="ignore"):  # nextafter(65504) is inf; those entries are not taken
+        return np.where(low, np.nextafter(h, np.float16(np.inf)), h)
 
 
 def _zigzag(q: np.ndarray) -> np.ndarray:
@@ -120,11 +123,16 @@ def _fit(z: np.ndarray, budget: int, block: int) -> tuple[np.ndarray, np.ndarray
     for _ in range(64):  # no fitting step yet: grow (a step past absmax codes every value as 0, which fits)
         if not (hi == none).any():
             break
+        stuck = (hi == none) & (delta == np.float16(FP16_MAX))
+        if stuck.any():
+            big = float(np.abs(z[stuck]).max())
+            raise CodecError(f"values up to {big:g} need a quantization step beyond the float16 range to fit this "
+                             "codec's bytes; use fp32 or an int8 codec for these hidden states")
         grown = _fp16_up(delta.astype(np.float32) * np.float32(1.25))
         delta = np.where(hi == none, grown, delta)
         probe(delta)
     else:
-        raise CodecError("rice: no step size fits the budget")
+        raise CodecError("no step size fits the budget")
     for _ in range(64):
         gap = hi - lo
         if (gap <= 1).all():

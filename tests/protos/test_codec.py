@@ -254,6 +254,24 @@ def test_rice_codes_in_the_calibrated_channel_order():
     assert ordered < rotated / 1.2, (ordered, rotated)
 
 
+@pytest.mark.parametrize("codec", ["rice8", "rice4"])
+def test_rice_at_the_edge_of_the_float16_step_range(codec):
+    """Values so large that the step must be near float16's largest still encode (and decode); values
+    beyond what any float16 step can fit in the codec's bytes are refused with a message that says so."""
+    import warnings
+
+    rng = np.random.default_rng(9)
+    cfg = CodecConfig.for_codec(codec, channel_order=tuple(range(HIDDEN)))
+    sigma = 4e4 if codec == "rice8" else 2.5e5  # needs a step close to 65504
+    x = (rng.standard_normal((2, HIDDEN)) * sigma).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warnings on the way
+        y = _roundtrip(x, cfg)
+    assert np.isfinite(y).all() and _rel(y, x) < 0.2
+    with pytest.raises(CodecError, match="beyond the float16 range"):
+        encode(x * np.float32(1e3), cfg)
+
+
 def test_calibrate_picks_the_largest_channels_for_int8_rot():
     stats = calibrate(_with_outliers())
     assert stats["outlier_channels"] == sorted(OUTLIERS)
