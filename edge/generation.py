@@ -162,6 +162,7 @@ class Generation:
         self._probe_wanted = False  # a probe waits for a token boundary: queue no local job ahead (_wants_next)
         self._probe_ready = asyncio.Event()  # the local loop is at a boundary, its worker idle: send the probe
         self._probe_done = asyncio.Event()  # the probe answered (or failed): the local loop goes on
+        self._timed_since_pause = True  # a timed local token reached the policy since the last probe pause
         self._ahead: _LocalStep | None = None  # the next local token's job, already on the worker (_queue_local)
         self._closed = False  # set (on the loop) before the cache is released; local jobs check it first
         if self.mode == LOCAL:
@@ -311,12 +312,17 @@ class Generation:
             if not first:
                 await asyncio.sleep(self.config.probe_interval)
             first = False
-            pause = self.config.probe_pause_ms > 0
-            if pause:  # wait for the local loop's next token boundary (a stalled reader: probe anyway)
-                self._probe_done.clear()
-                self._probe_wanted = True
-                await _wait_event(self._probe_ready, PROBE_BOUNDARY_WAIT_S)
+            # Pause the local loop for this probe only if a timed token reached the policy since the last
+            # pause: the token after a pause is not timed, and it is the local steps the policy decides on
+            # (a move back included), so with tokens slower than the interval every token would follow a
+            # pause and the policy would never see one.
+            pause = self.config.probe_pause_ms > 0 and self._timed_since_pause
             try:
+                if pause:  # wait for the local loop's next token boundary (a stalled reader: probe anyway)
+                    self._timed_since_pause = False
+                    self._probe_done.clear()
+                    self._probe_wanted = True
+                    await _wait_event(self._probe_ready, PROBE_BOUNDARY_WAIT_S)
                 for endpoint in link.endpoints:
                     answered = False
                     for _ in range(PROBE_SAMPLES):
@@ -683,6 +689,7 @@ class Generation:
         self.stats.local_ms += ms
         if step.measured and (step.k == 0 or step.n - step.start == 1):  # every layer ran here (not a replay's
             self._observe_local(tokens=step.n - step.start, position=step.start, ms=ms)  # tail), no pause before
+            self._timed_since_pause = True
         return details()
 
     def _queue_local(self, k: int, n: int, start: int, new_from: int, new_ids: list[int],

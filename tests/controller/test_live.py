@@ -402,7 +402,7 @@ async def test_link_probes_go_out_while_the_device_is_idle(link, wide_bundle, to
 
     try:
         ids, result, _ = await _generate(wide_bundle, link.address, policy_for, TEXT, 32, prepare=timed,
-                                         probe_interval=0.15, probe_pause_ms=2000.0)
+                                         probe_interval=0.25, probe_pause_ms=2000.0)
     finally:
         link.set(delay_ms=1.0)
     assert result.stats.served_by["local"] > 0
@@ -418,6 +418,55 @@ async def test_link_probes_go_out_while_the_device_is_idle(link, wide_bundle, to
     local_decodes = [s for s in observed if s.codec == "local" and s.kind == "decode"]
     assert len(local_decodes) <= result.stats.served_by["local"] - pauses + 1, (len(local_decodes), probes)
     assert _ended(result.token_ids, torch_greedy(ids, 32))
+
+
+async def test_a_device_slower_than_the_probe_interval_still_returns(link, wide_bundle, torch_greedy):
+    """Local tokens slower than --probe-interval: a probe pauses the loop only once a timed token reached the
+    policy since its last pause (the token after a pause is not timed, and it is local steps the policy
+    decides on), so the policy still sees the device and, once the link recovers, moves the generation back.
+    (Found in review: with a pause before every token the generation stayed local for good.)"""
+    import asyncio
+    import time
+
+    from seamline.edge.controller import AdaptivePolicy, ControllerConfig
+    from seamline.edge.planner import LinkEstimate
+
+    link.set(bandwidth_bps=100e6, delay_ms=0.5)
+    made: list = []
+    loop = asyncio.get_running_loop()
+    recovering = []
+
+    def policy_for(manifest):
+        policy = AdaptivePolicy.from_manifest(manifest, LinkEstimate(100e6, 1.0), ControllerConfig(min_dwell_s=0.5),
+                                              codecs=("fp32",))
+
+        def degrade_then_recover(stats):
+            if stats.kind == "decode" and stats.codec != "local" and stats.position == PROMPT_TOKENS + 2:
+                link.set(delay_ms=400.0)  # an 800 ms round trip: the controller moves the rest onto the device
+            if stats.codec == "local" and not recovering:
+                recovering.append(True)  # the link comes back 2 s after the first local step
+                loop.call_soon_threadsafe(loop.call_later, 2.0, lambda: link.set(delay_ms=0.5))
+
+        return _watched(policy, degrade_then_recover, made)
+
+    def weak_head(engine):  # local tokens of 300 ms+, three probe intervals each
+        logits = engine.runtime.logits
+
+        def slow(h):
+            time.sleep(0.3)
+            return logits(h)
+
+        engine.runtime.logits = slow
+
+    try:
+        ids, result, _ = await _generate(wide_bundle, link.address, policy_for, TEXT, 40, prepare=weak_head,
+                                         probe_interval=0.1)
+    finally:
+        link.set(delay_ms=1.0)
+    paths = [t.path for t in result.tokens]
+    runs = [p for i, p in enumerate(paths) if i == 0 or p != paths[i - 1]]
+    assert runs == ["cloud", "local", "cloud"], (paths, made)
+    assert _ended(result.token_ids, torch_greedy(ids, 40))
 
 
 # ------------------------------------------------------- estimator details the live runs above depend on
