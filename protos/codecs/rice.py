@@ -47,6 +47,7 @@ QMAX = 1 << 15  # |q| bound: the step is never below absmax / QMAX, decode rejec
 FIT_ROUNDS = 3  # secant steps of the step size towards the budget before the final upward search
 TINY = float(np.finfo(np.float16).smallest_subnormal)
 FP16_MAX = float(np.finfo(np.float16).max)
+ROWS_PER_PASS = 32  # tokens coded or decoded per pass (bounds the bit arrays of a long prefill chunk)
 _AROUND = np.arange(-1, 2, dtype=np.float32)[:, None, None]  # the Rice parameters tried around the estimate
 
 
@@ -88,8 +89,8 @@ def _fit(z: np.ndarray, budget: int, block: int) -> tuple[np.ndarray, np.ndarray
     """The smallest float16 step per token whose Rice code fits ``budget`` bits; (delta, u, m).
 
     A few secant steps on log(delta) (bits fall by about H per doubling of the step) bracket it, then
-    interpolation on the float16 bit patterns (positive float16s order like their uint16 patterns)
-    narrows the bracket to one representable step."""
+    interpolation on the float16 bit patterns (positive float16s order like their uint16 patterns),
+    alternating with bisection, narrows the bracket to one representable step."""
     tokens, width = z.shape
     absmax = np.abs(z).max(axis=1)
     floor = _fp16_up(np.maximum(absmax / np.float32(QMAX), np.float32(TINY)))  # |q| <= QMAX from here up
@@ -133,11 +134,11 @@ def _fit(z: np.ndarray, budget: int, block: int) -> tuple[np.ndarray, np.ndarray
         probe(delta)
     else:
         raise CodecError("no step size fits the budget")
-    for _ in range(64):
+    for r in range(64):
         gap = hi - lo
         if (gap <= 1).all():
             break
-        known = lo_bits >= 0
+        known = (lo_bits >= 0) & (r % 2 == 0)  # interpolation, then bisection: regula falsi alone can stall
         frac = np.where(known, (lo_bits - budget) / np.maximum(lo_bits - hi_bits, 1), 0.5)
         mid = np.clip(lo + np.rint(frac * gap).astype(np.int64), lo + 1, hi - 1)
         mid = np.where(gap > 1, mid, hi)
@@ -159,17 +160,26 @@ def _bit_layout(m: np.ndarray, block: int, width: int):
     return mc, value // width, within[value] + j, value, j
 
 
-def _forward(z: np.ndarray, cfg) -> np.ndarray:
-    """The coded order of the channels: the calibrated ``channel_order``, or the rotation without one."""
-    if cfg.channel_order:
-        return np.ascontiguousarray(z[:, np.asarray(cfg.channel_order)])
+def _order(cfg, outliers: np.ndarray) -> np.ndarray | None:
+    """The coded order of the channels: the calibrated ``channel_order`` with the codec's outlier channels (sent
+    in fp16, coded as zeros) moved to the end, out of the blocks of the large channels; None: the rotation."""
+    if not cfg.channel_order:
+        return None
+    order = np.asarray(cfg.channel_order, dtype=np.int64)
+    last = np.isin(order, outliers)
+    return np.concatenate([order[~last], order[last]])
+
+
+def _forward(z: np.ndarray, cfg, order: np.ndarray | None) -> np.ndarray:
+    if order is not None:
+        return np.ascontiguousarray(z[:, order])
     return rotate(z, cfg.rotation_seed)
 
 
-def _inverse(y: np.ndarray, cfg) -> np.ndarray:
-    if cfg.channel_order:
+def _inverse(y: np.ndarray, cfg, order: np.ndarray | None) -> np.ndarray:
+    if order is not None:
         x = np.empty_like(y)
-        x[:, np.asarray(cfg.channel_order)] = y
+        x[:, order] = y
         return x
     return rotate(y, cfg.rotation_seed, inverse=True)
 
@@ -201,31 +211,16 @@ class _Rice(Codec):
     def encode(self, x, cfg):
         tokens, width = x.shape
         self.check(width, cfg.group_size, len(cfg.outlier_channels))
-        block, nibble_bytes = self._params(width)
+        block, _ = self._params(width)
         record = self.record_bytes(width, len(cfg.outlier_channels))
         _, outliers = _split_outliers(width, cfg.outlier_channels)
         out16 = to_fp16(x[:, outliers], f"{self.name} outlier channels")
         z = x.copy()
         z[:, outliers] = 0.0
-        z = _forward(z, cfg)
+        z = _forward(z, cfg, _order(cfg, outliers))
         to_fp16(np.abs(z).max(axis=1, initial=0.0) / np.float32(QMAX), f"{self.name} step size")
-        delta, u, m = _fit(z, record * 8, block)
-        mc, tok, pos, value, j = _bit_layout(m, block, width)
-        high = u >> mc
-        low_end = mc.sum(1)  # [T]
-        term = low_end[:, None] + np.cumsum(high + 1, axis=1) - 1  # each value's terminating 0
-        cols = np.arange(record * 8)
-        bits = ((cols >= low_end[:, None]) & (cols < term[:, -1:] + 1)).astype(np.uint8)  # unary 1s
-        np.put_along_axis(bits, term, 0, axis=1)
-        flat_u, flat_m = u.ravel()[value], mc.ravel()[value]
-        bits[tok, pos] = (flat_u >> (flat_m - 1 - j)) & 1
-        nibbles = m.astype(np.uint8)
-        if nibbles.shape[1] % 2:
-            nibbles = np.concatenate([nibbles, np.zeros((tokens, 1), np.uint8)], axis=1)
-        packed_m = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
-        assert packed_m.shape[1] == nibble_bytes
-        return (delta.astype("<f2").tobytes() + packed_m.tobytes() + np.packbits(bits, axis=1).tobytes()
-                + out16.tobytes()), b""
+        parts = [_encode_rows(z[i:i + ROWS_PER_PASS], record, block) for i in range(0, tokens, ROWS_PER_PASS)]
+        return b"".join([b"".join(p[i] for p in parts) for i in range(3)]) + out16.tobytes(), b""
 
     def decode(self, raw, scales, cfg, tokens, width):
         block, nibble_bytes = self._params(width)
@@ -238,30 +233,61 @@ class _Rice(Codec):
         delta = checked_scales(view[:a], "<f2", (tokens,))
         packed_m = np.frombuffer(view[a:b], dtype=np.uint8).reshape(tokens, nibble_bytes)
         m = np.stack([packed_m & 15, packed_m >> 4], axis=2).reshape(tokens, -1)[:, :width // block].astype(np.int64)
-        low_end = m.sum(1) * block
-        if (low_end > record * 8).any():
+        if (m.sum(1) * block > record * 8).any():
             raise CodecError(f"{self.name}: a record's Rice parameters ask for more low bits than its "
                              f"{record} bytes hold")
-        bits = np.unpackbits(np.frombuffer(view[b:c], dtype=np.uint8).reshape(tokens, record), axis=1)
-        mc, tok, pos, value, j = _bit_layout(m, block, width)
-        low = np.bincount(value, weights=(bits[tok, pos].astype(np.int64) << (mc.ravel()[value] - 1 - j)),
-                          minlength=tokens * width).astype(np.int64).reshape(tokens, width)
-        zeros = (bits == 0) & (np.arange(record * 8) >= low_end[:, None])
-        counts = zeros.sum(1)
-        if (counts < width).any():
-            raise CodecError(f"{self.name}: a record ends before all {width} values are complete (truncated "
-                             "or corrupt unary code)")
-        where = np.flatnonzero(zeros) % (record * 8)
-        first = np.cumsum(counts) - counts
-        term = where[first[:, None] + np.arange(width)]  # [T, H] column of each value's terminating 0
-        prev = np.concatenate([low_end[:, None] - 1, term[:, :-1]], axis=1)
-        u = ((term - prev - 1) << mc) | low
-        if (u > 2 * QMAX).any():
-            raise CodecError(f"{self.name}: a quantized value is beyond +-{QMAX}")
-        q = (u >> 1) ^ -(u & 1)
-        x = _inverse(q.astype(np.float32) * delta[:, None], cfg)
+        records = np.frombuffer(view[b:c], dtype=np.uint8).reshape(tokens, record)
+        y = np.empty((tokens, width), dtype=np.float32)
+        for i in range(0, tokens, ROWS_PER_PASS):  # a few rows at a time: the bit arrays are ~40 B per bit
+            rows = slice(i, i + ROWS_PER_PASS)
+            y[rows] = _decode_rows(m[rows], records[rows], block, width, self.name) * delta[rows, None]
+        x = _inverse(y, cfg, _order(cfg, outliers))
         x[:, outliers] = np.frombuffer(view[c:], dtype="<f2").reshape(tokens, len(outliers))
         return x
+
+
+def _encode_rows(z: np.ndarray, record: int, block: int) -> tuple[bytes, bytes, bytes]:
+    """(delta float16, packed Rice parameters, records) of the rows ``z`` (coded order)."""
+    tokens, width = z.shape
+    delta, u, m = _fit(z, record * 8, block)
+    mc, tok, pos, value, j = _bit_layout(m, block, width)
+    high = u >> mc
+    low_end = mc.sum(1)  # [T]
+    term = low_end[:, None] + np.cumsum(high + 1, axis=1) - 1  # each value's terminating 0
+    cols = np.arange(record * 8)
+    bits = ((cols >= low_end[:, None]) & (cols < term[:, -1:] + 1)).astype(np.uint8)  # unary 1s
+    np.put_along_axis(bits, term, 0, axis=1)
+    flat_u, flat_m = u.ravel()[value], mc.ravel()[value]
+    bits[tok, pos] = (flat_u >> (flat_m - 1 - j)) & 1
+    nibbles = m.astype(np.uint8)
+    if nibbles.shape[1] % 2:
+        nibbles = np.concatenate([nibbles, np.zeros((tokens, 1), np.uint8)], axis=1)
+    packed_m = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    return delta.astype("<f2").tobytes(), packed_m.tobytes(), np.packbits(bits, axis=1).tobytes()
+
+
+def _decode_rows(m: np.ndarray, records: np.ndarray, block: int, width: int, name: str) -> np.ndarray:
+    """The quantized values (float32 [T, H], coded order) of records whose Rice parameters ``m`` were checked
+    to fit them."""
+    tokens, record = records.shape
+    low_end = m.sum(1) * block
+    bits = np.unpackbits(records, axis=1)
+    mc, tok, pos, value, j = _bit_layout(m, block, width)
+    low = np.bincount(value, weights=(bits[tok, pos].astype(np.int64) << (mc.ravel()[value] - 1 - j)),
+                      minlength=tokens * width).astype(np.int64).reshape(tokens, width)
+    zeros = (bits == 0) & (np.arange(record * 8) >= low_end[:, None])
+    counts = zeros.sum(1)
+    if (counts < width).any():
+        raise CodecError(f"{name}: a record ends before all {width} values are complete (truncated or corrupt "
+                         "unary code)")
+    where = np.flatnonzero(zeros) % (record * 8)
+    first = np.cumsum(counts) - counts
+    term = where[first[:, None] + np.arange(width)]  # [T, H] column of each value's terminating 0
+    prev = np.concatenate([low_end[:, None] - 1, term[:, :-1]], axis=1)
+    u = ((term - prev - 1) << mc) | low
+    if (u > 2 * QMAX).any():
+        raise CodecError(f"{name}: a quantized value is beyond +-{QMAX}")
+    return ((u >> 1) ^ -(u & 1)).astype(np.float32)
 
 
 @register
