@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from seamline.protos.aio import wait_event as _wait_event
 
 from . import wire
 from .config import CloudConfig
@@ -274,15 +275,3 @@ class BatchScheduler:
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
-
-
-async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
-    """Wait for ``event`` up to ``timeout`` seconds; False on timeout (a timer, no task per wait)."""
-    if event.is_set():
-        return True
-    try:
-        async with asyncio.timeout(timeout):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True

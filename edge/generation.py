@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from seamline.protos.aio import wait_event as _wait_event
 from seamline.protos.codec import CodecConfig
 
 from . import sampling, wire
@@ -749,15 +750,3 @@ class Generation:
             return
         if decision is not None:
             self._pending = decision
-
-
-async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
-    """Wait for ``event`` up to ``timeout`` seconds; False on timeout."""
-    if event.is_set():
-        return True
-    try:
-        async with asyncio.timeout(timeout):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True

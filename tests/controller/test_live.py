@@ -226,6 +226,23 @@ class Scripted:
         return PolicyStatus(self.first)  # measures nothing (no estimates): a generation it sends local stays local
 
 
+def _slow_head(seconds: float):
+    """A ``prepare`` for :func:`_generate`: the engine's LM head (run by all-local steps only) takes ``seconds``
+    more, an emulated weak device."""
+    import time
+
+    def prepare(engine):
+        logits = engine.runtime.logits
+
+        def slow(h):
+            time.sleep(seconds)
+            return logits(h)
+
+        engine.runtime.logits = slow
+
+    return prepare
+
+
 async def _generate(bundle, address, policy_for, prompt, n, prepare=None, **settings):
     from seamline.edge.agent import build_engine, close_engine
     from seamline.edge.config import EdgeConfig
@@ -304,7 +321,6 @@ async def test_after_a_fallback_the_generation_returns_to_the_cloud(link, wide_b
     """The link stalls mid-generation: the edge falls back to running every layer. The link comes back: a
     probe sees it, the controller predicts the cloud repays the replay over the remaining tokens, and the
     generation moves back. The tokens are the unsplit model's greedy ones throughout."""
-    import time
 
     from seamline.edge.controller import AdaptivePolicy, ControllerConfig
     from seamline.edge.planner import LinkEstimate
@@ -328,19 +344,9 @@ async def test_after_a_fallback_the_generation_returns_to_the_cloud(link, wide_b
 
         return _watched(policy, cut_then_restore, made)
 
-    def weak_head(engine):
-        """An emulated weak device: its LM head, which only all-local steps run, takes 200 ms more (several
-        times a remote step on this shared CPU, so the gain of going back is not a matter of timing)."""
-        logits = engine.runtime.logits
-
-        def slow(h):
-            time.sleep(0.2)
-            return logits(h)
-
-        engine.runtime.logits = slow
-
-    try:
-        ids, result, _ = await _generate(wide_bundle, link.address, policy_for, TEXT, 40, prepare=weak_head,
+    try:  # an emulated weak device: its LM head, which only all-local steps run, takes 200 ms more (several
+        # times a remote step on this shared CPU, so the gain of going back is not a matter of timing)
+        ids, result, _ = await _generate(wide_bundle, link.address, policy_for, TEXT, 40, prepare=_slow_head(0.2),
                                          step_timeout=1.0, reconnect_window=1.0, connect_timeout=1.0,
                                          max_replays=2, probe_interval=0.2)
     finally:
@@ -426,7 +432,6 @@ async def test_a_device_slower_than_the_probe_interval_still_returns(link, wide_
     decides on), so the policy still sees the device and, once the link recovers, moves the generation back.
     (Found in review: with a pause before every token the generation stayed local for good.)"""
     import asyncio
-    import time
 
     from seamline.edge.controller import AdaptivePolicy, ControllerConfig
     from seamline.edge.planner import LinkEstimate
@@ -449,17 +454,8 @@ async def test_a_device_slower_than_the_probe_interval_still_returns(link, wide_
 
         return _watched(policy, degrade_then_recover, made)
 
-    def weak_head(engine):  # local tokens of 300 ms+, three probe intervals each
-        logits = engine.runtime.logits
-
-        def slow(h):
-            time.sleep(0.3)
-            return logits(h)
-
-        engine.runtime.logits = slow
-
-    try:
-        ids, result, _ = await _generate(wide_bundle, link.address, policy_for, TEXT, 40, prepare=weak_head,
+    try:  # local tokens of 300 ms+, three probe intervals each
+        ids, result, _ = await _generate(wide_bundle, link.address, policy_for, TEXT, 40, prepare=_slow_head(0.3),
                                          probe_interval=0.1)
     finally:
         link.set(delay_ms=1.0)
