@@ -408,7 +408,7 @@ async def test_link_probes_go_out_while_the_device_is_idle(link, wide_bundle, to
 
     try:
         ids, result, _ = await _generate(wide_bundle, link.address, policy_for, TEXT, 32, prepare=timed,
-                                         probe_interval=0.25, probe_pause_ms=2000.0)
+                                         probe_interval=0.4, probe_pause_ms=2000.0)
     finally:
         link.set(delay_ms=1.0)
     assert result.stats.served_by["local"] > 0
