@@ -307,12 +307,7 @@ class Generation:
         probe goes out at the first token boundary, so a short request that the policy kept on the device
         because of a link that has since recovered still measures it, and two samples confirm a new round
         trip at once (the estimator moves to a new level after two samples in a row)."""
-        link, policy = self.engine.link, self.engine.policy
-        first = True
         while True:
-            if not first:
-                await asyncio.sleep(self.config.probe_interval)
-            first = False
             # Pause the local loop for this probe only if a timed token reached the policy since the last
             # pause: the token after a pause is not timed, and it is the local steps the policy decides on
             # (a move back included), so with tokens slower than the interval every token would follow a
@@ -324,26 +319,33 @@ class Generation:
                     self._probe_done.clear()
                     self._probe_wanted = True
                     await _wait_event(self._probe_ready, PROBE_BOUNDARY_WAIT_S)
-                for endpoint in link.endpoints:
-                    answered = False
-                    for _ in range(PROBE_SAMPLES):
-                        t0 = time.perf_counter()
-                        try:
-                            info = await link.info(endpoint, self.config.connect_timeout)
-                        except EdgeError as e:
-                            log.debug("link probe of %s: %s", endpoint, e.message)
-                            break
-                        answered = True
-                        try:
-                            policy.observe_info(info, (time.perf_counter() - t0) * 1e3)
-                        except Exception:  # a failing controller must not fail the generation it measures
-                            log.exception("the split policy failed to observe a link probe")
-                    if answered:
-                        break
+                await self._time_link()
             finally:
                 self._probe_wanted = False
                 self._probe_ready.clear()
                 self._probe_done.set()
+            await asyncio.sleep(self.config.probe_interval)
+
+    async def _time_link(self) -> None:
+        """``PROBE_SAMPLES`` timed ``Info`` round trips to the first endpoint that answers, each handed to the
+        policy."""
+        link, policy = self.engine.link, self.engine.policy
+        for endpoint in link.endpoints:
+            answered = False
+            for _ in range(PROBE_SAMPLES):
+                t0 = time.perf_counter()
+                try:
+                    info = await link.info(endpoint, self.config.connect_timeout)
+                except EdgeError as e:
+                    log.debug("link probe of %s: %s", endpoint, e.message)
+                    break
+                answered = True
+                try:
+                    policy.observe_info(info, (time.perf_counter() - t0) * 1e3)
+                except Exception:  # a failing controller must not fail the generation it measures
+                    log.exception("the split policy failed to observe a link probe")
+            if answered:
+                return
 
     def _reserve(self) -> int:
         """Positions the edge cache is first made for: the prompt, the new tokens and a few draft rows."""

@@ -95,8 +95,8 @@ class CodecConfig:
             order = tuple(int(c) for c in self.channel_order)
         except (TypeError, ValueError):
             raise CodecError(f"channel order {self.channel_order!r} is not a list of integers") from None
-        if len(set(order)) != len(order) or any(c < 0 for c in order):
-            raise CodecError("channel order must list each channel once (a permutation of [0, hidden))")
+        if order and sorted(order) != list(range(len(order))):  # checked once here; per step only its length
+            raise CodecError(f"channel order must list each channel once (a permutation of [0, {len(order)}))")
         object.__setattr__(self, "channel_order", order)
         object.__setattr__(self, "zstd", bool(self.zstd))
 
@@ -179,9 +179,9 @@ def _check_config(cfg: CodecConfig, hidden: int) -> None:
         codecs.get(cfg.codec).check(hidden, cfg.group_size, len(cfg.outlier_channels))
     except CodecError as e:
         raise CodecError(f"codec {cfg.codec}: {e}") from None
-    if cfg.channel_order and (len(cfg.channel_order) != hidden or max(cfg.channel_order) >= hidden):
-        raise CodecError(f"channel order lists {len(cfg.channel_order)} channels up to {max(cfg.channel_order)}; "
-                         f"it must be a permutation of [0, {hidden})")
+    if cfg.channel_order and len(cfg.channel_order) != hidden:  # a permutation of its length (__post_init__)
+        raise CodecError(f"channel order lists {len(cfg.channel_order)} channels; it must be a permutation of "
+                         f"[0, {hidden})")
     if cfg.outlier_channels:
         if cfg.outlier_channels[-1] >= hidden:
             raise CodecError(f"outlier channel {cfg.outlier_channels[-1]} is out of range [0, {hidden})")

@@ -93,6 +93,9 @@ def _fit(z: np.ndarray, budget: int, block: int) -> tuple[np.ndarray, np.ndarray
     alternating with bisection, narrows the bracket to one representable step."""
     tokens, width = z.shape
     absmax = np.abs(z).max(axis=1)
+    if (absmax / np.float32(QMAX) > FP16_MAX).any():  # the step that keeps |q| <= QMAX is not a float16
+        raise CodecError(f"values up to {float(absmax.max()):g} need a quantization step beyond the float16 range; "
+                         "use fp32 or an int8 codec for these hidden states")
     floor = _fp16_up(np.maximum(absmax / np.float32(QMAX), np.float32(TINY)))  # |q| <= QMAX from here up
     rms = np.sqrt(np.mean(np.square(z, dtype=np.float64), axis=1)).astype(np.float32)
     # high-rate estimate for Gaussian-like values: log2(sqrt(2 pi e) sigma / delta) bits each, Rice ~0.15 more
@@ -209,8 +212,7 @@ class _Rice(Codec):
         return tokens * (2 + nibble_bytes + self.record_bytes(width, outliers) + 2 * outliers), 0
 
     def encode(self, x, cfg):
-        tokens, width = x.shape
-        self.check(width, cfg.group_size, len(cfg.outlier_channels))
+        tokens, width = x.shape  # the configuration was checked against the width by the caller (codec.encode)
         block, _ = self._params(width)
         record = self.record_bytes(width, len(cfg.outlier_channels))
         _, outliers = _split_outliers(width, cfg.outlier_channels)
@@ -218,7 +220,6 @@ class _Rice(Codec):
         z = x.copy()
         z[:, outliers] = 0.0
         z = _forward(z, cfg, _order(cfg, outliers))
-        to_fp16(np.abs(z).max(axis=1, initial=0.0) / np.float32(QMAX), f"{self.name} step size")
         parts = [_encode_rows(z[i:i + ROWS_PER_PASS], record, block) for i in range(0, tokens, ROWS_PER_PASS)]
         return b"".join([b"".join(p[i] for p in parts) for i in range(3)]) + out16.tobytes(), b""
 
