@@ -31,6 +31,10 @@ class CloudMetrics:
         self.bytes_out = Counter("seamline_cloud_bytes_out", "Reply bytes sent", ["rpc"], registry=r)
         self.errors = Counter("seamline_cloud_errors", "RPCs answered with an error", ["code"], registry=r)
         self.evictions = Counter("seamline_cloud_evictions", "Sessions evicted after the TTL", registry=r)
+        # children bound once: ``labels()`` per message was ~2.5 % of the service's CPU per step
+        self.step_bytes_in, self.step_bytes_out = self.bytes_in.labels("Step"), self.bytes_out.labels("Step")
+        self._by_kind = {kind: (self.steps.labels(kind), self.batches.labels(kind), self.batch_size.labels(kind),
+                                self.compute_seconds.labels(kind)) for kind in ("decode", "prefill", "embed")}
         self._http = None
 
     def bind(self, sessions: Callable[[], float], kv_bytes: Callable[[], float],
@@ -41,10 +45,11 @@ class CloudMetrics:
         self.queue_depth.set_function(queue_depth)
 
     def observe_batch(self, kind: str, size: int, compute_ms: float) -> None:
-        self.steps.labels(kind).inc(size)
-        self.batches.labels(kind).inc()
-        self.batch_size.labels(kind).observe(size)
-        self.compute_seconds.labels(kind).observe(compute_ms / 1e3)
+        steps, batches, batch_size, compute = self._by_kind[kind]
+        steps.inc(size)
+        batches.inc()
+        batch_size.observe(size)
+        compute.observe(compute_ms / 1e3)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the /metrics HTTP server (a daemon thread); returns the bound port."""

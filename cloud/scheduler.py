@@ -63,7 +63,8 @@ class BatchScheduler:
         self.recent_queue_ms: deque[float] = deque(maxlen=256)
         self._recent_decoders: dict[str, float] = {}  # session id -> time of its last decode step
         self._wakeup = asyncio.Event()          # something was queued
-        self._arrival = asyncio.Event()         # a decode step was queued (for the batch window)
+        self._arrival = asyncio.Event()         # the open batch window has every step it waits for
+        self._awaited: set[str] | None = None   # sessions the open batch window still waits for
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -77,11 +78,14 @@ class BatchScheduler:
     async def submit(self, row: Row) -> StepOutcome:
         """Queue one session's chunk and wait for its outcome (raises CloudError)."""
         work = StepWork(row, time.perf_counter())
-        (self.decode if work.kind == "decode" else self.prefill).append(work)
+        if work.kind == "decode":
+            self.decode.append(work)
+            self._arrived(row.session.id)
+        else:
+            self.prefill.append(work)
         self.in_flight += 1
         self._idle.clear()
         self._wakeup.set()
-        self._arrival.set()
         try:
             return await asyncio.shield(work.future)
         except asyncio.CancelledError:
@@ -124,29 +128,42 @@ class BatchScheduler:
                     if now - t > RECENT_DECODER_S or sid not in self.store.sessions]:
             del self._recent_decoders[sid]
 
+    def _arrived(self, session_id: str) -> None:
+        """A decode step of ``session_id`` was queued, or the session ended: cross it off the open window's
+        list, and wake the window only when nothing is left on it or the batch is full (one wake per batch,
+        not one per arrival: a task switch per step was ~7 % of the service's CPU at 32 streams)."""
+        awaited = self._awaited
+        if awaited is not None:
+            awaited.discard(session_id)
+            if not awaited or len(self.decode) >= self.config.max_batch:
+                self._arrival.set()
+
+    def forget(self, session_id: str) -> None:
+        """The session ended (closed, dropped or evicted): no batch waits for it any more."""
+        self._recent_decoders.pop(session_id, None)
+        self._arrived(session_id)
+
     async def _gather_window(self) -> None:
         """Let other decoding sessions join the oldest decode step's batch, for up to the window.
 
-        The sessions expected are the recent decoders not queued yet, found once per batch; each
-        arrival then only crosses its own session off (no pass over every session per arrival).
+        The sessions expected are the recent decoders not queued yet, found once per batch; ``submit`` and
+        ``forget`` cross them off as they arrive or end, and wake this wait once the list is empty.
         """
-        window = self.config.batch_window_ms / 1e3
-        deadline = self.decode[0].arrived + window
+        deadline = self.decode[0].arrived + self.config.batch_window_ms / 1e3
         self._expire_recent(time.perf_counter())
         missing = set(self._recent_decoders).difference(w.row.session.id for w in self.decode)
-        seen = len(self.decode)
-        while missing and len(self.decode) < self.config.max_batch:
-            now = time.perf_counter()
-            if now >= deadline:
-                return
-            self._arrival.clear()
-            if not await _wait_event(self._arrival, deadline - now):
-                return
-            for i in range(seen, len(self.decode)):
-                missing.discard(self.decode[i].row.session.id)
-            seen = len(self.decode)
-            sessions = self.store.sessions
-            missing = {sid for sid in missing if sid in sessions}
+        if not missing or len(self.decode) >= self.config.max_batch:
+            return
+        self._awaited = missing
+        self._arrival.clear()
+        try:
+            while missing and len(self.decode) < self.config.max_batch:
+                now = time.perf_counter()
+                if now >= deadline or not await _wait_event(self._arrival, deadline - now):
+                    return
+                self._arrival.clear()
+        finally:
+            self._awaited = None
 
     def _take_decode_batch(self) -> list[StepWork]:
         while self.decode and self.decode[0].future.done():

@@ -163,7 +163,11 @@ async def serve(config: CloudConfig, make_executor=None) -> RunningServer:
     metrics.bind(lambda: len(store), lambda: store.kv_bytes, lambda: scheduler.queue_depth)
     store.on_evict = lambda _session: metrics.evictions.inc()
     trimmer = Trimmer(store, executor.pool if shape.causal else None, executor)
-    store.on_release = trimmer.on_release
+    def on_release(session_id: str) -> None:
+        scheduler.forget(session_id)
+        trimmer.on_release(session_id)
+
+    store.on_release = on_release
     service = SeamlineService(config, info, store, scheduler, executor, auth, metrics)
 
     max_message = config.max_chunk_tokens * shape.hidden_size * 4 + (1 << 16)  # an fp32 chunk + headroom

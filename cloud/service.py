@@ -45,6 +45,53 @@ def _parsed(request) -> None:
                               f"{request.message} ({request.error}); send messages built from seamline.proto")
 
 
+class _Requests:
+    """A Generate stream's messages, with ``--stream-idle-timeout`` while the server waits for the next one.
+
+    One timer per stream, not one per message: ``next`` only notes when its wait began, and the timer, armed
+    for that moment + the timeout, re-arms itself for the newest wait until a wait has lasted the whole
+    timeout; then it cancels the waiting task and ``next`` raises IdleStream (DEADLINE_EXCEEDED). Time spent
+    on a step (the server's own work) never counts. (``asyncio.timeout`` around every read made and
+    cancelled a timer per message: ~3 % of the service's CPU per step at 32 streams, bench throughput.)
+    """
+
+    def __init__(self, request_iterator, timeout: float):
+        self._it = request_iterator.__aiter__()
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._since: float | None = None  # when the pending wait began; None while not waiting
+        self._fired = False
+        self._timer = self._loop.call_at(self._loop.time() + timeout, self._check)
+
+    def _check(self) -> None:
+        now, since = self._loop.time(), self._since
+        if since is not None and now - since >= self._timeout:
+            self._fired = True
+            self._task.cancel()
+            return
+        self._timer = self._loop.call_at((now if since is None else since) + self._timeout, self._check)
+
+    async def next(self):
+        """The next message, None at the stream's end; IdleStream when it stays silent past the timeout."""
+        self._since = self._loop.time()
+        try:
+            return await self._it.__anext__()
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            if not self._fired:
+                raise
+            self._task.uncancel()
+            raise IdleStream(f"the stream sent nothing for {self._timeout:g}s (--stream-idle-timeout); its "
+                             "session is closed: open a new stream and replay the history") from None
+        finally:
+            self._since = None
+
+    def close(self) -> None:
+        self._timer.cancel()
+
+
 class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
     def __init__(self, config: CloudConfig, model: ModelInfo, store: SessionStore, scheduler: BatchScheduler,
                  executor: TorchExecutor, auth: Authenticator, metrics: CloudMetrics):
@@ -90,9 +137,9 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
     async def Generate(self, request_iterator, context: grpc.aio.ServicerContext):
         """One generation on one stream: open, steps, end (see the sequence in seamline.proto)."""
         session, freed = None, False
-        requests = request_iterator.__aiter__()
+        requests = _Requests(request_iterator, self.config.stream_idle_timeout)
         try:
-            first = await self._next(requests)
+            first = await requests.next()
             if first is None:
                 return  # the client ended the stream before opening anything
             # authenticate after the first message arrived: a client whose write raced an early
@@ -105,13 +152,14 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
                                       "first, then the steps")
             session = self._open(first.open, device)
             yield pb.GenerateReply(opened=wire.open_reply(session, self.model))
-            while (request := await self._next(requests)) is not None:
+            bytes_in, bytes_out = self.metrics.step_bytes_in, self.metrics.step_bytes_out
+            while (request := await requests.next()) is not None:
                 _parsed(request)
                 kind = request.WhichOneof("kind")
                 if kind == "step":
-                    self.metrics.bytes_in.labels("Step").inc(request.ByteSize())
+                    bytes_in.inc(request.ByteSize())
                     reply = pb.GenerateReply(step=await self._step(request.step, session))
-                    self.metrics.bytes_out.labels("Step").inc(reply.ByteSize())
+                    bytes_out.inc(reply.ByteSize())
                     yield reply
                 elif kind == "close":
                     freed = True
@@ -128,20 +176,9 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
                 self.store.end(session)
             await self._abort(context, e)
         finally:
+            requests.close()
             if session is not None and not freed:
                 self.store.end(session)  # the stream ended (half-close, cancel, disconnect): free its KV now
-
-    async def _next(self, requests):
-        """The next message of the stream, None at its end; DEADLINE_EXCEEDED when it stays silent."""
-        timeout = self.config.stream_idle_timeout
-        try:
-            async with asyncio.timeout(timeout):  # a timer, not a task per message as wait_for makes
-                return await requests.__anext__()
-        except StopAsyncIteration:
-            return None
-        except TimeoutError:
-            raise IdleStream(f"the stream sent nothing for {timeout:g}s (--stream-idle-timeout); its session is "
-                             "closed: open a new stream and replay the history") from None
 
     def _open(self, request: pb.OpenRequest, device: str) -> Session:
         if self.draining:
