@@ -237,6 +237,12 @@ class _Worker:
 
         return {"ms": await asyncio.to_thread(edge_layer_ms, self.engine.runtime)}
 
+    async def op_calibrate(self, policy: str, seconds: float) -> dict:
+        """What the agent does at start-up with --adaptive (``GenerationEngine.calibrate``), for ``policy``: time
+        this device's all-local tokens, where it stands now, and tell the controller."""
+        self.engine.policy = self.policies[policy]
+        return {"halves": await self.engine.calibrate(seconds)}
+
     async def op_cloud_layer_ms(self) -> dict:
         """The cloud's ms per block of one decode token, from its ``Info`` (measured at its start-up)."""
         link = self.engine.link
@@ -753,6 +759,10 @@ def run(args: Any) -> dict:
                 gap = calibrate_gap(weak, worker.pid, edge_ms, cloud["ms"], target,
                                     slow_down=lambda f: worker.call("slowdown", factor=f))
             console.print(f"speed gap: {gap.describe()}")
+            from seamline.edge.config import EdgeConfig
+
+            for pname in adaptive_cfg:  # the agent's start-up on this device: its own speed, under the gap
+                worker.call("calibrate", timeout=120, policy=pname, seconds=EdgeConfig.calibrate_s)
             # Warm-up under the gap (ORT and the cloud's torch at every split; the controllers' first look at
             # this device), not counted.
             for pname in names:

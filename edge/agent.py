@@ -148,6 +148,11 @@ class EdgeAgent:
 
     async def start(self) -> str:
         """Bind ``listen``, start serving; returns the base URL (``http://HOST:PORT``)."""
+        if self.config.adaptive and self.config.calibrate_s > 0:
+            halves = await self.engine.calibrate(self.config.calibrate_s)  # before any request: this device's speed
+            if halves:
+                log.info("every layer on this device: %s ms per token (--calibrate-s %g)",
+                         " / ".join(f"{ms:.1f}" for _, ms in halves), self.config.calibrate_s)
         host, port = split_listen(self.config.listen)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

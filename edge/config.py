@@ -129,6 +129,10 @@ class EdgeConfig(Settings, section="edge"):
                                     "a link probe is in flight, so the device's own compute does not delay the "
                                     "probe's reply (on a throttled device the round trip would read many times "
                                     "the link's); 0: never pause", low=0, metavar="MS")
+    calibrate_s: float = setting(0.5, "--adaptive: at start-up, time this long of back-to-back tokens with every "
+                                 "layer on the device and start the controller from what this device measures "
+                                 "instead of the bundle's profile (taken where `partition --split auto` ran); 0: "
+                                 "off", low=0, metavar="SECONDS")
     deadline: float | None = setting(None, "per-request deadline: past it the rest is generated locally (full "
                                      "bundle) or fails (default none)", low=0, metavar="SECONDS")
     keepalive: float = setting(30.0, "seconds between HTTP/2 keepalive pings on an active stream", low=0,

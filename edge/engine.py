@@ -11,7 +11,9 @@ the text allows: a prompt far over the context is refused after tokenizing a pre
 from __future__ import annotations
 
 import asyncio
+import time
 
+import numpy as np
 from seamline.protos.bundle import Manifest
 
 from .chat import ChatFormat
@@ -19,13 +21,14 @@ from .config import EdgeConfig
 from .errors import BadRequest
 from .generation import Generation
 from .link import CloudLink
-from .messages import GenerationRequest, GenerationResult
+from .messages import LOCAL, GenerationRequest, GenerationResult, StepStats
 from .openai_compat import RequestLimits
 from .policy import SplitPolicy
 from .runtime import EdgeRuntime
 from .worker import ComputeWorker
 
 TOKENIZE_THREADS = 2
+CALIBRATION_CONTEXT = 16  # positions before the timed tokens of ``calibrate``
 PREFIX_CHARS_PER_POSITION = 8  # the first prefix tried: 8 characters per context position
 _MARGIN = 8  # tokens a prefix may count beyond the full text's (special tokens, a normalizer)
 
@@ -50,6 +53,40 @@ class GenerationEngine:
         return RequestLimits(default_max_tokens=c.default_max_tokens, deadline=c.deadline,
                              vocab_size=m.vocab_size, max_positions=m.max_positions,
                              max_prompt_chars=c.max_prompt_chars)
+
+    async def calibrate(self, seconds: float) -> list[tuple[int, float]]:
+        """Time ``seconds`` of back-to-back greedy tokens with every layer on this device (two halves, on the
+        worker, after a short uncounted prefill) and tell the split policy as the local loop tells it of its own
+        tokens: the controller then starts from this device's speed rather than the bundle's profile, which
+        was measured where ``partition --split auto`` ran. Sustained work, as a local generation is: on a
+        device held to a CPU quota a lone short call can run at full speed, a generation cannot. Returns
+        (position, ms per token) of each half; nothing without every layer on the device."""
+        m = self.manifest
+        if seconds <= 0 or not m.has_all_layers or m.max_positions < CALIBRATION_CONTEXT + 4:
+            return []
+        runtime, L = self.runtime, m.num_layers
+        room = m.max_positions - CALIBRATION_CONTEXT - 1
+
+        def run() -> list[tuple[int, float]]:
+            cache = runtime.new_cache()
+            ids = [int(x) for x in np.random.default_rng(0).integers(0, m.vocab_size, CALIBRATION_CONTEXT)]
+            h = runtime.forward(ids, 0, L, cache)
+            token, pos, halves = int(np.argmax(runtime.logits(h[-1:])[-1])), CALIBRATION_CONTEXT, []
+            for _ in range(2):
+                t0, first = time.perf_counter(), pos
+                while pos < CALIBRATION_CONTEXT + room and (pos - first < 2 or time.perf_counter() - t0 < seconds / 2):
+                    h = runtime.forward([token], pos, L, cache)
+                    token, pos = int(np.argmax(runtime.logits(h[-1:])[-1])), pos + 1
+                halves.append(((first + pos) // 2, (time.perf_counter() - t0) * 1e3 / (pos - first)))
+            return halves
+
+        halves, _ = await self.worker.run(run)
+        for position, ms in halves:
+            self.policy.observe(StepStats(
+                kind="decode", endpoint="local", split=L, codec=LOCAL, tokens=1, position=position,
+                remaining_tokens=0, edge_ms=ms, bytes_sent=0, bytes_received=0, rtt_ms=0.0, network_ms=0.0,
+                queue_ms=0.0, compute_ms=0.0, server_decode_ms=0.0))
+        return halves
 
     async def tokenize(self, text: str) -> list[int]:
         """``text`` -> token ids on a thread; BadRequest (before the full work when a prefix shows it) when

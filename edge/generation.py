@@ -130,6 +130,7 @@ class _LocalStep:
     n: int  # len(ids) the job computes the next token after
     start: int  # local_pos when it was queued
     measured: bool = True  # its time tells the policy what a local token costs (not the first after a pause)
+    after: float | None = None  # queued ahead by the job before it: when that job ended (perf_counter)
 
 
 class Generation:
@@ -683,7 +684,12 @@ class Generation:
             # it runs token after token, so that time would mislead the policy
             self._ahead.measured = not paused
         step = self._ahead
-        (new, details, queued), ms = self._without_loading(step.k, await asyncio.wrap_future(step.future))
+        (new, details, queued, ended), ms = self._without_loading(step.k, await asyncio.wrap_future(step.future))
+        if step.after is not None and ended is not None:
+            # queued ahead: the worker went from the job before straight to this one, so the time from that
+            # job's end to this one's is what a token costs this device, stalls included (under a CPU quota
+            # the job's own time runs inside a burst and can read many times faster than tokens arrive)
+            ms = max(ms, (ended - step.after) * 1e3)
         self._ahead = queued
         if new is not None and step.k > 0:
             self.hist.append(new)
@@ -706,7 +712,7 @@ class Generation:
 
         def job():
             if self._closed:  # ended while this waited (its cache may be released): nobody reads the result
-                return None, None, None
+                return None, None, None, None
             rows = known
             new = runtime.forward(new_ids, new_from, k, cache) if new_ids else None  # (T, C) at split k
             if new is not None:
@@ -719,7 +725,10 @@ class Generation:
                 ahead = self._queue_local(k, n + 1, n, n, [token], None) if self._wants_next(start, n, token) else None
             except RuntimeError:  # the worker is shutting down (the engine closes): no token after this one
                 ahead = None
-            return new, details, ahead
+            ended = time.perf_counter()
+            if ahead is not None:
+                ahead.after = ended
+            return new, details, ahead, ended
 
         return _LocalStep(self.engine.worker.queue(self._at_k(k, job)), k, n, start)
 

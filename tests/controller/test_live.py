@@ -468,6 +468,68 @@ async def test_a_device_slower_than_the_probe_interval_still_returns(link, wide_
 # ------------------------------------------------------- estimator details the live runs above depend on
 
 
+async def test_start_up_calibration_starts_the_controller_from_this_device(wide_bundle, cloud):
+    """``GenerationEngine.calibrate`` (the agent's start-up with --adaptive): sustained all-local tokens on an
+    emulated weak device (its LM head takes 30 ms more per token) reach the controller, whose prediction for a
+    local token was the bundle's profile and is now this device's figure."""
+    from seamline.edge.agent import build_engine, close_engine
+    from seamline.edge.config import EdgeConfig
+    from seamline.edge.controller import AdaptivePolicy
+
+    engine = build_engine(EdgeConfig(bundle=str(wide_bundle), cloud=[cloud.address], listen="127.0.0.1:0",
+                                     log_level="WARNING"))
+    engine.policy = policy = AdaptivePolicy.from_manifest(engine.manifest)
+    _slow_head(0.03)(engine)
+
+    def predicted(position: int) -> float:
+        return policy.controller.cost_model().decode_ms(L, "local", position)
+
+    try:
+        before = predicted(24)
+        halves = await engine.calibrate(0.3)
+    finally:
+        await close_engine(engine)
+    assert len(halves) == 2 and all(ms >= 30.0 for _, ms in halves), halves
+    assert before < 30.0  # the profile's figure: this machine's full speed
+    for position, ms in halves:
+        assert predicted(position) >= 30.0 and predicted(position) == pytest.approx(ms, rel=0.5), (halves, before)
+
+
+async def test_a_local_token_costs_what_the_device_spends_between_tokens(wide_bundle, cloud):
+    """Back-to-back local tokens are timed from one job's end to the next one's, so a wait between the jobs (a
+    device held to a CPU quota computes each job in a burst and waits out the rest of its period in between)
+    counts in what the controller learns a local token costs, not only the jobs' own time."""
+    import time
+
+    from seamline.bench._harness import RecordingPolicy
+    from seamline.edge.agent import build_engine, close_engine
+    from seamline.edge.config import EdgeConfig
+    from seamline.edge.messages import GenerationRequest, SamplingParams, SplitChoice
+    from seamline.edge.policy import FixedPolicy
+
+    engine = build_engine(EdgeConfig(bundle=str(wide_bundle), listen="127.0.0.1:0", log_level="WARNING"))
+    engine.policy = policy = RecordingPolicy(FixedPolicy(SplitChoice(L, local=True, reason="all-local")))
+    pool = engine.worker._pool
+    submit = pool.submit
+
+    def stalled(fn, *args):  # the worker waits 40 ms before each job, outside the job's own timing
+        def later():
+            time.sleep(0.04)
+            return fn(*args)
+        return submit(later)
+
+    pool.submit = stalled
+    try:
+        ids = engine.encode_prompt(TEXT)[:PROMPT_TOKENS]
+        result = await engine.run(GenerationRequest(tuple(ids), 8, SamplingParams()))
+    finally:
+        pool.submit = submit
+        await close_engine(engine)
+    decode = [s for s in policy.steps if s.kind == "decode" and s.codec == "local"]
+    assert len(result.token_ids) == 8 and len(decode) >= 5, policy.steps
+    assert all(s.edge_ms >= 40.0 for s in decode[1:]), [s.edge_ms for s in decode]
+
+
 def test_rtt_jump_is_followed_in_two_steps_and_noise_is_not():
     from seamline.edge.controller import Estimates
 
