@@ -130,6 +130,7 @@ class _LocalStep:
     n: int  # len(ids) the job computes the next token after
     start: int  # local_pos when it was queued
     measured: bool = True  # its time tells the policy what a local token costs (not the first after a pause)
+    queued_at: float = 0.0  # when it was queued (perf_counter)
     after: float | None = None  # queued ahead by the job before it: when that job ended (perf_counter)
 
 
@@ -684,12 +685,14 @@ class Generation:
             # it runs token after token, so that time would mislead the policy
             self._ahead.measured = not paused
         step = self._ahead
-        (new, details, queued, ended), ms = self._without_loading(step.k, await asyncio.wrap_future(step.future))
-        if step.after is not None and ended is not None:
-            # queued ahead: the worker went from the job before straight to this one, so the time from that
-            # job's end to this one's is what a token costs this device, stalls included (under a CPU quota
-            # the job's own time runs inside a burst and can read many times faster than tokens arrive)
-            ms = max(ms, (ended - step.after) * 1e3)
+        done = await asyncio.wrap_future(step.future)
+        (new, details, queued, ended), ms = self._without_loading(step.k, done)
+        if ended is not None:
+            # What a token costs this device: from when its job was queued (or, queued ahead, from the end of
+            # the job before it) to its end, waits for the CPU included. Under a CPU quota the job's own time
+            # runs inside one burst and can read many times faster than tokens arrive.
+            ms = max(ms, (ended - (step.queued_at if step.after is None else step.after)) * 1e3
+                     - (done[1] - ms))
         self._ahead = queued
         if new is not None and step.k > 0:
             self.hist.append(new)
@@ -730,7 +733,8 @@ class Generation:
                 ahead.after = ended
             return new, details, ahead, ended
 
-        return _LocalStep(self.engine.worker.queue(self._at_k(k, job)), k, n, start)
+        queued_at = time.perf_counter()
+        return _LocalStep(self.engine.worker.queue(self._at_k(k, job)), k, n, start, queued_at=queued_at)
 
     def _wants_next(self, start: int, n: int, token: int) -> bool:
         """Whether to queue the token after ``token`` (picked after n ids by the job for [start, n)) now: the
