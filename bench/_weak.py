@@ -326,28 +326,38 @@ class Slowdown:
 def edge_layer_ms(runtime: Any, seconds: float = 0.75, context: int = 16, min_tokens: int = 4) -> float:
     """The device's ms per block of one decode token: back-to-back tokens through every block it has against
     block 0 alone (the difference, per block), after ``context`` positions. Sustained work, as in a generation
-    on the device: each run lasts ``seconds`` (at least ``min_tokens`` tokens, at most the positions left), twice
-    each, alternating. Under a CFS quota a call either fits in the period's budget or waits out the period, so
-    one call's time says little; a run of many periods averages that out (24 interleaved tokens, as this used to
-    measure, read 1.5-4.8 ms per layer at 5 % of a core for 2.5 on average, and under 0 at 2 %)."""
+    on the device: a run through every block lasts ``seconds`` (at least ``min_tokens`` tokens, at most the
+    positions left), twice, then block 0 alone as long, twice. Under a CFS quota a call
+    either fits in the period's budget or waits out the period, so one call's time says little; a run of many
+    periods averages that out (24 interleaved tokens, as this used to measure, read 1.5-4.8 ms per layer at 5 %
+    of a core for 2.5 on average, and under 0 at 2 %)."""
     import numpy as np
 
     k = runtime.num_edge_layers
     if k < 2:
         raise ValueError("measuring the device's per-layer time needs a bundle with at least 2 edge layers")
-    room = max(min_tokens, runtime.manifest.max_positions - context)
+    room = runtime.manifest.max_positions - context
+    if room < min_tokens:
+        raise ValueError(f"measuring the device's per-layer time needs {context + min_tokens} positions")
     ids = [int(x) for x in np.random.default_rng(0).integers(1, 1000, context + room)]
 
-    def per_token(n: int) -> float:
+    def run(n: int, tokens: int | None) -> tuple[float, int]:
+        """(seconds, tokens) of back-to-back tokens through blocks [0, n): ``tokens`` of them, or for ``seconds``."""
         cache = runtime.new_cache()
         runtime.forward(ids[:context], 0, n, cache)
         t0, i = time.perf_counter(), context
-        while i < context + room and (i - context < min_tokens or time.perf_counter() - t0 < seconds):
+        while i < context + (room if tokens is None else tokens) and (
+                tokens is not None or i - context < min_tokens or time.perf_counter() - t0 < seconds):
             runtime.forward(ids[i:i + 1], i, n, cache)
             i += 1
-        return (time.perf_counter() - t0) / (i - context)
+        return time.perf_counter() - t0, i - context
 
-    every = per_token(k) + per_token(k)
-    one = per_token(1) + per_token(1)
+    # Two runs through every block, then two through block 0, each long enough to span many periods of a
+    # quota. Four calls at 5 % of a core on the demo bundle read 3.1-3.6 ms per layer in one set and 3.9-7.0
+    # in one 40 minutes later; alternating the runs read 4.3-5.5, and block 0 over only as many tokens as the
+    # run before it (too few periods) 5.7-7.2: no order was clearly steadier, and this one is what the
+    # README's adaptive figures of 2026-12-02 used.
+    every = sum(t / n for t, n in (run(k, None), run(k, None)))
+    one = sum(t / n for t, n in (run(1, None), run(1, None)))
     return max(1e-6, (every - one) / 2 * 1e3 / (k - 1))
 

@@ -33,8 +33,7 @@ class CloudMetrics:
         self.evictions = Counter("seamline_cloud_evictions", "Sessions evicted after the TTL", registry=r)
         # children bound once: ``labels()`` per message was ~2.5 % of the service's CPU per step
         self.step_bytes_in, self.step_bytes_out = self.bytes_in.labels("Step"), self.bytes_out.labels("Step")
-        self._by_kind = {kind: (self.steps.labels(kind), self.batches.labels(kind), self.batch_size.labels(kind),
-                                self.compute_seconds.labels(kind)) for kind in ("decode", "prefill", "embed")}
+        self._by_kind: dict[str, tuple] = {}  # kind -> its children, bound at first use
         self._http = None
 
     def bind(self, sessions: Callable[[], float], kv_bytes: Callable[[], float],
@@ -45,7 +44,11 @@ class CloudMetrics:
         self.queue_depth.set_function(queue_depth)
 
     def observe_batch(self, kind: str, size: int, compute_ms: float) -> None:
-        steps, batches, batch_size, compute = self._by_kind[kind]
+        children = self._by_kind.get(kind)
+        if children is None:
+            children = self._by_kind[kind] = (self.steps.labels(kind), self.batches.labels(kind),
+                                              self.batch_size.labels(kind), self.compute_seconds.labels(kind))
+        steps, batches, batch_size, compute = children
         steps.inc(size)
         batches.inc()
         batch_size.observe(size)

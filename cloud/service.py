@@ -80,9 +80,8 @@ class _Requests:
         except StopAsyncIteration:
             return None
         except asyncio.CancelledError:
-            if not self._fired:
+            if not self._fired or self._task.uncancel() > 0:  # a cancel of the call itself wins
                 raise
-            self._task.uncancel()
             raise IdleStream(f"the stream sent nothing for {self._timeout:g}s (--stream-idle-timeout); its "
                              "session is closed: open a new stream and replay the history") from None
         finally:

@@ -11,6 +11,7 @@ the text allows: a prompt far over the context is refused after tokenizing a pre
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import numpy as np
@@ -28,6 +29,7 @@ from .runtime import EdgeRuntime
 from .worker import ComputeWorker
 
 TOKENIZE_THREADS = 2
+log = logging.getLogger("seamline.edge")
 CALIBRATION_CONTEXT = 16  # positions before the timed tokens of ``calibrate``
 PREFIX_CHARS_PER_POSITION = 8  # the first prefix tried: 8 characters per context position
 _MARGIN = 8  # tokens a prefix may count beyond the full text's (special tokens, a normalizer)
@@ -62,30 +64,37 @@ class GenerationEngine:
         device held to a CPU quota a lone short call can run at full speed, a generation cannot. Returns
         (position, ms per token) of each half; nothing without every layer on the device."""
         m = self.manifest
-        if seconds <= 0 or not m.has_all_layers or m.max_positions < CALIBRATION_CONTEXT + 4:
+        if seconds <= 0 or not m.has_all_layers or m.max_positions < CALIBRATION_CONTEXT + 5:
             return []
         runtime, L = self.runtime, m.num_layers
-        room = m.max_positions - CALIBRATION_CONTEXT - 1
+        per_half = (m.max_positions - CALIBRATION_CONTEXT - 1) // 2  # positions each half may use
 
         def run() -> list[tuple[int, float]]:
             cache = runtime.new_cache()
-            ids = [int(x) for x in np.random.default_rng(0).integers(0, m.vocab_size, CALIBRATION_CONTEXT)]
-            h = runtime.forward(ids, 0, L, cache)
-            token, pos, halves = int(np.argmax(runtime.logits(h[-1:])[-1])), CALIBRATION_CONTEXT, []
-            for _ in range(2):
-                t0, first = time.perf_counter(), pos
-                while pos < CALIBRATION_CONTEXT + room and (pos - first < 2 or time.perf_counter() - t0 < seconds / 2):
-                    h = runtime.forward([token], pos, L, cache)
-                    token, pos = int(np.argmax(runtime.logits(h[-1:])[-1])), pos + 1
-                halves.append(((first + pos) // 2, (time.perf_counter() - t0) * 1e3 / (pos - first)))
-            return halves
+            try:
+                ids = [int(x) for x in np.random.default_rng(0).integers(0, m.vocab_size, CALIBRATION_CONTEXT)]
+                h = runtime.forward(ids, 0, L, cache)
+                token, pos, halves = int(np.argmax(runtime.logits(h[-1:])[-1])), CALIBRATION_CONTEXT, []
+                for _ in range(2):
+                    t0, first = time.perf_counter(), pos
+                    while pos - first < per_half and (pos - first < 2 or time.perf_counter() - t0 < seconds / 2):
+                        h = runtime.forward([token], pos, L, cache)
+                        token, pos = int(np.argmax(runtime.logits(h[-1:])[-1])), pos + 1
+                    halves.append(((first + pos) // 2, (time.perf_counter() - t0) * 1e3 / (pos - first)))
+                return halves
+            finally:
+                runtime.release(cache)
 
         halves, _ = await self.worker.run(run)
         for position, ms in halves:
-            self.policy.observe(StepStats(
-                kind="decode", endpoint="local", split=L, codec=LOCAL, tokens=1, position=position,
-                remaining_tokens=0, edge_ms=ms, bytes_sent=0, bytes_received=0, rtt_ms=0.0, network_ms=0.0,
-                queue_ms=0.0, compute_ms=0.0, server_decode_ms=0.0))
+            stats = StepStats(kind="decode", endpoint="local", split=L, codec=LOCAL, tokens=1, position=position,
+                              remaining_tokens=0, edge_ms=ms, bytes_sent=0, bytes_received=0, rtt_ms=0.0,
+                              network_ms=0.0, queue_ms=0.0, compute_ms=0.0, server_decode_ms=0.0)
+            try:
+                self.policy.observe(stats)
+            except Exception:  # a failing controller must not stop the agent starting: it measures again later
+                log.exception("the split policy failed to take the start-up calibration")
+                break
         return halves
 
     async def tokenize(self, text: str) -> list[int]:

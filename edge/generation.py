@@ -686,13 +686,13 @@ class Generation:
             self._ahead.measured = not paused
         step = self._ahead
         done = await asyncio.wrap_future(step.future)
-        (new, details, queued, ended), ms = self._without_loading(step.k, done)
+        (new, details, queued, (since, ended)), ms = self._without_loading(step.k, done)
         if ended is not None:
             # What a token costs this device: from when its job was queued (or, queued ahead, from the end of
-            # the job before it) to its end, waits for the CPU included. Under a CPU quota the job's own time
-            # runs inside one burst and can read many times faster than tokens arrive.
-            ms = max(ms, (ended - (step.queued_at if step.after is None else step.after)) * 1e3
-                     - (done[1] - ms))
+            # the job before it; or from the end of another job the worker ran meanwhile, whose time is not
+            # this token's) to its end, waits for the CPU included. Under a CPU quota the job's own time runs
+            # inside one burst and can read many times faster than tokens arrive.
+            ms = max(ms, (ended - since) * 1e3 - (done[1] - ms))
         self._ahead = queued
         if new is not None and step.k > 0:
             self.hist.append(new)
@@ -713,9 +713,13 @@ class Generation:
         runtime, cache, L = self.engine.runtime, self.cache, self.engine.manifest.num_layers
         params = self.request.sampling
 
+        worker = self.engine.worker
+
         def job():
             if self._closed:  # ended while this waited (its cache may be released): nobody reads the result
-                return None, None, None, None
+                return None, None, None, (None, None)
+            # the wait this token paid: since it was queued, but not for a job the worker ran meanwhile
+            since = max(step.queued_at if step.after is None else step.after, worker.last_end)
             rows = known
             new = runtime.forward(new_ids, new_from, k, cache) if new_ids else None  # (T, C) at split k
             if new is not None:
@@ -731,10 +735,11 @@ class Generation:
             ended = time.perf_counter()
             if ahead is not None:
                 ahead.after = ended
-            return new, details, ahead, ended
+            return new, details, ahead, (since, ended)
 
-        queued_at = time.perf_counter()
-        return _LocalStep(self.engine.worker.queue(self._at_k(k, job)), k, n, start, queued_at=queued_at)
+        step = _LocalStep(None, k, n, start, queued_at=time.perf_counter())  # the job reads it when it runs
+        step.future = worker.queue(self._at_k(k, job))
+        return step
 
     def _wants_next(self, start: int, n: int, token: int) -> bool:
         """Whether to queue the token after ``token`` (picked after n ids by the job for [start, n)) now: the

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 class ComputeWorker:
     def __init__(self, name: str = "seamline-ort"):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.last_end = 0.0  # perf_counter when the latest job ended (written on the worker thread)
 
     async def run(self, fn: Callable[..., T], *args) -> tuple[T, float]:
         """Run ``fn(*args)`` on the worker thread; returns (result, milliseconds it ran)."""
@@ -36,8 +37,11 @@ class ComputeWorker:
         ``concurrent.futures.Future``; the event loop awaits it through ``asyncio.wrap_future``."""
         def timed():
             t0 = time.perf_counter()
-            out = fn(*args)
-            return out, (time.perf_counter() - t0) * 1e3
+            try:
+                out = fn(*args)
+            finally:
+                self.last_end = time.perf_counter()
+            return out, (self.last_end - t0) * 1e3
 
         return self._pool.submit(timed)
 

@@ -252,3 +252,23 @@ async def test_a_row_that_breaks_the_pass_fails_alone(start_server, models):
             else:
                 assert (await call.read()).token_id == expected[i][1]
                 await call.done_writing()
+
+
+async def test_a_batch_window_wakes_when_the_last_session_it_waits_for_arrives_or_ends():
+    """The window's wait is woken once: by the last awaited session's step, or by its end (closed, dropped,
+    evicted: ``forget`` through the store's release hook), not by each arrival, and never stays armed."""
+    from seamline.cloud.metrics import CloudMetrics
+    from seamline.cloud.scheduler import BatchScheduler
+
+    config = CloudConfig(model="demo", max_batch=8)
+    scheduler = BatchScheduler(config, None, SessionStore(config, 64), CloudMetrics())
+    scheduler._awaited = {"a", "b", "c"}
+    scheduler._arrived("a")
+    assert not scheduler._arrival.is_set()  # "b" and "c" still awaited
+    scheduler.forget("b")  # "b" ended
+    assert not scheduler._arrival.is_set()
+    scheduler._arrived("c")
+    assert scheduler._arrival.is_set() and scheduler._awaited == set()
+    scheduler._awaited, scheduler._recent_decoders = None, {"d": 0.0}
+    scheduler.forget("d")  # no window open: nothing to wake, and "d" is no longer expected
+    assert scheduler._recent_decoders == {}

@@ -495,6 +495,24 @@ async def test_start_up_calibration_starts_the_controller_from_this_device(wide_
         assert predicted(position) >= 30.0 and predicted(position) == pytest.approx(ms, rel=0.5), (halves, before)
 
 
+async def test_start_up_calibration_stays_inside_the_context(wide_bundle, cloud):
+    """A device fast enough to run out of positions before the time is up (this bundle has 128): each half
+    stops at its share of the context, and both halves time at least two tokens."""
+    from seamline.edge.agent import build_engine, close_engine
+    from seamline.edge.config import EdgeConfig
+    from seamline.edge.controller import AdaptivePolicy
+
+    engine = build_engine(EdgeConfig(bundle=str(wide_bundle), cloud=[cloud.address], listen="127.0.0.1:0",
+                                     log_level="WARNING"))
+    engine.policy = AdaptivePolicy.from_manifest(engine.manifest)
+    try:
+        halves = await engine.calibrate(60.0)
+    finally:
+        await close_engine(engine)
+    m = engine.manifest
+    assert len(halves) == 2 and all(0 < position < m.max_positions and ms > 0 for position, ms in halves), halves
+
+
 async def test_a_local_token_costs_what_the_device_spends_between_tokens(wide_bundle, cloud):
     """Back-to-back local tokens are timed from one job's end to the next one's, so a wait between the jobs (a
     device held to a CPU quota computes each job in a burst and waits out the rest of its period in between)
