@@ -426,6 +426,53 @@ async def test_link_probes_go_out_while_the_device_is_idle(link, wide_bundle, to
     assert _ended(result.token_ids, torch_greedy(ids, 32))
 
 
+async def test_a_probe_hands_on_the_least_round_trip_it_measured(link, wide_bundle, torch_greedy):
+    """The first Info of each probe is held 150 ms on the device (as a reply that waits out a CPU quota's period)
+    and the third 50 ms: the policy is handed, per probe, the least round trip so far, so the probe's last two
+    samples are the link's and not the device's delay."""
+    import asyncio
+
+    from seamline.edge.controller import AdaptivePolicy
+    from seamline.edge.generation import PROBE_SAMPLES
+    from seamline.edge.planner import LinkEstimate
+
+    link.set(bandwidth_bps=100e6, delay_ms=1.0)
+    handed: list[float] = []
+
+    def policy_for(manifest):  # a prior of a dead link: the generation starts on the device, and probes
+        policy = AdaptivePolicy.from_manifest(manifest, LinkEstimate(1e3, 5000.0), codecs=("fp32",))
+        observe_info = policy.observe_info
+
+        def recording(info, rtt_ms):
+            handed.append(rtt_ms)
+            return observe_info(info, rtt_ms)
+
+        policy.observe_info = recording
+        return policy
+
+    def held(engine):
+        _slow_head(0.03)(engine)  # local tokens slow enough for probes to go out meanwhile
+        info, calls = engine.link.info, [0]
+
+        async def first_of_each_probe_held(*a, **kw):
+            calls[0] += 1
+            if calls[0] % PROBE_SAMPLES == 1:
+                await asyncio.sleep(0.15)
+            elif calls[0] % PROBE_SAMPLES == 0:  # and the last one 50 ms: a sample after the least one
+                await asyncio.sleep(0.05)
+            return await info(*a, **kw)
+
+        engine.link.info = first_of_each_probe_held
+
+    ids, result, _ = await _generate(wide_bundle, link.address, policy_for, TEXT, 24, prepare=held,
+                                     probe_interval=0.3)
+    probes = [handed[i:i + PROBE_SAMPLES] for i in range(0, len(handed) - PROBE_SAMPLES + 1, PROBE_SAMPLES)]
+    assert probes, handed
+    for first, *rest in probes:  # (150 ms, ~1 ms, 50 ms) measured: (150, ~1, ~1) handed on
+        assert first >= 150.0 and all(r < 50.0 for r in rest), probes
+    assert _ended(result.token_ids, torch_greedy(ids, 24))
+
+
 async def test_a_device_slower_than_the_probe_interval_still_returns(link, wide_bundle, torch_greedy):
     """Local tokens slower than --probe-interval: a probe pauses the loop only once a timed token reached the
     policy since its last pause (the token after a pause is not timed, and it is local steps the policy
