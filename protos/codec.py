@@ -82,19 +82,13 @@ class CodecConfig:
             or not 0 <= self.rotation_seed <= UINT64_MAX
         ):
             raise CodecError(f"rotation seed {self.rotation_seed!r} is not an integer in [0, 2**64)")
-        try:
-            channels = tuple(int(c) for c in self.outlier_channels)
-        except (TypeError, ValueError):
-            raise CodecError(f"outlier channels {self.outlier_channels!r} are not integers") from None
+        channels = _whole_numbers(self.outlier_channels, "outlier channels")
         if len(set(channels)) != len(channels):
             raise CodecError(f"outlier channels contain duplicates: {sorted(channels)}")
         if any(c < 0 for c in channels):
             raise CodecError(f"outlier channels must be >= 0, got {sorted(channels)}")
         object.__setattr__(self, "outlier_channels", tuple(sorted(channels)))
-        try:
-            order = tuple(int(c) for c in self.channel_order)
-        except (TypeError, ValueError):
-            raise CodecError(f"channel order {self.channel_order!r} is not a list of integers") from None
+        order = _whole_numbers(self.channel_order, "channel order")
         if order and sorted(order) != list(range(len(order))):  # checked once here; per step only its length
             raise CodecError(f"channel order must list each channel once (a permutation of [0, {len(order)}))")
         object.__setattr__(self, "channel_order", order)
@@ -150,6 +144,17 @@ class CodecConfig:
         )
         _check_config(cfg, hidden_size)
         return cfg
+
+
+def _whole_numbers(values, what: str) -> tuple[int, ...]:
+    """``values`` as a tuple of ints: integers only (a manifest's 3.7 or true is an error, not channel 3 or 1)."""
+    try:
+        items = tuple(values)
+    except TypeError:
+        raise CodecError(f"{what} {values!r} is not a list of integers") from None
+    if not all(isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)) for c in items):
+        raise CodecError(f"{what} {list(items)!r} is not a list of integers")
+    return tuple(int(c) for c in items)
 
 
 @dataclass(frozen=True)

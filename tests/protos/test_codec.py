@@ -80,6 +80,18 @@ def test_config_sorts_outlier_channels_and_non_int4_ignores_group_size_zero():
     assert CodecConfig.from_proto(pb.CodecSpec(codec=pb.FP16), HIDDEN).codec == "fp16"
 
 
+@pytest.mark.parametrize("field, values", [
+    ("outlier_channels", (5.7, 77)), ("outlier_channels", (True, 77)), ("outlier_channels", 5),
+    ("channel_order", (1.0, 0.0, 2.0)), ("channel_order", (0, False, 2)), ("channel_order", "012"),
+])
+def test_channel_lists_take_integers_only(field, values):
+    """A manifest's channel lists come from JSON: 5.7 or true is refused, not read as channel 5 or 1."""
+    codec = "int8-outlier" if field == "outlier_channels" else "rice8"
+    with pytest.raises(CodecError, match="not a list of integers"):
+        CodecConfig(codec, **{field: values})
+    assert CodecConfig(codec, **{field: (np.int64(2), 0, 1)}).__getattribute__(field) in ((0, 1, 2), (2, 0, 1))
+
+
 @pytest.mark.parametrize(
     "spec, hidden, message",
     [
