@@ -329,14 +329,15 @@ class Generation:
             await asyncio.sleep(self.config.probe_interval)
 
     async def _time_link(self) -> None:
-        """``PROBE_SAMPLES`` timed ``Info`` round trips to the first endpoint that answers, each handed to the
-        policy as the least round trip of the probe so far. The device's own delays only add to a round trip
-        (on a device held to a CPU quota the first reply of a probe sent right after a local token waits for the
-        next period: the adaptive bench's device read 60 ms and more on an 8 ms link), so the least sample is
-        the link's; the last two handed on then confirm it."""
-        link, policy = self.engine.link, self.engine.policy
+        """``PROBE_SAMPLES`` timed ``Info`` round trips to the first endpoint that answers. The device's own
+        delays only add to a round trip (on a device held to a CPU quota the first reply of a probe sent right
+        after a local token waits for the next period: the adaptive bench's device read 60 ms and more on an 8 ms
+        link), so the policy is handed, from the second reply on, the least round trip of the probe so far (the
+        first reply alone carries the cloud's load; its round trip joins the least): two in a row then confirm
+        the link's round trip. A probe that got one reply hands that one's."""
+        link = self.engine.link
         for endpoint in link.endpoints:
-            answered, least = False, float("inf")
+            replies, least, info = 0, float("inf"), None
             for _ in range(PROBE_SAMPLES):
                 t0 = time.perf_counter()
                 try:
@@ -344,13 +345,18 @@ class Generation:
                 except EdgeError as e:
                     log.debug("link probe of %s: %s", endpoint, e.message)
                     break
-                answered, least = True, min(least, (time.perf_counter() - t0) * 1e3)
-                try:
-                    policy.observe_info(info, least)
-                except Exception:  # a failing controller must not fail the generation it measures
-                    log.exception("the split policy failed to observe a link probe")
-            if answered:
+                replies, least = replies + 1, min(least, (time.perf_counter() - t0) * 1e3)
+                self._observe_info(info, least if replies > 1 else None)
+            if replies == 1:
+                self._observe_info(info, least)
+            if replies:
                 return
+
+    def _observe_info(self, info, rtt_ms: float | None) -> None:
+        try:
+            self.engine.policy.observe_info(info, rtt_ms)
+        except Exception:  # a failing controller must not fail the generation it measures
+            log.exception("the split policy failed to observe a link probe")
 
     def _reserve(self) -> int:
         """Positions the edge cache is first made for: the prompt, the new tokens and a few draft rows."""

@@ -53,6 +53,8 @@ class ComputeWorker:
                 fn(*args)
             except Exception:  # clean-up never fails a caller that did not wait for it
                 log.exception("a queued clean-up job failed")
+            finally:
+                self.last_end = time.perf_counter()
 
         try:
             self._pool.submit(logged)

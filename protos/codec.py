@@ -78,7 +78,7 @@ class CodecConfig:
         if not isinstance(self.group_size, (int, np.integer)) or self.group_size not in GROUP_SIZES:
             raise CodecError(f"group size {self.group_size!r} is not one of {GROUP_SIZES}")
         if (
-            not isinstance(self.rotation_seed, (int, np.integer))
+            not isinstance(self.rotation_seed, (int, np.integer)) or isinstance(self.rotation_seed, bool)
             or not 0 <= self.rotation_seed <= UINT64_MAX
         ):
             raise CodecError(f"rotation seed {self.rotation_seed!r} is not an integer in [0, 2**64)")
@@ -111,8 +111,8 @@ class CodecConfig:
         only where they matter."""
         codec = codecs.get(name)
         return cls(codec=name, zstd=zstd, group_size=group_size, rotation_seed=rotation_seed,
-                   outlier_channels=tuple(outlier_channels) if codec.uses_outliers else (),
-                   channel_order=tuple(channel_order) if codec.uses_order else ())
+                   outlier_channels=outlier_channels if codec.uses_outliers else (),
+                   channel_order=channel_order if codec.uses_order else ())
 
     @classmethod
     def for_split(cls, name: str, calibration: dict | None, *, zstd: bool = False, group_size: int = 32,
@@ -122,8 +122,8 @@ class CodecConfig:
         codec = codecs.get(name)
         calibration = calibration or {}
         return cls.for_codec(name, zstd=zstd, group_size=group_size, rotation_seed=rotation_seed,
-                             outlier_channels=tuple(calibration.get(codec.outlier_key, ())),
-                             channel_order=tuple(calibration.get("channel_order", ())))
+                             outlier_channels=calibration.get(codec.outlier_key, ()),
+                             channel_order=calibration.get("channel_order", ()))
 
     @classmethod
     def from_proto(cls, spec: pb.CodecSpec, hidden_size: int) -> CodecConfig:
@@ -147,7 +147,10 @@ class CodecConfig:
 
 
 def _whole_numbers(values, what: str) -> tuple[int, ...]:
-    """``values`` as a tuple of ints: integers only (a manifest's 3.7 or true is an error, not channel 3 or 1)."""
+    """``values`` as a tuple of ints: integers only (a manifest's 3.7 or true is an error, not channel 3 or 1;
+    a string, a mapping or null is not a list)."""
+    if values is None or isinstance(values, (str, bytes, dict)):
+        raise CodecError(f"{what} {values!r} is not a list of integers")
     try:
         items = tuple(values)
     except TypeError:

@@ -83,6 +83,7 @@ def test_config_sorts_outlier_channels_and_non_int4_ignores_group_size_zero():
 @pytest.mark.parametrize("field, values", [
     ("outlier_channels", (5.7, 77)), ("outlier_channels", (True, 77)), ("outlier_channels", 5),
     ("channel_order", (1.0, 0.0, 2.0)), ("channel_order", (0, False, 2)), ("channel_order", "012"),
+    ("outlier_channels", None), ("outlier_channels", ""), ("channel_order", {}),
 ])
 def test_channel_lists_take_integers_only(field, values):
     """A manifest's channel lists come from JSON: 5.7 or true is refused, not read as channel 5 or 1."""
@@ -90,6 +91,9 @@ def test_channel_lists_take_integers_only(field, values):
     with pytest.raises(CodecError, match="not a list of integers"):
         CodecConfig(codec, **{field: values})
     assert CodecConfig(codec, **{field: (np.int64(2), 0, 1)}).__getattribute__(field) in ((0, 1, 2), (2, 0, 1))
+    calibration = {"outlier_channels": values, "channel_order": values}  # a bundle's statistics at one split
+    with pytest.raises(CodecError, match="not a list of integers"):
+        CodecConfig.for_split(codec, calibration)
 
 
 @pytest.mark.parametrize(
