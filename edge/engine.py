@@ -22,7 +22,7 @@ from .config import EdgeConfig
 from .errors import BadRequest
 from .generation import Generation
 from .link import CloudLink
-from .messages import LOCAL, GenerationRequest, GenerationResult, StepStats
+from .messages import GenerationRequest, GenerationResult, StepStats
 from .openai_compat import RequestLimits
 from .policy import SplitPolicy
 from .runtime import EdgeRuntime
@@ -87,11 +87,8 @@ class GenerationEngine:
 
         halves, _ = await self.worker.run(run)
         for position, ms in halves:
-            stats = StepStats(kind="decode", endpoint="local", split=L, codec=LOCAL, tokens=1, position=position,
-                              remaining_tokens=0, edge_ms=ms, bytes_sent=0, bytes_received=0, rtt_ms=0.0,
-                              network_ms=0.0, queue_ms=0.0, compute_ms=0.0, server_decode_ms=0.0)
             try:
-                self.policy.observe(stats)
+                self.policy.observe(StepStats.local(L, 1, position, 0, ms))
             except Exception:  # a failing controller must not stop the agent starting: it measures again later
                 log.exception("the split policy failed to take the start-up calibration")
                 break

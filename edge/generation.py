@@ -130,8 +130,6 @@ class _LocalStep:
     n: int  # len(ids) the job computes the next token after
     start: int  # local_pos when it was queued
     measured: bool = True  # its time tells the policy what a local token costs (not the first after a pause)
-    queued_at: float = 0.0  # when it was queued (perf_counter)
-    after: float | None = None  # queued ahead by the job before it: when that job ended (perf_counter)
 
 
 class Generation:
@@ -697,9 +695,9 @@ class Generation:
         done = await asyncio.wrap_future(step.future)
         (new, details, queued, (since, ended)), ms = self._without_loading(step.k, done)
         if ended is not None:
-            # What a token costs this device: from when its job was queued (or, queued ahead, from the end of
-            # the job before it; or from the end of another job the worker ran meanwhile, whose time is not
-            # this token's) to its end, waits for the CPU included. Under a CPU quota the job's own time runs
+            # What a token costs this device: from when its job was queued, or from the end of the worker's job
+            # before it if that ended later (the job that queued it ahead, or another job whose time is not this
+            # token's), to its end, waits for the CPU included. Under a CPU quota the job's own time runs
             # inside one burst and can read many times faster than tokens arrive.
             ms = max(ms, (ended - since) * 1e3 - (done[1] - ms))
         self._ahead = queued
@@ -720,15 +718,13 @@ class Generation:
         loop and, for the token after, on the worker by the job itself: the job's result is (the new rows at
         split k, the pick, the next token's step or None)."""
         runtime, cache, L = self.engine.runtime, self.cache, self.engine.manifest.num_layers
-        params = self.request.sampling
-
-        worker = self.engine.worker
+        params, worker = self.request.sampling, self.engine.worker
 
         def job():
             if self._closed:  # ended while this waited (its cache may be released): nobody reads the result
                 return None, None, None, (None, None)
             # the wait this token paid: since it was queued, but not for a job the worker ran meanwhile
-            since = max(step.queued_at if step.after is None else step.after, worker.last_end)
+            since = max(queued_at, worker.last_end)
             rows = known
             new = runtime.forward(new_ids, new_from, k, cache) if new_ids else None  # (T, C) at split k
             if new is not None:
@@ -741,14 +737,10 @@ class Generation:
                 ahead = self._queue_local(k, n + 1, n, n, [token], None) if self._wants_next(start, n, token) else None
             except RuntimeError:  # the worker is shutting down (the engine closes): no token after this one
                 ahead = None
-            ended = time.perf_counter()
-            if ahead is not None:
-                ahead.after = ended
-            return new, details, ahead, (since, ended)
+            return new, details, ahead, (since, time.perf_counter())
 
-        step = _LocalStep(None, k, n, start, queued_at=time.perf_counter())  # the job reads it when it runs
-        step.future = worker.queue(self._at_k(k, job))
-        return step
+        queued_at = time.perf_counter()
+        return _LocalStep(worker.queue(self._at_k(k, job)), k, n, start)
 
     def _wants_next(self, start: int, n: int, token: int) -> bool:
         """Whether to queue the token after ``token`` (picked after n ids by the job for [start, n)) now: the
@@ -762,12 +754,8 @@ class Generation:
 
     def _observe_local(self, tokens: int, position: int, ms: float) -> None:
         """Tell the split policy what running every layer here cost, so it can compare it with the link."""
-        L = self.engine.manifest.num_layers
-        stats = StepStats(
-            kind="decode" if tokens == 1 else "prefill", endpoint="local", split=L, codec=LOCAL, tokens=tokens,
-            position=position, remaining_tokens=self.max_new - len(self.tokens) - 1, edge_ms=ms, bytes_sent=0,
-            bytes_received=0, rtt_ms=0.0, network_ms=0.0, queue_ms=0.0, compute_ms=0.0, server_decode_ms=0.0)
-        self._tell_policy(stats)
+        self._tell_policy(StepStats.local(self.engine.manifest.num_layers, tokens, position,
+                                          self.max_new - len(self.tokens) - 1, ms))
 
     def _tell_policy(self, stats: StepStats) -> None:
         """One measured step to the split policy; a new choice it returns applies after the current token."""

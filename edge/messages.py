@@ -159,6 +159,14 @@ class StepStats:
     server_decode_ms: float
     pipelined: bool = False
 
+    @classmethod
+    def local(cls, split: int, tokens: int, position: int, remaining_tokens: int, edge_ms: float) -> StepStats:
+        """Rows computed with every layer on the edge (``split`` = L): no bytes, no network, no cloud."""
+        return cls(kind="decode" if tokens == 1 else "prefill", endpoint="local", split=split, codec=LOCAL,
+                   tokens=tokens, position=position, remaining_tokens=remaining_tokens, edge_ms=edge_ms,
+                   bytes_sent=0, bytes_received=0, rtt_ms=0.0, network_ms=0.0, queue_ms=0.0, compute_ms=0.0,
+                   server_decode_ms=0.0)
+
 
 @dataclass(frozen=True)
 class TokenInfo:

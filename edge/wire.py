@@ -10,8 +10,6 @@ UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, UNKNOWN, INTERNAL, RESOURCE_EXHAUSTED
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import grpc
 import numpy as np
 from seamline.protos import codec
@@ -62,7 +60,7 @@ def encode_chunk(start: int, hidden: np.ndarray | None, ids: list[int] | None, c
         return OutgoingChunk(start, start + len(ids), sample, pb.TokenIds(ids=list(ids)))
     t = hidden.shape[0]  # hidden: (T, C)
     if cfg.zstd and t < zstd_min_tokens:
-        cfg = replace(cfg, zstd=False)
+        cfg = cfg.without_zstd
     return OutgoingChunk(start, start + t, sample, codec.encode(hidden, cfg))
 
 

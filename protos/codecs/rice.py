@@ -33,6 +33,8 @@ overrun it, one with fewer than H terminators, or a value beyond :data:`QMAX` is
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from seamline.protos import seamline_pb2 as pb
 
@@ -163,14 +165,21 @@ def _bit_layout(m: np.ndarray, block: int, width: int):
     return mc, value // width, within[value] + j, value, j
 
 
-def _order(cfg, outliers: np.ndarray) -> np.ndarray | None:
+def _order(cfg) -> np.ndarray | None:
     """The coded order of the channels: the calibrated ``channel_order`` with the codec's outlier channels (sent
     in fp16, coded as zeros) moved to the end, out of the blocks of the large channels; None: the rotation."""
-    if not cfg.channel_order:
-        return None
-    order = np.asarray(cfg.channel_order, dtype=np.int64)
-    last = np.isin(order, outliers)
-    return np.concatenate([order[~last], order[last]])
+    return _coded_order(cfg.channel_order, cfg.outlier_channels) if cfg.channel_order else None
+
+
+@functools.lru_cache(maxsize=32)
+def _coded_order(channel_order: tuple[int, ...], outlier_channels: tuple[int, ...]) -> np.ndarray:
+    """``_order`` of one configuration, made once (read-only): every step of a session encodes or decodes with
+    the same order."""
+    order = np.asarray(channel_order, dtype=np.int64)
+    last = np.isin(order, np.asarray(outlier_channels, dtype=np.int64))
+    out = np.concatenate([order[~last], order[last]])
+    out.flags.writeable = False
+    return out
 
 
 def _forward(z: np.ndarray, cfg, order: np.ndarray | None) -> np.ndarray:
@@ -219,7 +228,7 @@ class _Rice(Codec):
         out16 = to_fp16(x[:, outliers], f"{self.name} outlier channels")
         z = x.copy()
         z[:, outliers] = 0.0
-        z = _forward(z, cfg, _order(cfg, outliers))
+        z = _forward(z, cfg, _order(cfg))
         parts = [_encode_rows(z[i:i + ROWS_PER_PASS], record, block) for i in range(0, tokens, ROWS_PER_PASS)]
         return b"".join([b"".join(p[i] for p in parts) for i in range(3)]) + out16.tobytes(), b""
 
@@ -242,7 +251,7 @@ class _Rice(Codec):
         for i in range(0, tokens, ROWS_PER_PASS):  # a few rows at a time: the bit arrays are ~40 B per bit
             rows = slice(i, i + ROWS_PER_PASS)
             y[rows] = _decode_rows(m[rows], records[rows], block, width, self.name) * delta[rows, None]
-        x = _inverse(y, cfg, _order(cfg, outliers))
+        x = _inverse(y, cfg, _order(cfg))
         x[:, outliers] = np.frombuffer(view[c:], dtype="<f2").reshape(tokens, len(outliers))
         return x
 

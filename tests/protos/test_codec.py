@@ -495,3 +495,13 @@ def test_rotation_rejects_bad_arguments():
     for hidden, seed in ((0, 0), (8, -1), (8, 2**64)):
         with pytest.raises(CodecError):
             rotation_matrix(hidden, seed)
+
+
+def test_without_zstd_is_made_once_per_configuration():
+    """A decode step turns zstd off per token (``edge.wire.encode_chunk``): the same object every time, the
+    other fields unchanged, so a step does not re-check a 576-channel order."""
+    order = tuple(int(c) for c in np.random.default_rng(0).permutation(576))
+    cfg = CodecConfig("rice8", zstd=True, channel_order=order, outlier_channels=(3, 9))
+    plain = cfg.without_zstd
+    assert plain is cfg.without_zstd and not plain.zstd
+    assert dataclasses.replace(plain, zstd=True) == cfg and plain.without_zstd is plain
