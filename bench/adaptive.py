@@ -31,7 +31,10 @@ interleaved: request i runs under its regime for every policy in turn (in a shuf
 slow drifts of a shared machine hit every policy alike. Every policy, the adaptive ones too, gets one
 uncounted warm-up request under the quota (ORT and the cloud's torch at every split; for the controller,
 its first look at what this device costs). The adaptive controller keeps its state across its own requests;
-its clock counts only its own requests' time, as if it had run them back to back.
+its clock counts its own requests' time and, between two of them, ``THINK_S`` (5 s) of idle time, as if a
+person read each answer before asking the next (the agent's ``preflight_after_s``, 2 s, then times the link
+before each request; the regimes change between requests, as a phone's link changes while its user reads).
+The totals count the requests' own time only.
 
 Summary: ``adaptive_vs_oracle`` and ``adaptive_vs_best_fixed`` (total time ratios; targets <= 1.15 and
 <= 0.85), ``oracle_vs_best_fixed`` (the most any per-regime choice could have gained here; the scenario
@@ -62,6 +65,7 @@ QUICK_CODECS = ("fp16", "int4-rot")
 # regimes here last seconds of the policy's own time where real ones last minutes, and the default 30 s
 # before an all-local device probes the link with a request is longer than that; the variant probes after 5 s.
 ADAPTIVE = {"adaptive": {}, "adaptive-probe5s": {"probe_after_s": 5.0}}
+THINK_S = 5.0  # idle seconds on an adaptive policy's clock between two of its requests (a person reading)
 WEAK_CPU_ENV = "SEAMLINE_WEAK_CPU"  # a fixed share of one core instead of the one sized for the gap
 GAP_ENV = "SEAMLINE_GAP"  # the cloud this many times faster per layer than the device (default 10)
 
@@ -185,17 +189,22 @@ def fixed_grid(num_layers: int, local_ok: bool, min_split: int = 1, quick: bool 
 
 
 class ActiveClock:
-    """Seconds spent inside this policy's own requests (a policy's controller sees its time only)."""
+    """Seconds spent inside this policy's own requests, plus ``think_s`` of idle time between two of them (a
+    policy's controller sees its own time only, as if its requests came one after another from one user)."""
 
-    def __init__(self) -> None:
+    def __init__(self, think_s: float = 0.0) -> None:
         self.base = 0.0
         self.since: float | None = None
+        self.think_s = think_s
+        self.started = False
 
     def __call__(self) -> float:
         return self.base + (0.0 if self.since is None else time.monotonic() - self.since)
 
     def start(self) -> None:
-        self.since = time.monotonic()
+        if self.started:
+            self.base += self.think_s
+        self.since, self.started = time.monotonic(), True
 
     def stop(self) -> None:
         self.base, self.since = self(), None
@@ -272,7 +281,7 @@ class _Worker:
         elif kind == "local":
             policy = FixedPolicy(SplitChoice(m.num_layers, local=True, reason="all-local"))
         elif kind == "adaptive":
-            clock = self.clocks[name] = ActiveClock()
+            clock = self.clocks[name] = ActiveClock(THINK_S)
             policy = _recording_policy_class().from_manifest(m, config=ControllerConfig(**(config or {})), clock=clock,
                                                              codecs=tuple(codecs) if codecs else None,
                                                              splits=tuple(splits) if splits else None)
@@ -374,6 +383,10 @@ class _Counting:
 
     def observe_info(self, info: Any, rtt_ms: float | None) -> None:
         self.policy.observe_info(info, rtt_ms)
+
+    def breakeven_rtt_ms(self, request: Any) -> float | None:
+        of = getattr(self.policy, "breakeven_rtt_ms", None)
+        return None if of is None else of(request)
 
     def status(self) -> Any:
         return self.policy.status()
@@ -798,7 +811,7 @@ def run(args: Any) -> dict:
     in_run = layer_gap_in_run(rows, grid)
     summary.update({
         "model": name, "num_layers": L, "menu": menu.describe(L),
-        "menu_entries": fixed,
+        "menu_entries": fixed, "think_s": THINK_S,
         "edge_vs_cloud_layer_ms": gap.ratio, "speed_gap": gap.to_dict(),
         "edge_vs_cloud_layer_ms_in_run": None if in_run is None else in_run["ratio"], "speed_gap_in_run": in_run,
         "weak_device": gap.method, "weak_device_limited": gap.limited, "weak_cpu_share": gap.cpu_share,

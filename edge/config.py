@@ -129,6 +129,11 @@ class EdgeConfig(Settings, section="edge"):
                                     "a link probe is in flight, so the device's own compute does not delay the "
                                     "probe's reply (on a throttled device the round trip would read many times "
                                     "the link's); 0: never pause", low=0, metavar="MS")
+    preflight_after_s: float = setting(2.0, "--adaptive: before a request, when the split policy has not seen the "
+                                       "link for this long (no step, no probe), time two Info round trips sent "
+                                       "together and tell it, so a link that changed while the device was idle "
+                                       "is seen before the request is placed (costs one round trip before the "
+                                       "first token); 0: off", low=0, metavar="SECONDS")
     calibrate_s: float = setting(0.5, "--adaptive: at start-up, time this long of back-to-back tokens with every "
                                  "layer on the device and start the controller from what this device measures "
                                  "instead of the bundle's profile (taken where `partition --split auto` ran); 0: "

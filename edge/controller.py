@@ -20,7 +20,10 @@ Estimates (each an EWMA, weight ``alpha`` for a new sample):
   change detector like the RTT's (``scale_jump`` x) except that a lone far sample is held back, not folded
   in: one stalled step (a garbage collection under a CPU quota) moves nothing; applied to every block, so a device that runs slow today is slow at every split; all-local steps keep ratios of
   their own (they also pay the head, sampling and per-token overhead that the split-k ratio does not see;
-  each stands in for the other until measured). The two are not coupled: split-k steps measured on a slow
+  each stands in for the other until measured); the split-k ratios never read below the blocks' sustained
+  ratio (``edge_sustained_scale``: blocks timed back to back at start-up, ``GenerationEngine.calibrate``),
+  since under a CPU quota a step's few blocks run in one full-speed burst and their cost lands in the wait
+  after it, which the step's timing books on the link. The two are not coupled: split-k steps measured on a slow
   link can run slower than the same work between back-to-back steps (a CPU quota throttles the process
   right after each wait), which local steps do not pay;
 - the cloud queue from the replies (and from ``Info`` load reports through :meth:`Controller.observe_probe`).
@@ -50,7 +53,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from seamline.protos.bundle import Manifest
 from seamline.protos.codec import CodecConfig
@@ -100,6 +103,7 @@ class StepObservation:
     server_decode_ms: float = 0.0
     edge_ms: float | None = None  # edge compute of these rows: embed + blocks [0, k) (+ head when local)
     pipelined: bool = False  # sent while earlier chunks were in flight: its round trip includes their wait
+    sustained: bool = False  # the edge's blocks [0, split) timed back to back at start-up (no wire, no cloud)
 
 
 @dataclass(frozen=True)
@@ -194,10 +198,11 @@ class Estimates:
     local_decode_scale: Ewma = field(init=False)
     local_prefill_scale: Ewma = field(init=False)
     cloud_scale: Ewma = field(init=False)
+    edge_sustained_scale: Ewma = field(init=False)  # the edge's blocks timed back to back (a floor, see cost_model)
 
     def __post_init__(self) -> None:
         for name in ("edge_decode_scale", "edge_prefill_scale", "local_decode_scale", "local_prefill_scale",
-                     "cloud_scale"):
+                     "cloud_scale", "edge_sustained_scale"):
             setattr(self, name, Ewma(self.alpha, beyond(self.scale_jump), hold_outliers=True))
         self.queue_ms = Ewma(self.alpha)
         self.rtt_ms = Ewma(self.alpha, beyond(self.rtt_jump, self.rtt_jump_ms))
@@ -264,8 +269,13 @@ class Controller:
     def cost_model(self) -> CostModel:
         e = self.est
         local_dec, local_pre = e.local_scale("decode"), e.local_scale("prefill")
-        # before the first split-k step, what local steps measured stands in (the same device, slow or fast)
-        edge_dec, edge_pre = e.edge_decode_scale.get(local_dec), e.edge_prefill_scale.get(local_pre)
+        # before the first split-k step, what local steps measured stands in (the same device, slow or fast);
+        # never below the blocks' sustained speed: a device held to a CPU quota (a container's limit, a
+        # governor) runs a step's few blocks in one burst at full speed and pays for them in the wait after,
+        # which the step's timing puts on the link; a request of many tokens gets the sustained speed
+        floor = e.edge_sustained_scale.get(0.0)
+        edge_dec = max(e.edge_decode_scale.get(local_dec), floor)
+        edge_pre = max(e.edge_prefill_scale.get(local_pre), floor)
         cloud_scale = e.cloud_scale.get(1.0)
         edge = self.edge.scaled(edge_dec, edge_pre)
         local = self.edge.scaled(local_dec, local_pre)
@@ -277,6 +287,11 @@ class Controller:
         """Fold one step's measurements into the estimates."""
         now = self.clock() if now is None else now
         base, L = self._base(), self.cloud.num_layers
+        if obs.sustained:
+            predicted = self.edge.embed_ms + self.edge.decode_ms(0, obs.split, obs.position)
+            if obs.edge_ms is not None and obs.split > 0 and predicted > 0:
+                self.est.edge_sustained_scale.update(obs.edge_ms / predicted)
+            return
         if obs.edge_ms is not None and (obs.split > 0 or obs.codec == LOCAL):
             if obs.codec == LOCAL:
                 predicted = (base.decode_ms(L, LOCAL, obs.position) if obs.tokens == 1
@@ -374,6 +389,26 @@ class Controller:
             return self._record(self.decision(cur.split, cur.codec, why, cur.response_ms), now)
         return self._record(self.decision(best.split, best.codec, p.reason, best.response_ms), now)
 
+    def breakeven_rtt_ms(self, prompt_tokens: int, max_new_tokens: int, probe_ms: float = 100.0) -> float | None:
+        """The round trip above which all-local beats every remote option of the menu for this request, at the
+        other estimates as they are (each option's response time is linear in the round trip: measured at 0 and
+        ``probe_ms``); 0.0 when all-local wins at any round trip, None without an all-local option."""
+        work = Workload(max(prompt_tokens, 1), max(max_new_tokens, 1))
+        model = self.cost_model()
+        at = {rtt: plan(replace(model, link=LinkEstimate(model.link.bandwidth_bps, rtt)), self.constraints, work,
+                        self.config.prefer_fidelity_within) for rtt in (0.0, probe_ms)}
+        local = next((r for r in at[0.0].rows if r.codec == LOCAL), None)
+        if local is None:
+            return None
+        best = 0.0
+        for r0 in at[0.0].rows:
+            r1 = at[probe_ms].row(r0.split, r0.codec)
+            if r0.codec == LOCAL or r1 is None or r0.response_ms >= local.response_ms:
+                continue
+            slope = (r1.response_ms - r0.response_ms) / probe_ms  # ms of response per ms of round trip
+            best = max(best, float("inf") if slope <= 0 else (local.response_ms - r0.response_ms) / slope)
+        return best
+
     def _keep(self, cur: PlanRow, best: PlanRow, p: Plan) -> bool:
         if best.fidelity > cur.fidelity and best.response_ms <= cur.response_ms * (
                 1 + self.config.prefer_fidelity_within / 2):
@@ -433,7 +468,7 @@ def observation_from(stats: StepStats) -> StepObservation:
         split=stats.split, codec=stats.codec, tokens=stats.tokens, position=stats.position,
         bytes_up=stats.bytes_sent, round_trip_ms=stats.rtt_ms, network_ms=stats.network_ms,
         queue_ms=stats.queue_ms, compute_ms=stats.compute_ms, server_decode_ms=stats.server_decode_ms,
-        edge_ms=stats.edge_ms, pipelined=stats.pipelined)
+        edge_ms=stats.edge_ms, pipelined=stats.pipelined, sustained=stats.sustained)
 
 
 # -------------------------------------------------------------------------------- the agent's policy
@@ -526,6 +561,12 @@ class AdaptivePolicy:
             ctl.est.cloud_scale.update(sum(info.layer_ms) / profiled)
         ctl.observe_probe(rtt_ms=rtt_ms, queue_ms=info.queue_ms_p50)
 
+    def breakeven_rtt_ms(self, request: SplitRequest) -> float | None:
+        """The round trip above which this request runs faster all-local (:meth:`Controller.breakeven_rtt_ms`):
+        how long the generation's preflight needs to wait for an answer to decide."""
+        return self.controller.breakeven_rtt_ms(request.prompt_tokens, request.max_tokens)
+
     def status(self) -> PolicyStatus:
         ctl = self.controller
-        return PolicyStatus(ctl.current, ctl.decisions, ctl.switches, ctl.estimates())
+        seen = ctl.started_at if ctl.last_network_at is None else ctl.last_network_at
+        return PolicyStatus(ctl.current, ctl.decisions, ctl.switches, ctl.estimates(), ctl.clock() - seen)

@@ -11,6 +11,7 @@ the text allows: a prompt far over the context is refused after tokenizing a pre
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 
@@ -22,7 +23,7 @@ from .config import EdgeConfig
 from .errors import BadRequest
 from .generation import Generation
 from .link import CloudLink
-from .messages import GenerationRequest, GenerationResult, StepStats
+from .messages import GenerationRequest, GenerationResult, SamplingParams, StepStats
 from .openai_compat import RequestLimits
 from .policy import SplitPolicy
 from .runtime import EdgeRuntime
@@ -57,42 +58,62 @@ class GenerationEngine:
                              max_prompt_chars=c.max_prompt_chars)
 
     async def calibrate(self, seconds: float) -> list[tuple[int, float]]:
-        """Time ``seconds`` of back-to-back greedy tokens with every layer on this device (two halves, on the
-        worker, after a short uncounted prefill) and tell the split policy as the local loop tells it of its own
-        tokens: the controller then starts from this device's speed rather than the bundle's profile, which
-        was measured where ``partition --split auto`` ran. Sustained work, as a local generation is: on a
-        device held to a CPU quota a lone short call can run at full speed, a generation cannot. Returns
-        (position, ms per token) of each half; nothing without every layer on the device."""
+        """Time ``seconds`` of a greedy generation with every layer on this device (a random prompt of
+        ``CALIBRATION_CONTEXT`` ids) through the generation loop itself, whose local tokens reach the split
+        policy as any local generation's do: the controller then starts from this device's speed rather than
+        the bundle's profile, which was measured where ``partition --split auto`` ran. Sustained work through
+        the same loop, as a request is: on a device held to a CPU quota a lone short call runs at full speed,
+        and the loop's own work per token (picking, text, events) takes its share of the device (timing the
+        model's calls alone read 50 ms per token on the demo at 4 % of a core where generations took 80).
+        Returns (mean position, ms per token) of each half of the tokens; nothing without every layer here."""
         m = self.manifest
         if seconds <= 0 or not m.has_all_layers or m.max_positions < CALIBRATION_CONTEXT + 5:
             return []
-        runtime, L = self.runtime, m.num_layers
-        per_half = (m.max_positions - CALIBRATION_CONTEXT - 1) // 2  # positions each half may use
+        ids = tuple(int(x) for x in np.random.default_rng(0).integers(0, m.vocab_size, CALIBRATION_CONTEXT))
+        request = GenerationRequest(ids, m.max_positions - CALIBRATION_CONTEXT - 1, SamplingParams())
+        gen = Generation(self, self.check(request), calibration=True)
+        stamps: list[float] = []  # when each token arrived (the first one carries the prefill: not timed)
+        events = gen.events()
+        try:
+            async for event in events:
+                stamps.extend(time.perf_counter() for _ in event.tokens)
+                if len(stamps) >= 5 and stamps[-1] - stamps[0] >= seconds:
+                    break
+        finally:
+            await events.aclose()
+        gaps = [(CALIBRATION_CONTEXT + i, (b - a) * 1e3) for i, (a, b) in enumerate(itertools.pairwise(stamps), 1)]
+        halves = [gaps[: len(gaps) // 2], gaps[len(gaps) // 2:]]
+        await self._time_edge_blocks(ids, seconds / 2)
+        return [(sum(p for p, _ in h) // len(h), sum(ms for _, ms in h) / len(h)) for h in halves if h]
 
-        def run() -> list[tuple[int, float]]:
+    async def _time_edge_blocks(self, ids: tuple[int, ...], seconds: float) -> float | None:
+        """The edge's part of a decode step at the smallest split (embed + its blocks), back to back for
+        ``seconds``, to the policy as a sustained figure: a request's steps time these blocks inside a burst
+        that a CPU quota may run at full speed, then charge the wait to the link. ms per step, or None."""
+        m, runtime = self.manifest, self.runtime
+        k = max(1, m.min_split)
+        if k > m.edge_layers or k >= m.num_layers:
+            return None
+
+        def run() -> tuple[int, float]:
+            runtime.prepare(k)  # the graphs split k needs (a composed bundle cuts a segment the first time)
             cache = runtime.new_cache()
             try:
-                ids = [int(x) for x in np.random.default_rng(0).integers(0, m.vocab_size, CALIBRATION_CONTEXT)]
-                h = runtime.forward(ids, 0, L, cache)
-                token, pos, halves = int(np.argmax(runtime.logits(h[-1:])[-1])), CALIBRATION_CONTEXT, []
-                for _ in range(2):
-                    t0, first = time.perf_counter(), pos
-                    while pos - first < per_half and (pos - first < 2 or time.perf_counter() - t0 < seconds / 2):
-                        h = runtime.forward([token], pos, L, cache)
-                        token, pos = int(np.argmax(runtime.logits(h[-1:])[-1])), pos + 1
-                    halves.append(((first + pos) // 2, (time.perf_counter() - t0) * 1e3 / (pos - first)))
-                return halves
+                runtime.forward(list(ids), 0, k, cache)
+                pos, token, t0 = len(ids), ids[-1], time.perf_counter()
+                while pos < m.max_positions - 1 and (pos - len(ids) < 3 or time.perf_counter() - t0 < seconds):
+                    runtime.forward([token], pos, k, cache)
+                    pos += 1
+                return (len(ids) + pos) // 2, (time.perf_counter() - t0) * 1e3 / (pos - len(ids))
             finally:
                 runtime.release(cache)
 
-        halves, _ = await self.worker.run(run)
-        for position, ms in halves:
-            try:
-                self.policy.observe(StepStats.local(L, 1, position, 0, ms))
-            except Exception:  # a failing controller must not stop the agent starting: it measures again later
-                log.exception("the split policy failed to take the start-up calibration")
-                break
-        return halves
+        (position, ms), _ = await self.worker.run(run)
+        try:
+            self.policy.observe(StepStats.sustained_edge(k, position, ms))
+        except Exception:  # a failing controller must not stop the agent starting: it measures again later
+            log.exception("the split policy failed to take the start-up calibration")
+        return ms
 
     async def tokenize(self, text: str) -> list[int]:
         """``text`` -> token ids on a thread; BadRequest (before the full work when a prefix shows it) when

@@ -92,6 +92,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("seamline.edge")
 DRAFT_SLACK = 16  # positions past the last token a speculative step may cache (draft rows, rolled back)
 PROBE_BOUNDARY_WAIT_S = 5.0  # a probe waits this long for the local loop's next token boundary, then goes anyway
+PREFLIGHT_MIN_WAIT_S = 1.0  # a preflight waits at least this long for its replies (at most connect_timeout)
+PREFLIGHT_MARGIN = 1.25  # ... and decides for the device after this times the break-even round trip without one
 PROBE_SAMPLES = 3  # timed Info round trips per probe (each handed on as the least so far: see _time_link)
 
 
@@ -133,16 +135,19 @@ class _LocalStep:
 
 
 class Generation:
-    def __init__(self, engine: GenerationEngine, request: GenerationRequest):
+    def __init__(self, engine: GenerationEngine, request: GenerationRequest, calibration: bool = False):
         self.engine = engine
         self.request = request
+        # a timing run (GenerationEngine.calibrate): every layer here, no probe, no move, no stop at EOS; the
+        # policy sees its tokens as it sees any local generation's
+        self.calibration = calibration
         self.config = engine.config
         m = engine.manifest
         self.ids = list(request.prompt_ids)
         self.n_prompt = len(self.ids)
         self.max_new = min(request.max_tokens, m.max_positions - self.n_prompt)
         stops = set(request.sampling.stop_token_ids)
-        if engine.eos_token_id is not None:
+        if engine.eos_token_id is not None and not calibration:
             stops.add(engine.eos_token_id)
         self.stop_ids = frozenset(stops)
         self.cache: EdgeCache = engine.runtime.new_cache(self._reserve())
@@ -152,7 +157,7 @@ class Generation:
         self.cloud_pos = 0
         self.local_pos = 0  # positions done in blocks [k, L) on the edge (fallback)
         self.edge_sched = 0  # positions handed to the worker (== hist.length when no job is running)
-        self.mode = CLOUD if engine.link is not None and engine.link.endpoints else LOCAL
+        self.mode = CLOUD if engine.link is not None and engine.link.endpoints and not calibration else LOCAL
         self.text = TextTracker(engine.runtime.decode_ids, request.stop)
         self.tokens: list[TokenInfo] = []
         self.finish_reason: str | None = None
@@ -160,6 +165,7 @@ class Generation:
         self.deadline: float | None = None
         self._pending: SplitChoice | None = None  # a mid-generation choice, applied after the current token
         self._probe: asyncio.Task | None = None  # asks the cloud whether the link works while running locally
+        self._late: asyncio.Future | None = None  # a preflight's replies that came after it decided
         self._probe_wanted = False  # a probe waits for a token boundary: queue no local job ahead (_wants_next)
         self._probe_ready = asyncio.Event()  # the local loop is at a boundary, its worker idle: send the probe
         self._probe_done = asyncio.Event()  # the probe answered (or failed): the local loop goes on
@@ -167,7 +173,7 @@ class Generation:
         self._ahead: _LocalStep | None = None  # the next local token's job, already on the worker (_queue_local)
         self._closed = False  # set (on the loop) before the cache is released; local jobs check it first
         if self.mode == LOCAL:
-            self.stats.fallback_reason = "no cloud endpoint configured"
+            self.stats.fallback_reason = "calibration" if calibration else "no cloud endpoint configured"
         self.spec_mode = request.speculate or self.config.speculate
         self.spec_gamma = request.draft_tokens or self.config.draft_tokens
         if self.spec_mode not in (OFF, AUTO) and self.spec_mode not in DRAFTERS:
@@ -191,6 +197,8 @@ class Generation:
         try:
             if self.mode == LOCAL:
                 self._require_local(self.stats.fallback_reason or "")
+            else:
+                await self._preflight()
             self._first_choice()
             while self.finish_reason is None:
                 if self.mode == CLOUD:
@@ -239,6 +247,8 @@ class Generation:
                 self._ahead = None
             self._close_session()
             self._stop_probing()
+            if self._late is not None:
+                self._late.cancel()
             self.engine.worker.later(self.engine.runtime.release, self.cache)  # its KV buffers go now
             self.stats.completion_tokens = len(self.tokens)
             self.stats.total_ms = (time.perf_counter() - t0) * 1e3
@@ -278,6 +288,80 @@ class Generation:
         self.choice = choice
         self.stats.split, self.stats.codec = choice.k, choice.codec.codec
 
+    async def _preflight(self) -> None:
+        """Before the first choice, when the policy has not seen the link for ``preflight_after_s``: two ``Info``
+        round trips sent together, each handed on as the lesser of the two (the device's own delays only add
+        to a round trip), so a change is confirmed at once (two samples on the same side move the estimate) and
+        a link that got slow or fast while the device was idle is priced before the request is placed, not
+        after its first steps. Only with an all-local option to protect (the round trip decides between the
+        device and the cloud, barely between splits). It waits only as long as it must to decide: the policy
+        names the round trip above which all-local wins this request (``breakeven_rtt_ms``); when no reply
+        came in that time (x ``PREFLIGHT_MARGIN``), the policy is told the round trip is at least that long
+        and the request starts on the device, and the replies, when they come, are handed on as they are.
+        A failed probe leaves the estimates as they were."""
+        after, link, policy = self.config.preflight_after_s, self.engine.link, self.engine.policy
+        if after <= 0 or not self.engine.can_run_locally:
+            return
+        try:
+            status = policy.status()
+            if status.link_age_s is None or status.estimates is None or status.link_age_s < after:
+                return
+            breakeven_of = getattr(policy, "breakeven_rtt_ms", None)
+            breakeven = None if breakeven_of is None else breakeven_of(
+                SplitRequest(self.n_prompt, self.max_new, len(self.ids), None))
+        except Exception:
+            log.exception("the split policy failed to say whether to time the link first")
+            return
+        if breakeven == 0.0:
+            return  # all-local wins whatever the round trip: nothing to ask before starting (its probes look)
+        endpoint = link.endpoints[0]
+        # replies are awaited this long at most: long enough for a slow link, not for a dead one
+        timeout = min(self.config.connect_timeout, max(PREFLIGHT_MIN_WAIT_S, 4e-3 * status.estimates.rtt_ms))
+        decide = timeout if breakeven is None or breakeven == float("inf") else min(
+            timeout, PREFLIGHT_MARGIN * breakeven / 1e3)
+
+        async def timed():
+            t0 = time.perf_counter()
+            info = await link.info(endpoint, timeout)
+            return info, (time.perf_counter() - t0) * 1e3
+
+        t0 = time.perf_counter()
+        tasks = [asyncio.ensure_future(timed()) for _ in range(2)]
+        done, _ = await asyncio.wait(tasks, timeout=decide)
+        answered = [t.result() for t in done if t.exception() is None]
+        if answered:
+            for t in tasks:
+                t.cancel()
+            least = min(ms for _, ms in answered)
+            for info, _ in answered * (3 - len(answered)):  # two samples: a confirmed round trip
+                self._observe_info(info, least)
+            return
+        known = link.infos.get(endpoint)
+        if len(done) == len(tasks) or known is None:  # both failed, or nothing to hand the bound with
+            for t in tasks:
+                t.cancel()
+            return
+        waited = (time.perf_counter() - t0) * 1e3
+        log.info("no reply from %s within %.0f ms: above the round trip (%.0f ms) where this request runs "
+                 "faster on the device", endpoint, waited, breakeven)
+        for _ in range(2):  # a lower bound, confirmed: the request starts on the device
+            self._observe_info(known, waited)
+        self._late = asyncio.ensure_future(self._late_replies(tasks))
+
+    async def _late_replies(self, tasks: list[asyncio.Future]) -> None:
+        """The preflight's replies that came after it decided: their round trip, the least, to the policy."""
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            raise
+        answered = [r for r in results if not isinstance(r, BaseException)]
+        if answered:
+            least = min(ms for _, ms in answered)
+            for info, _ in answered * (3 - len(answered)):
+                self._observe_info(info, least)
+
     def _run_locally(self, num_layers: int) -> None:
         """Every layer on the edge from the first token: the local path starts at k = 0."""
         self.choice = SplitChoice(0, CodecConfig())
@@ -288,7 +372,7 @@ class Generation:
         """Generate on the edge from now on; while doing so, probe the link for the policy (see _probe_link)."""
         self.mode = LOCAL
         link = self.engine.link
-        if link is not None and link.endpoints and self._probe is None \
+        if link is not None and link.endpoints and self._probe is None and not self.calibration \
                 and (self.deadline is None or time.monotonic() < self.deadline) \
                 and self.engine.policy.status().estimates is not None:  # a policy that measures nothing: no probe
             self._probe = asyncio.get_running_loop().create_task(self._probe_link(), name="seamline-probe-link")
@@ -754,8 +838,8 @@ class Generation:
 
     def _observe_local(self, tokens: int, position: int, ms: float) -> None:
         """Tell the split policy what running every layer here cost, so it can compare it with the link."""
-        self._tell_policy(StepStats.local(self.engine.manifest.num_layers, tokens, position,
-                                          self.max_new - len(self.tokens) - 1, ms))
+        remaining = 0 if self.calibration else self.max_new - len(self.tokens) - 1  # a calibration has no rest
+        self._tell_policy(StepStats.local(self.engine.manifest.num_layers, tokens, position, remaining, ms))
 
     def _tell_policy(self, stats: StepStats) -> None:
         """One measured step to the split policy; a new choice it returns applies after the current token."""
@@ -765,5 +849,5 @@ class Generation:
             log.exception("the split policy failed to observe a %s step at %s; keeping the current split",
                           stats.kind, stats.endpoint)
             return
-        if decision is not None:
+        if decision is not None and not self.calibration:
             self._pending = decision

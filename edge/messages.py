@@ -158,6 +158,16 @@ class StepStats:
     compute_ms: float
     server_decode_ms: float
     pipelined: bool = False
+    sustained: bool = False           # timed back to back on an idle device (start-up), not inside a request
+
+    @classmethod
+    def sustained_edge(cls, split: int, position: int, edge_ms: float) -> StepStats:
+        """The edge's own part of a split-``split`` decode step (embed + blocks [0, split), no encode), timed
+        over a sustained run of them (``GenerationEngine.calibrate``): what this device's blocks cost when it
+        computes token after token, which a lone step inside a request may not show."""
+        return cls(kind="decode", endpoint="calibration", split=split, codec="", tokens=1, position=position,
+                   remaining_tokens=0, edge_ms=edge_ms, bytes_sent=0, bytes_received=0, rtt_ms=0.0, network_ms=0.0,
+                   queue_ms=0.0, compute_ms=0.0, server_decode_ms=0.0, sustained=True)
 
     @classmethod
     def local(cls, split: int, tokens: int, position: int, remaining_tokens: int, edge_ms: float) -> StepStats:

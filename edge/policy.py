@@ -48,6 +48,7 @@ class PolicyStatus:
     decisions: int = 0
     switches: int = 0  # split/codec changes so far
     estimates: LiveEstimates | None = None  # None for a policy that measures nothing
+    link_age_s: float | None = None  # since the policy last saw the link (a step, a probe); None: it never looks
 
 
 @runtime_checkable

@@ -318,3 +318,64 @@ def test_a_longer_round_trip_is_not_taken_for_a_slower_link():
         ctl.observe(StepObservation(1, "fp16", 1, 64, bytes_up=fp16, round_trip_ms=net + 1.0, compute_ms=1.0))
     assert ctl.link().bandwidth_bps == pytest.approx(1e6)
     assert ctl.link().rtt_ms == pytest.approx(100.0 - 8e3 * fp16 / 1e6, rel=0.05)
+
+
+def test_blocks_are_priced_at_their_sustained_speed_when_steps_time_them_faster():
+    """A device held to a CPU quota runs a step's few blocks in one burst at full speed and pays for them in
+    the wait after it, which the step's timing books on the link. Once a sustained run of the blocks (start-up
+    calibration) says they cost 20x the profile, split-k steps that read 1x do not price them below that, so
+    the deep split that looked free is priced as the device runs it; local steps are not touched."""
+    ctl, _ = controller()
+    for i in range(8):  # split-3 steps timing the blocks at the profile's speed (inside one burst)
+        edge = EDGE.embed_ms + EDGE.decode_ms(0, 3, 64 + i) + WIRE.encode_ms("int8", 1)
+        ctl.observe(StepObservation(3, "int8", 1, 64 + i, edge_ms=edge))
+    assert ctl.cost_model().edge_scale[0] == pytest.approx(1.0)
+    deep_before = ctl.cost_model().decode_ms(3, "int8", 64) - ctl.cost_model().decode_ms(1, "int8", 64)
+
+    sustained = 20 * (EDGE.embed_ms + EDGE.decode_ms(0, 1, 64))
+    policy = AdaptivePolicy(ctl)
+    policy.observe(StepStats.sustained_edge(1, 64, sustained))
+    assert ctl.est.edge_sustained_scale.value == pytest.approx(20.0)
+    assert ctl.cost_model().edge_scale == (pytest.approx(20.0), pytest.approx(20.0))
+    deep_after = ctl.cost_model().decode_ms(3, "int8", 64) - ctl.cost_model().decode_ms(1, "int8", 64)
+    assert deep_after == pytest.approx(deep_before + 19 * (EDGE.decode_ms(0, 3, 64) - EDGE.decode_ms(0, 1, 64)))
+    for i in range(8):  # more fast in-step readings do not lower the floor
+        edge = EDGE.embed_ms + EDGE.decode_ms(0, 3, 72 + i) + WIRE.encode_ms("int8", 1)
+        ctl.observe(StepObservation(3, "int8", 1, 72 + i, edge_ms=edge))
+    assert ctl.cost_model().edge_scale[0] == pytest.approx(20.0)
+    assert ctl.est.local_decode_scale.value is None  # the sustained run says nothing of the LM head and loop
+    assert ctl.current is None and ctl.last_network_at is None  # no decision, no link sample
+
+
+def test_a_policy_reports_how_long_it_has_not_seen_the_link():
+    """``link_age_s`` (what the generation's preflight reads): from the controller's start until the first
+    network observation, then from the latest one; a probe resets it."""
+    ctl, clock = controller()
+    policy = AdaptivePolicy(ctl)
+    clock.t += 7.0
+    assert policy.status().link_age_s == pytest.approx(7.0)
+    ctl.observe_probe(rtt_ms=5.0)
+    clock.t += 1.5
+    assert policy.status().link_age_s == pytest.approx(1.5)
+    from seamline.edge.policy import FixedPolicy
+
+    assert FixedPolicy(SplitChoice(1, CodecConfig())).status().link_age_s is None
+
+
+def test_the_breakeven_round_trip_separates_the_cloud_from_the_device():
+    """``breakeven_rtt_ms`` (how long a preflight waits before it starts a request on the device): with the
+    round trip estimated a little under it the request goes to the cloud, a little over it all-local; none
+    without an all-local option, 0 when the device wins at any round trip."""
+    probe, _ = controller()
+    breakeven = probe.breakeven_rtt_ms(64, 32)
+    assert breakeven is not None and 0.0 < breakeven < float("inf")
+    for rtt, local in ((0.9 * breakeven, False), (1.1 * breakeven, True)):
+        ctl, _ = controller()
+        ctl.observe_probe(rtt_ms=rtt)
+        ctl.observe_probe(rtt_ms=rtt)  # two samples: the estimate is this round trip
+        assert ctl.link().rtt_ms == pytest.approx(rtt)
+        assert ctl.choose(64, 32).local is local, (rtt, breakeven)
+    assert controller(local_ok=False)[0].breakeven_rtt_ms(64, 32) is None
+    slow_cloud, _ = controller()
+    slow_cloud.est.cloud_scale.update(1000.0)  # a cloud 1000x slower than profiled: the device wins outright
+    assert slow_cloud.breakeven_rtt_ms(64, 32) == 0.0
