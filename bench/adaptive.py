@@ -388,6 +388,11 @@ class _Counting:
         of = getattr(self.policy, "breakeven_rtt_ms", None)
         return None if of is None else of(request)
 
+    def observe_silence(self, waited_ms: float) -> None:
+        of = getattr(self.policy, "observe_silence", None)
+        if of is not None:
+            of(waited_ms)
+
     def status(self) -> Any:
         return self.policy.status()
 

@@ -161,6 +161,16 @@ class Ewma:
     def get(self, default: float) -> float:
         return default if self.value is None else self.value
 
+    def at_least(self, x: float) -> bool:
+        """A bound, not a sample: the quantity is ``x`` or more. An estimate under it is replaced by it (a regime
+        change, as a confirmed jump is); True when that happened."""
+        if self.value is not None and self.value >= x:
+            return False
+        self.value, self.jumped = x, True
+        self.samples += 1
+        self.recent.clear()
+        return True
+
     def forget(self) -> None:
         """Back to no estimate (the prior stands in until the next sample)."""
         self.value, self.samples, self.jumped = None, 0, False
@@ -215,6 +225,12 @@ class Estimates:
         because its chunk crossed slower than the bandwidth estimate said; that keeps the bandwidth.)"""
         self.rtt_ms.update(ms)
         if probe and self.rtt_ms.jumped:
+            self.log_bandwidth.forget()
+
+    def rtt_at_least(self, ms: float) -> None:
+        """No reply within ``ms``: the round trip is at least that. An estimate under it becomes it, and the
+        bandwidth measured on the old link is forgotten (as after a probe-confirmed new round trip)."""
+        if self.rtt_ms.at_least(ms):
             self.log_bandwidth.forget()
 
     def local_scale(self, kind: str) -> float:
@@ -346,6 +362,11 @@ class Controller:
         if queue_ms is not None:
             self.est.queue_ms.update(max(0.0, queue_ms))
 
+    def observe_silence(self, waited_ms: float, now: float | None = None) -> None:
+        """A probe got no reply within ``waited_ms``: the round trip is at least that (a lower bound)."""
+        self.est.rtt_at_least(waited_ms)
+        self.last_network_at = self.clock() if now is None else now
+
     # -- decisions -----------------------------------------------------------------------
     def decision(self, k: int, codec: str, reason: str, predicted_ms: float, kind: str = "request") -> SplitChoice:
         """The :class:`SplitChoice` of planner option (``k``, ``codec``): ``codec`` is a wire codec, ``"ids"``
@@ -392,10 +413,13 @@ class Controller:
     def breakeven_rtt_ms(self, prompt_tokens: int, max_new_tokens: int, probe_ms: float = 100.0) -> float | None:
         """The round trip above which all-local beats every remote option of the menu for this request, at the
         other estimates as they are (each option's response time is linear in the round trip: measured at 0 and
-        ``probe_ms``); 0.0 when all-local wins at any round trip, None without an all-local option."""
+        ``probe_ms``); 0.0 when all-local wins at any round trip, None without an all-local option. At the
+        larger of the bandwidth estimate and the prior's: a round trip that a probe confirms as new forgets the
+        measured bandwidth, and the prior stands in for it (``Estimates.rtt_sample``)."""
         work = Workload(max(prompt_tokens, 1), max(max_new_tokens, 1))
         model = self.cost_model()
-        at = {rtt: plan(replace(model, link=LinkEstimate(model.link.bandwidth_bps, rtt)), self.constraints, work,
+        bw = max(model.link.bandwidth_bps, self.prior_link.bandwidth_bps)
+        at = {rtt: plan(replace(model, link=LinkEstimate(bw, rtt)), self.constraints, work,
                         self.config.prefer_fidelity_within) for rtt in (0.0, probe_ms)}
         local = next((r for r in at[0.0].rows if r.codec == LOCAL), None)
         if local is None:
@@ -560,6 +584,10 @@ class AdaptivePolicy:
         if len(info.layer_ms) == ctl.cloud.num_layers and sum(info.layer_ms) > 0 and profiled > 0:
             ctl.est.cloud_scale.update(sum(info.layer_ms) / profiled)
         ctl.observe_probe(rtt_ms=rtt_ms, queue_ms=info.queue_ms_p50)
+
+    def observe_silence(self, waited_ms: float) -> None:
+        """The generation's preflight got no reply within ``waited_ms`` (:meth:`Controller.observe_silence`)."""
+        self.controller.observe_silence(waited_ms)
 
     def breakeven_rtt_ms(self, request: SplitRequest) -> float | None:
         """The round trip above which this request runs faster all-local (:meth:`Controller.breakeven_rtt_ms`):

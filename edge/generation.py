@@ -312,6 +312,7 @@ class Generation:
         except Exception:
             log.exception("the split policy failed to say whether to time the link first")
             return
+        log.debug("preflight: the link unseen for %.1f s, break-even round trip %s ms", status.link_age_s, breakeven)
         if breakeven == 0.0:
             return  # all-local wins whatever the round trip: nothing to ask before starting (its probes look)
         endpoint = link.endpoints[0]
@@ -333,19 +334,22 @@ class Generation:
             for t in tasks:
                 t.cancel()
             least = min(ms for _, ms in answered)
+            log.debug("preflight: %d replies, the least in %.1f ms", len(answered), least)
             for info, _ in answered * (3 - len(answered)):  # two samples: a confirmed round trip
                 self._observe_info(info, least)
             return
-        known = link.infos.get(endpoint)
-        if len(done) == len(tasks) or known is None:  # both failed, or nothing to hand the bound with
+        silence = getattr(policy, "observe_silence", None)
+        if len(done) == len(tasks) or silence is None:  # both failed, or a policy that takes no bound
             for t in tasks:
                 t.cancel()
             return
         waited = (time.perf_counter() - t0) * 1e3
         log.info("no reply from %s within %.0f ms: above the round trip (%.0f ms) where this request runs "
                  "faster on the device", endpoint, waited, breakeven)
-        for _ in range(2):  # a lower bound, confirmed: the request starts on the device
-            self._observe_info(known, waited)
+        try:
+            silence(waited)  # a lower bound: the request starts on the device
+        except Exception:
+            log.exception("the split policy failed to take a silent preflight")
         self._late = asyncio.ensure_future(self._late_replies(tasks))
 
     async def _late_replies(self, tasks: list[asyncio.Future]) -> None:

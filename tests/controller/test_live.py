@@ -250,7 +250,7 @@ async def _generate(bundle, address, policy_for, prompt, n, prepare=None, **sett
 
     engine = build_engine(EdgeConfig(bundle=str(bundle), cloud=[address], listen="127.0.0.1:0", codec="fp32",
                                      **{"step_timeout": 30.0, "reconnect_window": 10.0, "log_level": "WARNING",
-                                        **settings}))
+                                        "preflight_after_s": 0.0, **settings}))
     engine.policy = policy = policy_for(engine.manifest)
     if prepare is not None:
         prepare(engine)
@@ -472,6 +472,82 @@ async def test_a_probe_hands_on_the_least_round_trip_it_measured(link, wide_bund
     for first, second, third in probes:  # (150+ ms, a few ms, 150+ ms) measured: (none, the second, the second)
         assert first is None and second < 150.0 and third == second, probes
     assert policy_seen[0].controller.est.rtt_ms.value < 150.0  # the held replies never reached the estimate
+    assert _ended(result.token_ids, torch_greedy(ids, 24))
+
+
+@pytest.mark.parametrize("preflight", [True, False])
+async def test_a_link_that_changed_while_the_device_was_idle_is_seen_before_the_request(
+        link, wide_bundle, torch_greedy, preflight):
+    """The policy last saw a dead link (5 s round trips) and the link has since recovered: with the preflight (two
+    Info round trips before the first choice) the request starts on the cloud; without it, on the device.
+    Then the other way: the policy last saw a fast link, which has since slowed to a 200 ms round trip; the
+    preflight decides for the device without waiting for its replies (no reply within the break-even round
+    trip), and the replies, when they come, reach the estimate. Greedy output unchanged either way."""
+    import time
+
+    from seamline.edge.controller import AdaptivePolicy
+    from seamline.edge.messages import StepStats
+    from seamline.edge.planner import LinkEstimate
+
+    after = 1.0 if preflight else 0.0
+
+    def knows_the_device(policy):  # as the start-up calibration tells it: a local token takes 45 ms here
+        for i in range(3):
+            policy.observe(StepStats.local(L, 1, PROMPT_TOKENS + i, 0, 45.0))
+
+    link.set(bandwidth_bps=100e6, delay_ms=0.5)
+    made: list = []
+
+    def dead_prior(manifest):  # the agent's prior, then two probes of a dead link: 5 s round trips
+        policy = AdaptivePolicy.from_manifest(manifest, LinkEstimate(20e6, 30.0), codecs=("fp32",))
+        policy.controller.observe_probe(rtt_ms=5000.0, now=time.monotonic() - 10.0)
+        policy.controller.observe_probe(rtt_ms=5000.0, now=time.monotonic() - 10.0)  # 10 s ago
+        knows_the_device(policy)
+        choose = policy.choose
+        policy.choose = lambda request: made.append(choose(request)) or made[-1]
+        return policy
+
+    ids, result, _ = await _generate(wide_bundle, link.address, dead_prior, TEXT, 12, preflight_after_s=after,
+                                     prepare=_slow_head(0.03))
+    assert made[0].local is not preflight, made
+    assert (result.tokens[0].path == "cloud") is preflight, [t.path for t in result.tokens]
+    assert _ended(result.token_ids, torch_greedy(ids, 12))
+    if not preflight:
+        return
+
+    made.clear()
+    handed: list = []
+
+    def fast_prior(manifest):
+        policy = AdaptivePolicy.from_manifest(manifest, LinkEstimate(100e6, 1.0), codecs=("fp32",))
+        policy.controller.observe_probe(rtt_ms=1.0, now=time.monotonic() - 10.0)  # a fast link, 10 s ago
+        knows_the_device(policy)
+        choose, observe_info = policy.choose, policy.observe_info
+        policy.choose = lambda request: made.append(choose(request)) or made[-1]
+
+        def recording(info, rtt_ms):
+            handed.append(rtt_ms)
+            return observe_info(info, rtt_ms)
+
+        policy.observe_info = recording
+        silence = policy.observe_silence
+        policy.observe_silence = lambda ms: bounds.append(ms) or silence(ms)
+        seen.append(policy)
+        return policy
+
+    seen: list = []
+    bounds: list = []
+    link.set(delay_ms=100.0)  # a 200 ms round trip
+    try:
+        ids, result, _ = await _generate(wide_bundle, link.address, fast_prior, TEXT, 24, preflight_after_s=after,
+                                         prepare=_slow_head(0.03), probe_pause_ms=0.0)
+    finally:
+        link.set(delay_ms=1.0)
+    breakeven = seen[0].controller.breakeven_rtt_ms(len(ids), 24)
+    assert made[0].local, (made, handed, bounds)
+    assert len(bounds) == 1 and bounds[0] < 200.0, (bounds, breakeven)  # decided before any reply came
+    assert handed and all(ms >= 200.0 for ms in handed if ms is not None), handed  # the replies, later
+    assert seen[0].controller.link().rtt_ms >= 200.0 > breakeven
     assert _ended(result.token_ids, torch_greedy(ids, 24))
 
 
