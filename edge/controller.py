@@ -262,6 +262,7 @@ class Controller:
         self.started_at = clock()
         self.last_network_at: float | None = None
         self.last_plan: Plan | None = None
+        self._bounded = False  # a silent probe just raised the round trip to a bound (observe_silence)
         self._menu_cache: list[tuple[int, str]] = []
         self._menu_for: tuple | None = None  # the (constraints, edge, wire) _menu_cache was made for
 
@@ -364,7 +365,9 @@ class Controller:
 
     def observe_silence(self, waited_ms: float, now: float | None = None) -> None:
         """A probe got no reply within ``waited_ms``: the round trip is at least that (a lower bound)."""
-        self.est.rtt_at_least(waited_ms)
+        if waited_ms > self.link().rtt_ms:  # (with no sample yet, the prior's round trip is the estimate)
+            self.est.rtt_at_least(waited_ms)
+            self._bounded = True  # the next choice goes by the bound, without keeping the current option
         self.last_network_at = self.clock() if now is None else now
 
     # -- decisions -----------------------------------------------------------------------
@@ -404,7 +407,8 @@ class Controller:
                 why = (f"probing the link: no network observation for {now - seen:.0f} s "
                        f"(local predicted {best.response_ms:.1f} ms, {describe(remote)} {remote.response_ms:.1f} ms)")
                 return self._record(self.decision(remote.split, remote.codec, why, remote.response_ms, "probe"), now)
-        if cur is not None and cur is not best and self._keep(cur, best, p):
+        bounded, self._bounded = self._bounded, False
+        if cur is not None and cur is not best and not bounded and self._keep(cur, best, p):
             why = (f"keeping {describe(cur)}: {cur.response_ms:.1f} ms is within {self.config.min_relative_gain:.0%} "
                    f"of the best ({describe(best)} at {best.response_ms:.1f} ms)")
             return self._record(self.decision(cur.split, cur.codec, why, cur.response_ms), now)

@@ -92,7 +92,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("seamline.edge")
 DRAFT_SLACK = 16  # positions past the last token a speculative step may cache (draft rows, rolled back)
 PROBE_BOUNDARY_WAIT_S = 5.0  # a probe waits this long for the local loop's next token boundary, then goes anyway
-PREFLIGHT_MIN_WAIT_S = 1.0  # a preflight waits at least this long for its replies (at most connect_timeout)
+PREFLIGHT_MIN_WAIT_S = 1.0  # without a break-even, a preflight waits at least this long (at most connect_timeout)
 PREFLIGHT_MARGIN = 1.25  # ... and decides for the device after this times the break-even round trip without one
 PROBE_SAMPLES = 3  # timed Info round trips per probe (each handed on as the least so far: see _time_link)
 
@@ -313,13 +313,15 @@ class Generation:
             log.exception("the split policy failed to say whether to time the link first")
             return
         log.debug("preflight: the link unseen for %.1f s, break-even round trip %s ms", status.link_age_s, breakeven)
-        if breakeven == 0.0:
-            return  # all-local wins whatever the round trip: nothing to ask before starting (its probes look)
-        endpoint = link.endpoints[0]
-        # replies are awaited this long at most: long enough for a slow link, not for a dead one
-        timeout = min(self.config.connect_timeout, max(PREFLIGHT_MIN_WAIT_S, 4e-3 * status.estimates.rtt_ms))
-        decide = timeout if breakeven is None or breakeven == float("inf") else min(
-            timeout, PREFLIGHT_MARGIN * breakeven / 1e3)
+        if breakeven_of is not None and breakeven is None:
+            return  # no all-local option on the menu: the answer could not change the placement
+        endpoint = link.preferred_endpoint()  # where the request's session will open first
+        # the calls live up to connect_timeout (a cold channel over a slow link takes several round trips to
+        # connect; late replies still reach the estimate); the request waits for them only as long as the
+        # choice needs, or, without a break-even to go by, long enough for a slow link but not a dead one
+        timeout = self.config.connect_timeout
+        decide = min(timeout, max(PREFLIGHT_MIN_WAIT_S, 4e-3 * status.estimates.rtt_ms)
+                     if breakeven is None or breakeven == float("inf") else PREFLIGHT_MARGIN * breakeven / 1e3)
 
         async def timed():
             t0 = time.perf_counter()
@@ -328,7 +330,15 @@ class Generation:
 
         t0 = time.perf_counter()
         tasks = [asyncio.ensure_future(timed()) for _ in range(2)]
-        done, _ = await asyncio.wait(tasks, timeout=decide)
+        if breakeven == 0.0:  # all-local wins whatever the round trip: start now, and let the replies, when
+            self._late = asyncio.ensure_future(self._late_replies(tasks))  # they come, refresh the estimate
+            return
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=decide)
+        except BaseException:  # the generation was cancelled meanwhile
+            for t in tasks:
+                t.cancel()
+            raise
         answered = [t.result() for t in done if t.exception() is None]
         if answered:
             for t in tasks:
@@ -344,7 +354,7 @@ class Generation:
                 t.cancel()
             return
         waited = (time.perf_counter() - t0) * 1e3
-        log.info("no reply from %s within %.0f ms: above the round trip (%.0f ms) where this request runs "
+        log.info("no reply from %s within %.0f ms: above the round trip (%s ms) where this request runs "
                  "faster on the device", endpoint, waited, breakeven)
         try:
             silence(waited)  # a lower bound: the request starts on the device

@@ -191,7 +191,11 @@ class CloudLink:
             ("grpc.keepalive_permit_without_calls", 0),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
+            # gRPC core takes this as the shortest time a connection attempt may take (its "min connect
+            # timeout"): at 100 ms no attempt over a link of 100 ms round trip or more ever received the
+            # server's SETTINGS, and the channel connected only once the backoff had grown past the link's
+            # handshake. Refused connections still retry from initial_reconnect_backoff_ms.
+            ("grpc.min_reconnect_backoff_ms", max(100, int(c.connect_timeout * 1000))),
             ("grpc.max_reconnect_backoff_ms", max(100, int(c.backoff_max * 1000))),
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -224,6 +228,10 @@ class CloudLink:
         self._stubs.clear()
 
     # -- calls ------------------------------------------------------------------------------------
+    def preferred_endpoint(self) -> str:
+        """The endpoint a new session tries first (the last one that worked; failover moves it)."""
+        return self.endpoints[self._preferred % len(self.endpoints)]
+
     async def info(self, endpoint: str, timeout: float | None = None) -> CloudInfo:
         try:
             reply = await self.stub(endpoint).Info(pb.InfoRequest(), metadata=self.metadata,

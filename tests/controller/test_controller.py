@@ -379,3 +379,19 @@ def test_the_breakeven_round_trip_separates_the_cloud_from_the_device():
     slow_cloud, _ = controller()
     slow_cloud.est.cloud_scale.update(1000.0)  # a cloud 1000x slower than profiled: the device wins outright
     assert slow_cloud.breakeven_rtt_ms(64, 32) == 0.0
+
+
+def test_a_silent_preflight_is_a_lower_bound_that_the_next_choice_follows():
+    """No reply within 1.25x the break-even round trip: the estimate rises to the wait (never falls to it),
+    the old link's bandwidth is forgotten, and the next request goes all-local even where keeping the current
+    remote option (within ``min_relative_gain`` of the best) would otherwise have kept it on the cloud."""
+    ctl, _ = controller()
+    first = ctl.choose(64, 32)
+    assert not first.local
+    ctl.est.bandwidth_sample(50e6)
+    breakeven = ctl.breakeven_rtt_ms(64, 32)
+    ctl.observe_silence(1.25 * breakeven)
+    assert ctl.link().rtt_ms == pytest.approx(1.25 * breakeven) and ctl.est.log_bandwidth.value is None
+    assert ctl.choose(64, 32).local
+    ctl.observe_silence(1.0)  # a bound under the estimate says nothing new
+    assert ctl.link().rtt_ms == pytest.approx(1.25 * breakeven)
