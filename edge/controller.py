@@ -118,6 +118,9 @@ class ControllerConfig:
     min_relative_gain: float = 0.1
     min_dwell_s: float = 2.0
     probe_after_s: float = 30.0
+    # a generation re-plans mid-way at most this often (and at once after an estimate jumped): the check
+    # re-prices the whole menu, 250 us a token on SmolLM2's 30 blocks, and a move waits min_dwell_s anyway
+    resplit_check_s: float = 0.25
     large_message_bytes: int = 16_384
     min_sample_bytes: int = 1_024  # a smaller message is an RTT sample, whatever the bandwidth estimate
     min_transfer_share: float = 0.1  # a bandwidth sample needs net - rtt >= this share of the network time
@@ -140,6 +143,7 @@ class Ewma:
     samples: int = 0
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=2))
     jumped: bool = False  # the last update replaced the estimate (a regime change)
+    jumps: int = 0  # replacements so far (a bound included: at_least)
 
     def update(self, x: float) -> float:
         v, recent = self.value, self.recent
@@ -151,6 +155,7 @@ class Ewma:
             self.value = sum(recent) / len(recent)
             recent.clear()
             self.jumped = True
+            self.jumps += 1
         elif self.hold_outliers and self.far(x, v):
             return v
         else:
@@ -168,6 +173,7 @@ class Ewma:
             return False
         self.value, self.jumped = x, True
         self.samples += 1
+        self.jumps += 1
         self.recent.clear()
         return True
 
@@ -217,6 +223,12 @@ class Estimates:
         self.queue_ms = Ewma(self.alpha)
         self.rtt_ms = Ewma(self.alpha, beyond(self.rtt_jump, self.rtt_jump_ms))
         self.log_bandwidth = Ewma(self.bandwidth_alpha, beyond_log(self.bandwidth_jump))
+
+    def jumps(self) -> int:
+        """How many times an estimate was replaced so far (regime changes: each worth re-planning at once)."""
+        return sum(e.jumps for e in (self.rtt_ms, self.log_bandwidth, self.queue_ms, self.edge_decode_scale,
+                                     self.edge_prefill_scale, self.local_decode_scale, self.local_prefill_scale,
+                                     self.cloud_scale, self.edge_sustained_scale))
 
     def rtt_sample(self, ms: float, probe: bool = False) -> None:
         """An RTT sample. When a probe's (an empty round trip: ``Info`` during a fallback) confirms a new round
@@ -517,6 +529,8 @@ class AdaptivePolicy:
     def __init__(self, controller: Controller):
         self.controller = controller
         self.pending_resplit: SplitChoice | None = None
+        self.checked_at = float("-inf")  # the last mid-generation re-plan (maybe_resplit)
+        self.checked_jumps = 0  # the estimates' jump count then (a jump since: re-plan at once)
         self.local_since: float | None = None  # when the latest run of all-local steps began
 
     @classmethod
@@ -575,6 +589,10 @@ class AdaptivePolicy:
             if option(cur) != (obs.split, obs.codec):
                 return None  # another generation's step: resplits go to the one that runs the latest choice
             here = cur
+        jumps = ctl.est.jumps()
+        if now - self.checked_at < ctl.config.resplit_check_s and jumps == self.checked_jumps:
+            return None
+        self.checked_at, self.checked_jumps = now, jumps
         d = ctl.maybe_resplit(here, stats.remaining_tokens, obs.position + obs.tokens, now)
         if d is not None:
             self.pending_resplit = d

@@ -166,6 +166,7 @@ class Generation:
         self._pending: SplitChoice | None = None  # a mid-generation choice, applied after the current token
         self._probe: asyncio.Task | None = None  # asks the cloud whether the link works while running locally
         self._late: asyncio.Future | None = None  # a preflight's replies that came after it decided
+        self._preflight_at: float | None = None  # when the preflight timed the link (monotonic s)
         self._probe_wanted = False  # a probe waits for a token boundary: queue no local job ahead (_wants_next)
         self._probe_ready = asyncio.Event()  # the local loop is at a boundary, its worker idle: send the probe
         self._probe_done = asyncio.Event()  # the probe answered (or failed): the local loop goes on
@@ -328,7 +329,7 @@ class Generation:
             info = await link.info(endpoint, timeout)
             return info, (time.perf_counter() - t0) * 1e3
 
-        t0 = time.perf_counter()
+        t0, self._preflight_at = time.perf_counter(), time.monotonic()
         tasks = [asyncio.ensure_future(timed()) for _ in range(2)]
         if breakeven == 0.0:  # all-local wins whatever the round trip: start now, and let the replies, when
             self._late = asyncio.ensure_future(self._late_replies(tasks))  # they come, refresh the estimate
@@ -404,7 +405,12 @@ class Generation:
         the edge runs every layer, this is what lets the policy see it recover (and move the generation back,
         ``_move``): the first probe goes out at the first token boundary, so a short request that the policy
         kept on the device because of a link that has since recovered still measures it, and the last two
-        samples confirm a new round trip at once (the estimator moves to a new level after two in a row)."""
+        samples confirm a new round trip at once (the estimator moves to a new level after two in a row). After
+        this request's preflight the first probe waits one interval from it instead: the preflight was that
+        look (in the adaptive bench the controller's all-local requests, probes included, used 10-17 ms more of
+        the throttled device's CPU than the fixed all-local ones: 0.1-0.2 s of its time)."""
+        if self._preflight_at is not None:  # the preflight timed the link moments ago: its turn counts as one
+            await asyncio.sleep(max(0.0, self._preflight_at + self.config.probe_interval - time.monotonic()))
         while True:
             # Pause the local loop for this probe only if a timed token reached the policy since the last
             # pause: the token after a pause is not timed, and it is the local steps the policy decides on

@@ -395,3 +395,34 @@ def test_a_silent_preflight_is_a_lower_bound_that_the_next_choice_follows():
     assert ctl.choose(64, 32).local
     ctl.observe_silence(1.0)  # a bound under the estimate says nothing new
     assert ctl.link().rtt_ms == pytest.approx(1.25 * breakeven)
+
+
+def test_a_generation_replans_at_most_every_check_interval_unless_an_estimate_jumps():
+    """``AdaptivePolicy.observe`` re-prices the menu mid-generation at most every ``resplit_check_s`` (it costs a
+    plan per token otherwise), except right after an estimate jumped: a link that collapsed is acted on at the
+    next step."""
+    ctl, clock = controller(resplit_check_s=0.25, min_dwell_s=0.0)
+    policy = AdaptivePolicy(ctl)
+    d = policy.choose(SplitRequest(64, 200, 64, None))
+    assert not d.local
+    checks = []
+    resplit = ctl.maybe_resplit
+    ctl.maybe_resplit = lambda *a, **kw: checks.append(clock.t) or resplit(*a, **kw)
+
+    def step(i: int, rtt_ms: float) -> SplitChoice | None:  # a decode step as the profiles say, on a 100 Mbit/s link
+        clock.t += 0.01  # a token every 10 ms
+        k, pos, nbytes = d.k, 64 + i, WIRE.message_bytes(d.k, d.codec_name, 1)
+        edge = EDGE.embed_ms + EDGE.decode_ms(0, k, pos) + WIRE.encode_ms(d.codec_name, 1)
+        cloud = CLOUD.head_ms + CLOUD.decode_ms(k, L, pos)
+        net = rtt_ms + 8e3 * nbytes / 100e6
+        return policy.observe(StepStats("decode", "x", k, d.codec_name, 1, pos, 200 - i, edge, nbytes, 10,
+                                        net + cloud, net, 0.0, cloud, 0.0))
+
+    for i in range(100):  # one second of a steady link: about four checks, not a hundred
+        assert step(i, 5.0) is None
+    assert 3 <= len(checks) <= 5, checks
+    before = len(checks)
+    step(100, 400.0)
+    step(101, 400.0)  # the round trip jumped: checked at once, and the generation moves to the device
+    assert len(checks) == before + 1
+    assert policy.pending_resplit is not None and policy.pending_resplit.local
