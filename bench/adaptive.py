@@ -22,7 +22,8 @@ time there. ``--quick`` (demo): splits {1, L/2} x codecs {fp16, int4-rot} + loca
 The trace (:func:`scenario`): regimes applied by request index in consecutive blocks in proportion 2 : 1 : 3
 (``--quick``: AABCCC), chosen so that different menu entries win in different regimes: A = 100 Mbit/s &
 5 ms RTT (a fast link: the weak device hands almost every layer to the cloud), B = 0.5 Mbit/s & 300 ms (a
-congestion episode: every layer on the device wins), C = 4 Mbit/s & 8 ms (a narrow but responsive link: the
+congestion episode: every layer on the device wins; its round trip grows to 2.5x the device's all-local token
+time where that is longer, :func:`congested_for`, so that it does on a real model too), C = 4 Mbit/s & 8 ms (a narrow but responsive link: the
 cloud again, with fewer bytes per row); the RTT is split evenly between the two directions' one-way delays.
 The trace comes back from B, so the controller must find its way from the device back to the cloud.
 
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import queue
 import random
@@ -55,7 +57,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -83,6 +85,7 @@ class Regime:
 
 
 REGIMES = (Regime("A", 100e6, 5.0), Regime("B", 0.5e6, 300.0), Regime("C", 4e6, 8.0))
+CONGESTED_RTT_TOKENS = 2.5  # B's round trip: at least this many of the device's all-local tokens (congested_for)
 WEIGHTS = (2, 1, 3)  # a fast link, a short congestion episode, a narrow link for the rest
 
 
@@ -130,6 +133,19 @@ class Scenario:
 
     def present(self) -> list[int]:
         return sorted(set(self.trace))
+
+
+def congested_for(sc: Scenario, local_token_ms: float | None) -> Scenario:
+    """B, the congestion episode, is one in which the device alone wins: its round trip at least
+    ``CONGESTED_RTT_TOKENS`` times what this device takes for a token with every layer (measured by the
+    controller's start-up calibration), rounded up to 100 ms, and never under B's own 300 ms. On the demo
+    (a token in 35-60 ms) B stays 300 ms; on SmolLM2, whose tokens take ~0.5 s on the throttled device, a
+    300 ms episode would still favour the cloud and no per-regime choice would differ."""
+    if local_token_ms is None:
+        return sc
+    regimes = tuple(replace(r, rtt_ms=max(r.rtt_ms, 100.0 * math.ceil(CONGESTED_RTT_TOKENS * local_token_ms / 100.0)))
+                    if r.name == "B" else r for r in sc.regimes)
+    return replace(sc, regimes=regimes)
 
 
 def scenario(n_requests: int, regimes: tuple[Regime, ...] = REGIMES,
@@ -779,8 +795,14 @@ def run(args: Any) -> dict:
             console.print(f"speed gap: {gap.describe()}")
             from seamline.edge.config import EdgeConfig
 
+            local_token_ms = None
             for pname in adaptive_cfg:  # the agent's start-up on this device: its own speed, under the gap
-                worker.call("calibrate", timeout=120, policy=pname, seconds=EdgeConfig.calibrate_s)
+                halves = worker.call("calibrate", timeout=120, policy=pname, seconds=EdgeConfig.calibrate_s)["halves"]
+                if halves and local_token_ms is None:
+                    local_token_ms = sum(ms for _, ms in halves) / len(halves)
+            sc = congested_for(sc, local_token_ms)
+            console.print("regimes: " + "; ".join(r.label for r in sc.regimes)
+                          + ("" if local_token_ms is None else f" (the device alone: {local_token_ms:.0f} ms a token)"))
             # Warm-up under the gap (ORT and the cloud's torch at every split; the controllers' first look at
             # this device), not counted.
             for pname in names:

@@ -297,12 +297,14 @@ class Controller:
 
     def cost_model(self) -> CostModel:
         e = self.est
-        local_dec, local_pre = e.local_scale("decode"), e.local_scale("prefill")
+        # no work on the device runs faster than its blocks do back to back (the floor, below): an all-local
+        # prefill that nothing has timed yet is not priced at the profile's full speed
+        floor = e.edge_sustained_scale.get(0.0)
+        local_dec, local_pre = max(e.local_scale("decode"), floor), max(e.local_scale("prefill"), floor)
         # before the first split-k step, what local steps measured stands in (the same device, slow or fast);
         # never below the blocks' sustained speed: a device held to a CPU quota (a container's limit, a
         # governor) runs a step's few blocks in one burst at full speed and pays for them in the wait after,
         # which the step's timing puts on the link; a request of many tokens gets the sustained speed
-        floor = e.edge_sustained_scale.get(0.0)
         edge_dec = max(e.edge_decode_scale.get(local_dec), floor)
         edge_pre = max(e.edge_prefill_scale.get(local_pre), floor)
         cloud_scale = e.cloud_scale.get(1.0)

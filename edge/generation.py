@@ -94,6 +94,7 @@ DRAFT_SLACK = 16  # positions past the last token a speculative step may cache (
 PROBE_BOUNDARY_WAIT_S = 5.0  # a probe waits this long for the local loop's next token boundary, then goes anyway
 PREFLIGHT_MIN_WAIT_S = 1.0  # without a break-even, a preflight waits at least this long (at most connect_timeout)
 PREFLIGHT_MARGIN = 1.25  # ... and decides for the device after this times the break-even round trip without one
+UNTIMED_LOCAL_TOKENS = 2  # a local run's first decode tokens, not handed to the policy (_go_local)
 PROBE_SAMPLES = 3  # timed Info round trips per probe (each handed on as the least so far: see _time_link)
 
 
@@ -171,6 +172,7 @@ class Generation:
         self._probe_ready = asyncio.Event()  # the local loop is at a boundary, its worker idle: send the probe
         self._probe_done = asyncio.Event()  # the probe answered (or failed): the local loop goes on
         self._timed_since_pause = True  # a timed local token reached the policy since the last probe pause
+        self._untimed_local = 0  # decode tokens of this local run still to leave untimed (_go_local)
         self._ahead: _LocalStep | None = None  # the next local token's job, already on the worker (_queue_local)
         self._closed = False  # set (on the loop) before the cache is released; local jobs check it first
         if self.mode == LOCAL:
@@ -291,10 +293,10 @@ class Generation:
 
     async def _preflight(self) -> None:
         """Before the first choice, when the policy has not seen the link for ``preflight_after_s``: two ``Info``
-        round trips sent together, each handed on as the lesser of the two (the device's own delays only add
-        to a round trip), so a change is confirmed at once (two samples on the same side move the estimate) and
-        a link that got slow or fast while the device was idle is priced before the request is placed, not
-        after its first steps. Only with an all-local option to protect (the round trip decides between the
+        round trips sent together, the lesser handed on (the device's own delays only add to a round trip):
+        twice when it is under the estimate, so a faster link is confirmed at once (two samples on the same side
+        move the estimate), once when over it (see below), so a link that got fast or slow while the device was
+        idle is priced before the request is placed, not after its first steps. Only with an all-local option to protect (the round trip decides between the
         device and the cloud, barely between splits). It waits only as long as it must to decide: the policy
         names the round trip above which all-local wins this request (``breakeven_rtt_ms``); when no reply
         came in that time (x ``PREFLIGHT_MARGIN``), the policy is told the round trip is at least that long
@@ -346,7 +348,11 @@ class Generation:
                 t.cancel()
             least = min(ms for _, ms in answered)
             log.debug("preflight: %d replies, the least in %.1f ms", len(answered), least)
-            for info, _ in answered * (3 - len(answered)):  # two samples: a confirmed round trip
+            # A reading under the estimate is the link's (the device's delays only add): two samples, a confirmed
+            # new round trip. One over it came before the break-even, so it cannot move the request to the
+            # device, and a throttled device's wait may be in it: one sample, folded in as any other.
+            confirmed = least <= status.estimates.rtt_ms or breakeven is None or breakeven == float("inf")
+            for info, _ in (answered * (3 - len(answered)))[: 2 if confirmed else 1]:
                 self._observe_info(info, least)
             return
         silence = getattr(policy, "observe_silence", None)
@@ -386,6 +392,11 @@ class Generation:
     def _go_local(self) -> None:
         """Generate on the edge from now on; while doing so, probe the link for the policy (see _probe_link)."""
         self.mode = LOCAL
+        # the run's first decode tokens are not handed to the policy: a device coming out of a wait (a request's
+        # start, a preflight, a session that just closed) computes them on a full CPU quota, faster than it runs
+        # token after token (in the adaptive bench two such tokens at 1/30 of the usual time moved the estimate,
+        # and the next request stayed on the device on a link where the cloud was twice as fast)
+        self._untimed_local = UNTIMED_LOCAL_TOKENS
         link = self.engine.link
         if link is not None and link.endpoints and self._probe is None and not self.calibration \
                 and (self.deadline is None or time.monotonic() < self.deadline) \
@@ -810,8 +821,12 @@ class Generation:
             self.edge_sched = self.hist.length
         self.local_pos = step.n
         self.stats.local_ms += ms
-        if step.measured and (step.k == 0 or step.n - step.start == 1):  # every layer ran here (not a replay's
-            self._observe_local(tokens=step.n - step.start, position=step.start, ms=ms)  # tail), no pause before
+        decode = step.n - step.start == 1
+        if decode and step.measured and self._untimed_local > 0:
+            self._untimed_local -= 1  # a local run's first decode tokens: see _go_local
+        elif step.measured and (decode or step.k == 0 and not self.calibration):  # every layer ran here (not a
+            # replay's tail; not a calibration's short cold prompt: 737x the profile on SmolLM2, its tokens 88x), no pause
+            self._observe_local(tokens=step.n - step.start, position=step.start, ms=ms)
             self._timed_since_pause = True
         return details()
 

@@ -118,6 +118,18 @@ def test_the_regimes_differ_where_placement_matters():
     assert fp16_chunk_ms > 3 * c.rtt_ms
 
 
+def test_the_congestion_episode_outlasts_the_devices_own_token():
+    """B's round trip is at least 2.5x the device's all-local token, rounded up to 100 ms, never under 300 ms;
+    the other regimes and the trace stay as they were."""
+    from seamline.bench.adaptive import congested_for
+
+    sc = scenario(6)
+    assert congested_for(sc, None) == sc and congested_for(sc, 40.0) == sc  # the demo: 100 ms < 300 ms
+    slow = congested_for(sc, 450.0)  # SmolLM2 on the throttled device
+    assert [r.rtt_ms for r in slow.regimes] == [5.0, 1200.0, 8.0] and slow.trace == sc.trace
+    assert slow.regimes[1].bandwidth_bps == sc.regimes[1].bandwidth_bps
+
+
 def _rows(ms: dict[str, list[float]], trace: tuple[int, ...]) -> list[dict]:
     return [{"policy": p, "request": i, "regime": trace[i], "ms": x} for p, xs in ms.items() for i, x in enumerate(xs)]
 

@@ -143,6 +143,8 @@ def test_controller_leaves_a_collapsed_link_and_comes_back(link, wide_bundle, to
         # fp32 only, so that every answer can be compared with the unsplit model; probes after 1 s off the link
         worker.call("policy", name="adaptive", kind="adaptive", codecs=["fp32"], config={"probe_after_s": 1.0})
         weak.add(worker.pid)
+        # what `seamline edge --adaptive` does at start-up: this device's own speed, timed under its quota
+        worker.call("calibrate", timeout=120, policy="adaptive", seconds=0.5)
 
         def run(phase: str, n: int, links: list[tuple[float, float]]) -> None:
             for j in range(n):
