@@ -32,6 +32,7 @@ from .worker import ComputeWorker
 TOKENIZE_THREADS = 2
 log = logging.getLogger("seamline.edge")
 CALIBRATION_CONTEXT = 16  # positions before the timed tokens of ``calibrate``
+CALIBRATION_TOKENS = 256  # the most tokens ``calibrate`` generates, however fast the device
 PREFIX_CHARS_PER_POSITION = 8  # the first prefix tried: 8 characters per context position
 _MARGIN = 8  # tokens a prefix may count beyond the full text's (special tokens, a normalizer)
 
@@ -70,7 +71,9 @@ class GenerationEngine:
         if seconds <= 0 or not m.has_all_layers or m.max_positions < CALIBRATION_CONTEXT + 5:
             return []
         ids = tuple(int(x) for x in np.random.default_rng(0).integers(0, m.vocab_size, CALIBRATION_CONTEXT))
-        request = GenerationRequest(ids, m.max_positions - CALIBRATION_CONTEXT - 1, SamplingParams())
+        # at most CALIBRATION_TOKENS: the edge cache is made for the whole request up front
+        request = GenerationRequest(ids, min(m.max_positions - CALIBRATION_CONTEXT - 1, CALIBRATION_TOKENS),
+                                    SamplingParams())
         gen = Generation(self, self.check(request), calibration=True)
         stamps: list[float] = []  # when each token arrived (the first one carries the prefill: not timed)
         events = gen.events()
