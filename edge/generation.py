@@ -94,6 +94,7 @@ DRAFT_SLACK = 16  # positions past the last token a speculative step may cache (
 PROBE_BOUNDARY_WAIT_S = 5.0  # a probe waits this long for the local loop's next token boundary, then goes anyway
 PREFLIGHT_MIN_WAIT_S = 1.0  # without a break-even, a preflight waits at least this long (at most connect_timeout)
 PREFLIGHT_MARGIN = 1.25  # ... and decides for the device after this times the break-even round trip without one
+PREFLIGHT_QUICK, PREFLIGHT_QUICK_S = 3.0, 0.02  # a reply within 3x the estimate (at least 20 ms) needs no break-even
 UNTIMED_LOCAL_TOKENS = 2  # a local run's first decode tokens, not handed to the policy (_go_local)
 PROBE_SAMPLES = 3  # timed Info round trips per probe (each handed on as the least so far: see _time_link)
 
@@ -292,39 +293,33 @@ class Generation:
         self.stats.split, self.stats.codec = choice.k, choice.codec.codec
 
     async def _preflight(self) -> None:
-        """Before the first choice, when the policy has not seen the link for ``preflight_after_s``: two ``Info``
-        round trips sent together, the lesser handed on (the device's own delays only add to a round trip):
-        twice when it is under the estimate, so a faster link is confirmed at once (two samples on the same side
-        move the estimate), once when over it (see below), so a link that got fast or slow while the device was
-        idle is priced before the request is placed, not after its first steps. Only with an all-local option to protect (the round trip decides between the
-        device and the cloud, barely between splits). It waits only as long as it must to decide: the policy
-        names the round trip above which all-local wins this request (``breakeven_rtt_ms``); when no reply
-        came in that time (x ``PREFLIGHT_MARGIN``), the policy is told the round trip is at least that long
-        and the request starts on the device, and the replies, when they come, are handed on as they are.
-        A failed probe leaves the estimates as they were."""
+        """Before the first choice, when the policy has not seen the link for ``preflight_after_s``: one timed
+        ``Info``, so that a link that got fast or slow while the device was idle is priced before the request
+        is placed, not after its first steps. A reply under the estimate is the link's (the device's own delays
+        only add to a round trip): handed twice, a confirmed new round trip (two samples on the same side move
+        the estimate at once). One over it is handed once, folded in as any sample: it came before the
+        break-even (below), so it cannot move the request to the device, and a throttled device's wait may be
+        in it. Only with an all-local option to protect (the round trip decides between the device and the
+        cloud, barely between splits). It waits only as long as it must to decide: a reply within
+        ``PREFLIGHT_QUICK`` round trips of the estimate settles it; else the policy names the round trip above
+        which all-local wins this request (``breakeven_rtt_ms``, a plan at two round trips, made only then),
+        and when no reply came in that time (x ``PREFLIGHT_MARGIN``) the policy is told the round trip is at
+        least that long and the request starts on the device; the reply, when it comes, is handed on. A failed
+        call leaves the estimates as they were."""
         after, link, policy = self.config.preflight_after_s, self.engine.link, self.engine.policy
         if after <= 0 or not self.engine.can_run_locally:
             return
         try:
             status = policy.status()
-            if status.link_age_s is None or status.estimates is None or status.link_age_s < after:
-                return
-            breakeven_of = getattr(policy, "breakeven_rtt_ms", None)
-            breakeven = None if breakeven_of is None else breakeven_of(
-                SplitRequest(self.n_prompt, self.max_new, len(self.ids), None))
         except Exception:
-            log.exception("the split policy failed to say whether to time the link first")
+            log.exception("the split policy failed to report its status")
             return
-        log.debug("preflight: the link unseen for %.1f s, break-even round trip %s ms", status.link_age_s, breakeven)
-        if breakeven_of is not None and breakeven is None:
-            return  # no all-local option on the menu: the answer could not change the placement
+        if status.link_age_s is None or status.estimates is None or status.link_age_s < after:
+            return
         endpoint = link.preferred_endpoint()  # where the request's session will open first
-        # the calls live up to connect_timeout (a cold channel over a slow link takes several round trips to
-        # connect; late replies still reach the estimate); the request waits for them only as long as the
-        # choice needs, or, without a break-even to go by, long enough for a slow link but not a dead one
-        timeout = self.config.connect_timeout
-        decide = min(timeout, max(PREFLIGHT_MIN_WAIT_S, 4e-3 * status.estimates.rtt_ms)
-                     if breakeven is None or breakeven == float("inf") else PREFLIGHT_MARGIN * breakeven / 1e3)
+        # the call lives up to connect_timeout (a cold channel over a slow link takes several round trips to
+        # connect; a late reply still reaches the estimate)
+        timeout, estimate = self.config.connect_timeout, status.estimates.rtt_ms
 
         async def timed():
             t0 = time.perf_counter()
@@ -332,42 +327,48 @@ class Generation:
             return info, (time.perf_counter() - t0) * 1e3
 
         t0, self._preflight_at = time.perf_counter(), time.monotonic()
-        tasks = [asyncio.ensure_future(timed()) for _ in range(2)]
-        if breakeven == 0.0:  # all-local wins whatever the round trip: start now, and let the replies, when
-            self._late = asyncio.ensure_future(self._late_replies(tasks))  # they come, refresh the estimate
-            return
+        call = asyncio.ensure_future(timed())
         try:
-            done, _ = await asyncio.wait(tasks, timeout=decide)
+            await asyncio.wait([call], timeout=min(timeout, max(PREFLIGHT_QUICK_S, PREFLIGHT_QUICK * estimate / 1e3)))
+            if not call.done():  # a slow reply: how long is it worth waiting for?
+                breakeven_of = getattr(policy, "breakeven_rtt_ms", None)
+                try:
+                    breakeven = None if breakeven_of is None else breakeven_of(
+                        SplitRequest(self.n_prompt, self.max_new, len(self.ids), None))
+                except Exception:
+                    log.exception("the split policy failed to name its break-even round trip")
+                    breakeven = 0.0
+                log.debug("preflight: no reply yet; break-even round trip %s ms", breakeven)
+                if breakeven_of is not None and (breakeven is None or breakeven == 0.0):
+                    # no all-local option, or it wins whatever the round trip: the answer cannot change the
+                    # placement; start now and hand the reply on when it comes
+                    self._late = asyncio.ensure_future(self._late_replies([call]))
+                    return
+                decide = min(timeout, max(PREFLIGHT_MIN_WAIT_S, 4e-3 * estimate)
+                             if breakeven is None or breakeven == float("inf") else PREFLIGHT_MARGIN * breakeven / 1e3)
+                await asyncio.wait([call], timeout=max(0.0, decide - (time.perf_counter() - t0)))
         except BaseException:  # the generation was cancelled meanwhile
-            for t in tasks:
-                t.cancel()
+            call.cancel()
             raise
-        answered = [t.result() for t in done if t.exception() is None]
-        if answered:
-            for t in tasks:
-                t.cancel()
-            least = min(ms for _, ms in answered)
-            log.debug("preflight: %d replies, the least in %.1f ms", len(answered), least)
-            # A reading under the estimate is the link's (the device's delays only add): two samples, a confirmed
-            # new round trip. One over it came before the break-even, so it cannot move the request to the
-            # device, and a throttled device's wait may be in it: one sample, folded in as any other.
-            confirmed = least <= status.estimates.rtt_ms or breakeven is None or breakeven == float("inf")
-            for info, _ in (answered * (3 - len(answered)))[: 2 if confirmed else 1]:
-                self._observe_info(info, least)
+        if call.done():
+            if call.exception() is None:
+                info, ms = call.result()
+                log.debug("preflight: a reply in %.1f ms (estimate %.1f)", ms, estimate)
+                for _ in range(2 if ms <= estimate else 1):
+                    self._observe_info(info, ms)
             return
         silence = getattr(policy, "observe_silence", None)
-        if len(done) == len(tasks) or silence is None:  # both failed, or a policy that takes no bound
-            for t in tasks:
-                t.cancel()
+        if silence is None:
+            call.cancel()
             return
         waited = (time.perf_counter() - t0) * 1e3
-        log.info("no reply from %s within %.0f ms: above the round trip (%s ms) where this request runs "
-                 "faster on the device", endpoint, waited, breakeven)
+        log.info("no reply from %s within %.0f ms: above the round trip where this request runs faster on the "
+                 "device", endpoint, waited)
         try:
             silence(waited)  # a lower bound: the request starts on the device
         except Exception:
             log.exception("the split policy failed to take a silent preflight")
-        self._late = asyncio.ensure_future(self._late_replies(tasks))
+        self._late = asyncio.ensure_future(self._late_replies([call]))
 
     async def _late_replies(self, tasks: list[asyncio.Future]) -> None:
         """The preflight's replies that came after it decided: their round trip, the least, to the policy."""
