@@ -130,12 +130,12 @@ class EdgeConfig(Settings, section="edge"):
                                     "probe's reply (on a throttled device the round trip would read many times "
                                     "the link's); 0: never pause", low=0, metavar="MS")
     preflight_after_s: float = setting(2.0, "--adaptive: before a request, when the split policy has not seen the "
-                                       "link for this long (no step, no probe), time two Info round trips sent "
-                                       "together and tell it, so a link that changed while the device was idle "
+                                       "link for this long (no step, no probe), time an Info round trip and "
+                                       "tell it, so a link that changed while the device was idle "
                                        "is seen before the request is placed (costs one round trip before the "
                                        "first token); 0: off", low=0, metavar="SECONDS")
-    calibrate_s: float = setting(0.5, "--adaptive: at start-up, time this long of back-to-back tokens with every "
-                                 "layer on the device and start the controller from what this device measures "
+    calibrate_s: float = setting(0.5, "--adaptive: at start-up, time this long of a generation with every layer "
+                                 "on the device (then its first blocks for half as long) and start the controller from what this device measures "
                                  "instead of the bundle's profile (taken where `partition --split auto` ran); 0: "
                                  "off", low=0, metavar="SECONDS")
     deadline: float | None = setting(None, "per-request deadline: past it the rest is generated locally (full "
