@@ -297,9 +297,9 @@ class Generation:
         ``Info``, so that a link that got fast or slow while the device was idle is priced before the request
         is placed, not after its first steps. A reply under the estimate is the link's (the device's own delays
         only add to a round trip): handed twice, a confirmed new round trip (two samples on the same side move
-        the estimate at once). One over it is handed once, folded in as any sample: it came before the
-        break-even (below), so it cannot move the request to the device, and a throttled device's wait may be
-        in it. Only with an all-local option to protect (the round trip decides between the device and the
+        the estimate at once). One over it is handed once, folded in as any sample, unless it is also over the
+        break-even (below): a throttled device's wait may be in a slightly slow reply, and only a reply slow
+        enough to move the request to the device needs to move the estimate at once. Only with an all-local option to protect (the round trip decides between the device and the
         cloud, barely between splits). It waits only as long as it must to decide: a reply within
         ``PREFLIGHT_QUICK`` round trips of the estimate settles it; else the policy names the round trip above
         which all-local wins this request (``breakeven_rtt_ms``, a plan at two round trips, made only then),
@@ -327,7 +327,7 @@ class Generation:
             return info, (time.perf_counter() - t0) * 1e3
 
         t0, self._preflight_at = time.perf_counter(), time.monotonic()
-        call = asyncio.ensure_future(timed())
+        call, breakeven = asyncio.ensure_future(timed()), None
         try:
             await asyncio.wait([call], timeout=min(timeout, max(PREFLIGHT_QUICK_S, PREFLIGHT_QUICK * estimate / 1e3)))
             if not call.done():  # a slow reply: how long is it worth waiting for?
@@ -353,8 +353,11 @@ class Generation:
         if call.done():
             if call.exception() is None:
                 info, ms = call.result()
-                log.debug("preflight: a reply in %.1f ms (estimate %.1f)", ms, estimate)
-                for _ in range(2 if ms <= estimate else 1):
+                log.debug("preflight: a reply in %.1f ms (estimate %.1f, break-even %s)", ms, estimate, breakeven)
+                # confirmed when under the estimate, or slower than the break-even (it outlasted the quick window
+                # too: no throttled device's wait is that long), so the request goes to the device
+                slow = breakeven is not None and ms > breakeven
+                for _ in range(2 if ms <= estimate or slow else 1):
                     self._observe_info(info, ms)
             return
         silence = getattr(policy, "observe_silence", None)
