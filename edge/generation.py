@@ -167,7 +167,7 @@ class Generation:
         self.deadline: float | None = None
         self._pending: SplitChoice | None = None  # a mid-generation choice, applied after the current token
         self._probe: asyncio.Task | None = None  # asks the cloud whether the link works while running locally
-        self._late: asyncio.Future | None = None  # a preflight's replies that came after it decided
+        self._late: asyncio.Future | None = None  # a preflight's reply that came after it decided
         self._preflight_at: float | None = None  # when the preflight timed the link (monotonic s)
         self._probe_wanted = False  # a probe waits for a token boundary: queue no local job ahead (_wants_next)
         self._probe_ready = asyncio.Event()  # the local loop is at a boundary, its worker idle: send the probe
@@ -342,7 +342,7 @@ class Generation:
                 if breakeven_of is not None and (breakeven is None or breakeven == 0.0):
                     # no all-local option, or it wins whatever the round trip: the answer cannot change the
                     # placement; start now and hand the reply on when it comes
-                    self._late = asyncio.ensure_future(self._late_replies([call]))
+                    self._late = asyncio.ensure_future(self._late_reply(call))
                     return
                 decide = min(timeout, max(PREFLIGHT_MIN_WAIT_S, 4e-3 * estimate)
                              if breakeven is None or breakeven == float("inf") else PREFLIGHT_MARGIN * breakeven / 1e3)
@@ -371,21 +371,19 @@ class Generation:
             silence(waited)  # a lower bound: the request starts on the device
         except Exception:
             log.exception("the split policy failed to take a silent preflight")
-        self._late = asyncio.ensure_future(self._late_replies([call]))
+        self._late = asyncio.ensure_future(self._late_reply(call))
 
-    async def _late_replies(self, tasks: list[asyncio.Future]) -> None:
-        """The preflight's replies that came after it decided: their round trip, the least, to the policy."""
+    async def _late_reply(self, call: asyncio.Future) -> None:
+        """The preflight's reply that came after it decided: a confirmed round trip (handed twice) to the policy."""
         try:
-            results = await asyncio.gather(*tasks, return_exceptions=True)
+            info, ms = await call
         except asyncio.CancelledError:
-            for t in tasks:
-                t.cancel()
+            call.cancel()
             raise
-        answered = [r for r in results if not isinstance(r, BaseException)]
-        if answered:
-            least = min(ms for _, ms in answered)
-            for info, _ in answered * (3 - len(answered)):
-                self._observe_info(info, least)
+        except EdgeError:
+            return
+        for _ in range(2):
+            self._observe_info(info, ms)
 
     def _run_locally(self, num_layers: int) -> None:
         """Every layer on the edge from the first token: the local path starts at k = 0."""
