@@ -37,6 +37,8 @@ Replay (moving ``k`` or the codec mid-session) at position ``p``: ``T_pre(p; k',
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -109,6 +111,35 @@ class LayerTiming:
         return max(y, min(p[1] for p in pts))
 
 
+class _LayerSums:
+    """Prefix sums of the blocks' timings, so that a range of blocks costs O(1) to price: the controller
+    re-plans during a generation, on the device, and summing each block's interpolation over every option
+    cost ~0.3 ms a re-plan on SmolLM2 (x50 on a device held to 2 % of a core).
+
+    Exact where each block's :meth:`LayerTiming.decode_at` is linear: every block profiled at the same (at
+    most three) contexts and the context inside them, where it interpolates between two of its points (the
+    same two for every block); elsewhere (extrapolation, where the floor may apply) the blocks are summed."""
+
+    def __init__(self, layers: tuple[LayerTiming, ...]):
+        self.layers = layers
+        self.prefill = list(itertools.accumulate((t.prefill_ms for t in layers), initial=0.0))
+        points = {tuple(c for c, _ in t.decode_ms) for t in layers}
+        xs = next(iter(points)) if len(points) == 1 else ()
+        self.xs = xs if 0 < len(xs) <= 3 else ()
+        self.decode = [list(itertools.accumulate((t.decode_ms[j][1] for t in layers), initial=0.0))
+                       for j in range(len(self.xs))]
+
+    def decode_ms(self, lo: int, hi: int, context: float) -> float:
+        xs, sums = self.xs, self.decode
+        if len(xs) == 1:
+            return sums[0][hi] - sums[0][lo]
+        if not xs or not xs[0] <= context <= xs[-1]:
+            return sum(t.decode_at(context) for t in self.layers[lo:hi])
+        a = 0 if context <= xs[1] else len(xs) - 2
+        ya, yb = sums[a][hi] - sums[a][lo], sums[a + 1][hi] - sums[a + 1][lo]
+        return ya + (yb - ya) * (context - xs[a]) / (xs[a + 1] - xs[a])
+
+
 @dataclass(frozen=True)
 class Profile:
     """Per-layer latency on one side (``seamline profile`` JSON); ``layers`` may cover fewer than L blocks."""
@@ -121,6 +152,12 @@ class Profile:
     chunk: int = 64
     model_hash: str = ""
     kind: str = "edge"
+    decode_scale: float = 1.0  # every block's decode figure times this (:meth:`scaled`; embed, head already are)
+    prefill_scale: float = 1.0
+
+    @functools.cached_property
+    def _sums(self) -> _LayerSums:
+        return _LayerSums(self.layers)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "profile") -> Profile:
@@ -157,19 +194,28 @@ class Profile:
 
     def scaled(self, decode: float = 1.0, prefill: float = 1.0) -> Profile:
         """Every decode figure (and embed, head) times ``decode``, every prefill figure times ``prefill``."""
-        layers = tuple(LayerTiming(tuple((c, ms * decode) for c, ms in t.decode_ms), t.prefill_ms * prefill)
-                       for t in self.layers)
-        return replace(self, layers=layers, embed_ms=self.embed_ms * decode,
-                       head_ms=None if self.head_ms is None else self.head_ms * decode)
+        out = replace(self, embed_ms=self.embed_ms * decode, head_ms=None if self.head_ms is None else self.head_ms * decode,
+                      decode_scale=self.decode_scale * decode, prefill_scale=self.prefill_scale * prefill)
+        out.__dict__["_sums"] = self._sums  # the same blocks: the copy shares their sums (a cached_property)
+        return out
 
     def covers(self, lo: int, hi: int) -> bool:
         return 0 <= lo <= hi <= len(self.layers)
 
+    def _bounds(self, lo: int, hi: int) -> tuple[int, int]:
+        """``layers[lo:hi]``'s bounds (lo >= 0), clipped as a slice would be."""
+        n = len(self.layers)
+        lo = min(lo, n)
+        return lo, max(lo, min(hi, n))
+
     def decode_ms(self, lo: int, hi: int, context: float) -> float:
-        return sum(t.decode_at(context) for t in self.layers[lo:hi])
+        lo, hi = self._bounds(lo, hi)
+        return self._sums.decode_ms(lo, hi, context) * self.decode_scale
 
     def prefill_ms(self, lo: int, hi: int, tokens: float) -> float:
-        return sum(t.prefill_ms for t in self.layers[lo:hi]) * tokens / self.chunk
+        lo, hi = self._bounds(lo, hi)
+        sums = self._sums.prefill
+        return (sums[hi] - sums[lo]) * self.prefill_scale * tokens / self.chunk
 
 
 class EdgeProfile(Profile):

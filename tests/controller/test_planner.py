@@ -165,6 +165,29 @@ def test_units_and_profile_interpolation():
     assert prof.scaled(decode=2.0).decode_ms(0, 1, 64) == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("contexts", [(64,), (64, 256), (16, 64, 256), (16, 64, 128, 256)])
+def test_a_range_of_blocks_prices_as_the_sum_of_its_blocks(contexts):
+    """Profile.decode_ms / prefill_ms (prefix sums, O(1) a call: the controller re-plans per token on the device)
+    equal the sum of every block's own interpolation, inside the profiled contexts, beyond them (where a block's
+    floor may apply) and for blocks profiled at different contexts; scaled copies too."""
+    rng = np.random.default_rng(3)
+    rows = [{"layer": i, "prefill_ms": float(rng.uniform(1, 9)),
+             "decode_ms": {str(c): float(rng.uniform(0.1, 3.0)) for c in contexts}} for i in range(7)]
+    odd = [dict(r, decode_ms={"32": 0.5, "512": 0.2}) if r["layer"] == 4 else r for r in rows]
+    for layers in (rows, odd):
+        prof = EdgeProfile.from_json({"kind": "edge", "num_layers": 7, "hidden_size": 8, "embed_ms": 0.3,
+                                      "head_ms": 1.0, "layers": layers})
+        fast = prof.scaled(decode=2.5, prefill=0.5)
+        for ctx in (0, 16, 40, 64, 100, 128, 200, 256, 300, 1000):
+            for lo, hi in ((0, 7), (0, 1), (2, 5), (3, 3), (6, 7), (5, 9), (8, 9)):
+                want = sum(t.decode_at(ctx) for t in prof.layers[lo:hi])
+                assert prof.decode_ms(lo, hi, ctx) == pytest.approx(want, rel=1e-12, abs=1e-12)
+                assert fast.decode_ms(lo, hi, ctx) == pytest.approx(2.5 * want, rel=1e-12, abs=1e-12)
+                pre = sum(t.prefill_ms for t in prof.layers[lo:hi])
+                assert fast.prefill_ms(lo, hi, 32) == pytest.approx(0.5 * pre * 32 / 64, rel=1e-12, abs=1e-12)
+        assert fast.embed_ms == pytest.approx(0.75) and fast.head_ms == pytest.approx(2.5)
+
+
 def test_the_codec_work_scales_with_the_side_that_does_it():
     """The encode runs on the device and the decode in the cloud: at a device 30x slower than profiled, a
     codec whose encode costs more CPU than its smaller message saves on the wire loses (fast link)."""
