@@ -246,8 +246,16 @@ class Estimates:
             self.log_bandwidth.forget()
 
     def local_scale(self, kind: str) -> float:
-        """All-local ratio measured / profiled for ``kind`` (decode | prefill); the split-k one until measured."""
-        local, split_k = getattr(self, f"local_{kind}_scale").value, getattr(self, f"edge_{kind}_scale").value
+        """All-local ratio measured / profiled for ``kind`` (decode | prefill). Until one is measured: for a
+        prefill, the all-local decode ratio (every block on this device, as the start-up calibration times it);
+        else the split-k one. A split-k prefill times a few blocks and the chunk's encode, whose fixed costs and,
+        on a device held to a CPU quota, whose wait for the next period weigh on a small profiled figure: on
+        SmolLM2 at 3 % of a core split 1's prefill read 108-149x its profile where every block ran at 47-60x,
+        and an all-local request priced from it at 30-36 s (it took 17.6) never went local on a 1 s link."""
+        local = getattr(self, f"local_{kind}_scale").value
+        if local is None and kind == "prefill":
+            local = self.local_decode_scale.value
+        split_k = getattr(self, f"edge_{kind}_scale").value
         return local if local is not None else 1.0 if split_k is None else split_k
 
     def bandwidth_sample(self, bps: float) -> None:

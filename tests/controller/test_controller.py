@@ -347,6 +347,28 @@ def test_blocks_are_priced_at_their_sustained_speed_when_steps_time_them_faster(
     assert ctl.current is None and ctl.last_network_at is None  # no decision, no link sample
 
 
+def test_an_unmeasured_all_local_prefill_is_priced_from_the_all_local_decode_ratio():
+    """Until an all-local prefill is measured, it is priced at what every block costs here token by token (the
+    start-up calibration's local decode ratio), not at the split-k prefill's ratio: a chunk's few blocks and its
+    encode read 108-149x the profile on SmolLM2 at 3 % of a core where every block ran at 47-60x, and the request
+    that priced all-local from them stayed on a 1 s link at 30 s where the device took 17.6 s."""
+    ctl, _ = controller()
+    k = 1
+    split_pre = 120 * (EDGE.embed_ms + EDGE.prefill_ms(0, k, 64) + WIRE.encode_ms("int8", 64))
+    ctl.observe(StepObservation(k, "int8", 64, 0, edge_ms=split_pre))
+    assert ctl.est.local_scale("prefill") == pytest.approx(120.0)  # nothing all-local yet: split k's stands in
+    for i in range(6):  # all-local decode tokens at 50x the profile (what calibration hands on)
+        ctl.observe(StepObservation(L, "local", 1, 64 + i, edge_ms=50 * CostModel(
+            EDGE, CLOUD, LinkEstimate(*GOOD), WIRE).decode_ms(L, "local", 64 + i)))
+    assert ctl.est.local_scale("prefill") == pytest.approx(50.0)
+    assert ctl.cost_model().prefill_ms(L, "local", 64) == pytest.approx(50 * CostModel(
+        EDGE, CLOUD, LinkEstimate(*GOOD), WIRE).prefill_ms(L, "local", 64))
+    assert ctl.cost_model().edge_scale[1] == pytest.approx(120.0)  # split k's own prefill keeps its ratio
+    base = CostModel(EDGE, CLOUD, LinkEstimate(*GOOD), WIRE).prefill_ms(L, "local", 64)
+    ctl.observe(StepObservation(L, "local", 64, 0, edge_ms=70 * base))  # measured: it takes over
+    assert ctl.est.local_scale("prefill") == pytest.approx(70.0)
+
+
 def test_a_policy_reports_how_long_it_has_not_seen_the_link():
     """``link_age_s`` (what the generation's preflight reads): from the controller's start until the first
     network observation, then from the latest one; a probe resets it."""
