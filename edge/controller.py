@@ -20,7 +20,8 @@ Estimates (each an EWMA, weight ``alpha`` for a new sample):
   change detector like the RTT's (``scale_jump`` x) except that a lone far sample is held back, not folded
   in: one stalled step (a garbage collection under a CPU quota) moves nothing; applied to every block, so a device that runs slow today is slow at every split; all-local steps keep ratios of
   their own (they also pay the head, sampling and per-token overhead that the split-k ratio does not see;
-  each stands in for the other until measured); the split-k ratios never read below the blocks' sustained
+  each stands in for the other until measured, except that an unmeasured all-local prefill takes the all-local
+  decode ratio first: see ``Estimates.local_scale``); the split-k ratios never read below the blocks' sustained
   ratio (``edge_sustained_scale``: blocks timed back to back at start-up, ``GenerationEngine.calibrate``),
   since under a CPU quota a step's few blocks run in one full-speed burst and their cost lands in the wait
   after it, which the step's timing books on the link. The two are not coupled: split-k steps measured on a slow

@@ -203,10 +203,9 @@ class Profile:
         return 0 <= lo <= hi <= len(self.layers)
 
     def _bounds(self, lo: int, hi: int) -> tuple[int, int]:
-        """``layers[lo:hi]``'s bounds (lo >= 0), clipped as a slice would be."""
-        n = len(self.layers)
-        lo = min(lo, n)
-        return lo, max(lo, min(hi, n))
+        """The bounds of ``layers[lo:hi]``, exactly as the slice takes them (negative, past the end, empty)."""
+        lo, hi, _ = slice(lo, hi).indices(len(self.layers))
+        return lo, max(lo, hi)
 
     def decode_ms(self, lo: int, hi: int, context: float) -> float:
         lo, hi = self._bounds(lo, hi)

@@ -179,7 +179,7 @@ def test_a_range_of_blocks_prices_as_the_sum_of_its_blocks(contexts):
                                       "head_ms": 1.0, "layers": layers})
         fast = prof.scaled(decode=2.5, prefill=0.5)
         for ctx in (0, 16, 40, 64, 100, 128, 200, 256, 300, 1000):
-            for lo, hi in ((0, 7), (0, 1), (2, 5), (3, 3), (6, 7), (5, 9), (8, 9)):
+            for lo, hi in ((0, 7), (0, 1), (2, 5), (3, 3), (6, 7), (5, 9), (8, 9), (-2, 7), (0, -1), (5, 2)):
                 want = sum(t.decode_at(ctx) for t in prof.layers[lo:hi])
                 assert prof.decode_ms(lo, hi, ctx) == pytest.approx(want, rel=1e-12, abs=1e-12)
                 assert fast.decode_ms(lo, hi, ctx) == pytest.approx(2.5 * want, rel=1e-12, abs=1e-12)
