@@ -118,7 +118,9 @@ class _LayerSums:
 
     Exact where each block's :meth:`LayerTiming.decode_at` is linear: every block profiled at the same (at
     most three) contexts and the context inside them, where it interpolates between two of its points (the
-    same two for every block); elsewhere (extrapolation, where the floor may apply) the blocks are summed."""
+    same two for every block). Beyond them too when every block's cost rises with the context (the usual
+    profile): past the last point the last segment extends (never below the floor), before the first point
+    the floor is the first point's figure. Elsewhere the blocks are summed."""
 
     def __init__(self, layers: tuple[LayerTiming, ...]):
         self.layers = layers
@@ -128,13 +130,18 @@ class _LayerSums:
         self.xs = xs if 0 < len(xs) <= 3 else ()
         self.decode = [list(itertools.accumulate((t.decode_ms[j][1] for t in layers), initial=0.0))
                        for j in range(len(self.xs))]
+        # every block's figures non-decreasing in the context: extrapolation is linear past the last point and
+        # the first point's figure (its floor) before the first
+        self.rising = bool(self.xs) and all(a[1] <= b[1] for t in layers for a, b in itertools.pairwise(t.decode_ms))
 
     def decode_ms(self, lo: int, hi: int, context: float) -> float:
         xs, sums = self.xs, self.decode
         if len(xs) == 1:
             return sums[0][hi] - sums[0][lo]
-        if not xs or not xs[0] <= context <= xs[-1]:
+        if not xs or not (xs[0] <= context <= xs[-1] or self.rising):
             return sum(t.decode_at(context) for t in self.layers[lo:hi])
+        if context < xs[0]:  # rising: every block at its floor, the first point
+            return sums[0][hi] - sums[0][lo]
         a = 0 if context <= xs[1] else len(xs) - 2
         ya, yb = sums[a][hi] - sums[a][lo], sums[a + 1][hi] - sums[a + 1][lo]
         return ya + (yb - ya) * (context - xs[a]) / (xs[a + 1] - xs[a])

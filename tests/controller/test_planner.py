@@ -174,7 +174,8 @@ def test_a_range_of_blocks_prices_as_the_sum_of_its_blocks(contexts):
     rows = [{"layer": i, "prefill_ms": float(rng.uniform(1, 9)),
              "decode_ms": {str(c): float(rng.uniform(0.1, 3.0)) for c in contexts}} for i in range(7)]
     odd = [dict(r, decode_ms={"32": 0.5, "512": 0.2}) if r["layer"] == 4 else r for r in rows]
-    for layers in (rows, odd):
+    rising = [dict(r, decode_ms=dict(zip(r["decode_ms"], sorted(r["decode_ms"].values())))) for r in rows]
+    for layers in (rows, odd, rising):
         prof = EdgeProfile.from_json({"kind": "edge", "num_layers": 7, "hidden_size": 8, "embed_ms": 0.3,
                                       "head_ms": 1.0, "layers": layers})
         fast = prof.scaled(decode=2.5, prefill=0.5)
