@@ -327,17 +327,29 @@ class Generation:
             return info, (time.perf_counter() - t0) * 1e3
 
         t0, self._preflight_at = time.perf_counter(), time.monotonic()
-        call, breakeven = asyncio.ensure_future(timed()), None
+        call, breakeven, named = asyncio.ensure_future(timed()), None, False
+        breakeven_of = getattr(policy, "breakeven_rtt_ms", None)
+
+        def name_breakeven() -> float | None:
+            try:
+                return None if breakeven_of is None else breakeven_of(
+                    SplitRequest(self.n_prompt, self.max_new, len(self.ids), None))
+            except Exception:
+                log.exception("the split policy failed to name its break-even round trip")
+                return 0.0
+
         try:
-            await asyncio.wait([call], timeout=min(timeout, max(PREFLIGHT_QUICK_S, PREFLIGHT_QUICK * estimate / 1e3)))
+            quick = min(timeout, max(PREFLIGHT_QUICK_S, PREFLIGHT_QUICK * estimate / 1e3))
+            if quick > PREFLIGHT_QUICK_S and breakeven_of is not None:
+                # a slow link on record: a reply later than the break-even cannot move the request to the cloud,
+                # so the quick window (3 round trips of it) is no longer than the break-even wait
+                breakeven, named = name_breakeven(), True
+                if breakeven is not None and 0.0 < breakeven < float("inf"):
+                    quick = min(quick, PREFLIGHT_MARGIN * breakeven / 1e3)
+            await asyncio.wait([call], timeout=quick)
             if not call.done():  # a slow reply: how long is it worth waiting for?
-                breakeven_of = getattr(policy, "breakeven_rtt_ms", None)
-                try:
-                    breakeven = None if breakeven_of is None else breakeven_of(
-                        SplitRequest(self.n_prompt, self.max_new, len(self.ids), None))
-                except Exception:
-                    log.exception("the split policy failed to name its break-even round trip")
-                    breakeven = 0.0
+                if not named:
+                    breakeven = name_breakeven()
                 log.debug("preflight: no reply yet; break-even round trip %s ms", breakeven)
                 if breakeven_of is not None and (breakeven is None or breakeven == 0.0):
                     # no all-local option, or it wins whatever the round trip: the answer cannot change the
@@ -356,7 +368,7 @@ class Generation:
                 log.debug("preflight: a reply in %.1f ms (estimate %.1f, break-even %s)", ms, estimate, breakeven)
                 # confirmed when under the estimate, or slower than the break-even (it outlasted the quick window
                 # too: no throttled device's wait is that long), so the request goes to the device
-                slow = breakeven is not None and ms > breakeven
+                slow = breakeven is not None and ms > breakeven and ms > PREFLIGHT_QUICK * estimate
                 for _ in range(2 if ms <= estimate or slow else 1):
                     self._observe_info(info, ms)
             return
@@ -616,9 +628,15 @@ class Generation:
         size = max(1, min(self.config.chunk_tokens, session.max_chunk_tokens))
         spans = [(a, min(a + size, n)) for a in range(self.cloud_pos, n, size)]
         chunks: list[OutgoingChunk] = []
-        pending: asyncio.Task | None = self._prepare(*spans[0], len(spans) == 1)
+        if len(spans) == 1:  # a decode step: nothing to overlap, so no task (one loop round trip less a step)
+            pending: asyncio.Task | None = None
+            chunk = await self._prepare_chunk(*spans[0], True)
+            await session.send(chunk, self._step_timeout())
+            chunks.append(chunk)
+        else:
+            pending = self._prepare(*spans[0], False)
         try:
-            for j in range(len(spans)):
+            for j in range(len(chunks), len(spans)):
                 chunk = await pending
                 pending = self._prepare(*spans[j + 1], j + 2 == len(spans)) if j + 1 < len(spans) else None
                 await session.send(chunk, self._step_timeout())  # ... while the worker computes the next

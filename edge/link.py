@@ -79,7 +79,8 @@ class LinkSession:
         size = req.ByteSize()
         sent_at = time.perf_counter()
         try:
-            await asyncio.wait_for(call.write(req), timeout)
+            async with asyncio.timeout(timeout):  # a timer on this task: no task per step as wait_for makes
+                await call.write(req)
         except TimeoutError:
             self.abort()
             raise LinkBroken(f"Step on {self.endpoint}: could not send within {timeout:.1f}s") from None
@@ -98,7 +99,8 @@ class LinkSession:
         if call is None or not self._in_flight:
             raise LinkBroken(f"no Step request in flight on {self.endpoint}")
         try:
-            reply = await asyncio.wait_for(call.read(), timeout)
+            async with asyncio.timeout(timeout):
+                reply = await call.read()
         except TimeoutError:
             self.abort()
             raise LinkBroken(f"Step on {self.endpoint}: no reply within {timeout:.1f}s "

@@ -555,6 +555,50 @@ async def test_a_link_that_changed_while_the_device_was_idle_is_seen_before_the_
     assert _ended(result.token_ids, torch_greedy(ids, 24))
 
 
+async def test_a_preflight_on_a_link_still_slow_decides_within_the_break_even_not_the_round_trip(
+        link, wide_bundle, torch_greedy):
+    """The policy last saw a slow link (200 ms round trips, 10 s ago) and the link is still that slow: the preflight
+    decides for the device once the break-even round trip has passed without a reply, not after three round trips
+    of the estimate (which would wait for the reply whatever it said: every request on a slow link paid a round
+    trip before its first token). The reply, when it comes, reaches the estimate. Greedy output unchanged."""
+    import time
+
+    from seamline.edge.controller import AdaptivePolicy
+    from seamline.edge.messages import StepStats
+    from seamline.edge.planner import LinkEstimate
+
+    made: list = []
+    handed: list = []
+    bounds: list = []
+    seen: list = []
+
+    def slow_prior(manifest):
+        policy = AdaptivePolicy.from_manifest(manifest, LinkEstimate(100e6, 1.0), codecs=("fp32",))
+        for _ in range(2):
+            policy.controller.observe_probe(rtt_ms=200.0, now=time.monotonic() - 10.0)
+        for i in range(3):  # a local token takes 45 ms: the break-even round trip is well under 200 ms
+            policy.observe(StepStats.local(L, 1, PROMPT_TOKENS + i, 0, 45.0))
+        choose, observe_info, silence = policy.choose, policy.observe_info, policy.observe_silence
+        policy.choose = lambda request: made.append(choose(request)) or made[-1]
+        policy.observe_info = lambda info, rtt_ms: handed.append(rtt_ms) or observe_info(info, rtt_ms)
+        policy.observe_silence = lambda ms: bounds.append(ms) or silence(ms)
+        seen.append(policy)
+        return policy
+
+    link.set(bandwidth_bps=100e6, delay_ms=100.0)  # a 200 ms round trip
+    try:
+        ids, result, _ = await _generate(wide_bundle, link.address, slow_prior, TEXT, 24, preflight_after_s=1.0,
+                                         prepare=_slow_head(0.03), probe_pause_ms=10_000.0, connect_timeout=10.0)
+    finally:
+        link.set(delay_ms=1.0)
+    breakeven = seen[0].controller.breakeven_rtt_ms(len(ids), 24)
+    assert 0.0 < breakeven < 150.0, breakeven
+    assert made[0].local, (made, handed, bounds)
+    assert len(bounds) == 1 and bounds[0] < 200.0, (bounds, breakeven)  # decided before the reply came
+    assert handed and all(ms >= 200.0 for ms in handed if ms is not None), handed
+    assert _ended(result.token_ids, torch_greedy(ids, 24))
+
+
 async def test_a_device_slower_than_the_probe_interval_still_returns(link, wide_bundle, torch_greedy):
     """Local tokens slower than --probe-interval: a probe pauses the loop only once a timed token reached the
     policy since its last pause (the token after a pause is not timed, and it is local steps the policy
