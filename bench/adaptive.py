@@ -27,7 +27,12 @@ time where that is longer, :func:`congested_for`, so that it does on a real mode
 cloud again, with fewer bytes per row); the RTT is split evenly between the two directions' one-way delays.
 The trace comes back from B, so the controller must find its way from the device back to the cloud.
 
-Workload: 12 requests (``--quick``: 6) of 64-token prompts and 24 (16) new tokens, greedy. Requests are
+Workload: 12 requests of 64-token prompts and 24 new tokens (``--quick``: 6 of 192 + 16), greedy. The quick run's
+longer prompts (a chat turn with its system prompt; ``QUICK_PROMPT_TOKENS``) are what make its regimes differ on
+the demo model: one remote decode step costs the device about as much CPU as one of the demo's all-local tokens
+(gRPC, the event loop and a thread hop against six 192-wide blocks: 1.85 against 1.4 ms at full speed, a scratch
+measurement of 2026-12-03), so the split saves the device the prompt's other blocks, not its decode; with 64-token
+prompts all-local stayed within 1.2-1.3x of split 1 in A and C (``oracle_vs_best_fixed`` 0.82-0.86). Requests are
 interleaved: request i runs under its regime for every policy in turn (in a shuffled order, seeded by i), so
 slow drifts of a shared machine hit every policy alike. Every policy, the adaptive ones too, gets one
 uncounted warm-up request under the quota (ORT and the cloud's torch at every split; for the controller,
@@ -67,6 +72,7 @@ QUICK_CODECS = ("fp16", "int4-rot")
 # regimes here last seconds of the policy's own time where real ones last minutes, and the default 30 s
 # before an all-local device probes the link with a request is longer than that; the variant probes after 5 s.
 ADAPTIVE = {"adaptive": {}, "adaptive-probe5s": {"probe_after_s": 5.0}}
+QUICK_PROMPT_TOKENS = 192  # --quick's prompts (see the module's docstring: why longer than the full run's)
 THINK_S = 5.0  # idle seconds on an adaptive policy's clock between two of its requests (a person reading)
 WEAK_CPU_ENV = "SEAMLINE_WEAK_CPU"  # a fixed share of one core instead of the one sized for the gap
 GAP_ENV = "SEAMLINE_GAP"  # the cloud this many times faster per layer than the device (default 10)
@@ -247,7 +253,7 @@ class _Worker:
         m = self.engine.manifest
         return {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "local_ok": m.has_all_layers,
                 "min_split": m.min_split, "model_id": m.model_id, "profiles": bool((m.plan or {}).get("profiles")),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "max_positions": m.max_positions}
 
     async def op_prompts(self, text: str, tokens: int, count: int) -> dict:
         ids = self.engine.encode_prompt(text)
@@ -733,7 +739,7 @@ def run(args: Any) -> dict:
         console = Console(width=150)
     quick = bool(getattr(args, "quick", False))
     name = getattr(args, "model", None) or "demo"
-    n_requests, prompt_tokens, new_tokens = (6, 64, 16) if quick else (12, 64, 24)
+    n_requests, prompt_tokens, new_tokens = (6, QUICK_PROMPT_TOKENS, 16) if quick else (12, 64, 24)
     sc = scenario(n_requests)
     adaptive_cfg = {"adaptive": {}} if quick else ADAPTIVE  # quick: the headline controller only
     fixed_cpu = os.environ.get(WEAK_CPU_ENV)
@@ -750,6 +756,9 @@ def run(args: Any) -> dict:
         with LinkEmulator(host, int(port)) as emu, EdgeWorker() as worker:
             info = worker.call("init", timeout=300, bundle=str(bundle_dir), cloud=emu.address)
             L = info["num_layers"]
+            if prompt_tokens + new_tokens > info["max_positions"]:
+                raise SystemExit(f"{name} holds {info['max_positions']} positions: too few for {prompt_tokens} prompt + "
+                                 f"{new_tokens} new tokens; use a model with a longer context")
             menu = menu_for(L, info["local_ok"], info["min_split"], quick)
             grid = menu.entries(L)
             fixed = [g[0] for g in grid]

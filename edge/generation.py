@@ -95,6 +95,7 @@ PROBE_BOUNDARY_WAIT_S = 5.0  # a probe waits this long for the local loop's next
 PREFLIGHT_MIN_WAIT_S = 1.0  # without a break-even, a preflight waits at least this long (at most connect_timeout)
 PREFLIGHT_MARGIN = 1.25  # ... and decides for the device after this times the break-even round trip without one
 PREFLIGHT_QUICK, PREFLIGHT_QUICK_S = 3.0, 0.02  # a reply within 3x the estimate (at least 20 ms) needs no break-even
+PREFLIGHT_SLOW_S = 0.1  # ... unless that window is longer than this: then the break-even is named first and bounds it
 UNTIMED_LOCAL_TOKENS = 2  # a local run's first decode tokens, not handed to the policy (_go_local)
 PROBE_SAMPLES = 3  # timed Info round trips per probe (each handed on as the least so far: see _time_link)
 
@@ -304,8 +305,11 @@ class Generation:
         ``PREFLIGHT_QUICK`` round trips of the estimate settles it; else the policy names the round trip above
         which all-local wins this request (``breakeven_rtt_ms``, a plan at two round trips, made only then),
         and when no reply came in that time (x ``PREFLIGHT_MARGIN``) the policy is told the round trip is at
-        least that long and the request starts on the device; the reply, when it comes, is handed on. A failed
-        call leaves the estimates as they were."""
+        least that long and the request starts on the device; the reply, when it comes, is handed on. With a
+        slow link on record (that window over ``PREFLIGHT_SLOW_S``) the break-even is named first and the quick
+        window is no longer than its wait: a reply after it cannot move the request to the cloud, so on a link
+        that stays slow each request no longer waits out the round trip before starting on the device (none at
+        all when all-local wins at any round trip). A failed call leaves the estimates as they were."""
         after, link, policy = self.config.preflight_after_s, self.engine.link, self.engine.policy
         if after <= 0 or not self.engine.can_run_locally:
             return
@@ -340,11 +344,13 @@ class Generation:
 
         try:
             quick = min(timeout, max(PREFLIGHT_QUICK_S, PREFLIGHT_QUICK * estimate / 1e3))
-            if quick > PREFLIGHT_QUICK_S and breakeven_of is not None:
+            if quick > PREFLIGHT_SLOW_S and breakeven_of is not None:
                 # a slow link on record: a reply later than the break-even cannot move the request to the cloud,
                 # so the quick window (3 round trips of it) is no longer than the break-even wait
                 breakeven, named = name_breakeven(), True
-                if breakeven is not None and 0.0 < breakeven < float("inf"):
+                if breakeven == 0.0:  # all-local wins at any round trip: no reply can change this request
+                    quick = 0.0
+                elif breakeven is not None and breakeven < float("inf"):
                     quick = min(quick, PREFLIGHT_MARGIN * breakeven / 1e3)
             await asyncio.wait([call], timeout=quick)
             if not call.done():  # a slow reply: how long is it worth waiting for?
