@@ -299,11 +299,13 @@ class Generation:
         is placed, not after its first steps. A reply under the estimate is the link's (the device's own delays
         only add to a round trip): handed twice, a confirmed new round trip (two samples on the same side move
         the estimate at once). One over it is handed once, folded in as any sample, unless it is also over the
-        break-even (below): a throttled device's wait may be in a slightly slow reply, and only a reply slow
-        enough to move the request to the device needs to move the estimate at once. Only with an all-local option to protect (the round trip decides between the device and the
+        break-even (below) and over ``PREFLIGHT_QUICK`` round trips of the estimate: a throttled device's wait
+        may be in a slightly slow reply, and only a reply slow enough to move the request to the device needs to
+        move the estimate at once. Only with an all-local option to protect (the round trip decides between the device and the
         cloud, barely between splits). It waits only as long as it must to decide: a reply within
         ``PREFLIGHT_QUICK`` round trips of the estimate settles it; else the policy names the round trip above
-        which all-local wins this request (``breakeven_rtt_ms``, a plan at two round trips, made only then),
+        which all-local wins this request (``breakeven_rtt_ms``, a plan at two round trips, made only then, or
+        first on a slow link: below),
         and when no reply came in that time (x ``PREFLIGHT_MARGIN``) the policy is told the round trip is at
         least that long and the request starts on the device; the reply, when it comes, is handed on. With a
         slow link on record (that window over ``PREFLIGHT_SLOW_S``) the break-even is named first and the quick
@@ -347,9 +349,10 @@ class Generation:
             if quick > PREFLIGHT_SLOW_S and breakeven_of is not None:
                 # a slow link on record: a reply later than the break-even cannot move the request to the cloud,
                 # so the quick window (3 round trips of it) is no longer than the break-even wait
+                await asyncio.sleep(0)  # the call goes out first: the plan's time is the round trip's too
                 breakeven, named = name_breakeven(), True
-                if breakeven == 0.0:  # all-local wins at any round trip: no reply can change this request
-                    quick = 0.0
+                if breakeven is None or breakeven == 0.0:  # no all-local option, or it wins at any round trip:
+                    quick = 0.0  # no reply can change this request's placement (handed on when it comes)
                 elif breakeven is not None and breakeven < float("inf"):
                     quick = min(quick, PREFLIGHT_MARGIN * breakeven / 1e3)
             await asyncio.wait([call], timeout=quick)
@@ -372,8 +375,8 @@ class Generation:
             if call.exception() is None:
                 info, ms = call.result()
                 log.debug("preflight: a reply in %.1f ms (estimate %.1f, break-even %s)", ms, estimate, breakeven)
-                # confirmed when under the estimate, or slower than the break-even (it outlasted the quick window
-                # too: no throttled device's wait is that long), so the request goes to the device
+                # confirmed when under the estimate, or slower than the break-even and than 3 round trips of the
+                # estimate (no throttled device's wait is that long), so the request goes to the device
                 slow = breakeven is not None and ms > breakeven and ms > PREFLIGHT_QUICK * estimate
                 for _ in range(2 if ms <= estimate or slow else 1):
                     self._observe_info(info, ms)

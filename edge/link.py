@@ -79,7 +79,9 @@ class LinkSession:
         size = req.ByteSize()
         sent_at = time.perf_counter()
         try:
-            async with asyncio.timeout(timeout):  # a timer on this task: no task per step as wait_for makes
+            # a timer on this task: no task per step as wait_for makes (on 3.11 a cancel already pending on the
+            # task and never uncancelled would come out as CancelledError, not TimeoutError: none is kept here)
+            async with asyncio.timeout(timeout):
                 await call.write(req)
         except TimeoutError:
             self.abort()

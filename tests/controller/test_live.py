@@ -570,7 +570,7 @@ async def test_a_preflight_on_a_link_still_slow_decides_within_the_break_even_no
     made: list = []
     handed: list = []
     bounds: list = []
-    seen: list = []
+    named: list = []
 
     def slow_prior(manifest):
         policy = AdaptivePolicy.from_manifest(manifest, LinkEstimate(100e6, 1.0), codecs=("fp32",))
@@ -582,7 +582,8 @@ async def test_a_preflight_on_a_link_still_slow_decides_within_the_break_even_no
         policy.choose = lambda request: made.append(choose(request)) or made[-1]
         policy.observe_info = lambda info, rtt_ms: handed.append(rtt_ms) or observe_info(info, rtt_ms)
         policy.observe_silence = lambda ms: bounds.append(ms) or silence(ms)
-        seen.append(policy)
+        breakeven = policy.breakeven_rtt_ms
+        policy.breakeven_rtt_ms = lambda request: named.append(breakeven(request)) or named[-1]
         return policy
 
     link.set(bandwidth_bps=100e6, delay_ms=100.0)  # a 200 ms round trip
@@ -591,10 +592,9 @@ async def test_a_preflight_on_a_link_still_slow_decides_within_the_break_even_no
                                          prepare=_slow_head(0.03), probe_pause_ms=10_000.0, connect_timeout=10.0)
     finally:
         link.set(delay_ms=1.0)
-    breakeven = seen[0].controller.breakeven_rtt_ms(len(ids), 24)
-    assert 0.0 < breakeven < 150.0, breakeven
+    assert len(named) == 1 and 0.0 < named[0] < 150.0, named  # the break-even the preflight waited for
     assert made[0].local, (made, handed, bounds)
-    assert len(bounds) == 1 and bounds[0] < 200.0, (bounds, breakeven)  # decided before the reply came
+    assert len(bounds) == 1 and bounds[0] < 200.0, (bounds, named)  # decided before the reply came
     assert handed and all(ms >= 200.0 for ms in handed if ms is not None), handed
     assert _ended(result.token_ids, torch_greedy(ids, 24))
 
