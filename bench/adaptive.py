@@ -30,9 +30,9 @@ The trace comes back from B, so the controller must find its way from the device
 Workload: 12 requests of 64-token prompts and 24 new tokens (``--quick``: 6 of 192 + 16), greedy. The quick run's
 longer prompts (a chat turn with its system prompt; ``QUICK_PROMPT_TOKENS``) are what make its regimes differ on
 the demo model: one remote decode step costs the device about as much CPU as one of the demo's all-local tokens
-(gRPC, the event loop and a thread hop against six 192-wide blocks: 1.85 against 1.4 ms at full speed, a scratch
-measurement of 2026-12-03), so the split saves the device the prompt's other blocks, not its decode; with 64-token
-prompts all-local stayed within 1.2-1.3x of split 1 in A and C (``oracle_vs_best_fixed`` 0.82-0.86). Requests are
+(gRPC, the event loop and a thread hop against six 192-wide blocks), so the split saves the device the prompt's
+other blocks, not its decode; with 64-token prompts all-local stayed within 1.2-1.3x of split 1 in A and C
+(``oracle_vs_best_fixed`` 0.82-0.86; the README's adaptive section has the figures). Requests are
 interleaved: request i runs under its regime for every policy in turn (in a shuffled order, seeded by i), so
 slow drifts of a shared machine hit every policy alike. Every policy, the adaptive ones too, gets one
 uncounted warm-up request under the quota (ORT and the cloud's torch at every split; for the controller,

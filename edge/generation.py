@@ -353,7 +353,7 @@ class Generation:
                 breakeven, named = name_breakeven(), True
                 if breakeven is None or breakeven == 0.0:  # no all-local option, or it wins at any round trip:
                     quick = 0.0  # no reply can change this request's placement (handed on when it comes)
-                elif breakeven is not None and breakeven < float("inf"):
+                elif breakeven < float("inf"):
                     quick = min(quick, PREFLIGHT_MARGIN * breakeven / 1e3)
             await asyncio.wait([call], timeout=quick)
             if not call.done():  # a slow reply: how long is it worth waiting for?
@@ -637,16 +637,11 @@ class Generation:
         size = max(1, min(self.config.chunk_tokens, session.max_chunk_tokens))
         spans = [(a, min(a + size, n)) for a in range(self.cloud_pos, n, size)]
         chunks: list[OutgoingChunk] = []
-        if len(spans) == 1:  # a decode step: nothing to overlap, so no task (one loop round trip less a step)
-            pending: asyncio.Task | None = None
-            chunk = await self._prepare_chunk(*spans[0], True)
-            await session.send(chunk, self._step_timeout())
-            chunks.append(chunk)
-        else:
-            pending = self._prepare(*spans[0], False)
+        # a decode step (one span) has nothing to overlap: no task for it (one event-loop round trip less a step)
+        pending: asyncio.Task | None = self._prepare(*spans[0], False) if len(spans) > 1 else None
         try:
-            for j in range(len(chunks), len(spans)):
-                chunk = await pending
+            for j in range(len(spans)):
+                chunk = await (pending if pending is not None else self._prepare_chunk(*spans[0], True))
                 pending = self._prepare(*spans[j + 1], j + 2 == len(spans)) if j + 1 < len(spans) else None
                 await session.send(chunk, self._step_timeout())  # ... while the worker computes the next
                 chunks.append(chunk)
