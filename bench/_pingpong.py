@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -88,15 +89,46 @@ async def measure(address: str, request_bytes: int, reply_bytes: int, count: int
     return times
 
 
+class ServerCpu:
+    """The CPU seconds a server process used between ``start`` and ``stop`` (``/proc/PID/stat``), as a
+    fraction of the wall time between them: near 1.0, the server was the bottleneck; well under, its
+    client was. ``None`` where there is no /proc or no pid."""
+
+    def __init__(self, pid: int | None):
+        self.pid, self.fraction = pid, None
+        self._t0 = self._c0 = None
+
+    def _cpu(self) -> float | None:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, TypeError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def start(self) -> float:
+        self._c0, self._t0 = self._cpu(), time.perf_counter()
+        return self._t0
+
+    def stop(self) -> float:
+        c1, t1 = self._cpu(), time.perf_counter()
+        if self._c0 is not None and c1 is not None and t1 > self._t0:
+            self.fraction = (c1 - self._c0) / (t1 - self._t0)
+        return t1
+
+
 async def throughput(address: str, request_bytes: int, reply_bytes: int, streams: int, count: int,
-                     warmup: int = 20) -> float:
+                     warmup: int = 20, cpu: ServerCpu | None = None) -> float:
     """Messages per second of ``streams`` concurrent bidi streams on one channel, each with one message in
-    flight, ``count`` round trips each (after ``warmup``): the ceiling of a server answering per message."""
+    flight, ``count`` round trips each (after ``warmup``): the ceiling of a server answering per message.
+    The clock runs from the moment every stream has warmed up to the last reply; ``cpu`` (the server's
+    process) records the server's CPU over the same interval."""
     payload = struct.pack("<I", reply_bytes) + bytes(max(0, request_bytes - 4))
+    cpu = cpu or ServerCpu(None)
     async with grpc.aio.insecure_channel(address) as channel:
         echo = channel.stream_stream(METHOD)
         started = asyncio.Event()
-        ready = [0]
+        ready, done = [0], [0, 0.0]
 
         async def stream() -> None:
             call = echo()
@@ -110,14 +142,17 @@ async def throughput(address: str, request_bytes: int, reply_bytes: int, streams
             for _ in range(count):
                 await call.write(payload)
                 await call.read()
+            done[0] += 1
+            if done[0] == streams:
+                done[1] = cpu.stop()
             await call.done_writing()
             call.cancel()
 
         tasks = [asyncio.create_task(stream()) for _ in range(streams)]
         await started.wait()
-        t0 = time.perf_counter()
+        t0 = cpu.start()
         await asyncio.gather(*tasks)
-        return streams * count / (time.perf_counter() - t0)
+        return streams * count / (done[1] - t0)
 
 
 def main() -> None:

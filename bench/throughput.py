@@ -32,6 +32,7 @@ from .models import checkpoint
 PROMPT = 16
 COUNTS = (1, 4, 16, 32, 64)
 NULL_COUNTS = (1, 32, 64)
+NULL_MESSAGES = 8000  # --quick; a run without it times twice as many
 SERVER_FLAGS = ("--max-sessions", "128", "--threads", "1")
 
 
@@ -71,26 +72,87 @@ async def _measure(address: str, sessions: int, tokens: int, sizes: list[int] | 
         return sum(done) / (time.perf_counter() - t0)
 
 
-def _null_vs_pingpong(src: str, tokens: int, quick: bool) -> tuple[list[dict], dict]:
-    """The null-executor service and the bare ping-pong, pinned to one CPU, at 1..64 concurrent streams."""
+async def _steady(address: str, streams: int, count: int, warmup: int = 20, sizes: list[int] | None = None,
+                  cpu: _pingpong.ServerCpu | None = None) -> float:
+    """Decode steps per second of ``streams`` sessions in steady state, measured as ``_pingpong.throughput``
+    measures the bare ceiling: every session opened, prefilled and ``warmup`` steps in before the clock
+    starts, ``count`` steps each timed, the closes after it stops; ``cpu`` records the server's CPU over that
+    interval. (``_measure`` times whole sessions, opens and prefills included: the throughput curve's
+    figure, not a per-message ceiling.)"""
+    cpu = cpu or _pingpong.ServerCpu(None)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = seamline_pb2_grpc.SeamlineStub(channel)
+        info = await stub.Info(pb.InfoRequest())
+        k = info.num_layers // 2
+        rng = np.random.default_rng(0)
+        cfg = codec.CodecConfig("int8")
+        prompt = codec.encode(rng.standard_normal((PROMPT, info.hidden_size), dtype=np.float32), cfg)
+        one = codec.encode(rng.standard_normal((1, info.hidden_size), dtype=np.float32), cfg)
+        spec = cfg.to_proto()
+        started, ready, stopped = asyncio.Event(), [0], [0.0, 0]
+
+        async def stream() -> None:
+            call = stub.Generate()
+            await call.write(pb.GenerateRequest(open=pb.OpenRequest(
+                model_hash=info.model_hash, split=k, codec=spec, sampling=pb.SamplingParams())))
+            await call.read()
+            await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=0, hidden=prompt, sample=True)))
+            reply = (await call.read()).step
+            for i in range(warmup + count):
+                if i == warmup:
+                    ready[0] += 1
+                    if ready[0] == streams:
+                        started.set()
+                    await started.wait()
+                # a long run goes back to the prompt's end before the context is full (a rewind, as after a
+                # rejected draft), so the count per stream is not bounded by the model's positions
+                start = reply.position if reply.position < info.max_positions - 1 else PROMPT
+                request = pb.GenerateRequest(step=pb.StepRequest(start_position=start, hidden=one, sample=True))
+                await call.write(request)
+                answer = await call.read()
+                reply = answer.step
+            stopped[1] += 1
+            if stopped[1] == streams:
+                stopped[0] = cpu.stop()
+            if sizes is not None:
+                sizes[:] = [request.ByteSize(), answer.ByteSize()]
+            await call.done_writing()
+            await call.read()  # closed
+
+        tasks = [asyncio.create_task(stream()) for _ in range(streams)]
+        await started.wait()
+        t0 = cpu.start()
+        await asyncio.gather(*tasks)
+        return streams * count / (stopped[0] - t0)
+
+
+def _null_vs_pingpong(src: str, quick: bool) -> tuple[list[dict], dict]:
+    """The null-executor service and the bare ping-pong, pinned to one CPU, at 1..64 concurrent streams,
+    measured the same way (``_steady`` and ``_pingpong.throughput``: warmed up, the same count of timed
+    messages per stream, about ``NULL_MESSAGES`` in all), with each server's CPU share over its timed interval."""
     cpu = placement().cloud_cpu
     null_cmd = [sys.executable, "-m", "seamline.bench._nullcloud", "--model", src, "--host", "127.0.0.1",
                 "--port", "0", "--device", "cpu", "--max-batch", "64", "--log-level", "WARNING", *SERVER_FLAGS]
+    total = NULL_MESSAGES * (1 if quick else 2)  # timed messages per measurement, about 1-5 s each
     rows, sizes = [], [0, 0]
-    with child("null-executor cloud", null_cmd, r"listening on (\S+)", cpu, timeout=180) as (_, address), \
+    with child("null-executor cloud", null_cmd, r"listening on (\S+)", cpu, timeout=180) as (null, address), \
             child("ping-pong server", [sys.executable, "-m", "seamline.bench._pingpong"], r"listening on (\S+)",
-                  cpu, timeout=60) as (_, pp_address):
+                  cpu, timeout=60) as (pp_server, pp_address):
         for n in NULL_COUNTS:
-            steps = asyncio.run(_measure(address, n, tokens * 2, sizes))
-            count = max(50, int(tokens * 2 * (1 if quick else 2)))
-            pp = asyncio.run(_pingpong.throughput(pp_address, sizes[0], sizes[1], n, count))
+            count = max(100, total // n)
+            null_cpu, pp_cpu = _pingpong.ServerCpu(null.pid), _pingpong.ServerCpu(pp_server.pid)
+            steps = asyncio.run(_steady(address, n, count, sizes=sizes, cpu=null_cpu))
+            pp = asyncio.run(_pingpong.throughput(pp_address, sizes[0], sizes[1], n, count, cpu=pp_cpu))
             rows.append({"sessions": n, "null_executor_steps_per_s": steps, "pingpong_msgs_per_s": pp,
-                         "ratio": steps / pp})
+                         "ratio": steps / pp, "null_server_cpu": null_cpu.fraction,
+                         "pingpong_server_cpu": pp_cpu.fraction})
     at = {r["sessions"]: r for r in rows}
     summary = {"null_executor_vs_pingpong": at[32]["ratio"],
                "null_executor_steps_per_s_32": at[32]["null_executor_steps_per_s"],
                "pingpong_msgs_per_s_32": at[32]["pingpong_msgs_per_s"],
-               "null_request_bytes": sizes[0], "null_reply_bytes": sizes[1], "null_pinned_cpu": cpu}
+               "null_server_cpu_32": at[32]["null_server_cpu"], "pingpong_server_cpu_32": at[32]["pingpong_server_cpu"],
+               "null_request_bytes": sizes[0], "null_reply_bytes": sizes[1], "null_pinned_cpu": cpu,
+               "null_messages_per_measurement": total}
     return rows, summary
 
 
@@ -107,7 +169,7 @@ def run(args) -> dict:
     null_rows: list[dict] = []
     null_summary: dict = {}
     if getattr(args, "null_executor", False):
-        null_rows, null_summary = _null_vs_pingpong(checkpoint(models[0]), tokens, args.quick)
+        null_rows, null_summary = _null_vs_pingpong(checkpoint(models[0]), args.quick)
     for name in models:
         src = checkpoint(name)
         with cloud_process(src, "--max-batch", "64", *SERVER_FLAGS) as (_, address):
@@ -132,11 +194,13 @@ def run(args) -> dict:
         t = Table(title=f"framework ceiling: null-executor service vs bare gRPC ping-pong, both pinned to CPU "
                         f"{null_summary['null_pinned_cpu']}, {null_summary['null_request_bytes']} B up / "
                         f"{null_summary['null_reply_bytes']} B down per step")
-        for col in ("streams", "null executor steps/s", "ping-pong msgs/s", "ratio"):
+        for col in ("streams", "null executor steps/s", "its server CPU", "ping-pong msgs/s", "its server CPU",
+                    "ratio"):
             t.add_column(col, justify="right")
+        share = lambda f: "n/a" if f is None else f"{100 * f:.0f}%"  # noqa: E731
         for r in null_rows:
-            t.add_row(str(r["sessions"]), f"{r['null_executor_steps_per_s']:.0f}",
-                      f"{r['pingpong_msgs_per_s']:.0f}", f"{r['ratio']:.2f}")
+            t.add_row(str(r["sessions"]), f"{r['null_executor_steps_per_s']:.0f}", share(r["null_server_cpu"]),
+                      f"{r['pingpong_msgs_per_s']:.0f}", share(r["pingpong_server_cpu"]), f"{r['ratio']:.2f}")
         console.print(t)
     first = models[0]
     at = {(r["sessions"], r["max_batch"]): r["tokens_per_s"] for r in rows if r["model"] == first}

@@ -21,7 +21,7 @@ import logging
 import statistics
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from seamline.protos.aio import wait_event as _wait_event
@@ -43,8 +43,10 @@ RECENT_DECODER_S = 1.0  # a session that decoded this recently is expected to se
 class StepWork:
     row: Row
     arrived: float
-    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    running: bool = False
+    future: asyncio.Future    # the submitting task awaits it (a cancel of that task cancels it too)
+    running: bool = False     # in a batch on the executor
+    answered: bool = False    # _finish ran: the step left the in-flight count
+    waiter: asyncio.Future | None = None  # a cancelled submitter waiting for its running step to end
 
     @property
     def kind(self) -> str:
@@ -67,6 +69,7 @@ class BatchScheduler:
         self._awaited: set[str] | None = None   # sessions the open batch window still waits for
         self._idle = asyncio.Event()
         self._idle.set()
+        self._loop = asyncio.get_running_loop()
 
     @property
     def queue_depth(self) -> int:
@@ -77,7 +80,7 @@ class BatchScheduler:
 
     async def submit(self, row: Row) -> StepOutcome:
         """Queue one session's chunk and wait for its outcome (raises CloudError)."""
-        work = StepWork(row, time.perf_counter())
+        work = StepWork(row, time.perf_counter(), self._loop.create_future())
         if work.kind == "decode":
             self.decode.append(work)
             self._arrived(row.session.id)
@@ -87,16 +90,16 @@ class BatchScheduler:
         self._idle.clear()
         self._wakeup.set()
         try:
-            return await asyncio.shield(work.future)
+            return await work.future  # no shield (an extra future and two callbacks per step): see below
         except asyncio.CancelledError:
-            # The client went away. A queued step is dropped; a running one finishes first, so the
+            # The client went away; the cancel also cancelled work.future, which no one else awaits. A
+            # queued step is dropped; a running one finishes first (``_finish`` wakes the waiter), so the
             # caller keeps the session's lock until nothing touches the session any more.
-            if work.running:
-                await asyncio.wait([work.future])
-                if not work.future.cancelled():
-                    work.future.exception()  # retrieved: nobody else will read it
-            else:
+            if not work.running:
                 self._finish(work, cancel=True)
+            elif not work.answered:
+                work.waiter = self._loop.create_future()
+                await asyncio.wait([work.waiter])
             raise
 
     async def wait_idle(self, timeout: float) -> bool:
@@ -281,14 +284,19 @@ class BatchScheduler:
 
     def _finish(self, work: StepWork, outcome: StepOutcome | None = None, exc: CloudError | None = None,
                 cancel: bool = False) -> None:
-        if work.future.done():
+        if work.answered:
             return
-        if cancel:
-            work.future.cancel()
-        elif exc is not None:
-            work.future.set_exception(exc)
-        else:
-            work.future.set_result(outcome)
+        work.answered = True
+        future = work.future
+        if not future.done():  # done: cancelled with its submitter, whose answer nobody reads
+            if cancel:
+                future.cancel()
+            elif exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(outcome)
+        if work.waiter is not None:
+            work.waiter.set_result(None)
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()

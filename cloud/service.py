@@ -157,7 +157,8 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
                 kind = request.WhichOneof("kind")
                 if kind == "step":
                     bytes_in.inc(request.ByteSize())
-                    reply = pb.GenerateReply(step=await self._step(request.step, session))
+                    reply = pb.GenerateReply()
+                    await self._step(request.step, session, reply.step)
                     bytes_out.inc(reply.ByteSize())
                     yield reply
                 elif kind == "close":
@@ -189,7 +190,8 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
         self.metrics.bytes_in.labels("Open").inc(request.ByteSize())
         return session
 
-    async def _step(self, request: pb.StepRequest, session: Session) -> pb.StepReply:
+    async def _step(self, request: pb.StepRequest, session: Session, reply: pb.StepReply) -> None:
+        """Run one step of ``session`` and write its answer into ``reply``."""
         self.store.touch(session)
         async with session.lock:
             if session.closed:
@@ -210,4 +212,4 @@ class SeamlineService(seamline_pb2_grpc.SeamlineServicer):
             session.rewind(inp.start_position)
             outcome = await self.scheduler.submit(Row(session, inp.hidden, inp.token_ids, inp.sample,
                                                       draft_rows=inp.draft_rows))
-        return wire.step_reply(inp, outcome)
+        wire.step_reply(inp, outcome, reply)

@@ -120,10 +120,17 @@ def first_error(hidden, error: CloudError) -> CloudError:
     return error
 
 
-def step_reply(inp: StepInput, outcome: StepOutcome) -> pb.StepReply:
-    reply = pb.StepReply(step_id=inp.step_id, position=outcome.position, finished=outcome.finished,
-                         timings=pb.ServerTimings(queue_ms=outcome.queue_ms, compute_ms=outcome.compute_ms,
-                                                  decode_ms=inp.decode_ms, batch_size=outcome.batch_size))
+def step_reply(inp: StepInput, outcome: StepOutcome, reply: pb.StepReply | None = None) -> pb.StepReply:
+    """The StepReply for ``outcome``, written into ``reply`` when given (the service passes the ``step`` field
+    of the GenerateReply it sends, so the message is built once, not built and then copied in)."""
+    if reply is None:
+        reply = pb.StepReply()
+    else:
+        reply.SetInParent()  # the oneof is set even when every field keeps its default
+    reply.step_id, reply.position, reply.finished = inp.step_id, outcome.position, outcome.finished
+    timings = reply.timings
+    timings.queue_ms, timings.compute_ms = outcome.queue_ms, outcome.compute_ms
+    timings.decode_ms, timings.batch_size = inp.decode_ms, outcome.batch_size
     if outcome.sample is not None:
         reply.has_token = True
         reply.token_id = outcome.sample.token_id

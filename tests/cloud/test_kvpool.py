@@ -204,3 +204,30 @@ async def test_null_executor_serves_the_protocol_at_no_model_cost(checkpoints, m
             await stream.close()
     finally:
         server.stop()
+
+
+async def test_the_capacity_measurement_runs_past_the_context_and_times_every_step(checkpoints):
+    """bench throughput --null-executor's steady-state measurement: a stream longer than the model's context
+    goes back to the prompt's end instead of failing, every timed step is answered, and the server's CPU
+    share over the timed interval is read."""
+    import os
+
+    from seamline.bench import _pingpong
+    from seamline.bench.throughput import _steady
+    from seamline.cloud.executor import NullExecutor
+    from seamline.cloud.server import serve
+
+    class NullServer(ServerThread):
+        async def setup(self) -> None:
+            self.running = await serve(self.config, make_executor=NullExecutor)
+
+    server = NullServer(cloud_config(checkpoints["gpt2"])).start()
+    try:
+        positions = server.call(lambda: server.running.model.shape.max_positions)
+        cpu, sizes = _pingpong.ServerCpu(os.getpid()), [0, 0]
+        rate = await _steady(server.address, 2, positions + 10, warmup=2, sizes=sizes, cpu=cpu)
+        assert rate > 0 and cpu.fraction is not None and cpu.fraction > 0
+        assert sizes[0] > 64 and sizes[1] > 0  # one int8 row of the 64-wide model up, a token down
+        assert server.call(lambda: (len(server.running.store), server.running.scheduler.in_flight)) == (0, 0)
+    finally:
+        server.stop()
