@@ -197,7 +197,7 @@ def run(args) -> dict:
         for col in ("streams", "null executor steps/s", "its server CPU", "ping-pong msgs/s", "its server CPU",
                     "ratio"):
             t.add_column(col, justify="right")
-        share = lambda f: "n/a" if f is None else f"{100 * f:.0f}%"  # noqa: E731
+        share = lambda f: "n/a" if f is None else f"{100 * f:.0f}%"
         for r in null_rows:
             t.add_row(str(r["sessions"]), f"{r['null_executor_steps_per_s']:.0f}", share(r["null_server_cpu"]),
                       f"{r['pingpong_msgs_per_s']:.0f}", share(r["pingpong_server_cpu"]), f"{r['ratio']:.2f}")
