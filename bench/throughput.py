@@ -2,8 +2,10 @@
 
 The cloud runs in its own process (as deployed); clients on this process's event loop drive
 sessions at split k = L/2 with pre-encoded int8 hidden states, so the clients do no model work
-and the figure is the cloud's. Baseline: the same server with one session (and, for the
-batching effect, the same concurrency with ``--max-batch 1`` at 32 sessions).
+and the figure is the cloud's. Each point runs N lanes of whole sessions (open, 16-token prefill, 16
+decode steps with ``--quick``, 48 without, close) back to back until ``CURVE_TOKENS`` tokens are decoded,
+so the one-session baseline is timed over as much work as the 32-session point. Baseline: the same server
+with one session (and, for the batching effect, the same concurrency with ``--max-batch 1`` at 32 sessions).
 
 ``--null-executor`` adds, in the same run, the framework's ceiling next to gRPC's: the same service with
 a zero-cost model (``cloud.executor.NullExecutor`` via ``bench/_nullcloud.py``: servicer, scheduler,
@@ -30,6 +32,7 @@ from ._harness import child, cloud_process, load_average, placement
 from .models import checkpoint
 
 PROMPT = 16
+CURVE_TOKENS = 1024  # decode tokens timed at least per point of the curve (all lanes together)
 COUNTS = (1, 4, 16, 32, 64)
 NULL_COUNTS = (1, 32, 64)
 NULL_MESSAGES = 8000  # --quick; a run without it times twice as many
@@ -57,7 +60,13 @@ async def _session(stub, info, k: int, tokens: int, msgs, sizes: list[int] | Non
     return tokens
 
 
-async def _measure(address: str, sessions: int, tokens: int, sizes: list[int] | None = None) -> float:
+async def _measure(address: str, sessions: int, tokens: int, sizes: list[int] | None = None,
+                   min_tokens: int = 0) -> float:
+    """Decode tokens/s of ``sessions`` concurrent lanes, each running whole sessions (open, a PROMPT-token
+    prefill, ``tokens`` steps, close) back to back until every lane has decoded at least
+    ``min_tokens / sessions`` tokens: every point of the curve times about the same work (one session of 16
+    tokens alone lasts well under 0.1 s, too short to time on a shared host)."""
+    rounds = max(1, -(-min_tokens // (sessions * tokens))) if tokens else 1
     async with grpc.aio.insecure_channel(address) as channel:
         stub = seamline_pb2_grpc.SeamlineStub(channel)
         info = await stub.Info(pb.InfoRequest())
@@ -67,8 +76,11 @@ async def _measure(address: str, sessions: int, tokens: int, sizes: list[int] | 
         msgs = {"prompt": codec.encode(rng.standard_normal((PROMPT, info.hidden_size), dtype=np.float32), cfg),
                 "one": codec.encode(rng.standard_normal((1, info.hidden_size), dtype=np.float32), cfg)}
         await _session(stub, info, k, 4, msgs, sizes)  # warm-up (and the message sizes)
+        async def lane() -> int:
+            return sum([await _session(stub, info, k, tokens, msgs) for _ in range(rounds)])
+
         t0 = time.perf_counter()
-        done = await asyncio.gather(*(_session(stub, info, k, tokens, msgs) for _ in range(sessions)))
+        done = await asyncio.gather(*(lane() for _ in range(sessions)))
         return sum(done) / (time.perf_counter() - t0)
 
 
@@ -174,10 +186,10 @@ def run(args) -> dict:
         src = checkpoint(name)
         with cloud_process(src, "--max-batch", "64", *SERVER_FLAGS) as (_, address):
             for n in COUNTS:
-                tps = asyncio.run(_measure(address, n, tokens))
+                tps = asyncio.run(_measure(address, n, tokens, min_tokens=CURVE_TOKENS))
                 rows.append({"model": name, "sessions": n, "max_batch": 64, "tokens_per_s": tps})
         with cloud_process(src, "--max-batch", "1", *SERVER_FLAGS) as (_, address):
-            tps = asyncio.run(_measure(address, 32, tokens))
+            tps = asyncio.run(_measure(address, 32, tokens, min_tokens=CURVE_TOKENS))
             rows.append({"model": name, "sessions": 32, "max_batch": 1, "tokens_per_s": tps})
     console = Console()
     table = Table(title=f"cloud decode throughput, CPU, 1 torch thread, {tokens} tokens per session "

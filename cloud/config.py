@@ -63,8 +63,12 @@ class CloudConfig(Settings, section="cloud"):
     stream_idle_timeout: float = setting(120.0, "end a Generate stream (and free its session) that sends "
                                          "nothing for this long", gt=0, metavar="SECONDS")
     max_batch: int = setting(16, "decode steps per forward pass", low=1, metavar="N")
-    batch_window_ms: float = setting(2.0, "how long a decode step waits for others to join its batch", low=0,
-                                     metavar="MS")
+    batch_window_ms: float = setting(2.0, "how long a decode step waits at least for the sessions expected to "
+                                     "join its batch", low=0, metavar="MS")
+    batch_window_max_ms: float = setting(10.0, "how long at most: the wait grows from --batch-window-ms toward "
+                                         "the time of a decode pass (a session that misses a batch costs "
+                                         "everyone a pass of its own); sessions whose clients take longer to "
+                                         "answer are not waited for", low=0, metavar="MS")
     max_chunk_tokens: int = setting(256, "tokens per step request", low=1, metavar="N")
     max_draft_tokens: int = setting(8, "drafted rows one speculative step may carry (0 = no speculation); a "
                                     "larger step is refused with INVALID_ARGUMENT", low=0, metavar="N")

@@ -4,11 +4,12 @@ Steps are queued in two lines: decode (one-token chunks) and prefill (longer chu
 of the loop runs one decode batch, then one prefill batch (the oldest chunk and the queued chunks of
 other sessions with the same split and length), so a long prompt never holds back the sessions that
 are generating and vice versa. A batch crosses to the executor's thread once and back once: the
-rows' hidden states are dequantized there, in one call, with the forward pass. A decode batch takes the oldest queued step, waits
-up to ``batch_window_ms`` for the other recently decoding sessions to join (only when some are
-expected), and runs up to ``max_batch`` steps of the same split k in one forward pass. Rows are
-grouped by k because a forward pass covers one layer range; a session's tokens do not depend on
-its batch neighbours (see executor.py for the padding and sampling.py for the seeding).
+rows' hidden states are dequantized there, in one call, with the forward pass. A decode batch takes
+the oldest queued step, waits for the other recently decoding sessions predicted to join soon
+(``window_s``: from ``batch_window_ms`` up to about one decode pass, within ``batch_window_max_ms``; no
+wait when none is expected), and runs up to ``max_batch`` steps of the same split k in one forward
+pass. Rows are grouped by k because a forward pass covers one layer range; a session's tokens do not
+depend on its batch neighbours (see executor.py for the padding and sampling.py for the seeding).
 
 A session has at most one step in the scheduler at a time (the service holds the session's lock
 while its step is queued or running).
@@ -37,6 +38,32 @@ from .sessions import SessionStore
 log = logging.getLogger("seamline.cloud")
 
 RECENT_DECODER_S = 1.0  # a session that decoded this recently is expected to send its next step soon
+TURNAROUND_WEIGHT = 0.3  # EWMA weight of a session's newest turnaround (answer -> its next decode step)
+PASS_WEIGHT = 0.2        # EWMA weight of the newest decode pass's compute time
+
+
+@dataclass(eq=False)
+class Decoder:
+    """A session that decoded recently: when its last decode step was answered, and how long it then takes
+    to send the next one (its client's work and the network; None until seen once)."""
+
+    answered: float
+    turnaround: float | None = None
+
+    def expected_by(self, deadline: float) -> bool:
+        """Is its next step predicted to arrive by ``deadline``? (Unknown: assume so, as for a new session.)"""
+        return self.turnaround is None or self.answered + self.turnaround <= deadline
+
+
+def window_s(base_ms: float, max_ms: float, pass_ms: float) -> float:
+    """How long the oldest decode step may wait for the sessions expected to join its batch.
+
+    A session that misses a batch gets a pass of its own, and the executor is serial: that pass delays every
+    session by about one pass's compute time. Waiting up to that long for a session on its way costs no
+    more, so the window grows from ``base_ms`` (--batch-window-ms) to the recent decode pass time, within
+    ``max_ms`` (--batch-window-max-ms). Only sessions predicted to arrive inside it are waited for.
+    """
+    return max(base_ms, min(pass_ms, max_ms)) / 1e3
 
 
 @dataclass(eq=False)
@@ -63,7 +90,8 @@ class BatchScheduler:
         self.prefill: deque[StepWork] = deque()
         self.in_flight = 0                       # submitted, not yet answered
         self.recent_queue_ms: deque[float] = deque(maxlen=256)
-        self._recent_decoders: dict[str, float] = {}  # session id -> time of its last decode step
+        self._recent_decoders: dict[str, Decoder] = {}  # session id -> when answered, its turnaround
+        self._pass_ms = 0.0                     # EWMA of a decode pass's compute ms (0: none yet)
         self._wakeup = asyncio.Event()          # something was queued
         self._arrival = asyncio.Event()         # the open batch window has every step it waits for
         self._awaited: set[str] | None = None   # sessions the open batch window still waits for
@@ -83,6 +111,11 @@ class BatchScheduler:
         work = StepWork(row, time.perf_counter(), self._loop.create_future())
         if work.kind == "decode":
             self.decode.append(work)
+            decoder = self._recent_decoders.get(row.session.id)
+            if decoder is not None:
+                seen = work.arrived - decoder.answered
+                decoder.turnaround = seen if decoder.turnaround is None else (
+                    decoder.turnaround + TURNAROUND_WEIGHT * (seen - decoder.turnaround))
             self._arrived(row.session.id)
         else:
             self.prefill.append(work)
@@ -127,8 +160,8 @@ class BatchScheduler:
     def _expire_recent(self, now: float) -> None:
         # Forget sessions that went quiet, and closed or evicted ones at once: a session that no
         # longer exists must not hold every later decode step for the whole batch window.
-        for sid in [sid for sid, t in self._recent_decoders.items()
-                    if now - t > RECENT_DECODER_S or sid not in self.store.sessions]:
+        for sid in [sid for sid, d in self._recent_decoders.items()
+                    if now - d.answered > RECENT_DECODER_S or sid not in self.store.sessions]:
             del self._recent_decoders[sid]
 
     def _arrived(self, session_id: str) -> None:
@@ -147,15 +180,24 @@ class BatchScheduler:
         self._arrived(session_id)
 
     async def _gather_window(self) -> None:
-        """Let other decoding sessions join the oldest decode step's batch, for up to the window.
+        """Let other decoding sessions join the oldest decode step's batch, for up to the window (``window_s``).
 
-        The sessions expected are the recent decoders not queued yet, found once per batch; ``submit`` and
-        ``forget`` cross them off as they arrive or end, and wake this wait once the list is empty.
+        The sessions waited for are the recent decoders not queued yet whose next step is predicted inside the
+        window (a client slower than that is not waited for), found once per batch; ``submit`` and ``forget``
+        cross them off as they arrive or end, and wake this wait once the list is empty.
         """
-        deadline = self.decode[0].arrived + self.config.batch_window_ms / 1e3
-        self._expire_recent(time.perf_counter())
-        missing = set(self._recent_decoders).difference(w.row.session.id for w in self.decode)
-        if not missing or len(self.decode) >= self.config.max_batch:
+        config = self.config
+        if len(self.decode) >= config.max_batch:
+            return
+        # The window opens when the batch could run: from the oldest step's arrival, or from now when it
+        # arrived while the previous pass ran. (From its arrival alone, two groups of sessions that each
+        # arrive during the other's pass never merge: each finds its window spent, a pass each per round.)
+        now = time.perf_counter()
+        deadline = max(self.decode[0].arrived, now) + window_s(config.batch_window_ms, config.batch_window_max_ms,
+                                                               self._pass_ms)
+        self._expire_recent(now)
+        missing = self._expected(deadline)
+        if not missing:
             return
         self._awaited = missing
         self._arrival.clear()
@@ -167,6 +209,11 @@ class BatchScheduler:
                 self._arrival.clear()
         finally:
             self._awaited = None
+
+    def _expected(self, deadline: float) -> set[str]:
+        """The recent decoders not queued whose next step is predicted by ``deadline``."""
+        queued = {w.row.session.id for w in self.decode}
+        return {sid for sid, d in self._recent_decoders.items() if sid not in queued and d.expected_by(deadline)}
 
     def _take_decode_batch(self) -> list[StepWork]:
         while self.decode and self.decode[0].future.done():
@@ -257,7 +304,12 @@ class BatchScheduler:
                 await self._run([work])
             return
         self.store.release_scratch(scratch)
-        self.metrics.observe_batch(ready[0].kind, len(ready), compute_ms)
+        kind = ready[0].kind
+        self.metrics.observe_batch(kind, len(ready), compute_ms)
+        answered = time.perf_counter()
+        if kind == "decode":
+            ewma = self._pass_ms
+            self._pass_ms = compute_ms if not ewma else ewma + PASS_WEIGHT * (compute_ms - ewma)
         # ------------------------------------------------------------------------------ update
         for work, smp in zip(ready, samples, strict=True):
             session = work.row.session
@@ -267,8 +319,12 @@ class BatchScheduler:
             queue_ms = (started - work.arrived) * 1e3
             self.recent_queue_ms.append(queue_ms)
             self.metrics.queue_seconds.observe(queue_ms / 1e3)
-            if work.kind == "decode" and not finished:
-                self._recent_decoders[session.id] = time.perf_counter()
+            if kind == "decode" and not finished:
+                decoder = self._recent_decoders.get(session.id)
+                if decoder is None:
+                    self._recent_decoders[session.id] = Decoder(answered)
+                else:
+                    decoder.answered = answered
             else:
                 self._recent_decoders.pop(session.id, None)
             self._finish(work, StepOutcome(smp, finished, session.position, queue_ms, compute_ms, len(ready)))

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -258,7 +259,7 @@ async def test_a_batch_window_wakes_when_the_last_session_it_waits_for_arrives_o
     """The window's wait is woken once: by the last awaited session's step, or by its end (closed, dropped,
     evicted: ``forget`` through the store's release hook), not by each arrival, and never stays armed."""
     from seamline.cloud.metrics import CloudMetrics
-    from seamline.cloud.scheduler import BatchScheduler
+    from seamline.cloud.scheduler import BatchScheduler, Decoder
 
     config = CloudConfig(model="demo", max_batch=8)
     scheduler = BatchScheduler(config, None, SessionStore(config, 64), CloudMetrics())
@@ -269,6 +270,42 @@ async def test_a_batch_window_wakes_when_the_last_session_it_waits_for_arrives_o
     assert not scheduler._arrival.is_set()
     scheduler._arrived("c")
     assert scheduler._arrival.is_set() and scheduler._awaited == set()
-    scheduler._awaited, scheduler._recent_decoders = None, {"d": 0.0}
+    scheduler._awaited, scheduler._recent_decoders = None, {"d": Decoder(0.0)}
     scheduler.forget("d")  # no window open: nothing to wake, and "d" is no longer expected
     assert scheduler._recent_decoders == {}
+
+
+def test_the_batch_window_grows_to_a_decode_pass_within_its_bounds():
+    from seamline.cloud.scheduler import window_s
+
+    assert window_s(2.0, 10.0, 0.0) == 0.002    # no pass measured yet: --batch-window-ms
+    assert window_s(2.0, 10.0, 7.0) == 0.007    # a pass of 7 ms: waiting that long costs no more than a pass
+    assert window_s(2.0, 10.0, 50.0) == 0.010   # --batch-window-max-ms bounds it
+    assert window_s(2.0, 1.0, 50.0) == 0.002    # a max below the base: the base
+
+
+async def test_a_batch_waits_only_for_sessions_predicted_to_arrive_inside_its_window():
+    """A client that takes longer than the window to send its next step is not waited for (before, every
+    recent decoder was, so one slow device cost every other session the whole window at each step); a
+    session not seen yet and a fast one are; one already queued is not. The turnaround is learnt from when
+    a session's step arrives after its previous answer."""
+    from types import SimpleNamespace
+
+    from seamline.cloud.metrics import CloudMetrics
+    from seamline.cloud.scheduler import BatchScheduler, Decoder
+
+    config = CloudConfig(model="demo", max_batch=8)
+    scheduler = BatchScheduler(config, None, SessionStore(config, 64), CloudMetrics())
+    scheduler._wakeup = asyncio.Event()  # the engine loop is not running: nothing takes the queued step
+    answered = 100.0
+    scheduler._recent_decoders = {"fast": Decoder(answered, 0.003), "slow": Decoder(answered, 0.200),
+                                  "new": Decoder(answered), "queued": Decoder(time.perf_counter())}
+    queued = Row(SimpleNamespace(id="queued"), np.zeros((1, 4), np.float32), None, True)
+    step = asyncio.create_task(scheduler.submit(queued))
+    await asyncio.sleep(0)
+    try:
+        assert scheduler._expected(answered + 0.010) == {"fast", "new"}
+        assert scheduler._expected(answered + 0.300) == {"fast", "new", "slow"}
+        assert 0 <= scheduler._recent_decoders["queued"].turnaround < 10  # learnt on arrival (seconds)
+    finally:
+        step.cancel()
