@@ -65,12 +65,14 @@ def sample_rows(adapter, rows: list, x: torch.Tensor, starts: list[int]) -> list
     wanted = [i for i, r in enumerate(rows) if r.sample]
     if wanted:
         g = max(r.draft_rows for r in (rows[i] for i in wanted))
-        logits = adapter.head(x[wanted, t - g - 1:, :]).float().cpu()  # (S, g + 1, V)
+        # one move to host memory for the batch, then the shared sampler row by row on numpy views
+        # (a torch -> numpy conversion per row: 0.72-0.77 against 0.48-0.50 ms for 32 greedy rows of 4,096)
+        logits = adapter.head(x[wanted, t - g - 1:, :]).detach().float().cpu().numpy()  # (S, g + 1, V)
         for row_logits, i in zip(logits, wanted, strict=True):
             params, end, d = rows[i].session.sampling, starts[i] + t, rows[i].draft_rows
-            last = sample(row_logits[g], params, end)
+            last = _sample(row_logits[g], params, end)
             if d:
-                drawn = tuple(sample(row_logits[g - d + j], params, end - d + j) for j in range(d))
+                drawn = tuple(_sample(row_logits[g - d + j], params, end - d + j) for j in range(d))
                 last = Verdict(last.token_id, last.logprob, last.top, drawn)
             samples[i] = last
     return samples
