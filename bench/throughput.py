@@ -4,21 +4,24 @@ The cloud runs in its own process (as deployed); clients on this process's event
 sessions at split k = L/2 with pre-encoded int8 hidden states, so the clients do no model work
 and the figure is the cloud's. Each point runs N lanes of whole sessions (open, 16-token prefill, 16
 decode steps with ``--quick``, 48 without, close) back to back until ``CURVE_TOKENS`` tokens are decoded,
-so the one-session baseline is timed over as much work as the 32-session point. Baseline: the same server
+so the one-session baseline is timed over as much work as the 32-session point; the curve is run
+``REPEATS`` times over and each point is the median. Baseline: the same server
 with one session (and, for the batching effect, the same concurrency with ``--max-batch 1`` at 32 sessions).
 
 ``--null-executor`` adds, in the same run, the framework's ceiling next to gRPC's: the same service with
 a zero-cost model (``cloud.executor.NullExecutor`` via ``bench/_nullcloud.py``: servicer, scheduler,
 batching, dequantization and KV extents as usual, no blocks, head or sampler) and a bare gRPC ping-pong
 server (``bench/_pingpong.py``: raw bytes, same request and reply sizes as a decode step), both pinned
-to the same CPU, driven by the same number of concurrent streams. ``null_executor_vs_pingpong`` is the
-ratio of their messages per second at 32 streams.
+to the same CPU, driven by the same number of concurrent streams, measured the same way (steady state) in
+``REPEATS`` interleaved pairs. ``null_executor_vs_pingpong`` is the median ratio of their messages per
+second at 32 streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import statistics
 import sys
 import time
 
@@ -32,6 +35,7 @@ from ._harness import child, cloud_process, load_average, placement
 from .models import checkpoint
 
 PROMPT = 16
+REPEATS = 3          # passes over the curve and over the ceiling's pairs; medians reported
 CURVE_TOKENS = 1024  # decode tokens timed at least per point of the curve (all lanes together)
 COUNTS = (1, 4, 16, 32, 64)
 NULL_COUNTS = (1, 32, 64)
@@ -138,6 +142,11 @@ async def _steady(address: str, streams: int, count: int, warmup: int = 20, size
         return streams * count / (stopped[0] - t0)
 
 
+def _median(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
 def _null_vs_pingpong(src: str, quick: bool) -> tuple[list[dict], dict]:
     """The null-executor service and the bare ping-pong, pinned to one CPU, at 1..64 concurrent streams,
     measured the same way (``_steady`` and ``_pingpong.throughput``: warmed up, the same count of timed
@@ -146,18 +155,25 @@ def _null_vs_pingpong(src: str, quick: bool) -> tuple[list[dict], dict]:
     null_cmd = [sys.executable, "-m", "seamline.bench._nullcloud", "--model", src, "--host", "127.0.0.1",
                 "--port", "0", "--device", "cpu", "--max-batch", "64", "--log-level", "WARNING", *SERVER_FLAGS]
     total = NULL_MESSAGES * (1 if quick else 2)  # timed messages per measurement, about 1-5 s each
-    rows, sizes = [], [0, 0]
+    rows: list[dict] = []
+    sizes = [0, 0]
     with child("null-executor cloud", null_cmd, r"listening on (\S+)", cpu, timeout=180) as (null, address), \
             child("ping-pong server", [sys.executable, "-m", "seamline.bench._pingpong"], r"listening on (\S+)",
                   cpu, timeout=60) as (pp_server, pp_address):
-        for n in NULL_COUNTS:
-            count = max(100, total // n)
-            null_cpu, pp_cpu = _pingpong.ServerCpu(null.pid), _pingpong.ServerCpu(pp_server.pid)
-            steps = asyncio.run(_steady(address, n, count, sizes=sizes, cpu=null_cpu))
-            pp = asyncio.run(_pingpong.throughput(pp_address, sizes[0], sizes[1], n, count, cpu=pp_cpu))
+        runs: dict[int, list[tuple]] = {n: [] for n in NULL_COUNTS}
+        for _ in range(REPEATS):  # interleaved pairs: a slow minute of the shared host hits both sides
+            for n in NULL_COUNTS:
+                count = max(100, total // n)
+                null_cpu, pp_cpu = _pingpong.ServerCpu(null.pid), _pingpong.ServerCpu(pp_server.pid)
+                steps = asyncio.run(_steady(address, n, count, sizes=sizes, cpu=null_cpu))
+                pp = asyncio.run(_pingpong.throughput(pp_address, sizes[0], sizes[1], n, count, cpu=pp_cpu))
+                runs[n].append((steps, pp, null_cpu.fraction, pp_cpu.fraction))
+        for n, pairs in runs.items():
+            steps, pp, null_share, pp_share = (_median(list(column)) for column in zip(*pairs, strict=True))
+            ratios = [p[0] / p[1] for p in pairs]
             rows.append({"sessions": n, "null_executor_steps_per_s": steps, "pingpong_msgs_per_s": pp,
-                         "ratio": steps / pp, "null_server_cpu": null_cpu.fraction,
-                         "pingpong_server_cpu": pp_cpu.fraction})
+                         "ratio": _median(ratios), "null_server_cpu": null_share, "pingpong_server_cpu": pp_share,
+                         "ratio_runs": ratios})
     at = {r["sessions"]: r for r in rows}
     summary = {"null_executor_vs_pingpong": at[32]["ratio"],
                "null_executor_steps_per_s_32": at[32]["null_executor_steps_per_s"],
@@ -185,9 +201,12 @@ def run(args) -> dict:
     for name in models:
         src = checkpoint(name)
         with cloud_process(src, "--max-batch", "64", *SERVER_FLAGS) as (_, address):
-            for n in COUNTS:
-                tps = asyncio.run(_measure(address, n, tokens, min_tokens=CURVE_TOKENS))
-                rows.append({"model": name, "sessions": n, "max_batch": 64, "tokens_per_s": tps})
+            curve: dict[int, list[float]] = {n: [] for n in COUNTS}
+            for _ in range(REPEATS):  # whole passes over the curve, each point's median reported
+                for n in COUNTS:
+                    curve[n].append(asyncio.run(_measure(address, n, tokens, min_tokens=CURVE_TOKENS)))
+            rows += [{"model": name, "sessions": n, "max_batch": 64, "tokens_per_s": _median(v), "runs": v}
+                     for n, v in curve.items()]
         with cloud_process(src, "--max-batch", "1", *SERVER_FLAGS) as (_, address):
             tps = asyncio.run(_measure(address, 32, tokens, min_tokens=CURVE_TOKENS))
             rows.append({"model": name, "sessions": 32, "max_batch": 1, "tokens_per_s": tps})
