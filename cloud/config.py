@@ -68,7 +68,7 @@ class CloudConfig(Settings, section="cloud"):
     batch_window_max_ms: float = setting(10.0, "how long at most: the wait grows from --batch-window-ms toward "
                                          "the time of a decode pass (a session that misses a batch costs "
                                          "everyone a pass of its own); sessions whose clients take longer to "
-                                         "answer are not waited for", low=0, metavar="MS")
+                                         "answer are not waited for; 0 for both: never wait", low=0, metavar="MS")
     max_chunk_tokens: int = setting(256, "tokens per step request", low=1, metavar="N")
     max_draft_tokens: int = setting(8, "drafted rows one speculative step may carry (0 = no speculation); a "
                                     "larger step is refused with INVALID_ARGUMENT", low=0, metavar="N")

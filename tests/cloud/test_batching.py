@@ -287,8 +287,9 @@ def test_the_batch_window_grows_to_a_decode_pass_within_its_bounds():
 async def test_a_batch_waits_only_for_sessions_predicted_to_arrive_inside_its_window():
     """A client that takes longer than the window to send its next step is not waited for (before, every
     recent decoder was, so one slow device cost every other session the whole window at each step); a
-    session not seen yet and a fast one are; one already queued is not. The turnaround is learnt from when
-    a session's step arrives after its previous answer."""
+    session not seen yet and a fast one are; one already queued, as a decode or a speculative step, is not.
+    The turnaround is learnt from when a session's step arrives after its previous answer; a pause of
+    seconds starts it over."""
     from types import SimpleNamespace
 
     from seamline.cloud.metrics import CloudMetrics
@@ -296,16 +297,64 @@ async def test_a_batch_waits_only_for_sessions_predicted_to_arrive_inside_its_wi
 
     config = CloudConfig(model="demo", max_batch=8)
     scheduler = BatchScheduler(config, None, SessionStore(config, 64), CloudMetrics())
-    scheduler._wakeup = asyncio.Event()  # the engine loop is not running: nothing takes the queued step
-    answered = 100.0
+    scheduler._wakeup = asyncio.Event()  # the engine loop is not running: nothing takes the queued steps
+    answered, now = 100.0, time.perf_counter()
     scheduler._recent_decoders = {"fast": Decoder(answered, 0.003), "slow": Decoder(answered, 0.200),
-                                  "new": Decoder(answered), "queued": Decoder(time.perf_counter())}
-    queued = Row(SimpleNamespace(id="queued"), np.zeros((1, 4), np.float32), None, True)
-    step = asyncio.create_task(scheduler.submit(queued))
+                                  "new": Decoder(answered), "queued": Decoder(now, 0.001),
+                                  "speculative": Decoder(now, 0.001), "paused": Decoder(now - 2.0, 0.003)}
+
+    def row(sid: str, tokens: int) -> Row:
+        return Row(SimpleNamespace(id=sid), np.zeros((tokens, 4), np.float32), None, True)
+
+    steps = [asyncio.create_task(scheduler.submit(row("queued", 1))),
+             asyncio.create_task(scheduler.submit(row("speculative", 3))),  # a drafted step: the prefill line
+             asyncio.create_task(scheduler.submit(row("paused", 1)))]
     await asyncio.sleep(0)
     try:
         assert scheduler._expected(answered + 0.010) == {"fast", "new"}
         assert scheduler._expected(answered + 0.300) == {"fast", "new", "slow"}
         assert 0 <= scheduler._recent_decoders["queued"].turnaround < 10  # learnt on arrival (seconds)
+        assert scheduler._recent_decoders["paused"].turnaround is None  # a 2 s pause is not a turnaround
     finally:
+        for step in steps:
+            step.cancel()
+        await asyncio.gather(*steps, return_exceptions=True)
+
+
+async def test_a_cancelled_step_already_on_the_executor_holds_its_caller_until_the_pass_ends(checkpoints, models):
+    """The service holds a session's lock while its step is in the scheduler: a cancelled caller whose row is
+    already in a running pass must not return (and free the session) before the pass is done with it, not
+    even when cancelled twice; the step then leaves the in-flight count exactly once."""
+    from seamline.cloud.metrics import CloudMetrics
+    from seamline.cloud.scheduler import BatchScheduler
+
+    model, _ = models["qwen2"]
+    config = CloudConfig(model=str(checkpoints["qwen2"]), device="cpu")
+    executor = TorchExecutor(model, config)
+    store = SessionStore(CloudConfig(kv_budget=2**30), executor.shape.max_positions)
+    scheduler = BatchScheduler(config, executor, store, CloudMetrics())
+    engine = asyncio.create_task(scheduler.run())
+    gate = threading.Event()
+    try:
+        k = 1
+        session = store.open("dev", k, CodecConfig(), SamplingParams(), executor.bytes_per_token(k))
+        hidden = EdgeSim(model, k).run(prompt_for(0))
+        blocker = executor.worker.submit(gate.wait)  # the torch thread is busy: the pass waits behind it
+        step = asyncio.create_task(scheduler.submit(Row(session, hidden, None, True)))
+        while not scheduler.in_flight or scheduler.prefill:  # a condition: the step was queued, then taken
+            await asyncio.sleep(0.01)
         step.cancel()
+        await asyncio.sleep(0.05)
+        step.cancel()
+        await asyncio.sleep(0.05)
+        assert not step.done() and session.position == 0  # still waiting for the pass
+        gate.set()
+        await asyncio.gather(step, return_exceptions=True)
+        assert step.cancelled() and session.position == len(hidden)  # the pass ran; then the caller left
+        assert scheduler.in_flight == 0 and await scheduler.wait_idle(1.0)
+        blocker.result()
+    finally:
+        gate.set()
+        engine.cancel()
+        await asyncio.gather(engine, return_exceptions=True)
+        executor.worker.shutdown()
