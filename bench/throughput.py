@@ -64,6 +64,13 @@ async def _session(stub, info, k: int, tokens: int, msgs, sizes: list[int] | Non
     return tokens
 
 
+def _payloads(info: pb.InfoReply) -> dict:
+    """Pre-encoded int8 hidden states: a PROMPT-row prefill and a one-row decode step (no model work here)."""
+    rng, cfg = np.random.default_rng(0), codec.CodecConfig("int8")
+    return {"prompt": codec.encode(rng.standard_normal((PROMPT, info.hidden_size), dtype=np.float32), cfg),
+            "one": codec.encode(rng.standard_normal((1, info.hidden_size), dtype=np.float32), cfg)}
+
+
 async def _measure(address: str, sessions: int, tokens: int, sizes: list[int] | None = None,
                    min_tokens: int = 0) -> float:
     """Decode tokens/s of ``sessions`` concurrent lanes, each running whole sessions (open, a PROMPT-token
@@ -74,12 +81,9 @@ async def _measure(address: str, sessions: int, tokens: int, sizes: list[int] | 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = seamline_pb2_grpc.SeamlineStub(channel)
         info = await stub.Info(pb.InfoRequest())
-        k = info.num_layers // 2
-        rng = np.random.default_rng(0)
-        cfg = codec.CodecConfig("int8")
-        msgs = {"prompt": codec.encode(rng.standard_normal((PROMPT, info.hidden_size), dtype=np.float32), cfg),
-                "one": codec.encode(rng.standard_normal((1, info.hidden_size), dtype=np.float32), cfg)}
+        k, msgs = info.num_layers // 2, _payloads(info)
         await _session(stub, info, k, 4, msgs, sizes)  # warm-up (and the message sizes)
+
         async def lane() -> int:
             return sum([await _session(stub, info, k, tokens, msgs) for _ in range(rounds)])
 
@@ -99,12 +103,8 @@ async def _steady(address: str, streams: int, count: int, warmup: int = 20, size
     async with grpc.aio.insecure_channel(address) as channel:
         stub = seamline_pb2_grpc.SeamlineStub(channel)
         info = await stub.Info(pb.InfoRequest())
-        k = info.num_layers // 2
-        rng = np.random.default_rng(0)
-        cfg = codec.CodecConfig("int8")
-        prompt = codec.encode(rng.standard_normal((PROMPT, info.hidden_size), dtype=np.float32), cfg)
-        one = codec.encode(rng.standard_normal((1, info.hidden_size), dtype=np.float32), cfg)
-        spec = cfg.to_proto()
+        k, msgs = info.num_layers // 2, _payloads(info)
+        prompt, one, spec = msgs["prompt"], msgs["one"], codec.CodecConfig("int8").to_proto()
         started, ready, stopped = asyncio.Event(), [0], [0.0, 0]
 
         async def stream() -> None:
