@@ -17,8 +17,10 @@ import sys
 async def _serve(config) -> None:
     from seamline.cloud.executor import NullExecutor
     from seamline.cloud.server import serve
+    from seamline.protos import memory
 
     running = await serve(config, make_executor=NullExecutor)
+    memory.settle_heap()  # as seamline cloud does after start-up
     print(f"seamline cloud listening on {running.address} (model {running.model.model_id}, null executor)",
           flush=True)
     loop = asyncio.get_running_loop()

@@ -242,8 +242,9 @@ class _Worker:
         return await getattr(self, "op_" + msg.pop("op"))(**msg)
 
     async def op_init(self, bundle: str, cloud: str, threads: int = 1, chunk_tokens: int = 64) -> dict:
-        from seamline.edge.agent import build_engine, settle_heap
+        from seamline.edge.agent import build_engine
         from seamline.edge.config import EdgeConfig
+        from seamline.protos.memory import settle_heap
 
         config = EdgeConfig(bundle=bundle, cloud=[cloud], listen="127.0.0.1:0", threads=threads,
                             chunk_tokens=chunk_tokens, step_timeout=120.0, reconnect_window=30.0,

@@ -58,9 +58,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signal(config: CloudConfig) -> int:
+    from seamline.protos import memory
+
     from .server import serve  # torch and grpc load here, after the flags were checked
 
     running = await serve(config)
+    memory.settle_heap()  # a full collection over the start-up heap would stall every session (protos/memory.py)
     metrics = f", metrics on :{running.metrics_port}" if running.metrics_port is not None else ""
     print(f"seamline cloud listening on {running.address} (model {running.model.model_id}, "
           f"device {running.model.device}{metrics})", flush=True)

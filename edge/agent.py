@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import socket
@@ -70,16 +69,6 @@ def build_engine(config: EdgeConfig, policy: SplitPolicy | None = None) -> Gener
         policy = FixedPolicy.from_manifest(runtime.manifest, config.split, config.codec, config.zstd)
     link = CloudLink(config) if config.cloud else None
     return GenerationEngine(runtime, ComputeWorker(), link, policy, config)
-
-
-def settle_heap() -> None:
-    """Move everything loaded so far (the bundle, the libraries) out of the garbage collector's sight.
-
-    A full collection walks every tracked object; on a device held to a fraction of a core it stalls a
-    step for hundreds of milliseconds (seen as a 400x decode step under a 15 % CPU quota). Called once by
-    a long-lived process after start-up, never from a library path."""
-    gc.collect()
-    gc.freeze()
 
 
 async def close_engine(engine: GenerationEngine) -> None:
@@ -193,7 +182,7 @@ class EdgeAgent:
 
     async def run_until_signal(self) -> int:
         url = await self.start()
-        settle_heap()
+        memory.settle_heap()
         m, choice = self.engine.manifest, self.engine.policy.status().choice
         where = ", ".join(self.engine.link.endpoints) if self.engine.link else "none (local only)"
         split = (f"split {choice.k} of {m.num_layers}, codec {choice.codec_name}" if choice
