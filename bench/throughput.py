@@ -43,14 +43,19 @@ NULL_MESSAGES = 8000  # --quick; a run without it times twice as many
 SERVER_FLAGS = ("--max-sessions", "128", "--threads", "1")
 
 
-async def _session(stub, info, k: int, tokens: int, msgs, sizes: list[int] | None = None) -> int:
-    spec = codec.CodecConfig("int8").to_proto()
+async def _opened(stub, info, k: int, msgs):
+    """A new session at split ``k``, its PROMPT rows prefilled: (the stream, the prefill's StepReply)."""
     call = stub.Generate()  # one stream = one session (protocol v2)
-    await call.write(pb.GenerateRequest(open=pb.OpenRequest(model_hash=info.model_hash, split=k, codec=spec,
+    await call.write(pb.GenerateRequest(open=pb.OpenRequest(model_hash=info.model_hash, split=k,
+                                                            codec=codec.CodecConfig("int8").to_proto(),
                                                             sampling=pb.SamplingParams())))
     await call.read()  # opened
     await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=0, hidden=msgs["prompt"], sample=True)))
-    reply = (await call.read()).step
+    return call, (await call.read()).step
+
+
+async def _session(stub, info, k: int, tokens: int, msgs, sizes: list[int] | None = None) -> int:
+    call, reply = await _opened(stub, info, k, msgs)
     for _ in range(tokens):
         request = pb.GenerateRequest(step=pb.StepRequest(start_position=reply.position, hidden=msgs["one"],
                                                          sample=True))
@@ -104,16 +109,10 @@ async def _steady(address: str, streams: int, count: int, warmup: int = 20, size
         stub = seamline_pb2_grpc.SeamlineStub(channel)
         info = await stub.Info(pb.InfoRequest())
         k, msgs = info.num_layers // 2, _payloads(info)
-        prompt, one, spec = msgs["prompt"], msgs["one"], codec.CodecConfig("int8").to_proto()
         started, ready, stopped = asyncio.Event(), [0], [0.0, 0]
 
         async def stream() -> None:
-            call = stub.Generate()
-            await call.write(pb.GenerateRequest(open=pb.OpenRequest(
-                model_hash=info.model_hash, split=k, codec=spec, sampling=pb.SamplingParams())))
-            await call.read()
-            await call.write(pb.GenerateRequest(step=pb.StepRequest(start_position=0, hidden=prompt, sample=True)))
-            reply = (await call.read()).step
+            call, reply = await _opened(stub, info, k, msgs)
             for i in range(warmup + count):
                 if i == warmup:
                     ready[0] += 1
@@ -123,7 +122,8 @@ async def _steady(address: str, streams: int, count: int, warmup: int = 20, size
                 # a long run goes back to the prompt's end before the context is full (a rewind, as after a
                 # rejected draft), so the count per stream is not bounded by the model's positions
                 start = reply.position if reply.position < info.max_positions - 1 else PROMPT
-                request = pb.GenerateRequest(step=pb.StepRequest(start_position=start, hidden=one, sample=True))
+                request = pb.GenerateRequest(step=pb.StepRequest(start_position=start, hidden=msgs["one"],
+                                                                 sample=True))
                 await call.write(request)
                 answer = await call.read()
                 reply = answer.step
@@ -228,10 +228,10 @@ def run(args) -> dict:
         for col in ("streams", "null executor steps/s", "its server CPU", "ping-pong msgs/s", "its server CPU",
                     "ratio"):
             t.add_column(col, justify="right")
-        share = lambda f: "n/a" if f is None else f"{100 * f:.0f}%"
         for r in null_rows:
-            t.add_row(str(r["sessions"]), f"{r['null_executor_steps_per_s']:.0f}", share(r["null_server_cpu"]),
-                      f"{r['pingpong_msgs_per_s']:.0f}", share(r["pingpong_server_cpu"]), f"{r['ratio']:.2f}")
+            shares = ["n/a" if f is None else f"{100 * f:.0f}%" for f in (r["null_server_cpu"], r["pingpong_server_cpu"])]
+            t.add_row(str(r["sessions"]), f"{r['null_executor_steps_per_s']:.0f}", shares[0],
+                      f"{r['pingpong_msgs_per_s']:.0f}", shares[1], f"{r['ratio']:.2f}")
         console.print(t)
     first = models[0]
     at = {(r["sessions"], r["max_batch"]): r["tokens_per_s"] for r in rows if r["model"] == first}

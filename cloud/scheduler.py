@@ -56,6 +56,11 @@ class Decoder:
         return self.turnaround is None or self.answered + self.turnaround <= deadline
 
 
+def _blend(estimate: float | None, sample: float, weight: float) -> float:
+    """An EWMA step: the sample itself when there is no estimate yet."""
+    return sample if estimate is None else estimate + weight * (sample - estimate)
+
+
 def window_s(base_ms: float, max_ms: float, pass_ms: float) -> float:
     """How long the oldest decode step may wait for the sessions expected to join its batch.
 
@@ -92,7 +97,7 @@ class BatchScheduler:
         self.in_flight = 0                       # submitted, not yet answered
         self.recent_queue_ms: deque[float] = deque(maxlen=256)
         self._recent_decoders: dict[str, Decoder] = {}  # session id -> when answered, its turnaround
-        self._pass_ms = 0.0                     # EWMA of a decode pass's compute ms (0: none yet)
+        self._pass_ms: float | None = None      # EWMA of a decode pass's compute ms (None: none yet)
         self._wakeup = asyncio.Event()          # something was queued
         self._arrival = asyncio.Event()         # the open batch window has every step it waits for
         self._awaited: set[str] | None = None   # sessions the open batch window still waits for
@@ -114,12 +119,10 @@ class BatchScheduler:
         decoder = self._recent_decoders.get(sid)
         if decoder is not None:
             seen = work.arrived - decoder.answered
-            if seen > RECENT_DECODER_S or decoder.turnaround is None:
-                # a pause (the device decoding locally for a while, a user reading) is not its turnaround:
-                # past RECENT_DECODER_S the session starts over as if new
-                decoder.turnaround = None if seen > RECENT_DECODER_S else seen
-            else:
-                decoder.turnaround += TURNAROUND_WEIGHT * (seen - decoder.turnaround)
+            # a pause (the device decoding locally for a while, a user reading) is not its turnaround: past
+            # RECENT_DECODER_S the session starts over as if new
+            decoder.turnaround = None if seen > RECENT_DECODER_S else _blend(decoder.turnaround, seen,
+                                                                             TURNAROUND_WEIGHT)
         (self.decode if work.kind == "decode" else self.prefill).append(work)
         self._arrived(sid)  # a speculative step (queued as prefill) also means no decode step is coming
         self.in_flight += 1
@@ -198,7 +201,7 @@ class BatchScheduler:
         # two groups of sessions that each arrive during the other's pass never merge (each finds its window
         # spent: a pass each per round, the second nearly as long as the first, measured at 32 sessions).
         now = time.perf_counter()
-        deadline = now + window_s(config.batch_window_ms, config.batch_window_max_ms, self._pass_ms)
+        deadline = now + window_s(config.batch_window_ms, config.batch_window_max_ms, self._pass_ms or 0.0)
         self._expire_recent(now)
         missing = self._expected(deadline)
         if not missing:
@@ -313,8 +316,7 @@ class BatchScheduler:
         self.metrics.observe_batch(kind, len(ready), compute_ms)
         answered = time.perf_counter()
         if kind == "decode" and timed:  # a row run alone after a failed or unfitting batch is not a pass
-            ewma = self._pass_ms
-            self._pass_ms = compute_ms if not ewma else ewma + PASS_WEIGHT * (compute_ms - ewma)
+            self._pass_ms = _blend(self._pass_ms, compute_ms, PASS_WEIGHT)
         # ------------------------------------------------------------------------------ update
         for work, smp in zip(ready, samples, strict=True):
             session = work.row.session

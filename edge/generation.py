@@ -344,6 +344,10 @@ class Generation:
                 log.exception("the split policy failed to name its break-even round trip")
                 return 0.0
 
+        def moot(b: float | None) -> bool:
+            """No all-local option (None), or it wins at any round trip (0): no reply can change the placement."""
+            return breakeven_of is not None and (b is None or b == 0.0)
+
         try:
             quick = min(timeout, max(PREFLIGHT_QUICK_S, PREFLIGHT_QUICK * estimate / 1e3))
             if quick > PREFLIGHT_SLOW_S and breakeven_of is not None:
@@ -351,8 +355,8 @@ class Generation:
                 # so the quick window (3 round trips of it) is no longer than the break-even wait
                 await asyncio.sleep(0)  # the call goes out first: the plan's time is the round trip's too
                 breakeven, named = name_breakeven(), True
-                if breakeven is None or breakeven == 0.0:  # no all-local option, or it wins at any round trip:
-                    quick = 0.0  # no reply can change this request's placement (handed on when it comes)
+                if moot(breakeven):
+                    quick = 0.0  # no waiting (the reply is handed on when it comes)
                 elif breakeven < float("inf"):
                     quick = min(quick, PREFLIGHT_MARGIN * breakeven / 1e3)
             await asyncio.wait([call], timeout=quick)
@@ -360,9 +364,7 @@ class Generation:
                 if not named:
                     breakeven = name_breakeven()
                 log.debug("preflight: no reply yet; break-even round trip %s ms", breakeven)
-                if breakeven_of is not None and (breakeven is None or breakeven == 0.0):
-                    # no all-local option, or it wins whatever the round trip: the answer cannot change the
-                    # placement; start now and hand the reply on when it comes
+                if moot(breakeven):  # start now and hand the reply on when it comes
                     self._late = asyncio.ensure_future(self._late_reply(call))
                     return
                 decide = min(timeout, max(PREFLIGHT_MIN_WAIT_S, 4e-3 * estimate)
