@@ -9,10 +9,12 @@ layer j of a session lives at ``extent_j.start + p``.
 A forward pass never re-pads the sessions' caches into a fresh tensor:
 
 - a row alone attends to a view of its extent (no copy);
-- a batch of rows gathers one layer's past with one index (``slab[index]``: the only copy, counted
-  against --kv-budget as the batch's ``scratch`` for as long as the pass runs, as before), rows
-  right-aligned and the padding pointing at ``PAD`` — slab position 0, kept at zero and never handed
-  out — which the attention mask hides;
+- a batch of rows gathers one layer's past with one index (``gather``: the only copy, counted
+  against --kv-budget as the batch's ``scratch`` for as long as the pass runs), rows right-aligned
+  and the padding pointing at ``PAD`` — slab position 0, kept at zero and never handed out — which
+  the attention mask hides. The copy is written into one buffer the pool keeps from pass to pass
+  (grown to the largest batch's layer, dropped by ``trim()``): a fresh tensor per layer and pass was
+  the largest allocation on the hot path;
 - the new keys and values of every row of a layer are written into the slab with one indexed write.
 
 The slab grows by doubling (never past the budget plus one layer of ``max_positions`` for moving an
@@ -62,6 +64,7 @@ class KVPool:
         self.free: list[list[int]] = [[1, self.slab.shape[0] - 1]]  # sorted [start, length]; PAD excluded
         self.extents: dict[str, list[Extent]] = {}  # session id -> one extent per layer k..L
         self.scratch_nbytes = 0                      # the gathered past of a batched pass while it runs
+        self._gathered: torch.Tensor | None = None   # gather's buffer, reused by every layer of every pass
         self.lock = threading.Lock()
         self.moves = self.compactions = 0
 
@@ -103,6 +106,17 @@ class KVPool:
     def drop_scratch(self) -> None:
         self.scratch_nbytes = 0
 
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """``slab[index]`` (positions, 2, Hkv, D) written into the pool's reused buffer (worker thread only).
+
+        The result is valid until the next ``gather``: a pass reads one layer's past before it gathers the next.
+        """
+        n = index.shape[0]
+        buf = self._gathered
+        if buf is None or buf.shape[0] < n:
+            buf = self._gathered = torch.empty(n, *self.slab.shape[1:], dtype=self.dtype, device=self.device)
+        return torch.index_select(self.slab, 0, index, out=buf[:n])
+
     # ----------------------------------------------------------------------------- extents
 
     def ensure(self, session_id: str, n_layers: int, capacity: int, keep: int) -> list[Extent]:
@@ -130,7 +144,9 @@ class KVPool:
                 self._free(e.start, e.length)
 
     def trim(self) -> int:
-        """Give the pages of free slab positions back to the OS (CPU only); returns the bytes advised."""
+        """Give the pages of free slab positions back to the OS (CPU only) and drop the gather buffer (the next
+        batched pass makes it again); returns the bytes advised."""
+        self._gathered = None
         if self.device.type != "cpu":
             return 0
         page = mmap.PAGESIZE
