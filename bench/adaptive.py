@@ -416,6 +416,11 @@ class _Counting:
         if of is not None:
             of(waited_ms)
 
+    def observe_rtt(self, rtt_ms: float) -> None:
+        of = getattr(self.policy, "observe_rtt", None)
+        if of is not None:
+            of(rtt_ms)
+
     def status(self) -> Any:
         return self.policy.status()
 

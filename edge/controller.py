@@ -618,6 +618,12 @@ class AdaptivePolicy:
             ctl.est.cloud_scale.update(sum(info.layer_ms) / profiled)
         ctl.observe_probe(rtt_ms=rtt_ms, queue_ms=info.queue_ms_p50)
 
+    def observe_rtt(self, rtt_ms: float) -> None:
+        """A round trip confirmed again (the generation handed its ``Info`` to ``observe_info`` already): one more
+        RTT sample, so that two in a row move the estimate to a new level, without the reply's queue and cloud
+        speed counted twice."""
+        self.controller.observe_probe(rtt_ms=rtt_ms)
+
     def observe_silence(self, waited_ms: float) -> None:
         """The generation's preflight got no reply within ``waited_ms`` (:meth:`Controller.observe_silence`)."""
         self.controller.observe_silence(waited_ms)

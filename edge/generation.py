@@ -297,7 +297,7 @@ class Generation:
         """Before the first choice, when the policy has not seen the link for ``preflight_after_s``: one timed
         ``Info``, so that a link that got fast or slow while the device was idle is priced before the request
         is placed, not after its first steps. A reply under the estimate is the link's (the device's own delays
-        only add to a round trip): handed twice, a confirmed new round trip (two samples on the same side move
+        only add to a round trip): its round trip handed twice (``observe_info``, then ``observe_rtt``), a confirmed new round trip (two samples on the same side move
         the estimate at once). One over it is handed once, folded in as any sample, unless it is also over the
         break-even (below) and over ``PREFLIGHT_QUICK`` round trips of the estimate: a throttled device's wait
         may be in a slightly slow reply, and only a reply slow enough to move the request to the device needs to
@@ -380,8 +380,7 @@ class Generation:
                 # confirmed when under the estimate, or slower than the break-even and than 3 round trips of the
                 # estimate (no throttled device's wait is that long), so the request goes to the device
                 slow = breakeven is not None and ms > breakeven and ms > PREFLIGHT_QUICK * estimate
-                for _ in range(2 if ms <= estimate or slow else 1):
-                    self._observe_info(info, ms)
+                self._observe_info(info, ms, confirmed=ms <= estimate or slow)
             return
         silence = getattr(policy, "observe_silence", None)
         if silence is None:
@@ -397,7 +396,7 @@ class Generation:
         self._late = asyncio.ensure_future(self._late_reply(call))
 
     async def _late_reply(self, call: asyncio.Future) -> None:
-        """The preflight's reply that came after it decided: a confirmed round trip (handed twice) to the policy."""
+        """The preflight's reply that came after it decided: a confirmed round trip (its round trip handed twice) to the policy."""
         try:
             info, ms = await call
         except asyncio.CancelledError:
@@ -405,8 +404,7 @@ class Generation:
             raise
         except EdgeError:
             return
-        for _ in range(2):
-            self._observe_info(info, ms)
+        self._observe_info(info, ms, confirmed=True)
 
     def _run_locally(self, num_layers: int) -> None:
         """Every layer on the edge from the first token: the local path starts at k = 0."""
@@ -485,16 +483,32 @@ class Generation:
                     break
                 replies, least = replies + 1, min(least, (time.perf_counter() - t0) * 1e3)
                 self._observe_info(info, least if replies > 1 else None)
-            if replies == 1:
-                self._observe_info(info, least)
+            if replies == 1:  # its round trip, the Info itself already handed
+                self._observe_rtt(least)
             if replies:
                 return
 
-    def _observe_info(self, info, rtt_ms: float | None) -> None:
+    def _observe_info(self, info, rtt_ms: float | None, confirmed: bool = False) -> None:
+        """Hand ``info`` and its round trip to the policy; ``confirmed``: the round trip once more (``_observe_rtt``),
+        a new level taken at once."""
         try:
             self.engine.policy.observe_info(info, rtt_ms)
         except Exception:  # a failing controller must not fail the generation it measures
             log.exception("the split policy failed to observe a link probe")
+            return
+        if confirmed and rtt_ms is not None:
+            self._observe_rtt(rtt_ms)
+
+    def _observe_rtt(self, rtt_ms: float) -> None:
+        """A round trip alone (the reply's queue and cloud speed were handed already): ``observe_rtt`` where the
+        policy has it; a policy without it sees each reply once."""
+        again = getattr(self.engine.policy, "observe_rtt", None)
+        if again is None:
+            return
+        try:
+            again(rtt_ms)
+        except Exception:
+            log.exception("the split policy failed to observe a round trip")
 
     def _reserve(self) -> int:
         """Positions the edge cache is first made for: the prompt, the new tokens and a few draft rows."""

@@ -505,9 +505,18 @@ async def test_a_link_that_changed_while_the_device_was_idle_is_seen_before_the_
         policy.controller.observe_probe(rtt_ms=5000.0, now=time.monotonic() - 10.0)
         policy.controller.observe_probe(rtt_ms=5000.0, now=time.monotonic() - 10.0)  # 10 s ago
         knows_the_device(policy, 300.0)  # slow enough that a first call's channel set-up fits the break-even
-        choose = policy.choose
-        policy.choose = lambda request: made.append(choose(request)) or made[-1]
+        choose, est = policy.choose, policy.controller.est
+
+        def choosing(request):  # the first choice comes right after the preflight: what did it hand on?
+            if not made:
+                counts.extend((est.rtt_ms.samples, est.queue_ms.samples, est.cloud_scale.samples))
+            made.append(choose(request))
+            return made[-1]
+
+        policy.choose = choosing
         return policy
+
+    counts: list[int] = []
 
     ids, result, _ = await _generate(wide_bundle, link.address, dead_prior, TEXT, 12, preflight_after_s=after,
                                      prepare=_slow_head(0.03))
@@ -516,6 +525,9 @@ async def test_a_link_that_changed_while_the_device_was_idle_is_seen_before_the_
     assert _ended(result.token_ids, torch_greedy(ids, 12))
     if not preflight:
         return
+    # its one reply, under the estimate: the round trip twice (a confirmed new level), the cloud's queue and speed
+    # once (they were handed twice before: two samples of one reply)
+    assert counts == [2 + 2, 1, 1], counts
 
     made.clear()
     handed: list = []
