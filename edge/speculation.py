@@ -3,13 +3,18 @@ estimates behind it (pure).
 
 A speculative step with ``gamma`` drafts yields, when each draft is accepted with probability ``a``
 independently of the others (and the first rejection ends the step), ``(1 - a**(gamma+1)) / (1 - a)``
-tokens on average (``gamma + 1`` when ``a = 1``), and costs one round trip plus ``gamma`` drafted rows
-on the edge and ``gamma + 1`` verified rows in the cloud. :func:`choose_gamma` picks the ``gamma``
-with the most tokens per millisecond, 0 where drafting does not pay.
+tokens on average (``gamma + 1`` when ``a = 1``), and costs what a plain step costs (one round trip and
+the cloud's pass over one row) plus, per draft, the edge's k layers on its row and the cloud's extra
+cost of one more row in the same pass. That extra is far below a one-row pass: a decode pass reads every
+weight once whatever its rows (on a GPU 5 rows cost about what 1 does; on one CPU core, gpt2-124m's
+back half and head, 1 row 36-43 ms, 5 rows 67-78 ms), so it is estimated apart from the one-row pass
+(pricing every row at a one-row pass's cost turned drafting off where it paid: ``bench e2e``'s
+gpt2-124m drafted 7 of 32 tokens at 71 % acceptance). :func:`choose_gamma` picks the ``gamma`` with the
+most tokens per millisecond, 0 where drafting does not pay.
 
-:class:`Speculator` keeps the estimates of one generation at one split: the round trip and the cloud's
-per-row cost (shared), and per drafter (:class:`Source`) its own acceptance and edge cost per drafted
-row. Drafters are tried in order of preference. A cheap one (no model: prompt lookup) is asked first
+:class:`Speculator` keeps the estimates of one generation at one split: the round trip, the cloud's
+one-row pass and its extra per row (shared), and per drafter (:class:`Source`) its own acceptance and
+edge cost per drafted row. Drafters are tried in order of preference. A cheap one (no model: prompt lookup) is asked first
 what it would propose, and its proposal is cut to the gamma its own acceptance pays for; a costly one
 (the shallow-exit head, whose every draft runs the edge's k layers and a head) is asked only for the
 gamma its acceptance pays for. With ``gamma = 0`` a drafter still drafts one token now and then to keep
@@ -40,6 +45,7 @@ DECAY = 0.9             # older steps weigh less (acceptance drifts along a text
 PROBE_EVERY = 8         # gamma = 0: still draft one token after this many steps without drafts ...
 PROBE_MAX = 64          # ... twice as many after each rejected probe, up to this
 EWMA_ALPHA = 0.3
+EXTRA_ROW_PRIOR = 0.25  # a row beyond the first, in the cloud's pass, before one was measured: x a one-row pass
 
 
 def expected_tokens(acceptance: float, gamma: int) -> float:
@@ -50,20 +56,20 @@ def expected_tokens(acceptance: float, gamma: int) -> float:
     return (1.0 - a ** (gamma + 1)) / (1.0 - a)
 
 
-def choose_gamma(acceptance: float, rtt_ms: float, draft_ms_per_token: float, verify_ms_per_row: float,
-                 max_gamma: int) -> int:
+def choose_gamma(acceptance: float, step_ms: float, draft_ms: float, max_gamma: int) -> int:
     """The number of drafts (0..max_gamma) that maximises expected tokens per millisecond.
 
-    One step costs ``rtt_ms + gamma * draft_ms_per_token + (gamma + 1) * verify_ms_per_row``; ties go to
-    the smaller gamma, and 0 is returned where no draft pays (low acceptance, negligible round trip).
+    A step costs ``step_ms`` (a plain step: the round trip and the cloud's one-row pass) plus ``draft_ms`` per
+    draft (the edge's row and the cloud's extra row); ties go to the smaller gamma, and 0 is returned where no
+    draft pays (low acceptance, negligible round trip).
     """
-    values = (acceptance, rtt_ms, draft_ms_per_token, verify_ms_per_row)
+    values = (acceptance, step_ms, draft_ms)
     if max_gamma <= 0 or not all(math.isfinite(v) for v in values):
         return 0
-    rtt, draft, verify = max(rtt_ms, 0.0), max(draft_ms_per_token, 0.0), max(verify_ms_per_row, 0.0)
+    step, draft = max(step_ms, 0.0), max(draft_ms, 0.0)
     best, best_rate = 0, 0.0
     for gamma in range(max_gamma + 1):
-        cost = rtt + gamma * draft + (gamma + 1) * verify
+        cost = step + gamma * draft
         rate = expected_tokens(acceptance, gamma) / cost if cost > 0 else math.inf * (gamma + 1)
         if rate > best_rate * (1 + 1e-9):
             best, best_rate = gamma, rate
@@ -126,7 +132,8 @@ class Speculator:
     policy: str = ADAPTIVE
     rtt: Ewma = field(default_factory=lambda: Ewma(EWMA_ALPHA))        # what a step costs whatever its rows
     row_ms: Ewma = field(default_factory=lambda: Ewma(EWMA_ALPHA))     # the edge's k layers on one row
-    verify_ms: Ewma = field(default_factory=lambda: Ewma(EWMA_ALPHA))  # the cloud's cost of one row
+    verify_ms: Ewma = field(default_factory=lambda: Ewma(EWMA_ALPHA))  # the cloud's pass over one row
+    extra_ms: Ewma = field(default_factory=lambda: Ewma(EWMA_ALPHA))   # ... and each further row in it
 
     @classmethod
     def of(cls, drafters: Sequence[Drafter], max_gamma: int, policy: str = ADAPTIVE) -> Speculator:
@@ -150,17 +157,24 @@ class Speculator:
             return cap, False
         if self.rtt.value is None:  # the first step: a cheap drafter's proposal, or one probe of a model's
             return (cap, False) if source.cheap else (1, True)
-        draft_ms = source.draft_ms.get(self.row_ms.get(0.0))
-        g = choose_gamma(source.acceptance, self.rtt.value, draft_ms, self.verify_ms.get(0.0), cap)
+        step_ms, draft_ms = self._costs(source)
+        g = choose_gamma(source.acceptance, step_ms, draft_ms, cap)
         if g == 0 and source.since >= source.probe_every:
             return 1, True  # keep measuring: the text may turn repetitive later
         return g, False
 
+    def _costs(self, source: Source) -> tuple[float, float]:
+        """(ms of a plain step: the round trip, the edge's row and the cloud's one-row pass; ms each draft of
+        ``source`` adds to it: its edge row and one more row in the cloud's pass) from the estimates so far."""
+        one = self.verify_ms.get(0.0)
+        extra = self.extra_ms.get(EXTRA_ROW_PRIOR * one)
+        draft = source.draft_ms.get(self.row_ms.get(0.0))
+        return self.rtt.get(0.0) + self.row_ms.get(draft) + one, draft + extra
+
     def _rate(self, source: Source, gamma: int) -> float:
         """Expected tokens per millisecond of a step in which ``source`` drafts ``gamma`` (adaptive policy)."""
-        rtt = self.rtt.get(0.0)
-        draft_ms, verify_ms = source.draft_ms.get(self.row_ms.get(0.0)), self.verify_ms.get(0.0)
-        cost = rtt + gamma * draft_ms + (gamma + 1) * verify_ms
+        step_ms, draft_ms = self._costs(source)
+        cost = step_ms + gamma * draft_ms
         return expected_tokens(source.acceptance, gamma) / cost if cost > 0 else math.inf
 
     def plan(self, tokens: Sequence[int], limit: int) -> Plan:
@@ -209,8 +223,15 @@ class Speculator:
         elif rows > 0:
             self.row_ms.update(max(edge_ms, 0.0) / rows)
         self.rtt.update(max(fixed_ms, 0.0))
-        if rows > 0:
-            self.verify_ms.update(max(compute_ms, 0.0) / rows)
+        compute = max(compute_ms, 0.0)
+        if rows == 1:
+            self.verify_ms.update(compute)
+        elif rows > 1:
+            one = self.verify_ms.value
+            if one is None:  # no one-row pass measured yet: split the pass as the prior would
+                self.verify_ms.update(compute / (1.0 + EXTRA_ROW_PRIOR * (rows - 1)))
+            else:
+                self.extra_ms.update(max(compute - one, 0.0) / (rows - 1))
 
 
 def accepted_prefix(drafts: Sequence[int], drawn: Sequence[int]) -> int:
