@@ -70,6 +70,9 @@ def test_choose_gamma_drafts_where_it_pays_and_not_elsewhere():
     def rate(x):
         return expected_tokens(0.6, x) / (6 + x * 2)
     assert rate(g) == max(rate(x) for x in range(17))
+    # a draft that promises a few per cent is not taken: the acceptance it rests on is rough
+    assert expected_tokens(0.3, 1) / (100 + 24) == pytest.approx(1.048 / 100, rel=1e-3)
+    assert choose_gamma(0.3, 100, 24, 4) == 0 and choose_gamma(0.3, 100, 24, 4, margin=0.0) == 1
     # degenerate inputs
     assert choose_gamma(0.9, 50, 1, 0) == 0
     assert choose_gamma(math.nan, 50, 1, 8) == 0
@@ -95,6 +98,7 @@ def test_a_draft_costs_the_clouds_extra_row_not_a_whole_pass():
     assert spec.plan(REPEATS, limit=4).gamma == 4
     # the old model (every row a one-row pass: 8 + 40 ms a draft) would not have drafted at all
     assert choose_gamma(0.7, 23.0 + 40.0, 8.0 + 40.0, 4) == 0
+    assert lookup.draft_ms.value == pytest.approx(8.0)  # (32 - the 8 ms every step spends on its newest row) / 3
     # a cloud whose further rows cost more than a one-row pass each: drafting stops at the same acceptance
     for _ in range(30):
         spec.observe(None, 0, 0, rows=1, edge_ms=8.0, fixed_ms=23.0, compute_ms=40.0)
@@ -132,6 +136,24 @@ def _steps(spec, source, n, drafted, accepted, rtt=5.0, row=3.0, probe=False):
     for _ in range(n):
         spec.observe(source, drafted, accepted, rows=drafted + 1, edge_ms=row * (drafted + 1), fixed_ms=rtt,
                      compute_ms=row * (drafted + 1), probe=probe)
+
+
+def test_a_model_drafters_cost_is_what_its_drafts_added_to_the_step():
+    """A head that runs a 12 ms model per draft on a device whose row costs 8 ms: a one-draft step takes the edge
+    8 + 12 + 8 = 28 ms, 20 of them the draft's (not 28 / 2 rows = 14); at about 25 % acceptance it does not pay
+    (priced at 14 ms it would)."""
+    model = CountingDrafter(acceptance=0.35)
+    spec = Speculator.of([model], max_gamma=4)
+    head = spec.sources[0]
+    for _ in range(5):
+        spec.observe(None, 0, 0, rows=1, edge_ms=8.0, fixed_ms=55.0, compute_ms=40.0)
+        spec.observe(head, 1, 0, rows=2, edge_ms=28.0, fixed_ms=55.0, compute_ms=50.0)
+    assert head.draft_ms.value == pytest.approx(20.0) and spec.extra_ms.value == pytest.approx(10.0)
+    head.accepted, head.tested = 2.5, 10.0
+    step, draft = spec._costs(head)
+    assert (step, draft) == pytest.approx((55.0 + 8.0 + 40.0, 20.0 + 10.0))
+    assert 0.25 < head.acceptance < 0.3 and spec.plan(FRESH, limit=4).gamma == 0
+    assert choose_gamma(head.acceptance, step, 14.0 + 10.0, 4, margin=0.0) == 1
 
 
 def test_speculator_learns_acceptance_stops_drafting_and_probes_less_after_each_rejected_probe():
