@@ -15,7 +15,8 @@ most tokens per millisecond, 0 where drafting does not pay.
 :class:`Speculator` keeps the estimates of one generation at one split: the round trip, the cloud's
 one-row pass and its extra per row (shared), and per drafter (:class:`Source`) its own acceptance and
 edge cost per drafted row. Drafters are tried in order of preference. A cheap one (no model: prompt lookup) is asked first
-what it would propose, and its proposal is cut to the gamma its own acceptance pays for; a costly one
+what it would propose, and its proposal is cut to the gamma its own acceptance pays for (one draft on the
+first step, before any cost is known); a costly one
 (the shallow-exit head, whose every draft runs the edge's k layers and a head) is asked only for the
 gamma its acceptance pays for. With ``gamma = 0`` a drafter still drafts one token now and then to keep
 measuring (the text may turn repetitive), less often after every rejected probe. The ``fixed`` policy
@@ -160,8 +161,8 @@ class Speculator:
             return 0, False
         if self.policy == FIXED:
             return cap, False
-        if self.rtt.value is None:  # the first step: a cheap drafter's proposal, or one probe of a model's
-            return (cap, False) if source.cheap else (1, True)
+        if self.rtt.value is None:  # the first step knows no costs: one draft, to measure (a cheap drafter's
+            return 1, True          # rows still cost the edge and the cloud: 4 of them were 130 ms on SmolLM2)
         step_ms, draft_ms = self._costs(source)
         g = choose_gamma(source.acceptance, step_ms, draft_ms, cap)
         if g == 0 and source.since >= source.probe_every:

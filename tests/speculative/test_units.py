@@ -158,9 +158,9 @@ def test_a_model_drafters_cost_is_what_its_drafts_added_to_the_step():
 
 def test_speculator_learns_acceptance_stops_drafting_and_probes_less_after_each_rejected_probe():
     spec = Speculator.of([PromptLookup()], max_gamma=6)
-    plan = spec.plan(REPEATS, limit=6)  # unmeasured: a cheap drafter's whole proposal
-    assert plan.gamma == 6 and plan.drafts == (3, 1, 2, 3, 1, 2)
-    assert spec.plan(REPEATS, limit=2).drafts == (3, 1) and spec.plan(REPEATS, limit=0).gamma == 0
+    plan = spec.plan(REPEATS, limit=6)  # unmeasured: one draft of its proposal, to measure
+    assert plan.gamma == 1 and plan.drafts == (3,) and plan.probe
+    assert spec.plan(REPEATS, limit=0).gamma == 0
     assert spec.plan(FRESH, limit=6).gamma == 0  # nothing to propose: a plain step
     lookup = spec.sources[0]
     _steps(spec, lookup, 20, drafted=2, accepted=0)  # every draft rejected on a 5 ms link with 3 ms rows
