@@ -97,6 +97,11 @@ class RecordingPolicy:
     def observe_info(self, info, rtt_ms):
         self.inner.observe_info(info, rtt_ms)
 
+    def __getattr__(self, name):  # the optional hooks (observe_rtt, observe_silence, breakeven_rtt_ms), if any
+        if name in ("observe_rtt", "observe_silence", "breakeven_rtt_ms"):
+            return getattr(self.inner, name)
+        raise AttributeError(name)
+
     def status(self):
         return self.inner.status()
 

@@ -130,9 +130,9 @@ class TorchExecutor(ModelExecutor):
                 pool.new_scratch(b, pmax)
                 try:
                     for j in range(n):
-                        # (B, Pmax, 2, Hkv, D): the batch's one copy of this layer, into the pool's reused
-                        # buffer (index_select: ~4x faster than indexing with the (B, Pmax) tensor, measured
-                        # on CPU at B = 32, Pmax = 100)
+                        # (B, Pmax, 2, Hkv, D): the batch's one copy of this layer, into the pass's buffer
+                        # (index_select: ~4x faster than indexing with the (B, Pmax) tensor, measured on CPU
+                        # at B = 32, Pmax = 100)
                         past = pool.gather(gather[j].reshape(-1)).view(b, pmax, *slab.shape[1:])
                         x, key, value = self.adapter.block(k + j, x, past[:, :, 0].transpose(1, 2),
                                                            past[:, :, 1].transpose(1, 2), pos, mask)

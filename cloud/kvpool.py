@@ -12,9 +12,9 @@ A forward pass never re-pads the sessions' caches into a fresh tensor:
 - a batch of rows gathers one layer's past with one index (``gather``: the only copy, counted
   against --kv-budget as the batch's ``scratch`` for as long as the pass runs), rows right-aligned
   and the padding pointing at ``PAD`` — slab position 0, kept at zero and never handed out — which
-  the attention mask hides. The copy is written into one buffer the pool keeps from pass to pass
-  (grown to the largest batch's layer, dropped by ``trim()``): a fresh tensor per layer and pass was
-  the largest allocation on the hot path;
+  the attention mask hides. Every layer of a pass gathers into one buffer, made at the pass's first
+  layer and dropped with its scratch (a fresh tensor per layer was the largest allocation on the hot
+  path; kept past the pass, it would hold memory --kv-budget no longer counts);
 - the new keys and values of every row of a layer are written into the slab with one indexed write.
 
 The slab grows by doubling (never past the budget plus one layer of ``max_positions`` for moving an
@@ -64,7 +64,7 @@ class KVPool:
         self.free: list[list[int]] = [[1, self.slab.shape[0] - 1]]  # sorted [start, length]; PAD excluded
         self.extents: dict[str, list[Extent]] = {}  # session id -> one extent per layer k..L
         self.scratch_nbytes = 0                      # the gathered past of a batched pass while it runs
-        self._gathered: torch.Tensor | None = None   # gather's buffer, reused by every layer of every pass
+        self._gathered: torch.Tensor | None = None   # gather's buffer, reused by every layer of one pass
         self.lock = threading.Lock()
         self.moves = self.compactions = 0
 
@@ -104,12 +104,14 @@ class KVPool:
         self.scratch_nbytes = self.scratch_bytes(rows, past)
 
     def drop_scratch(self) -> None:
+        """The batched pass ended: its scratch, the gather buffer, goes."""
         self.scratch_nbytes = 0
+        self._gathered = None
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
-        """``slab[index]`` (positions, 2, Hkv, D) written into the pool's reused buffer (worker thread only).
-
-        The result is valid until the next ``gather``: a pass reads one layer's past before it gathers the next.
+        """``slab[index]`` (positions, 2, Hkv, D) written into the pass's buffer (worker thread only, between
+        ``new_scratch`` and ``drop_scratch``). The result is valid until the next ``gather``: a pass reads one
+        layer's past before it gathers the next.
         """
         n = index.shape[0]
         buf = self._gathered
@@ -144,9 +146,7 @@ class KVPool:
                 self._free(e.start, e.length)
 
     def trim(self) -> int:
-        """Give the pages of free slab positions back to the OS (CPU only) and drop the gather buffer (the next
-        batched pass makes it again); returns the bytes advised."""
-        self._gathered = None
+        """Give the pages of free slab positions back to the OS (CPU only); returns the bytes advised."""
         if self.device.type != "cpu":
             return 0
         page = mmap.PAGESIZE

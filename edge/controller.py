@@ -619,9 +619,9 @@ class AdaptivePolicy:
         ctl.observe_probe(rtt_ms=rtt_ms, queue_ms=info.queue_ms_p50)
 
     def observe_rtt(self, rtt_ms: float) -> None:
-        """A round trip confirmed again (the generation handed its ``Info`` to ``observe_info`` already): one more
-        RTT sample, so that two in a row move the estimate to a new level, without the reply's queue and cloud
-        speed counted twice."""
+        """A round trip alone, for an ``Info`` the generation handed to ``observe_info`` already: a confirmed
+        reply's second sample (two in a row move the estimate to a new level; the reply's queue and cloud speed
+        count once), or a probe's only reply, handed first without its round trip."""
         self.controller.observe_probe(rtt_ms=rtt_ms)
 
     def observe_silence(self, waited_ms: float) -> None:

@@ -297,8 +297,8 @@ class Generation:
         """Before the first choice, when the policy has not seen the link for ``preflight_after_s``: one timed
         ``Info``, so that a link that got fast or slow while the device was idle is priced before the request
         is placed, not after its first steps. A reply under the estimate is the link's (the device's own delays
-        only add to a round trip): its round trip handed twice (``observe_info``, then ``observe_rtt``), a confirmed new round trip (two samples on the same side move
-        the estimate at once). One over it is handed once, folded in as any sample, unless it is also over the
+        only add to a round trip): its round trip handed twice (``observe_info``, then ``observe_rtt``), a
+        confirmed new round trip (two samples on the same side move the estimate at once). One over it is handed once, folded in as any sample, unless it is also over the
         break-even (below) and over ``PREFLIGHT_QUICK`` round trips of the estimate: a throttled device's wait
         may be in a slightly slow reply, and only a reply slow enough to move the request to the device needs to
         move the estimate at once. Only with an all-local option to protect (the round trip decides between the device and the
@@ -396,7 +396,8 @@ class Generation:
         self._late = asyncio.ensure_future(self._late_reply(call))
 
     async def _late_reply(self, call: asyncio.Future) -> None:
-        """The preflight's reply that came after it decided: a confirmed round trip (its round trip handed twice) to the policy."""
+        """The preflight's reply that came after it decided: a confirmed round trip (its round trip handed twice)
+        to the policy."""
         try:
             info, ms = await call
         except asyncio.CancelledError:
@@ -484,7 +485,7 @@ class Generation:
                 replies, least = replies + 1, min(least, (time.perf_counter() - t0) * 1e3)
                 self._observe_info(info, least if replies > 1 else None)
             if replies == 1:  # its round trip, the Info itself already handed
-                self._observe_rtt(least)
+                self._observe_rtt(least, info)
             if replies:
                 return
 
@@ -499,11 +500,14 @@ class Generation:
         if confirmed and rtt_ms is not None:
             self._observe_rtt(rtt_ms)
 
-    def _observe_rtt(self, rtt_ms: float) -> None:
+    def _observe_rtt(self, rtt_ms: float, info=None) -> None:
         """A round trip alone (the reply's queue and cloud speed were handed already): ``observe_rtt`` where the
-        policy has it; a policy without it sees each reply once."""
+        policy has it. A policy without it sees a confirmed reply once; given ``info`` (a probe's only reply, first
+        handed without its round trip) it gets ``observe_info(info, rtt_ms)`` instead, so it sees that round trip."""
         again = getattr(self.engine.policy, "observe_rtt", None)
         if again is None:
+            if info is not None:
+                self._observe_info(info, rtt_ms)
             return
         try:
             again(rtt_ms)

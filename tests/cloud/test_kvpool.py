@@ -64,20 +64,21 @@ def test_extents_grow_move_compact_and_keep_their_positions():
     assert pool.trim() > 0  # the free positions' pages go back to the OS
 
 
-def test_gather_copies_slab_rows_into_one_buffer_kept_until_trim():
+def test_gather_copies_slab_rows_into_one_buffer_for_the_pass():
     pool = KVPool(SHAPE, torch.float32, torch.device("cpu"), budget_bytes=2**22)
     ext = pool.ensure("a", 1, 32, 0)[0]
     pool.slab[ext.start:ext.start + 32] = torch.arange(32.0)[:, None, None, None]
     index = torch.tensor([PAD, ext.start + 3, ext.start + 7])
+    pool.new_scratch(3, 1)
     first = pool.gather(index)
     assert torch.equal(first, pool.slab[index]) and first[0].abs().sum() == 0
-    small = pool.gather(torch.tensor([ext.start + 5]))  # smaller: the same buffer's first rows
+    small = pool.gather(torch.tensor([ext.start + 5]))  # the next layer: the same buffer's first rows
     assert small.data_ptr() == first.data_ptr() and torch.equal(small, pool.slab[ext.start + 5][None])
     big = pool.gather(torch.arange(ext.start, ext.start + 20))  # larger: a new buffer that fits it
     assert big.shape[0] == 20 and torch.equal(big[:, 0, 0, 0], torch.arange(20.0))
     assert pool.gather(index[:1]).data_ptr() == big.data_ptr()
-    pool.trim()  # an idle server hands the buffer back; the next batched pass makes a new one
-    assert pool._gathered is None and torch.equal(pool.gather(index), pool.slab[index])
+    pool.drop_scratch()  # the pass ended: its buffer goes with its scratch (--kv-budget counts it only meanwhile)
+    assert pool._gathered is None and pool.scratch_nbytes == 0
 
 
 def prompt_for(i: int, n: int) -> list[int]:

@@ -480,8 +480,9 @@ async def test_a_probe_hands_on_the_least_round_trip_it_measured(link, wide_bund
 @pytest.mark.parametrize("preflight", [True, False])
 async def test_a_link_that_changed_while_the_device_was_idle_is_seen_before_the_request(
         link, wide_bundle, torch_greedy, preflight):
-    """The policy last saw a dead link (5 s round trips) and the link has since recovered: with the preflight (two
-    Info round trips before the first choice) the request starts on the cloud; without it, on the device.
+    """The policy last saw a dead link (5 s round trips) and the link has since recovered: with the preflight (one
+    timed Info before the first choice, its round trip a confirmed sample) the request starts on the cloud; without
+    it, on the device.
     Then the other way: the policy last saw a fast link, which has since slowed to a 200 ms round trip; the
     preflight decides for the device without waiting for its replies (no reply within the break-even round
     trip), and the replies, when they come, reach the estimate. Greedy output unchanged either way."""

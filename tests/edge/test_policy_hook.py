@@ -126,3 +126,38 @@ async def test_a_fixed_agent_shows_its_split(full_bundle, cloud):
         assert "seamline_edge_policy_rtt_ms" not in text  # a fixed policy measures nothing
     finally:
         await close_engine(agent.engine)
+
+
+def test_a_policy_without_the_optional_observe_rtt_sees_each_reply_once_and_every_round_trip():
+    """``observe_rtt`` is optional: a policy with only ``observe_info`` gets a confirmed reply once (no second
+    sample of the cloud's queue and speed), and a probe's only reply, first handed without its round trip, again
+    with it. An adaptive policy gets the round trip through ``observe_rtt`` instead."""
+    from types import SimpleNamespace
+
+    from seamline.edge.generation import Generation
+
+    info = CloudInfo("toy", "0" * 64, 4, 64, 64, 1, 4, ("fp32",), (), 0.0, 64, "cpu", queue_ms_p50=7.0)
+
+    class OnlyInfo:
+        def __init__(self):
+            self.handed = []
+
+        def observe_info(self, info, rtt_ms):
+            self.handed.append(rtt_ms)
+
+    gen = Generation.__new__(Generation)  # only the policy hand-off is exercised here
+    gen.engine = SimpleNamespace(policy=OnlyInfo())
+    gen._observe_info(info, 5.0, confirmed=True)  # the preflight's confirmed reply
+    gen._observe_info(info, None)  # a probe's only reply: first without its round trip ...
+    gen._observe_rtt(12.0, info)  # ... then its round trip
+    assert gen.engine.policy.handed == [5.0, None, 12.0]
+
+    class Counting(OnlyInfo):
+        def observe_rtt(self, rtt_ms):
+            self.handed.append(("rtt", rtt_ms))
+
+    gen.engine = SimpleNamespace(policy=Counting())
+    gen._observe_info(info, 5.0, confirmed=True)
+    gen._observe_info(info, None)
+    gen._observe_rtt(12.0, info)
+    assert gen.engine.policy.handed == [5.0, ("rtt", 5.0), None, ("rtt", 12.0)]

@@ -78,6 +78,8 @@ def test_choose_gamma_drafts_where_it_pays_and_not_elsewhere():
     assert choose_gamma(math.nan, 50, 1, 8) == 0
     assert choose_gamma(0.9, math.inf, 1, 8) == 0
     assert choose_gamma(1.5, 50, 0, 3) == 3  # acceptance clamps to 1
+    assert choose_gamma(0.9, 0, 1, 4) == 0  # a free plain step: a draft that costs anything loses
+    assert choose_gamma(0.9, 0, 0, 4) == 4 and choose_gamma(0.0, 0, 0, 4) == 0
 
 
 def test_a_draft_costs_the_clouds_extra_row_not_a_whole_pass():
@@ -158,8 +160,8 @@ def test_a_model_drafters_cost_is_what_its_drafts_added_to_the_step():
 
 def test_speculator_learns_acceptance_stops_drafting_and_probes_less_after_each_rejected_probe():
     spec = Speculator.of([PromptLookup()], max_gamma=6)
-    plan = spec.plan(REPEATS, limit=6)  # unmeasured: one draft of its proposal, to measure
-    assert plan.gamma == 1 and plan.drafts == (3,) and plan.probe
+    plan = spec.plan(REPEATS, limit=6)  # unmeasured: one draft of its proposal, to measure (no probe: a
+    assert plan.gamma == 1 and plan.drafts == (3,) and not plan.probe  # rejection does not delay the probes)
     assert spec.plan(REPEATS, limit=0).gamma == 0
     assert spec.plan(FRESH, limit=6).gamma == 0  # nothing to propose: a plain step
     lookup = spec.sources[0]
