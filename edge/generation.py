@@ -296,22 +296,23 @@ class Generation:
     async def _preflight(self) -> None:
         """Before the first choice, when the policy has not seen the link for ``preflight_after_s``: one timed
         ``Info``, so that a link that got fast or slow while the device was idle is priced before the request
-        is placed, not after its first steps. A reply under the estimate is the link's (the device's own delays
-        only add to a round trip): its round trip handed twice (``observe_info``, then ``observe_rtt``), a
-        confirmed new round trip (two samples on the same side move the estimate at once). One over it is handed once, folded in as any sample, unless it is also over the
-        break-even (below) and over ``PREFLIGHT_QUICK`` round trips of the estimate: a throttled device's wait
-        may be in a slightly slow reply, and only a reply slow enough to move the request to the device needs to
-        move the estimate at once. Only with an all-local option to protect (the round trip decides between the device and the
+        is placed, not after its first steps. A reply under the estimate is the link's (the device's own
+        delays only add to a round trip): its round trip handed twice (``observe_info``, then
+        ``observe_rtt``), a confirmed new round trip (two samples on the same side move the estimate at once).
+        One over it is handed once, folded in as any sample, unless it is also over the break-even (below) and
+        over ``PREFLIGHT_QUICK`` round trips of the estimate: a throttled device's wait may be in a slightly
+        slow reply, and only a reply slow enough to move the request to the device needs to move the estimate
+        at once. Only with an all-local option to protect (the round trip decides between the device and the
         cloud, barely between splits). It waits only as long as it must to decide: a reply within
         ``PREFLIGHT_QUICK`` round trips of the estimate settles it; else the policy names the round trip above
         which all-local wins this request (``breakeven_rtt_ms``, a plan at two round trips, made only then, or
-        first on a slow link: below),
-        and when no reply came in that time (x ``PREFLIGHT_MARGIN``) the policy is told the round trip is at
-        least that long and the request starts on the device; the reply, when it comes, is handed on. With a
-        slow link on record (that window over ``PREFLIGHT_SLOW_S``) the break-even is named first and the quick
-        window is no longer than its wait: a reply after it cannot move the request to the cloud, so on a link
-        that stays slow each request no longer waits out the round trip before starting on the device (none at
-        all when all-local wins at any round trip). A failed call leaves the estimates as they were."""
+        first on a slow link: below), and when no reply came in that time (x ``PREFLIGHT_MARGIN``) the policy
+        is told the round trip is at least that long and the request starts on the device; the reply, when it
+        comes, is handed on. With a slow link on record (that window over ``PREFLIGHT_SLOW_S``) the break-even
+        is named first and the quick window is no longer than its wait: a reply after it cannot move the
+        request to the cloud, so on a link that stays slow each request no longer waits out the round trip
+        before starting on the device (none at all when all-local wins at any round trip). A failed call
+        leaves the estimates as they were."""
         after, link, policy = self.config.preflight_after_s, self.engine.link, self.engine.policy
         if after <= 0 or not self.engine.can_run_locally:
             return

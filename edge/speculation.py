@@ -3,20 +3,21 @@ estimates behind it (pure).
 
 A speculative step with ``gamma`` drafts yields, when each draft is accepted with probability ``a``
 independently of the others (and the first rejection ends the step), ``(1 - a**(gamma+1)) / (1 - a)``
-tokens on average (``gamma + 1`` when ``a = 1``), and costs what a plain step costs (one round trip, the
-edge's row of the newest token and the cloud's pass over one row) plus, per draft, the edge's k layers on its row and the cloud's extra
-cost of one more row in the same pass. That extra is far below a one-row pass: a decode pass reads every
-weight once whatever its rows (on a GPU 5 rows cost about what 1 does; on one CPU core, gpt2-124m's
-back half and head, 1 row 36-43 ms, 5 rows 67-78 ms), so it is estimated apart from the one-row pass
-(pricing every row at a one-row pass's cost turned drafting off where it paid: ``bench e2e``'s
-gpt2-124m drafted 7 of 32 tokens at 71 % acceptance). :func:`choose_gamma` picks the ``gamma`` with the
-most tokens per millisecond, 0 where drafting does not pay.
+tokens on average (``gamma + 1`` when ``a = 1``), and costs what a plain step costs (one round trip,
+the edge's row of the newest token and the cloud's pass over one row) plus, per draft, the edge's k
+layers on its row and the cloud's extra cost of one more row in the same pass. That extra is far below
+a one-row pass: a decode pass reads every weight once whatever its rows (on a GPU 5 rows cost about
+what 1 does; on one CPU core, gpt2-124m's back half and head, 1 row 36-43 ms, 5 rows 67-78 ms), so it
+is estimated apart from the one-row pass (pricing every row at a one-row pass's cost turned drafting
+off where it paid: ``bench e2e``'s gpt2-124m drafted 7 of 32 tokens at 71 % acceptance).
+:func:`choose_gamma` picks the ``gamma`` with the most tokens per millisecond, 0 where drafting does
+not pay.
 
 :class:`Speculator` keeps the estimates of one generation at one split: the round trip, the cloud's
 one-row pass and its extra per row (shared), and per drafter (:class:`Source`) its own acceptance and
-edge cost per drafted row. Drafters are tried in order of preference. A cheap one (no model: prompt lookup) is asked first
-what it would propose, and its proposal is cut to the gamma its own acceptance pays for (one draft on the
-first step at a split, before any cost is known); a costly one
+edge cost per drafted row. Drafters are tried in order of preference. A cheap one (no model: prompt
+lookup) is asked first what it would propose, and its proposal is cut to the gamma its own acceptance
+pays for (one draft on the first step at a split, before any cost is known); a costly one
 (the shallow-exit head, whose every draft runs the edge's k layers and a head) is asked only for the
 gamma its acceptance pays for. With ``gamma = 0`` a drafter still drafts one token now and then to keep
 measuring (the text may turn repetitive), less often after every rejected probe. The ``fixed`` policy
@@ -58,14 +59,16 @@ def expected_tokens(acceptance: float, gamma: int) -> float:
     return (1.0 - a ** (gamma + 1)) / (1.0 - a)
 
 
-def choose_gamma(acceptance: float, step_ms: float, draft_ms: float, max_gamma: int, margin: float = MARGIN) -> int:
+def choose_gamma(acceptance: float, step_ms: float, draft_ms: float, max_gamma: int,
+                 margin: float = MARGIN) -> int:
     """The number of drafts (0..max_gamma) that maximises expected tokens per millisecond.
 
     A step costs ``step_ms`` (a plain step: the round trip, the edge's row and the cloud's one-row pass) plus
-    ``draft_ms`` per draft (its edge cost and the cloud's extra row); ties go to the smaller gamma, and 0 is returned where no
-    draft pays (low acceptance, negligible round trip) or where the best pays less than ``margin`` over a plain
-    step: an acceptance estimated from a few drafts is rough, and a draft that was to gain a few per cent loses
-    more when the estimate was high (SmolLM2's head at 22 % acceptance drafting on a 9 % modelled gain: 0.86x).
+    ``draft_ms`` per draft (its edge cost and the cloud's extra row); ties go to the smaller gamma, and 0 is
+    returned where no draft pays (low acceptance, negligible round trip) or where the best pays less than
+    ``margin`` over a plain step: an acceptance estimated from a few drafts is rough, and a draft that was to
+    gain a few per cent loses more when the estimate was high (SmolLM2's head at 22 % acceptance drafting on a
+    9 % modelled gain: 0.86x).
     """
     values = (acceptance, step_ms, draft_ms)
     if max_gamma <= 0 or not all(math.isfinite(v) for v in values):
