@@ -491,8 +491,8 @@ class Generation:
                 return
 
     def _observe_info(self, info, rtt_ms: float | None, confirmed: bool = False) -> None:
-        """Hand ``info`` and its round trip to the policy; ``confirmed``: the round trip once more (``_observe_rtt``),
-        a new level taken at once."""
+        """Hand ``info`` and its round trip to the policy; ``confirmed``: the round trip once more
+        (``_observe_rtt``), a new level taken at once."""
         try:
             self.engine.policy.observe_info(info, rtt_ms)
         except Exception:  # a failing controller must not fail the generation it measures
@@ -503,8 +503,9 @@ class Generation:
 
     def _observe_rtt(self, rtt_ms: float, info=None) -> None:
         """A round trip alone (the reply's queue and cloud speed were handed already): ``observe_rtt`` where the
-        policy has it. A policy without it sees a confirmed reply once; given ``info`` (a probe's only reply, first
-        handed without its round trip) it gets ``observe_info(info, rtt_ms)`` instead, so it sees that round trip."""
+        policy has it. A policy without it sees a confirmed reply once; given ``info`` (a probe's only reply,
+        first handed without its round trip) it gets ``observe_info(info, rtt_ms)`` instead, so it sees that
+        round trip."""
         again = getattr(self.engine.policy, "observe_rtt", None)
         if again is None:
             if info is not None:
