@@ -11,10 +11,9 @@ replaying the history at the new k on a new session (DESIGN.md §2) — or conti
 Optional, looked up with ``getattr`` (a policy without them still works): ``breakeven_rtt_ms(request)``,
 the round trip above which a request runs faster all-local (how long a preflight waits for its reply);
 ``observe_silence(ms)``, a preflight that got no reply within ms (a lower bound of the round trip); and
-``observe_rtt(ms)``, a round
-trip alone for an ``Info`` already handed to ``observe_info``: a confirmed reply's second sample (the
-cloud's queue and speed in it count once), or a probe's only reply, first handed without its round trip
-(a policy without ``observe_rtt`` gets ``observe_info`` with it then).
+``observe_rtt(ms)``, a round trip alone for an ``Info`` already handed to ``observe_info``: a confirmed
+reply's second sample (the cloud's queue and speed in it count once), or a probe's only reply, first
+handed without its round trip (a policy without ``observe_rtt`` gets ``observe_info`` with it then).
 
 Two implementations: :class:`FixedPolicy` (the default: always the configured split and codec) and
 ``controller.AdaptivePolicy`` (live estimates and the planner).
