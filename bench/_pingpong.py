@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from seamline.testing.procs import cpu_seconds
 
 METHOD = "/bench.PingPong/Echo"
 HOP_METHOD = "/bench.PingPong/EchoHop"
@@ -99,12 +99,12 @@ class ServerCpu:
         self._t0 = self._c0 = None
 
     def _cpu(self) -> float | None:
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, TypeError):
+        if self.pid is None:
             return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        try:
+            return cpu_seconds(self.pid)
+        except OSError:
+            return None
 
     def start(self) -> float:
         self._c0, self._t0 = self._cpu(), time.perf_counter()

@@ -120,13 +120,10 @@ def first_error(hidden, error: CloudError) -> CloudError:
     return error
 
 
-def step_reply(inp: StepInput, outcome: StepOutcome, reply: pb.StepReply | None = None) -> pb.StepReply:
-    """The StepReply for ``outcome``, written into ``reply`` when given (the service passes the ``step`` field
-    of the GenerateReply it sends, so the message is built once, not built and then copied in)."""
-    if reply is None:
-        reply = pb.StepReply()
-    else:
-        reply.SetInParent()  # the oneof is set even when every field keeps its default
+def step_reply(inp: StepInput, outcome: StepOutcome, reply: pb.StepReply) -> None:
+    """Write the answer to ``outcome`` into ``reply`` (the service passes the ``step`` field of the GenerateReply
+    it sends, so the message is built once, not built and then copied in)."""
+    reply.SetInParent()  # the oneof is set even when every field keeps its default
     reply.step_id, reply.position, reply.finished = inp.step_id, outcome.position, outcome.finished
     timings = reply.timings
     timings.queue_ms, timings.compute_ms = outcome.queue_ms, outcome.compute_ms
@@ -142,7 +139,6 @@ def step_reply(inp: StepInput, outcome: StepOutcome, reply: pb.StepReply | None 
             if s.top:
                 reply.drawn_top_logprobs.add().entries.extend(pb.TopLogprob(token_id=t, logprob=lp)
                                                               for t, lp in s.top)
-    return reply
 
 
 def open_reply(session: Session, model: ModelInfo) -> pb.OpenReply:

@@ -47,6 +47,12 @@ def rss_mb(pid: int) -> float:
     return int(m.group(1)) / 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` used so far (utime + stime of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Child:
     """``cmd`` in a child process; its output lines are kept in ``lines`` as they come.
 

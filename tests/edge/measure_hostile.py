@@ -26,6 +26,7 @@ import grpc
 import httpx
 from seamline.protos import seamline_pb2 as pb
 from seamline.protos import seamline_pb2_grpc
+from seamline.testing.procs import cpu_seconds
 
 
 def free_port() -> int:
@@ -38,13 +39,6 @@ def rss_mb(pid: int) -> tuple[float, float]:
     with open(f"/proc/{pid}/status") as fh:
         text = fh.read()
     return tuple(int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) / 1024 for key in ("VmRSS", "VmHWM"))
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds the process used so far."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def sessions(address: str) -> int:
@@ -169,9 +163,9 @@ def main() -> int:
         print(f"50 MB prompt (Content-Length with Expect: 100-continue, as curl sends it): {status!r} after "
               f"{took * 1e3:.1f} ms, the body never sent")
         for name, fn in (("Content-Length, body sent whole", send_declared), ("chunked", send_chunked)):
-            cpu0 = cpu_s(edge.pid)
+            cpu0 = cpu_seconds(edge.pid)
             (status, took), lat = canary_during(url, fn)
-            after, cpu = rss_mb(edge.pid), cpu_s(edge.pid) - cpu0
+            after, cpu = rss_mb(edge.pid), cpu_seconds(edge.pid) - cpu0
             print(f"50 MB prompt ({name}): HTTP {status} after {took * 1e3:.0f} ms; agent RSS "
                   f"{before[0]:.0f} -> {after[0]:.0f} MB (peak {before[1]:.0f} -> {after[1]:.0f} MB); "
                   f"{len(lat)} canaries "
