@@ -10,6 +10,15 @@ compute on each side, and nothing else: one round trip from the event loop to a 
 (``run_in_executor`` of a no-op) per message on the client and on the server. The difference
 between the two figures is the cost of those thread hops on this machine.
 
+``EchoWork`` and ``measure(..., work=(edge_ms, cloud_ms))`` add the step's compute as well: each side
+spends the given milliseconds of CPU with the GIL released (``busy``: SHA-256 over a buffer, as ONNX
+Runtime and torch release it for a forward pass) before it writes, on the worker thread after a hop,
+or, with ``inline=True``, on the event loop without one. The server reports the milliseconds it spent
+in the reply's first 4 bytes and the client subtracts both sides' work, so what is left is what gRPC
+and the hops cost around a step of that shape on this machine: the floor of the architecture, which a
+CPU left idle for the length of a forward pass raises (a virtual CPU that halts wakes more slowly
+than one kept busy by back-to-back messages).
+
 ``throughput``: messages per second with N concurrent streams (one message in flight each), the bare
 gRPC ceiling ``seamline bench throughput --null-executor`` compares the service with.
 """
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,10 +37,23 @@ from seamline.testing.procs import cpu_seconds
 
 METHOD = "/bench.PingPong/Echo"
 HOP_METHOD = "/bench.PingPong/EchoHop"
+WORK_METHOD = "/bench.PingPong/EchoWork"
+WORK_INLINE_METHOD = "/bench.PingPong/EchoWorkInline"
+_HASHED = bytes(64 * 1024)
 
 
 def _noop() -> None:
     return None
+
+
+def busy(ms: float) -> float:
+    """Keep this CPU busy for about ``ms`` with the GIL released (hashlib drops it for buffers this large);
+    returns the milliseconds it took."""
+    t0 = time.perf_counter()
+    end = t0 + ms / 1e3
+    while time.perf_counter() < end:
+        hashlib.sha256(_HASHED).digest()
+    return (time.perf_counter() - t0) * 1e3
 
 
 async def _serve(host: str) -> None:
@@ -55,10 +78,26 @@ async def _serve(host: str) -> None:
             await loop.run_in_executor(pool, _noop)
             yield reply_for(request)
 
+    def worked(request: bytes, ms: float) -> bytes:
+        reply = reply_for(request)
+        return struct.pack("<f", ms) + reply[4:]
+
+    async def echo_work(request_iterator, context):  # the request's bytes 4..8: the ms to spend
+        loop = asyncio.get_running_loop()
+        async for request in request_iterator:
+            ms = await loop.run_in_executor(pool, busy, struct.unpack_from("<f", request, 4)[0])
+            yield worked(request, ms)
+
+    async def echo_work_inline(request_iterator, context):
+        async for request in request_iterator:
+            yield worked(request, busy(struct.unpack_from("<f", request, 4)[0]))
+
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "bench.PingPong", {"Echo": grpc.stream_stream_rpc_method_handler(echo),
-                           "EchoHop": grpc.stream_stream_rpc_method_handler(echo_hop)}),))
+                           "EchoHop": grpc.stream_stream_rpc_method_handler(echo_hop),
+                           "EchoWork": grpc.stream_stream_rpc_method_handler(echo_work),
+                           "EchoWorkInline": grpc.stream_stream_rpc_method_handler(echo_work_inline)}),))
     port = server.add_insecure_port(f"{host}:0")
     await server.start()
     print(f"ping-pong listening on {host}:{port}", flush=True)
@@ -66,23 +105,35 @@ async def _serve(host: str) -> None:
 
 
 async def measure(address: str, request_bytes: int, reply_bytes: int, count: int, warmup: int = 50,
-                  hop: bool = False) -> list[float]:
+                  hop: bool = False, work: tuple[float, float] | None = None, inline: bool = False) -> list[float]:
     """Round-trip ms of ``count`` ping-pongs on one bidi stream (after ``warmup`` of them); ``hop``: with a
-    worker-thread round trip per message on each side."""
-    payload = struct.pack("<I", reply_bytes) + bytes(max(0, request_bytes - 4))
+    worker-thread round trip per message on each side; ``work`` = (client ms, server ms): with that much
+    GIL-free CPU work per message on each side (on the worker after a hop, or on the loop when ``inline``),
+    not counted in the times returned."""
+    if work is not None and reply_bytes < 4:
+        raise ValueError("a ping-pong with work needs replies of at least 4 bytes")
+    payload = struct.pack("<If", reply_bytes, work[1] if work else 0.0) + bytes(max(0, request_bytes - 8))
+    method = (WORK_INLINE_METHOD if inline else WORK_METHOD) if work else HOP_METHOD if hop else METHOD
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(max_workers=1)
     async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.stream_stream(HOP_METHOD if hop else METHOD)()
+        call = channel.stream_stream(method)()
         times = []
         for i in range(warmup + count):
             t0 = time.perf_counter()
-            if hop:
+            spent = 0.0
+            if work and inline:
+                spent = busy(work[0])
+            elif work:
+                spent = await loop.run_in_executor(pool, busy, work[0])
+            elif hop:
                 await loop.run_in_executor(pool, _noop)
             await call.write(payload)
-            await call.read()
+            reply = await call.read()
+            if work:
+                spent += struct.unpack_from("<f", reply)[0]
             if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
+                times.append((time.perf_counter() - t0) * 1e3 - spent)
         await call.done_writing()
         call.cancel()
     pool.shutdown()

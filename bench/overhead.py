@@ -15,7 +15,10 @@ edge's generation loop. It is split further with the timings the loop reports (S
 
 Baseline, measured in the same run and interleaved with it: a bare ``grpc.aio`` bidirectional
 ping-pong (``_pingpong.py``: generic handler, raw bytes, no protobuf) with the same request and
-reply sizes as a decode step, server pinned like the cloud. When the overhead misses its targets
+reply sizes as a decode step, server pinned like the cloud; then the same ping-pong around the step's compute
+(each side spends the round's p50 edge or cloud compute as GIL-free CPU work, after a worker-thread hop
+as seamline does, and again on the event loop without one, not counted): the floor of this
+architecture on this machine, with no framework in it (``floor_ms_p50``, ``overhead_vs_floor``). When the overhead misses its targets
 (<= 0.4 ms, <= 2.5x the ping-pong) a py-spy profile of both processes during a further run lists
 where the time goes, in ms per step.
 """
@@ -47,6 +50,7 @@ from .models import bundle, checkpoint
 
 PROMPT = 16
 TARGET_MS, TARGET_RATIO = 0.4, 2.5  # issue 21's Targets section
+WORK_PINGPONGS = 400  # ping-pongs with the step's compute per round (each costs a step's compute time)
 
 
 def _decode_steps(timed, policy: RecordingPolicy, timer: ForwardTimer) -> list[dict]:
@@ -77,7 +81,8 @@ async def _measure(bundle_dir: Path, cloud: str, pingpong: str, steps: int, roun
     ids = prompt_ids(bundle_dir / m.tokenizer, PROMPT)
     steps = min(steps, m.max_positions - PROMPT)
     out: dict = {"split": policy.choice.k, "layers": m.num_layers, "codec": policy.choice.codec.codec,
-                 "steps": [], "pingpong_ms": [], "pingpong_hop_ms": [], "profile": None}
+                 "steps": [], "pingpong_ms": [], "pingpong_hop_ms": [], "floor_ms": [], "floor_inline_ms": [],
+                 "profile": None}
     try:
         await generate(engine, ids, 8)  # warm-up: channel, session, ORT and torch allocations
         for _ in range(rounds):
@@ -91,6 +96,12 @@ async def _measure(bundle_dir: Path, cloud: str, pingpong: str, steps: int, roun
             out["request_bytes"], out["reply_bytes"] = sent, received
             out["pingpong_ms"] += await _pingpong.measure(pingpong, sent, received, pp_count)
             out["pingpong_hop_ms"] += await _pingpong.measure(pingpong, sent, received, pp_count, hop=True)
+            if pp_count:  # the same round trip around this round's compute: the architecture's floor here
+                work = (p50(r["edge_compute_ms"] for r in rows), p50(r["cloud_compute_ms"] for r in rows))
+                n = min(pp_count, WORK_PINGPONGS)
+                out["floor_ms"] += await _pingpong.measure(pingpong, sent, received, n, work=work)
+                out["floor_inline_ms"] += await _pingpong.measure(pingpong, sent, received, n, work=work,
+                                                                  inline=True)
         if profile_pids is not None:
             out["profile"] = await _profiled_run(engine, ids, steps, profile_pids, profile_seconds)
     finally:
@@ -128,7 +139,7 @@ async def _profiled_run(engine, ids: list[int], steps: int, pids: tuple[int, int
     return out
 
 
-def _breakdown(steps: list[dict], pingpong: list[float], pingpong_hop: list[float]) -> list[dict]:
+def _breakdown(steps: list[dict], out: dict) -> list[dict]:
     def row(what, key, note=""):
         xs = [s[key] for s in steps]
         return {"what": what, "key": key, "p10_ms": pct(xs, 0.1), "p50_ms": p50(xs), "p90_ms": pct(xs, 0.9),
@@ -143,16 +154,22 @@ def _breakdown(steps: list[dict], pingpong: list[float], pingpong_hop: list[floa
             row("  cloud: scheduler queue", "cloud_queue_ms", ""),
             row("  cloud: codec decode", "cloud_codec_decode_ms", ""),
             row("  edge: generation loop", "edge_loop_ms", "wall - edge job - round trip")]
-    rows.append({"what": "bare gRPC ping-pong (baseline)", "key": "pingpong_ms", "p10_ms": pct(pingpong, 0.1),
-                 "p50_ms": p50(pingpong),
-                 "p90_ms": pct(pingpong, 0.9), "note": "grpc.aio bidi stream, raw bytes, same sizes"})
-    rows.append({"what": "  ping-pong + a worker-thread hop each side", "key": "pingpong_hop_ms",
-                 "p10_ms": pct(pingpong_hop, 0.1), "p50_ms": p50(pingpong_hop), "p90_ms": pct(pingpong_hop, 0.9),
-                 "note": "the same + run_in_executor(no-op) per message on client and server"})
+    for what, key, note in (
+            ("bare gRPC ping-pong (baseline)", "pingpong_ms", "grpc.aio bidi stream, raw bytes, same sizes"),
+            ("  ping-pong + a worker-thread hop each side", "pingpong_hop_ms",
+             "the same + run_in_executor(no-op) per message on client and server"),
+            ("  ping-pong + hops + the step's compute", "floor_ms",
+             "the hops run GIL-free CPU work as long as the edge and cloud compute p50, not counted"),
+            ("  ping-pong + the step's compute, no hops", "floor_inline_ms",
+             "the same work on each side's event loop")):
+        xs = out[key]
+        if xs:
+            rows.append({"what": what, "key": key, "p10_ms": pct(xs, 0.1), "p50_ms": p50(xs), "p90_ms": pct(xs, 0.9),
+                         "note": note})
     return rows
 
 
-def _plot(path: Path, steps: list[dict], pingpong: list[float], pingpong_hop: list[float], title: str) -> None:
+def _plot(path: Path, steps: list[dict], out: dict, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,14 +178,15 @@ def _plot(path: Path, steps: list[dict], pingpong: list[float], pingpong_hop: li
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for xs, label in (([s["overhead_ms"] for s in steps], "seamline overhead per decode step"),
-                      (pingpong, "bare gRPC ping-pong (same sizes)"),
-                      (pingpong_hop, "ping-pong + worker-thread hop each side")):
+                      (out["pingpong_ms"], "bare gRPC ping-pong (same sizes)"),
+                      (out["pingpong_hop_ms"], "ping-pong + worker-thread hop each side"),
+                      (out["floor_ms"], "ping-pong + hops + the step's compute")):
         xs = np.sort(np.asarray(xs))
         ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
     ax.axvline(TARGET_MS, color="grey", linestyle=":", label=f"target {TARGET_MS} ms")
     ax.set_xlabel("ms")
     ax.set_ylabel("fraction of steps")
-    ax.set_xlim(0, max(pct([s["overhead_ms"] for s in steps], 0.98), pct(pingpong, 0.98)) * 1.2)
+    ax.set_xlim(0, max(pct([s["overhead_ms"] for s in steps], 0.98), pct(out["pingpong_ms"], 0.98)) * 1.2)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -196,7 +214,8 @@ def run(args) -> dict:
             prof = asyncio.run(_measure(b, address, pp_address, steps, 0, 0, (os.getpid(), cloud.proc.pid),
                                         3.0 if args.quick else 10.0))
             out["profile"] = prof["profile"]
-    rows = _breakdown(out["steps"], out["pingpong_ms"], out["pingpong_hop_ms"])
+    rows = _breakdown(out["steps"], out)
+    at = {r["key"]: r for r in rows}
     where = (f"{name}, split {out['split']}/{out['layers']}, ORT int8 + {out['codec']} codec, "
              f"{out['request_bytes']} B up / {out['reply_bytes']} B down per step")
     table = Table(title=f"framework overhead per decode step on loopback — {where}\n"
@@ -212,11 +231,14 @@ def run(args) -> dict:
                   f"{load_before}).[/dim]")
     summary = {"overhead_ms_p50": overhead, "grpc_pingpong_ms_p50": pingpong,
                "overhead_vs_pingpong": overhead / pingpong,
-               "overhead_ms_p10": rows[3]["p10_ms"], "grpc_pingpong_ms_p10": rows[-2]["p10_ms"],
-               "overhead_vs_pingpong_p10": rows[3]["p10_ms"] / rows[-2]["p10_ms"],
-               "step_ms_p50": rows[0]["p50_ms"], "edge_compute_ms_p50": rows[1]["p50_ms"],
-               "cloud_compute_ms_p50": rows[2]["p50_ms"],
-               "grpc_pingpong_with_thread_hops_ms_p50": rows[-1]["p50_ms"],
+               "overhead_ms_p10": at["overhead_ms"]["p10_ms"], "grpc_pingpong_ms_p10": at["pingpong_ms"]["p10_ms"],
+               "overhead_vs_pingpong_p10": at["overhead_ms"]["p10_ms"] / at["pingpong_ms"]["p10_ms"],
+               "step_ms_p50": at["wall_ms"]["p50_ms"], "edge_compute_ms_p50": at["edge_compute_ms"]["p50_ms"],
+               "cloud_compute_ms_p50": at["cloud_compute_ms"]["p50_ms"],
+               "grpc_pingpong_with_thread_hops_ms_p50": at["pingpong_hop_ms"]["p50_ms"],
+               # the floor: what gRPC and the hops cost around a step of this shape with no framework at all
+               "floor_ms_p50": at["floor_ms"]["p50_ms"], "floor_inline_ms_p50": at["floor_inline_ms"]["p50_ms"],
+               "overhead_vs_floor": overhead / at["floor_ms"]["p50_ms"],
                "targets": {f"overhead_ms_p50 <= {TARGET_MS}": overhead <= TARGET_MS,
                            f"overhead_vs_pingpong <= {TARGET_RATIO}": overhead / pingpong <= TARGET_RATIO},
                "measured_on": where, "placement": place.describe(),
@@ -228,12 +250,14 @@ def run(args) -> dict:
     png = plot_path(args)
     if png is not None:
         png.parent.mkdir(parents=True, exist_ok=True)
-        _plot(png, out["steps"], out["pingpong_ms"], out["pingpong_hop_ms"], f"overhead per decode step vs bare gRPC\n{where}")
+        _plot(png, out["steps"], out, f"overhead per decode step vs bare gRPC\n{where}")
         console.print(f"wrote {png}")
     samples = {"overhead_ms": [round(s["overhead_ms"], 4) for s in out["steps"]],
                "wall_ms": [round(s["wall_ms"], 4) for s in out["steps"]],
                "pingpong_ms": [round(x, 4) for x in out["pingpong_ms"]],
-               "pingpong_hop_ms": [round(x, 4) for x in out["pingpong_hop_ms"]]}
+               "pingpong_hop_ms": [round(x, 4) for x in out["pingpong_hop_ms"]],
+               "floor_ms": [round(x, 4) for x in out["floor_ms"]],
+               "floor_inline_ms": [round(x, 4) for x in out["floor_inline_ms"]]}
     return {"scenario": "overhead", "rows": rows, "summary": summary, "profile": prof, "samples": samples}
 
 

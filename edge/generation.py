@@ -85,6 +85,7 @@ from .policy import FixedPolicy
 from .runtime import EdgeCache
 from .speculation import AUTO, NO_DRAFTS, OFF, POLICIES, Speculator, accepted_prefix
 from .text import TextTracker
+from .worker import SHORT_JOB_MS
 
 if TYPE_CHECKING:
     from .engine import GenerationEngine
@@ -192,6 +193,7 @@ class Generation:
                              "draft_policy")
         self.stats.speculate = self.spec_mode
         self._speculators: dict[int, Speculator | None] = {}  # per split k: drafters are split-specific
+        self._row_ms: dict[int, float] = {}  # per split k: ms of the last one-row decode job (the next is as short)
 
     # -- the loop ---------------------------------------------------------------------------------
     async def events(self) -> AsyncIterator[GenerationEvent]:
@@ -593,12 +595,13 @@ class Generation:
                 raise CloudUnavailable(f"the cloud failed {failures} times in one generation "
                                        f"(last: {error.message})")
 
-    async def _run_at(self, k: int, job):
+    async def _run_at(self, k: int, job, short: bool = False):
         """``job()`` on the compute worker at split k; returns (its result, its ms). The graphs split k needs are
         loaded first in the same job (the first time a split falls inside a composed segment the runtime cuts
         it in two: ``EdgeRuntime.prepare``), so the load keeps its place among the other steps' jobs, and its
-        time is left out of the step's edge time, which the split policy learns compute from."""
-        return self._without_loading(k, await self.engine.worker.submit(self._at_k(k, job)))
+        time is left out of the step's edge time, which the split policy learns compute from. ``short``: the
+        job is known to be short (``ComputeWorker.submit``: on the loop when the worker is idle)."""
+        return self._without_loading(k, await self.engine.worker.submit(self._at_k(k, job), short=short))
 
     def _at_k(self, k: int, job):
         """``job`` wrapped to load split k's graphs first and time that apart (``_without_loading`` subtracts it)."""
@@ -639,11 +642,16 @@ class Generation:
             rows = known if new is None else (new if len(known) == 0 else np.concatenate([known, new]))
             return wire.encode_chunk(a, rows, None, cfg, sample, zmin), new
 
+        # a decode row whose last one took under SHORT_JOB_MS at this split (its graphs loaded) skips the hops
+        one_row = b - a == 1 and len(new_ids) == 1
+        short = one_row and self._row_ms.get(k, SHORT_JOB_MS) < SHORT_JOB_MS
         try:
-            (chunk, new), ms = await self._run_at(k, job)
+            (chunk, new), ms = await self._run_at(k, job, short)
         except BaseException:
             self.edge_sched = self.hist.length
             raise
+        if one_row:
+            self._row_ms[k] = ms
         if new is not None:
             self.hist.append(new)
         self.stats.edge_ms += ms
