@@ -26,8 +26,10 @@ one compute thread; the cloud side (seamline cloud ``threads = 1``, the naive cl
 emulators) runs under ``taskset`` on the other.
 
 Two phases. **At full device speed** every path above runs (the framework against HF ``generate()``
-and the naive split, pipelined against serial prefill): on this host the "cloud" is one CPU core,
-no faster than the device. **Under the stated device/cloud gap**, the placement paths (split,
+and the naive split, pipelined against serial prefill); the seamline paths and the naive split take turns,
+one generation each (``--quick``: one round, else three, medians), so the host's drift over the minutes of
+a run does not fall between the paths a ratio compares. On this host the "cloud" is one CPU core, no faster
+than the device. **Under the stated device/cloud gap**, the placement paths (split,
 all-local, all-cloud) run again with this process under a CPU quota (``bench/_weak.py``) sized in the
 run so that the cloud is about 10x faster per layer than the device (``SEAMLINE_GAP``), as a GPU
 server is to a phone; both per-layer decode latencies (the cloud's from its ``Info``, the device's
@@ -142,20 +144,28 @@ async def _serial_prefill(engine, ids: list[int]) -> Timed:
         session.close()
 
 
-async def _measure_engines(engines: dict, ids: list[int], new: int, repeats: int, gap=None) -> tuple[dict, dict]:
-    """-> (runs per path, StepStats of the last run per remote path). ``gap(engines)``, when given, runs at
-    the end (the links still open) and its runs join the result."""
-    out: dict[str, list[Timed]] = {}
+async def _measure_engines(engines: dict, ids: list[int], new: int, repeats: int, naive, gap=None) -> tuple[dict, dict]:
+    """-> (runs per path, StepStats of the last run per remote path). The paths take turns, one generation
+    each per round (``repeats`` rounds after a warm-up of each), the naive split's (``naive``, a
+    ``NaiveSplit``, synchronous: on a thread while the loop waits) among them, so the ratios between paths
+    compare runs minutes apart no more than runs seconds apart. ``gap(engines)``, when given, runs at the end
+    (the links still open) and its runs join the result."""
+    paths = ((SPLIT, new), (SPEC, new), (LOCAL, new), (CLOUD, new), (ONE_CHUNK, 1))
+    out: dict[str, list[Timed]] = {path: [] for path, _ in paths}
+    out[NAIVE] = []
     steps: dict[str, list] = {}
     try:
-        for path, tokens in ((SPLIT, new), (SPEC, new), (LOCAL, new), (CLOUD, new), (ONE_CHUNK, 1)):
-            engine = engines[path]
-            await generate(engine, ids, 2)  # warm-up at full size: sessions, arenas, caches
-            out[path] = []
-            for _ in range(repeats):
-                engine.policy.steps.clear()
-                out[path].append(await generate(engine, ids, tokens))
-            steps[path] = list(engine.policy.steps)
+        for path, _ in paths:
+            await generate(engines[path], ids, 2)  # warm-up at full size: sessions, arenas, caches
+        await asyncio.to_thread(naive.generate, ids, 2)
+        for _ in range(repeats):
+            for path, tokens in paths:
+                engines[path].policy.steps.clear()
+                out[path].append(await generate(engines[path], ids, tokens))
+            t0, times = await asyncio.to_thread(naive.generate, ids, new)
+            out[NAIVE].append(Timed(t0, times, None))
+        for path, _ in paths:
+            steps[path] = list(engines[path].policy.steps)
         await _serial_prefill(engines[SPLIT], ids)
         out[SERIAL] = [await _serial_prefill(engines[SPLIT], ids) for _ in range(repeats)]
         if gap is not None:
@@ -244,22 +254,6 @@ def _hf_generate(ckpt: str, ids: list[int], new: int, repeats: int) -> list[Time
     return [once(new) for _ in range(repeats)]
 
 
-def _naive(ckpt: str, split: int, address: str, ids: list[int], new: int, repeats: int) -> tuple[list[Timed], list]:
-    """-> (runs, per-request timings of the last run)."""
-    from ._naive import NaiveSplit
-
-    client = NaiveSplit(ckpt, split, address)
-    try:
-        client.generate(ids, 2)
-        runs = []
-        for _ in range(repeats):
-            t0, times = client.generate(ids, new)
-            runs.append(Timed(t0, times, None))
-    finally:
-        client.close()
-    return runs, client.steps
-
-
 # -------------------------------------------------------------------------------------------- run
 
 def _decode_breakdown(path: str, steps: list, naive: bool = False) -> dict:
@@ -305,6 +299,8 @@ def measure(name: str, place, quick: bool, weak=None) -> tuple[list[dict], dict,
     """-> (rows, decode breakdown, the SpeedGap of the gap phase or None). ``weak``: run the gap phase."""
     import torch
 
+    from ._naive import NaiveSplit
+
     torch.set_num_threads(1)
     ckpt, bundle_dir = checkpoint(name), bundle(name)
     from seamline.protos.bundle import load_bundle
@@ -329,11 +325,13 @@ def measure(name: str, place, quick: bool, weak=None) -> tuple[list[dict], dict,
             gap_ids = ids[:GAP_PROMPT_QUICK] if quick else ids
             gap_new = GAP_NEW_TOKENS_QUICK if quick else NEW_TOKENS
             gap = None if weak is None else _gap_phase(rt, weak, gap_ids, gap_new, repeats, gap_result)
+            naive_client = NaiveSplit(ckpt, m.default_split, naive_link)
             try:
-                runs, steps = asyncio.run(_measure_engines(engines, ids, NEW_TOKENS, repeats, gap))
+                runs, steps = asyncio.run(_measure_engines(engines, ids, NEW_TOKENS, repeats, naive_client, gap))
             finally:
                 worker.shutdown()
-            naive_runs, naive_steps = _naive(ckpt, m.default_split, naive_link, ids, NEW_TOKENS, repeats)
+                naive_client.close()
+            naive_runs, naive_steps = runs.pop(NAIVE), naive_client.steps
         hf_runs = _hf_generate(ckpt, ids, NEW_TOKENS, repeats)
         del rt
     finally:
