@@ -112,7 +112,8 @@ async def measure(address: str, request_bytes: int, reply_bytes: int, count: int
     not counted in the times returned."""
     if work is not None and reply_bytes < 4:
         raise ValueError("a ping-pong with work needs replies of at least 4 bytes")
-    payload = struct.pack("<If", reply_bytes, work[1] if work else 0.0) + bytes(max(0, request_bytes - 8))
+    head = struct.pack("<If", reply_bytes, work[1]) if work else struct.pack("<I", reply_bytes)
+    payload = head + bytes(max(0, request_bytes - len(head)))
     method = (WORK_INLINE_METHOD if inline else WORK_METHOD) if work else HOP_METHOD if hop else METHOD
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(max_workers=1)

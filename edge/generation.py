@@ -626,7 +626,9 @@ class Generation:
         """Schedule rows [a, b) for the wire: compute what the edge has not, encode; a task."""
         return asyncio.get_running_loop().create_task(self._prepare_chunk(a, b, sample))
 
-    async def _prepare_chunk(self, a: int, b: int, sample: bool) -> OutgoingChunk:
+    async def _prepare_chunk(self, a: int, b: int, sample: bool, alone: bool = False) -> OutgoingChunk:
+        """Rows [a, b) computed (what the edge has not yet) and encoded on the worker. ``alone``: the step's only
+        chunk (nothing to pipeline it with): a decode row as short as the last may then run on the loop."""
         k, cfg = self.choice.k, self.choice.codec
         zmin = self.engine.manifest.codec.zstd_min_tokens
         if k == 0:  # all-cloud baseline: token ids go out, nothing to compute
@@ -643,7 +645,7 @@ class Generation:
             return wire.encode_chunk(a, rows, None, cfg, sample, zmin), new
 
         # a decode row whose last one took under SHORT_JOB_MS at this split (its graphs loaded) skips the hops
-        one_row = b - a == 1 and len(new_ids) == 1
+        one_row = alone and b - a == 1 and len(new_ids) == 1
         short = one_row and self._row_ms.get(k, SHORT_JOB_MS) < SHORT_JOB_MS
         try:
             (chunk, new), ms = await self._run_at(k, job, short)
@@ -671,7 +673,7 @@ class Generation:
         pending: asyncio.Task | None = self._prepare(*spans[0], False) if len(spans) > 1 else None
         try:
             for j in range(len(spans)):
-                chunk = await (pending if pending is not None else self._prepare_chunk(*spans[0], True))
+                chunk = await (pending if pending is not None else self._prepare_chunk(*spans[0], True, alone=True))
                 pending = self._prepare(*spans[j + 1], j + 2 == len(spans)) if j + 1 < len(spans) else None
                 await session.send(chunk, self._step_timeout())  # ... while the worker computes the next
                 chunks.append(chunk)

@@ -7,9 +7,10 @@ torch's exporter return new, one-longer arrays each step.
 
 ORT sessions are set up for a small device: ``intra_op_num_threads`` from the caller (default 1
 per session: many sessions with spinning thread pools on 2 cores ran 6-7x slower), spinning off,
-sequential execution, full graph optimisation. The agent calls every session from one worker
-thread (``worker.ComputeWorker``), so ``seamline edge --threads N`` (``intra_op_num_threads``) is
-the whole of the edge's compute parallelism; inter-op parallelism stays at 1.
+sequential execution, full graph optimisation. The agent calls the sessions one job at a time through
+one worker (``worker.ComputeWorker``: its thread, or the event loop for a short decode row while that
+thread is idle), so ``seamline edge --threads N`` (``intra_op_num_threads``) is the whole of the edge's
+compute parallelism; inter-op parallelism stays at 1.
 
 In-place block graphs run as composed segments (``segments.py``): one ONNX Runtime call per segment instead
 of one per block; a segment is cut in two where a split first falls inside it (``EdgeRuntime._cut``).

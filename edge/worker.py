@@ -21,7 +21,9 @@ from typing import TypeVar
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-SHORT_JOB_MS = 2.0  # a job expected under this may run on the event loop when the worker is idle
+# A job expected under this may run on the event loop when the worker is idle. "Expected": the last one like it
+# took that long; a rare one-off inside one (the rotary table or a KV buffer growing) then holds the loop too.
+SHORT_JOB_MS = 2.0
 
 
 
@@ -32,13 +34,16 @@ class SerialWorker(ThreadPoolExecutor):
     each on the build machine); for a job of a millisecond that is a large share. ``run_if_idle`` runs a job
     on the calling thread instead, but only when no job is queued or running, so jobs still run one at a time
     and in the order they were handed over (a job handed over by another thread while one runs on the caller
-    waits for it). Every way in (``submit``, ``run_in_executor``, ``run_if_idle``) is counted.
+    waits for it). Every way in (``submit``, ``run_in_executor``, ``run_if_idle``) is counted, and a job
+    leaves the count when it ends or is cancelled before it starts. Once shut down, nothing runs on the
+    caller either.
     """
 
     def __init__(self, thread_name_prefix: str):
         super().__init__(max_workers=1, thread_name_prefix=thread_name_prefix)
         self._count_lock = threading.Lock()
         self._jobs = 0  # handed over, not finished
+        self._closed = False
         self._one_at_a_time = threading.Lock()
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
@@ -50,19 +55,31 @@ class SerialWorker(ThreadPoolExecutor):
                 with self._one_at_a_time:
                     return fn(*args, **kwargs)
             finally:
-                self._done()
+                self._done()  # before the future's result is set: its waiter finds the worker idle
 
         try:
-            return super().submit(job)
+            future = super().submit(job)
         except BaseException:  # shut down: nothing was queued
             self._done()
             raise
+        future.add_done_callback(self._if_cancelled)  # a job cancelled before it ran never reaches job()
+        return future
+
+    def _if_cancelled(self, future: Future) -> None:
+        if future.cancelled():
+            self._done()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._count_lock:
+            self._closed = True
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
 
     def run_if_idle(self, fn: Callable[..., T], *args) -> tuple[bool, T | None]:
         """``(True, fn(*args))`` run on this thread when no job is queued or running; else ``(False, None)``
-        at once (hand the job to ``submit`` then). An exception from ``fn`` propagates."""
+        at once (hand the job to ``submit`` then: after ``shutdown`` it raises RuntimeError there). An
+        exception from ``fn`` propagates."""
         with self._count_lock:
-            if self._jobs:
+            if self._jobs or self._closed:
                 return False, None
             self._jobs += 1
         try:
@@ -79,7 +96,7 @@ class SerialWorker(ThreadPoolExecutor):
 class ComputeWorker:
     def __init__(self, name: str = "seamline-ort"):
         self._pool = SerialWorker(name)
-        self.last_end = 0.0  # perf_counter when the latest job ended (written on the worker thread)
+        self.last_end = 0.0  # perf_counter when the latest job ended (written by whichever thread ran it)
 
     async def run(self, fn: Callable[..., T], *args) -> tuple[T, float]:
         """Run ``fn(*args)`` on the worker thread; returns (result, milliseconds it ran)."""

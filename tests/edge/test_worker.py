@@ -4,10 +4,11 @@ so jobs still run one at a time and in the order they were handed over."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 
 import pytest
-from seamline.edge.worker import SerialWorker
+from seamline.edge.worker import ComputeWorker, SerialWorker
 
 
 @pytest.fixture
@@ -44,18 +45,34 @@ def test_a_busy_worker_keeps_the_job(worker):
 
 
 def test_a_job_handed_over_while_the_caller_runs_one_waits_for_it(worker):
-    order, inside = [], threading.Event()
-    later: list = []
+    order, later = [], []
 
     def on_caller():
         order.append("caller starts")
         later.append(worker.submit(order.append, "worker job"))  # another hand-over meanwhile
-        inside.wait(0.2)  # the worker thread is free and would run it now if it could
+        # the worker thread is free and would run it now if it could
+        assert not concurrent.futures.wait(later, timeout=0.2).done
         order.append("caller ends")
 
     assert worker.run_if_idle(on_caller)[0]
     later[0].result(10)
     assert order == ["caller starts", "caller ends", "worker job"]
+
+
+def test_a_job_cancelled_before_it_ran_leaves_the_worker_idle(worker):
+    gate, started = threading.Event(), threading.Event()
+
+    def hold():
+        started.set()
+        gate.wait(10)
+
+    held = worker.submit(hold)
+    started.wait(10)
+    queued = worker.submit(lambda: "never")
+    assert queued.cancel()
+    gate.set()
+    held.result(10)
+    assert worker.run_if_idle(lambda: "here") == (True, "here")
 
 
 def test_an_exception_on_the_caller_propagates_and_leaves_the_worker_usable(worker):
@@ -88,9 +105,57 @@ def test_run_in_executor_counts_as_a_job(worker):
     assert asyncio.run(main()) == ((False, None), (True, 2))
 
 
-def test_a_shut_down_worker_refuses_hand_overs_and_still_counts_right():
+def test_a_shut_down_worker_runs_nothing_more_on_the_caller_either():
     w = SerialWorker("test-worker")
     w.shutdown(wait=True)
     with pytest.raises(RuntimeError):
         w.submit(lambda: 1)
-    assert w.run_if_idle(lambda: 3) == (True, 3)
+    assert w.run_if_idle(lambda: 3) == (False, None)
+
+
+# ------------------------------------------------------------------ ComputeWorker.submit(..., short=True)
+
+async def test_a_short_job_on_an_idle_worker_is_done_when_submit_returns():
+    cw = ComputeWorker("test-ort")
+    try:
+        future = cw.submit(threading.current_thread, short=True)
+        assert future.done()
+        thread, ms = await future
+        assert thread is threading.current_thread() and ms >= 0 and cw.last_end > 0
+
+        def boom():
+            raise ValueError("bad row")
+
+        failed = cw.submit(boom, short=True)
+        assert failed.done()
+        with pytest.raises(ValueError, match="bad row"):
+            await failed
+    finally:
+        cw.shutdown()
+
+
+async def test_a_short_job_waits_behind_a_job_the_worker_queued_for_itself():
+    """The local decode loop's pattern: a job on the worker queues the next one from the worker thread; a short
+    job handed over in between must not overtake it."""
+    cw = ComputeWorker("test-ort")
+    order, gate = [], threading.Event()
+    try:
+        def second():
+            gate.wait(10)
+            order.append("queued by the worker")
+
+        def first():
+            order.append("first")
+            return cw.queue(second)
+
+        queued, _ = await cw.submit(first)
+        short = cw.submit(order.append, "short", short=True)
+        assert not short.done()  # the queued job is still ahead of it: on the worker, in order
+        gate.set()
+        await asyncio.wrap_future(queued)
+        _, _ = await short
+        assert order == ["first", "queued by the worker", "short"]
+        assert (await cw.submit(threading.current_thread, short=True))[0] is threading.current_thread()
+    finally:
+        gate.set()
+        cw.shutdown()
