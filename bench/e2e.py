@@ -288,6 +288,7 @@ def _row(model: str, path: str, prompt: int, runs: list[Timed]) -> dict:
            "decode_ms_per_token": statistics.median((r.token_times[-1] - r.token_times[0]) * 1e3
                                                     / max(1, len(r.token_times) - 1) for r in runs),
            "total_ms": statistics.median(totals), "repeats": len(runs),
+           "runs_total_ms": [round(x, 1) for x in totals], "runs_ttft_ms": [round(r.ttft_ms, 1) for r in runs],
            "per_token_ms": [round(x, 3) for x in runs[-1].intervals_ms]}
     stats = runs[-1].stats
     if stats is not None:
@@ -449,6 +450,11 @@ def run(args) -> dict:
         "split_vs_naive_speedup": at[NAIVE]["total_ms"] / s["total_ms"],
         "speculative_split_vs_naive_speedup": at[NAIVE]["total_ms"] / at[SPEC]["total_ms"],
         "speculative_vs_plain_split_speedup": s["total_ms"] / at[SPEC]["total_ms"],
+        # the paths take turns, so round i of each is comparable: the spread of the two target ratios
+        "split_vs_naive_by_round": [round(n / x, 3) for n, x in zip(at[NAIVE]["runs_total_ms"],
+                                                                 s["runs_total_ms"], strict=True)],
+        "speculative_split_vs_naive_by_round": [round(n / x, 3) for n, x in zip(at[NAIVE]["runs_total_ms"],
+                                                                             at[SPEC]["runs_total_ms"], strict=True)],
         "speculative_drafts": _drafts(at[SPEC]),
         "ttft_pipelined_vs_serial": s["ttft_ms"] / at[SERIAL]["ttft_ms"],
         "ttft_pipelined_vs_one_chunk": s["ttft_ms"] / at[ONE_CHUNK]["ttft_ms"],
