@@ -15,12 +15,12 @@ edge's generation loop. It is split further with the timings the loop reports (S
 
 Baseline, measured in the same run and interleaved with it: a bare ``grpc.aio`` bidirectional
 ping-pong (``_pingpong.py``: generic handler, raw bytes, no protobuf) with the same request and
-reply sizes as a decode step, server pinned like the cloud; then the same ping-pong around the step's compute
-(each side spends the round's p50 edge or cloud compute as GIL-free CPU work, after a worker-thread hop
-as seamline does, and again on the event loop without one, not counted): the floor of this
-architecture on this machine, with no framework in it (``floor_ms_p50``, ``overhead_vs_floor``). When the overhead misses its targets
-(<= 0.4 ms, <= 2.5x the ping-pong) a py-spy profile of both processes during a further run lists
-where the time goes, in ms per step.
+reply sizes as a decode step, server pinned like the cloud; then the same ping-pong around the step's
+compute (each side spends the round's p50 edge or cloud compute as GIL-free CPU work, after a
+worker-thread hop as seamline does, and again on the event loop without one, not counted): the floor of
+this architecture on this machine, with no framework in it (``floor_ms_p50``, ``overhead_vs_floor``).
+When the overhead misses its targets (<= 0.4 ms, <= 2.5x the ping-pong) a py-spy profile of both
+processes during a further run lists where the time goes, in ms per step.
 """
 
 from __future__ import annotations

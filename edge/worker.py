@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 SHORT_JOB_MS = 2.0
 
 
-
 class SerialWorker(ThreadPoolExecutor):
     """One worker thread that knows when it is idle, so a short job can skip the hop to it.
 
