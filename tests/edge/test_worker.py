@@ -18,6 +18,20 @@ def worker():
     w.shutdown(wait=True)
 
 
+class Holder:
+    """A job that holds the worker thread until ``release``; ``started`` is set once it runs."""
+
+    def __init__(self):
+        self.gate, self.started = threading.Event(), threading.Event()
+
+    def __call__(self):
+        self.started.set()
+        self.gate.wait(10)
+
+    def release(self):
+        self.gate.set()
+
+
 def test_an_idle_worker_lets_the_caller_run_the_job(worker):
     ran, out = worker.run_if_idle(lambda: threading.current_thread())
     assert ran and out is threading.current_thread()
@@ -25,19 +39,14 @@ def test_an_idle_worker_lets_the_caller_run_the_job(worker):
 
 
 def test_a_busy_worker_keeps_the_job(worker):
-    gate, started = threading.Event(), threading.Event()
-
-    def hold():
-        started.set()
-        gate.wait(10)
-
+    hold = Holder()
     held = worker.submit(hold)
-    started.wait(10)
+    hold.started.wait(10)
     calls = []
     assert worker.run_if_idle(calls.append, 1) == (False, None)  # one running
     queued = worker.submit(lambda: "queued")
     assert worker.run_if_idle(calls.append, 2) == (False, None)  # one running, one queued behind it
-    gate.set()
+    hold.release()
     held.result(10)
     assert queued.result(10) == "queued"
     assert worker.run_if_idle(calls.append, 3) == (True, None)
@@ -60,17 +69,12 @@ def test_a_job_handed_over_while_the_caller_runs_one_waits_for_it(worker):
 
 
 def test_a_job_cancelled_before_it_ran_leaves_the_worker_idle(worker):
-    gate, started = threading.Event(), threading.Event()
-
-    def hold():
-        started.set()
-        gate.wait(10)
-
+    hold = Holder()
     held = worker.submit(hold)
-    started.wait(10)
+    hold.started.wait(10)
     queued = worker.submit(lambda: "never")
     assert queued.cancel()
-    gate.set()
+    hold.release()
     held.result(10)
     assert worker.run_if_idle(lambda: "here") == (True, "here")
 
@@ -89,16 +93,11 @@ def test_an_exception_on_the_caller_propagates_and_leaves_the_worker_usable(work
 
 def test_run_in_executor_counts_as_a_job(worker):
     async def main():
-        gate, started = threading.Event(), threading.Event()
-
-        def hold():
-            started.set()
-            gate.wait(10)
-
+        hold = Holder()
         held = asyncio.get_running_loop().run_in_executor(worker, hold)
-        await asyncio.to_thread(started.wait, 10)
+        await asyncio.to_thread(hold.started.wait, 10)
         busy = worker.run_if_idle(lambda: 1)
-        gate.set()
+        hold.release()
         await held
         return busy, worker.run_if_idle(lambda: 2)
 
