@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from seamline.partitioner.families import adapter_for
+from seamline.partitioner.families.base import CacheRoom
 from seamline.protos import codec
 
 from .config import CloudConfig, ConfigError
@@ -89,7 +90,7 @@ class TorchExecutor(ModelExecutor):
         """Bytes of the padded copy ``forward(rows)`` will allocate (0 for a single row or no layers)."""
         if rows[0].session.split >= self.shape.num_layers:
             return 0
-        return self.pool.scratch_bytes(len(rows), max(r.session.position for r in rows))
+        return self.pool.scratch_bytes(len(rows), max(r.session.position for r in rows) + rows[0].tokens)
 
     # ---------------------------------------------------------------- worker thread only below
 
@@ -125,19 +126,20 @@ class TorchExecutor(ModelExecutor):
                 rel = torch.arange(pmax, device=dev)[None] - (pmax - p)[:, None]  # (B, Pmax): < 0 is padding
                 valid = rel >= 0
                 gather = torch.where(valid, first[:, :, None] + rel, PAD)  # (n, B, Pmax) slab positions
+                # ... and T more per row, the room the block writes the new keys and values into
+                gather = torch.cat([gather, torch.full((n, b, t), PAD, device=dev)], 2)  # (n, B, Pmax+T)
                 write = first[:, :, None] + pos  # (n, B, T)
                 mask = torch.cat([valid, torch.ones(b, t, dtype=torch.bool, device=dev)], 1).long()  # (B, Pmax+T)
-                pool.new_scratch(b, pmax)
+                pool.new_scratch(b, pmax + t)
                 try:
                     for j in range(n):
-                        # (B, Pmax, 2, Hkv, D): the batch's one copy of this layer, into the pass's buffer
+                        # (B, Pmax+T, 2, Hkv, D): the batch's one copy of this layer, into the pass's buffer
                         # (index_select: ~4x faster than indexing with the (B, Pmax) tensor, measured on CPU
-                        # at B = 32, Pmax = 100)
-                        past = pool.gather(gather[j].reshape(-1)).view(b, pmax, *slab.shape[1:])
-                        x, key, value = self.adapter.block(k + j, x, past[:, :, 0].transpose(1, 2),
-                                                           past[:, :, 1].transpose(1, 2), pos, mask)
-                        new = torch.stack((key[:, :, pmax:], value[:, :, pmax:]), 2)  # (B, Hkv, 2, T, D)
-                        slab[write[j]] = new.permute(0, 3, 2, 1, 4)  # (B, T, 2, Hkv, D), in place
+                        # at B = 32, Pmax = 100); the block writes its new rows at Pmax (no torch.cat copy)
+                        buf = pool.gather(gather[j].reshape(-1)).view(b, pmax + t, *slab.shape[1:])
+                        x, _, _ = self.adapter.block(k + j, x, CacheRoom(buf[:, :, 0].transpose(1, 2), pmax),
+                                                     CacheRoom(buf[:, :, 1].transpose(1, 2), pmax), pos, mask)
+                        slab[write[j]] = buf[:, pmax:]  # (B, T, 2, Hkv, D): the slab's own layout, in place
                 finally:
                     pool.drop_scratch()
         samples = sample_rows(self.adapter, rows, x, starts)
@@ -146,14 +148,13 @@ class TorchExecutor(ModelExecutor):
         return samples, (time.perf_counter() - t0) * 1e3
 
     def _layers_alone(self, x: torch.Tensor, k: int, n: int, extents, start: int, pos: torch.Tensor) -> torch.Tensor:
-        """Blocks k..L for one row: its past is a view of its extents, its new positions written in place."""
+        """Blocks k..L for one row: its past is a view of its extents, and the block writes its new positions
+        into the extents right after it (``CacheRoom``: no copy of the past)."""
         slab, t = self.pool.slab, x.shape[1]
         for j, e in enumerate(extents):
-            past = slab[e.start:e.start + start]  # (P, 2, Hkv, D), a view
-            x, key, value = self.adapter.block(k + j, x, past[None, :, 0].transpose(1, 2),
-                                               past[None, :, 1].transpose(1, 2), pos)
-            new = torch.stack((key[0, :, start:], value[0, :, start:]))  # (2, Hkv, T, D)
-            slab[e.start + start:e.start + start + t] = new.permute(2, 0, 1, 3)
+            full = slab[e.start:e.start + start + t]  # (P+T, 2, Hkv, D), a view; the extent has room for T
+            x, _, _ = self.adapter.block(k + j, x, CacheRoom(full[None, :, 0].transpose(1, 2), start),
+                                         CacheRoom(full[None, :, 1].transpose(1, 2), start), pos)
         return x
 
     @torch.inference_mode()

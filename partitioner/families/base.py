@@ -92,5 +92,26 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
-def concat_cache(past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    return new if past is None else torch.cat([past, new], dim=-2)
+@dataclass(frozen=True)
+class CacheRoom:
+    """A past that already sits in a buffer with room for the new positions: ``full`` (B, Hkv, P + T, D) holds
+    the past at [0, P) (``past`` = P); ``concat_cache`` writes the new keys or values at [P, P + T) in place and
+    returns ``full``, where a ``torch.cat`` would copy the whole past again. The cloud executor passes these
+    (views of its KV slab, or of a batch's gathered copy); the ONNX exporter passes plain tensors."""
+
+    full: torch.Tensor
+    past: int
+
+
+def concat_cache(past: torch.Tensor | CacheRoom | None, new: torch.Tensor) -> torch.Tensor:
+    """Past and new keys (or values) along the positions: (B, Hkv, P + T, D)."""
+    if past is None:
+        return new
+    if isinstance(past, CacheRoom):
+        end = past.past + new.shape[-2]
+        if end != past.full.shape[-2]:
+            raise ValueError(f"a cache room of {past.full.shape[-2]} positions cannot take {past.past} past and "
+                             f"{new.shape[-2]} new ones")
+        past.full[:, :, past.past:end] = new
+        return past.full
+    return torch.cat([past, new], dim=-2)

@@ -133,3 +133,21 @@ def test_sampling_never_raises_on_extreme_inputs():
     assert sample(broken, SamplingParams(temperature=1.0, top_p=0.5), 0).token_id == 1
     assert sample(torch.full((4,), float("nan")), SamplingParams(temperature=1.0), 0).token_id in range(4)
     assert sample(torch.full((4,), float("-inf")), SamplingParams(), 0).token_id == 0
+
+
+def test_a_cache_room_takes_the_new_positions_in_place_and_equals_a_concatenation():
+    """``concat_cache`` with a ``CacheRoom`` (what the executor passes: a strided view of its KV slab or of a
+    batch's gathered copy) writes the new keys after the past in the buffer itself, no copy of the past."""
+    from seamline.partitioner.families.base import CacheRoom, concat_cache
+
+    gen = torch.Generator().manual_seed(0)
+    slab = torch.randn(2, 7, 2, 3, 4, generator=gen)  # (B, P+T, 2 = K/V, Hkv, D): the slab's row layout
+    past, new = 5, torch.randn(2, 3, 2, 4, generator=gen)  # new keys (B, Hkv, T, D)
+    expected = torch.cat([slab[:, :past, 0].transpose(1, 2), new], dim=-2)
+    full = concat_cache(CacheRoom(slab[:, :, 0].transpose(1, 2), past), new)
+    assert full.data_ptr() == slab.data_ptr()  # the buffer itself, not a copy
+    torch.testing.assert_close(full, expected)
+    torch.testing.assert_close(slab[:, past:, 0], new.transpose(1, 2))  # written into the slab's rows
+    with pytest.raises(ValueError, match="cannot take 5 past and 3 new"):
+        concat_cache(CacheRoom(slab[:, :, 1].transpose(1, 2), past), torch.zeros(2, 3, 3, 4))
+    assert concat_cache(None, new) is new
