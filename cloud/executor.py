@@ -5,9 +5,11 @@ the event loop never blocks and the KV slab has one writer. The executor owns th
 (``self.pool``: one slab, an extent per session and layer, see kvpool.py). A forward pass takes rows
 of the same split k and the same chunk length T. Rows with different past lengths are batched by
 gathering one layer's past at a time with one index (rows right-aligned, padding pointing at the pool's
-zero position; the gathered copy is counted against --kv-budget while the pass runs); the attention
-mask hides the padding and each row gets its own position ids, so a row sees exactly the keys it would
-see alone. New keys and values are written into the slab in place, one indexed write per layer. The
+zero position, then T rows of room; the gathered copy is counted against --kv-budget while the pass runs);
+the attention mask hides the padding and each row gets its own position ids, so a row sees exactly the
+keys it would see alone. The block writes its new keys and values into that room (``CacheRoom``: no copy of
+the past), and they go into the slab in place, one indexed write per layer; a row alone has its block
+write straight into its extents. The
 rows' hidden states arrive as checked, still-quantized tensors and are dequantized in one call.
 """
 

@@ -81,7 +81,8 @@ class KVPool:
         return (self.shape.num_layers - split) * self.row_bytes
 
     def scratch_bytes(self, rows: int, past: int) -> int:
-        """Bytes of one layer's gathered past for a batch of ``rows`` (0 when alone: a view)."""
+        """Bytes of one layer's gathered copy for a batch of ``rows``, ``past`` positions each (the executor asks
+        for the longest past plus the room for the new positions); 0 when alone: a view."""
         return 0 if rows <= 1 or past == 0 else rows * past * self.row_bytes
 
     def held_bytes(self) -> int:
