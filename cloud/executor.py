@@ -153,6 +153,9 @@ class TorchExecutor(ModelExecutor):
         """Blocks k..L for one row: its past is a view of its extents, and the block writes its new positions
         into the extents right after it (``CacheRoom``: no copy of the past)."""
         slab, t = self.pool.slab, x.shape[1]
+        if any(e.length < start + t for e in extents):  # the block writes in place: never past its own extent
+            raise RuntimeError(f"an extent of {min(e.length for e in extents)} positions cannot take {start} + {t}; "
+                               "the step was not reserved (SessionStore.reserve)")
         for j, e in enumerate(extents):
             full = slab[e.start:e.start + start + t]  # (P+T, 2, Hkv, D), a view; the extent has room for T
             x, _, _ = self.adapter.block(k + j, x, CacheRoom(full[None, :, 0].transpose(1, 2), start),
@@ -194,6 +197,9 @@ class NullExecutor(TorchExecutor):
     extents — but the blocks, the head and the sampler are skipped: every row that samples gets token 0
     with logprob 0.
     """
+
+    def scratch_bytes(self, rows: list[Row]) -> int:
+        return 0  # nothing is gathered: the budget holds no scratch for a pass that allocates none
 
     @torch.inference_mode()
     def forward(self, rows: list[Row]) -> tuple[list[Sample | None], float]:

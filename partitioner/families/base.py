@@ -55,7 +55,9 @@ class FamilyAdapter(ABC):
               past_value: torch.Tensor | None, position_ids: torch.Tensor,
               attention_mask: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Run block i; return (hidden, present_key, present_value). Encoders return None caches."""
+        """Run block i; return (hidden, present_key, present_value). Encoders return None caches. A past may be a
+        ``CacheRoom`` (the cloud executor's): the new keys and values are then written into its buffer, and the
+        present returned is a view of that buffer (the caller's, overwritten later)."""
 
     @abstractmethod
     def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
