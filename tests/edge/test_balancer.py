@@ -58,8 +58,9 @@ async def test_32_concurrent_generations_through_nginx(full_bundle, replicas, re
             return _open(*args, **kwargs)
 
         store.open = counting
-    engine = build_engine(edge_config(full_bundle, [balancer.address]))
+    engine = None  # nginx runs from here: whatever fails below, the finally stops it
     try:
+        engine = build_engine(edge_config(full_bundle, [balancer.address]))
         async def one(i: int):
             prompt = PROMPTS[i % len(PROMPTS)]
             gen = engine.start(GenerationRequest(tuple(engine.encode_prompt(prompt)), NEW, SamplingParams()))
@@ -79,7 +80,8 @@ async def test_32_concurrent_generations_through_nginx(full_bundle, replicas, re
 
         await async_wait_until(all_freed, timeout=10, message="every replica frees its sessions at stream end")
     finally:
-        await close_engine(engine)
+        if engine is not None:
+            await close_engine(engine)
         balancer.stop()
     assert balancer.proc.returncode is not None
 
@@ -160,8 +162,9 @@ async def test_replica_fault_mid_run_through_nginx(full_bundle, replica_procs, r
     model's text; only sessions that were on that replica replay; generations started after the fault
     (SIGTERM: while the replica drains) see no error and no replay."""
     balancer = Nginx(tmp_path, [r.proc.address for r in replica_procs])
-    engine = build_engine(edge_config(full_bundle, [balancer.address]))
+    engine = None  # nginx runs from here: whatever fails below, the finally stops it
     try:
+        engine = build_engine(edge_config(full_bundle, [balancer.address]))
         first_token = [0]
         tasks = await _run_wave(engine, GENERATIONS, first_token)
         await async_wait_until(lambda: first_token[0] == GENERATIONS or any(t.done() for t in tasks), timeout=120,
@@ -202,5 +205,6 @@ async def test_replica_fault_mid_run_through_nginx(full_bundle, replica_procs, r
 
         await async_wait_until(all_freed, timeout=10, message="the other replicas free every session")
     finally:
-        await close_engine(engine)
+        if engine is not None:
+            await close_engine(engine)
         balancer.stop()
