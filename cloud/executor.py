@@ -5,7 +5,7 @@ the event loop never blocks and the KV slab has one writer. The executor owns th
 (``self.pool``: one slab, an extent per session and layer, see kvpool.py). A forward pass takes rows
 of the same split k and the same chunk length T. Rows with different past lengths are batched by
 gathering one layer's past at a time with one index (rows right-aligned, padding pointing at the pool's
-zero position, then T rows of room; the gathered copy is counted against --kv-budget while the pass runs);
+zero position, then the T new positions as room; the gathered copy is counted against --kv-budget while the pass runs);
 the attention mask hides the padding and each row gets its own position ids, so a row sees exactly the
 keys it would see alone. The block writes its new keys and values into that room (``CacheRoom``: no copy of
 the past), and they go into the slab in place, one indexed write per layer; a row alone has its block
@@ -122,16 +122,16 @@ class TorchExecutor(ModelExecutor):
             extents = [pool.ensure(r.session.id, n, r.session.capacity, q) for r, q in zip(rows, starts, strict=True)]
             slab = pool.slab  # after every ensure: a growing slab is replaced
             if b == 1:
-                x = self._layers_alone(x, k, n, extents[0], starts[0], pos)
+                x = self._layers_alone(x, k, extents[0], starts[0], pos)
             else:
                 first = torch.tensor([[e.start for e in ext] for ext in extents], device=dev).T  # (n, B)
-                rel = torch.arange(pmax, device=dev)[None] - (pmax - p)[:, None]  # (B, Pmax): < 0 is padding
+                # (B, Pmax+T): a row's past right-aligned (< 0 is padding), then its T new positions
+                rel = torch.arange(pmax + t, device=dev)[None] - (pmax - p)[:, None]
                 valid = rel >= 0
-                gather = torch.where(valid, first[:, :, None] + rel, PAD)  # (n, B, Pmax) slab positions
-                # ... and T more per row, the room the block writes the new keys and values into
-                gather = torch.cat([gather, torch.full((n, b, t), PAD, device=dev)], 2)  # (n, B, Pmax+T)
-                write = first[:, :, None] + pos  # (n, B, T)
-                mask = torch.cat([valid, torch.ones(b, t, dtype=torch.bool, device=dev)], 1).long()  # (B, Pmax+T)
+                # (n, B, Pmax+T) slab positions; the last T are the new rows' own: gathered too (the room the block
+                # writes the new keys and values into), and where they go back after the block
+                gather = torch.where(valid, first[:, :, None] + rel, PAD)
+                mask = valid.long()
                 pool.new_scratch(b, pmax + t)
                 try:
                     for j in range(n):
@@ -141,7 +141,7 @@ class TorchExecutor(ModelExecutor):
                         buf = pool.gather(gather[j].reshape(-1)).view(b, pmax + t, *slab.shape[1:])
                         x, _, _ = self.adapter.block(k + j, x, CacheRoom(buf[:, :, 0].transpose(1, 2), pmax),
                                                      CacheRoom(buf[:, :, 1].transpose(1, 2), pmax), pos, mask)
-                        slab[write[j]] = buf[:, pmax:]  # (B, T, 2, Hkv, D): the slab's own layout, in place
+                        slab[gather[j, :, pmax:]] = buf[:, pmax:]  # (B, T, 2, Hkv, D): the slab's layout, in place
                 finally:
                     pool.drop_scratch()
         samples = sample_rows(self.adapter, rows, x, starts)
@@ -149,7 +149,7 @@ class TorchExecutor(ModelExecutor):
             torch.cuda.synchronize(dev)
         return samples, (time.perf_counter() - t0) * 1e3
 
-    def _layers_alone(self, x: torch.Tensor, k: int, n: int, extents, start: int, pos: torch.Tensor) -> torch.Tensor:
+    def _layers_alone(self, x: torch.Tensor, k: int, extents, start: int, pos: torch.Tensor) -> torch.Tensor:
         """Blocks k..L for one row: its past is a view of its extents, and the block writes its new positions
         into the extents right after it (``CacheRoom``: no copy of the past)."""
         slab, t = self.pool.slab, x.shape[1]
