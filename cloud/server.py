@@ -20,6 +20,7 @@ from seamline.partitioner.loading import load_model, model_hash
 from seamline.protos import codec, memory
 from seamline.protos import seamline_pb2 as pb
 
+from . import matmul
 from .auth import Authenticator, server_credentials
 from .config import CloudConfig, ConfigError
 from .encoder import EncoderExecutor, executor_for
@@ -151,6 +152,10 @@ async def serve(config: CloudConfig, make_executor=None) -> RunningServer:
     shape = executor.shape
     if config.min_split > shape.num_layers:
         raise ConfigError(f"min_split {config.min_split} exceeds the model's {shape.num_layers} layers")
+    if config.tune_matmul and shape.causal and executor.device.type == "cpu":
+        started = time.monotonic()
+        tuning = await executor.run(matmul.tune, executor.adapter, config.min_split, executor.dtype)
+        log.info("matmul layouts tuned in %.1f s: %s", time.monotonic() - started, tuning.summary())
     layer_ms, head_ms = await executor.run(executor.measure_layer_ms)
     info = ModelInfo(model_id="demo" if config.model == "demo" else path.name, model_hash=digest, shape=shape,
                      min_split=config.min_split, max_split=shape.num_layers, codecs=codec.CODEC_NAMES,
