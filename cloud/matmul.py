@@ -17,7 +17,8 @@ same product with the weight on the left (``W @ x.T``) took 8.2 / 12.2 ms for 2 
 
 and :func:`tune` times whole passes (every block from ``first_layer`` on, then the head) at each row count
 of :data:`TUNED_ROWS` in every layout, alternating the layouts round by round, and keeps a layout only
-where it beats ``native`` by :data:`MIN_GAIN`; other row counts (prefill chunks, big batches) stay native.
+where it beats ``native`` by :data:`MIN_GAIN`; other row counts (prefill chunks, big batches), and those not
+reached within :data:`BUDGET_S` (a big model on a slow CPU), stay native.
 A layout that needs the other orientation keeps a transposed copy of the weight (memory: up to the size of
 the weights again; the copies no chosen layout uses are dropped). The three compute the same sums in a
 different order, so logits can differ in the last bits between layouts, as they already do between a
@@ -40,6 +41,7 @@ LAYOUTS = ("native", "left", "right")
 TUNED_ROWS = tuple(range(1, 9))  # decode batches of up to 8 rows and speculative verifies of up to 7 drafts
 MIN_GAIN = 0.05  # a layout replaces native only when its median pass is this much faster
 ROUNDS = 5  # timed passes per (rows, layout), the layouts taking turns
+BUDGET_S = 30.0  # tuning stops after this long (a big model on a slow CPU): the row counts left keep native
 
 
 def _conv1d_type():
@@ -106,14 +108,16 @@ class Tuning:
     layouts: dict[int, str] = field(default_factory=dict)
     pass_ms: dict[int, dict[str, float]] = field(default_factory=dict)
     copies_mb: float = 0.0  # transposed copies kept
+    skipped: list[int] = field(default_factory=list)  # row counts past the time budget (native)
 
     def summary(self) -> str:
         changed = {r: v for r, v in self.layouts.items() if v != "native"}
-        if not changed:
-            return "native everywhere"
         parts = [f"{r} row{'s' if r > 1 else ''}: {v} {self.pass_ms[r][v]:.1f} ms against native "
                  f"{self.pass_ms[r]['native']:.1f}" for r, v in sorted(changed.items())]
-        return "; ".join(parts) + f" (transposed copies {self.copies_mb:.0f} MB)"
+        text = "; ".join(parts) + f" (transposed copies {self.copies_mb:.0f} MB)" if parts else "native everywhere"
+        if self.skipped:
+            text += f"; not tuned within the time budget (native): {', '.join(map(str, self.skipped))} rows"
+        return text
 
 
 def served_modules(adapter, first_layer: int) -> list[torch.nn.Module]:
@@ -142,21 +146,26 @@ def install(modules: list[torch.nn.Module]) -> list[TunedLinear]:
 
 @torch.inference_mode()
 def tune(adapter, first_layer: int, dtype: torch.dtype, rows: tuple[int, ...] = TUNED_ROWS,
-         rounds: int = ROUNDS) -> Tuning:
+         rounds: int = ROUNDS, budget_s: float = BUDGET_S) -> Tuning:
     """Install :class:`TunedLinear` on the adapter's model and choose a layout per row count by timing passes of
-    blocks ``[first_layer, L)`` and the head over that many rows (CPU; see the top)."""
+    blocks ``[first_layer, L)`` and the head over that many rows (CPU; see the top). Row counts not reached
+    within ``budget_s`` keep native (``Tuning.skipped``)."""
     linears = install(served_modules(adapter, first_layer))
     s = adapter.shape
     gen = torch.Generator().manual_seed(0)
     result = Tuning()
     if not linears:
         return result
+    deadline = time.perf_counter() + budget_s
 
     def set_layout(r: int, layout: str) -> None:
         for t in linears:
             t.layout[r] = layout
 
     for r in rows:
+        if time.perf_counter() > deadline:
+            result.skipped.append(r)
+            continue
         x = (torch.randn(1, r, s.hidden_size, generator=gen) * 0.5).to(dtype)
         pos = torch.arange(r)[None]
 

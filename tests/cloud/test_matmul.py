@@ -105,3 +105,13 @@ async def test_a_server_serves_the_unsplit_models_tokens_in_every_layout(start_s
     async with Client(server.address) as client:
         results = await asyncio.gather(*(client.generate(model, mhash, 2, p, NEW, chunk=3) for p in prompts))
     assert [[r.token_id for r in replies] for replies in results] == expected
+
+
+def test_row_counts_past_the_time_budget_keep_the_modules_own_product(models):
+    model, _ = models["gpt2"]
+    model = type(model)(model.config).eval()
+    result = matmul.tune(adapter_for(model), 1, torch.float32, rows=(1, 2, 3), rounds=1, budget_s=0.0)
+    assert result.skipped == [1, 2, 3] and result.layouts == {}
+    assert "not tuned within the time budget" in result.summary()
+    tuned = [m.forward for m in model.modules() if isinstance(m.forward, matmul.TunedLinear)]
+    assert tuned and all(t.layout == {} and t._copy is None for t in tuned)
