@@ -86,9 +86,10 @@ class CloudConfig(Settings, section="cloud"):
     threads: int = setting(0, "torch intra-op threads on CPU; 0 = torch's default, every core. Set it when the "
                            "host also runs other work, e.g. an edge agent in a demo: oversubscribed cores slow "
                            "torch many times over", low=0, metavar="N")
-    tune_matmul: bool = setting(True, "on CPU, time each linear layer's matmul layouts for decode passes of 1-8 "
-                                "rows at start-up (a few seconds for a 100M-parameter model) and use the fastest "
-                                "per row count; --no-tune-matmul keeps torch's own (cloud/matmul.py)")
+    tune_matmul: bool = setting(True, "on CPU, time whole decode passes of 1-8 rows in three matmul layouts at "
+                                "start-up (a few seconds for a 100M-parameter model, 30 s at most; transposed "
+                                "weight copies while it runs) and keep the fastest per row count; "
+                                "--no-tune-matmul keeps torch's own (cloud/matmul.py)")
     log_level: str = setting("INFO", "log level", parse=parse_log_level, choices=LOG_LEVELS)
 
     def check(self) -> None:

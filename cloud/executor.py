@@ -76,6 +76,8 @@ class ModelExecutor:
 
 
 class TorchExecutor(ModelExecutor):
+    runs_model = True  # its passes run the model's blocks and head (the server tunes their matmuls on CPU)
+
     def __init__(self, model: torch.nn.Module, config: CloudConfig):
         super().__init__(model, config)
         if not self.shape.causal:
@@ -197,6 +199,8 @@ class NullExecutor(TorchExecutor):
     extents — but the blocks, the head and the sampler are skipped: every row that samples gets token 0
     with logprob 0.
     """
+
+    runs_model = False  # no pass runs the model: nothing to tune (cloud/matmul.py)
 
     def scratch_bytes(self, rows: list[Row]) -> int:
         return 0  # nothing is gathered: the budget holds no scratch for a pass that allocates none

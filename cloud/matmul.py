@@ -19,8 +19,11 @@ and :func:`tune` times whole passes (every block from ``first_layer`` on, then t
 of :data:`TUNED_ROWS` in every layout, alternating the layouts round by round, and keeps a layout only
 where it beats ``native`` by :data:`MIN_GAIN`; other row counts (prefill chunks, big batches), and those not
 reached within :data:`BUDGET_S` (a big model on a slow CPU), stay native.
-A layout that needs the other orientation keeps a transposed copy of the weight (memory: up to the size of
-the weights again; the copies no chosen layout uses are dropped). The three compute the same sums in a
+A layout that needs the other orientation keeps a transposed copy of the weight: while tuning, every served
+weight has one (memory: the served weights' size again, the start-up peak; tuning is skipped when
+``/proc/meminfo``'s MemAvailable cannot hold them twice over), and afterwards only the copies a chosen layout reads
+stay. A copy follows its weight: one changed in place, or moved to another dtype or device, is copied again.
+The layout is chosen per row count for all the served modules at once (a whole pass is what is timed). The three compute the same sums in a
 different order, so logits can differ in the last bits between layouts, as they already do between a
 one-row and a batched pass. CUDA is left alone (cuBLAS has no such cliff to measure, and this did not run
 on a GPU). ``seamline cloud --no-tune-matmul`` turns it off.
@@ -42,6 +45,7 @@ TUNED_ROWS = tuple(range(1, 9))  # decode batches of up to 8 rows and speculativ
 MIN_GAIN = 0.05  # a layout replaces native only when its median pass is this much faster
 ROUNDS = 5  # timed passes per (rows, layout), the layouts taking turns
 BUDGET_S = 30.0  # tuning stops after this long (a big model on a slow CPU): the row counts left keep native
+MEMORY_HEADROOM = 2.0  # tuning needs the copies' size times this in MemAvailable (the copies, and room to spare)
 
 
 def _conv1d_type():
@@ -61,15 +65,22 @@ class TunedLinear:
         self.native = module.forward
         self.layout: dict[int, str] = {}
         self._copy: torch.Tensor | None = None  # the weight in the orientation the module does not hold
+        self._copy_of: tuple | None = None  # the weight's storage, version, dtype and device the copy was made from
 
     def _weight(self, orientation: str) -> torch.Tensor:
         w = self.module.weight.detach()
         held = "io" if self.transposed else "oi"
         if orientation == held:
             return w
-        if self._copy is None:
-            self._copy = w.t().contiguous()
+        source = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._copy is None or self._copy_of != source:  # a weight changed in place or moved: copy it again
+            self._copy, self._copy_of = w.t().contiguous(), source
         return self._copy
+
+    def copy_bytes(self) -> int:
+        """What the transposed copy takes (made or not)."""
+        w = self.module.weight
+        return w.numel() * w.element_size()
 
     def prepare(self, layout: str) -> None:
         """Make the copy ``layout`` needs (before timing it, so the timing does not include it)."""
@@ -82,7 +93,7 @@ class TunedLinear:
         """Free the transposed copy when no chosen layout reads it."""
         held = "right" if self.transposed else "left"
         if not any(v not in ("native", held) for v in self.layout.values()):
-            self._copy = None
+            self._copy = self._copy_of = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -109,15 +120,36 @@ class Tuning:
     pass_ms: dict[int, dict[str, float]] = field(default_factory=dict)
     copies_mb: float = 0.0  # transposed copies kept
     skipped: list[int] = field(default_factory=list)  # row counts past the time budget (native)
+    no_memory: str = ""  # why tuning did not run: the copies would not fit (everything native)
 
     def summary(self) -> str:
+        if self.no_memory:
+            return f"not tuned (native): {self.no_memory}"
         changed = {r: v for r, v in self.layouts.items() if v != "native"}
         parts = [f"{r} row{'s' if r > 1 else ''}: {v} {self.pass_ms[r][v]:.1f} ms against native "
                  f"{self.pass_ms[r]['native']:.1f}" for r, v in sorted(changed.items())]
-        text = "; ".join(parts) + f" (transposed copies {self.copies_mb:.0f} MB)" if parts else "native everywhere"
+        text = "; ".join(parts) + f" (transposed copies {self.copies_mb:.0f} MiB)" if parts else "native everywhere"
         if self.skipped:
             text += f"; not tuned within the time budget (native): {', '.join(map(str, self.skipped))} rows"
         return text
+
+
+def choose(pass_ms: dict[str, float], min_gain: float = MIN_GAIN) -> str:
+    """The layout kept for one row count: the fastest median pass, if it beats native by ``min_gain``."""
+    best = min(pass_ms, key=pass_ms.get)
+    return best if pass_ms[best] < pass_ms["native"] * (1 - min_gain) else "native"
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from ``/proc/meminfo`` (Linux), or None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def served_modules(adapter, first_layer: int) -> list[torch.nn.Module]:
@@ -146,15 +178,22 @@ def install(modules: list[torch.nn.Module]) -> list[TunedLinear]:
 
 @torch.inference_mode()
 def tune(adapter, first_layer: int, dtype: torch.dtype, rows: tuple[int, ...] = TUNED_ROWS,
-         rounds: int = ROUNDS, budget_s: float = BUDGET_S) -> Tuning:
+         rounds: int = ROUNDS, budget_s: float = BUDGET_S, available: int | None = None) -> Tuning:
     """Install :class:`TunedLinear` on the adapter's model and choose a layout per row count by timing passes of
-    blocks ``[first_layer, L)`` and the head over that many rows (CPU; see the top). Row counts not reached
-    within ``budget_s`` keep native (``Tuning.skipped``)."""
+    blocks ``[first_layer, L)`` and the head over that many rows (CPU; see the top). Row counts not finished
+    within ``budget_s`` keep native (``Tuning.skipped``); when ``available`` bytes (None: MemAvailable)
+    cannot hold the transposed copies :data:`MEMORY_HEADROOM` times over, nothing is tuned (``Tuning.no_memory``)."""
     linears = install(served_modules(adapter, first_layer))
     s = adapter.shape
     gen = torch.Generator().manual_seed(0)
     result = Tuning()
     if not linears:
+        return result
+    need = sum(t.copy_bytes() for t in linears)
+    available = available_bytes() if available is None else available
+    if available is not None and need * MEMORY_HEADROOM > available:
+        result.no_memory = (f"the transposed copies ({need / 2**20:.0f} MiB) need {MEMORY_HEADROOM:g}x that in "
+                            f"available memory, {available / 2**20:.0f} MiB is available")
         return result
     deadline = time.perf_counter() + budget_s
 
@@ -181,15 +220,21 @@ def tune(adapter, first_layer: int, dtype: torch.dtype, rows: tuple[int, ...] = 
                 t.prepare(layout)
             set_layout(r, layout)
             one_pass()
-        for _ in range(rounds):
+        done = 0
+        while done < rounds and time.perf_counter() <= deadline:
             for layout in LAYOUTS:
                 set_layout(r, layout)
                 t0 = time.perf_counter()
                 one_pass()
                 times[layout].append((time.perf_counter() - t0) * 1e3)
+            done += 1
+        if done < rounds:  # cut short by the budget: too few timings to choose on, the module's own product
+            for t in linears:
+                t.layout.pop(r, None)
+            result.skipped.append(r)
+            continue
         med = {v: statistics.median(ts) for v, ts in times.items()}
-        best = min(med, key=med.get)
-        choice = best if med[best] < med["native"] * (1 - MIN_GAIN) else "native"
+        choice = choose(med)
         set_layout(r, choice)
         result.layouts[r], result.pass_ms[r] = choice, med
     for t in linears:

@@ -152,10 +152,13 @@ async def serve(config: CloudConfig, make_executor=None) -> RunningServer:
     shape = executor.shape
     if config.min_split > shape.num_layers:
         raise ConfigError(f"min_split {config.min_split} exceeds the model's {shape.num_layers} layers")
-    if config.tune_matmul and shape.causal and executor.device.type == "cpu":
+    if config.tune_matmul and shape.causal and executor.device.type == "cpu" and executor.runs_model:
         started = time.monotonic()
         tuning = await executor.run(matmul.tune, executor.adapter, config.min_split, executor.dtype)
-        log.info("matmul layouts tuned in %.1f s: %s", time.monotonic() - started, tuning.summary())
+        if tuning.no_memory:
+            log.warning("matmul layouts %s; --no-tune-matmul skips this check", tuning.summary())
+        else:
+            log.info("matmul layouts tuned in %.1f s: %s", time.monotonic() - started, tuning.summary())
     layer_ms, head_ms = await executor.run(executor.measure_layer_ms)
     info = ModelInfo(model_id="demo" if config.model == "demo" else path.name, model_hash=digest, shape=shape,
                      min_split=config.min_split, max_split=shape.num_layers, codecs=codec.CODEC_NAMES,

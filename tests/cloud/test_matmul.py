@@ -89,16 +89,17 @@ def test_tuning_picks_a_layout_per_row_count_for_the_served_modules_only(models,
     assert isinstance(result.summary(), str)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("layout", ["left", "right"])
-async def test_a_server_serves_the_unsplit_models_tokens_in_every_layout(start_server, models, layout):
+async def test_a_server_serves_the_unsplit_models_tokens_in_every_layout(start_server, models, kind, layout):
     """Every pass of a live server in one layout (one-row decode, a batch of sessions, prefill chunks)."""
-    server = start_server("gpt2")
+    server = start_server(kind)
     executor = server.running.executor
     tuned = [m.forward for m in executor.model.modules() if isinstance(m.forward, matmul.TunedLinear)]
     assert tuned, "the server did not install its matmul layouts"
     for t in tuned:
         t.layout = {r: layout for r in range(1, 65)}
-    model, mhash = models["gpt2"]
+    model, mhash = models[kind]
     rng = np.random.default_rng(7)
     prompts = [rng.integers(3, 256, size=4 + i).tolist() for i in range(4)]
     expected = [reference_greedy(model, p, NEW)[0] for p in prompts]
@@ -115,3 +116,56 @@ def test_row_counts_past_the_time_budget_keep_the_modules_own_product(models):
     assert "not tuned within the time budget" in result.summary()
     tuned = [m.forward for m in model.modules() if isinstance(m.forward, matmul.TunedLinear)]
     assert tuned and all(t.layout == {} and t._copy is None for t in tuned)
+
+
+@pytest.mark.parametrize("pass_ms, expected", [
+    ({"native": 10.0, "left": 9.0, "right": 9.6}, "left"),       # 10 % faster: kept
+    ({"native": 10.0, "left": 9.6, "right": 9.7}, "native"),     # 4 % faster: below MIN_GAIN, native
+    ({"native": 10.0, "left": 12.0, "right": 8.0}, "right"),
+    ({"native": 8.0, "left": 9.0, "right": 10.0}, "native"),     # native fastest
+    ({"native": 10.0, "left": 9.5, "right": 9.5}, "native"),     # exactly MIN_GAIN is not enough
+])
+def test_a_layout_replaces_native_only_when_it_is_min_gain_faster(pass_ms, expected):
+    assert matmul.MIN_GAIN == 0.05
+    assert matmul.choose(pass_ms) == expected
+
+
+def test_a_weight_changed_in_place_or_cast_is_copied_again():
+    m = module("linear")
+    [tuned] = matmul.install([m])
+    tuned.layout[1] = "right"  # reads the (in, out) copy of an (out, in) weight
+    x = torch.randn(1, 16)
+    m(x)
+    with torch.no_grad():
+        m.weight.mul_(2.0)  # in place: same storage, new version
+    torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight, m.bias))
+    m.to(torch.float64)  # a new dtype: a new tensor
+    x64 = x.double()
+    got = m(x64)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.nn.functional.linear(x64, m.weight, m.bias))
+
+
+def test_a_real_tuning_keeps_only_the_copies_its_layouts_read(models):
+    model, _ = models["gpt2"]
+    model = type(model)(model.config).eval()
+    result = matmul.tune(adapter_for(model), 1, torch.float32, rows=(1, 2), rounds=1)
+    tuned = [m.forward for m in model.modules() if isinstance(m.forward, matmul.TunedLinear)]
+    for t in tuned:
+        reads_copy = any(v == ("left" if t.transposed else "right") for v in t.layout.values())
+        assert (t._copy is not None) == reads_copy
+    kept = sum(t.copy_bytes() for t in tuned if t._copy is not None) / 2**20
+    assert result.copies_mb == pytest.approx(kept)
+
+
+def test_no_tuning_when_the_copies_would_not_fit_in_memory(models):
+    model, _ = models["llama"]
+    model = type(model)(model.config).eval()
+    adapter = adapter_for(model)
+    need = sum(t.copy_bytes() for t in matmul.install(matmul.served_modules(adapter, 1)))
+    result = matmul.tune(adapter, 1, torch.float32, rows=(1, 2), rounds=1, available=int(need * 1.5))
+    assert result.no_memory and result.layouts == {} and "available" in result.summary()
+    tuned = [m.forward for m in model.modules() if isinstance(m.forward, matmul.TunedLinear)]
+    assert tuned and all(t.layout == {} and t._copy is None for t in tuned)
+    result = matmul.tune(adapter, 1, torch.float32, rows=(1,), rounds=1, available=need * 3)
+    assert not result.no_memory and set(result.layouts) == {1}
