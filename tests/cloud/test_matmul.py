@@ -77,28 +77,47 @@ def test_tuning_picks_a_layout_per_row_count_for_the_served_modules_only(models,
     first = 2
     result = matmul.tune(adapter, first, torch.float32, rows=(1, 2, 3), rounds=1)
     assert set(result.layouts) == {1, 2, 3}
-    assert all(v in matmul.LAYOUTS for v in result.layouts.values())
-    assert all(set(ms) == set(matmul.LAYOUTS) and min(ms.values()) > 0 for ms in result.pass_ms.values())
+    assert all(v in (*matmul.LAYOUTS, "mixed") for v in result.layouts.values())
+    assert all(set(matmul.LAYOUTS) <= set(ms) and min(ms.values()) > 0 for ms in result.pass_ms.values())
+    assert set(result.groups) == {r for r, v in result.layouts.items() if v == "mixed"}
     served = {id(m) for top in matmul.served_modules(adapter, first) for m in top.modules()}
     for m in model.modules():
         tuned = isinstance(m.forward, matmul.TunedLinear)
         if isinstance(m, (torch.nn.Linear, Conv1D)):
             assert tuned == (id(m) in served), m
         if tuned:
-            assert m.forward.layout == result.layouts
+            label = m.forward.label()
+            assert m.forward.layout == {r: result.groups[r][label] if v == "mixed" else v
+                                        for r, v in result.layouts.items()}
     assert isinstance(result.summary(), str)
 
 
+def test_modules_are_grouped_by_the_shape_of_their_product(models):
+    """GPT-2 (Conv1D, weights (in, out)) and Llama (nn.Linear, (out, in)) name a group in->out alike."""
+    for kind in ("gpt2", "llama"):
+        model, _ = models[kind]
+        model = type(model)(model.config).eval()
+        adapter = adapter_for(model)
+        tuned = matmul.install(matmul.served_modules(adapter, 0))
+        for t in tuned:
+            x = torch.randn(1, t.in_features)
+            out = t.native(x).shape[-1]
+            assert t.label() == f"{t.in_features}->{out}"
+        head = adapter.model.get_output_embeddings().forward
+        assert head.label() == f"{adapter.shape.hidden_size}->{model.config.vocab_size}"
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-@pytest.mark.parametrize("layout", ["left", "right"])
+@pytest.mark.parametrize("layout", ["left", "right", "mixed"])
 async def test_a_server_serves_the_unsplit_models_tokens_in_every_layout(start_server, models, kind, layout):
     """Every pass of a live server in one layout (one-row decode, a batch of sessions, prefill chunks)."""
     server = start_server(kind)
     executor = server.running.executor
     tuned = [m.forward for m in executor.model.modules() if isinstance(m.forward, matmul.TunedLinear)]
     assert tuned, "the server did not install its matmul layouts"
-    for t in tuned:
-        t.layout = {r: layout for r in range(1, 65)}
+    for i, t in enumerate(tuned):  # mixed: neighbouring modules in different layouts
+        chosen = matmul.LAYOUTS[i % 3] if layout == "mixed" else layout
+        t.layout = {r: chosen for r in range(1, 65)}
     model, mhash = models[kind]
     rng = np.random.default_rng(7)
     prompts = [rng.integers(3, 256, size=4 + i).tolist() for i in range(4)]
