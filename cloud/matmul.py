@@ -15,19 +15,16 @@ same product with the weight on the left (``W @ x.T``) took 8.2 / 12.2 ms for 2 
 - ``left``: ``(W_oi @ x.T).T`` with the (out, in) matrix on the left;
 - ``right``: ``x @ W_io`` with an (in, out) matrix on the right,
 
-and :func:`tune` chooses them per row count of :data:`TUNED_ROWS` in two steps. First each group of modules
-with the same weight shape (GPT-2: c_attn, the attention's c_proj, c_fc, the MLP's c_proj, the head; the
-groups prefer different layouts: at 4 rows the MLP's down projection is 1.7x slower on the left, where the
-others are 1.4-2.2x faster) times its own products in each layout and picks its fastest (``mixed``); then
-whole passes (every block from ``first_layer`` on, then the head) in ``native``, ``left``, ``right`` and
-``mixed``, taking turns round by round, decide: a candidate replaces ``native`` only where its median pass
-is :data:`MIN_GAIN` faster. Other row counts (prefill chunks, big batches), and those not finished within
-:data:`BUDGET_S` (a big model on a slow CPU), stay native.
+and :func:`tune` times whole passes (every block from ``first_layer`` on, then the head) at each row count
+of :data:`TUNED_ROWS` in every layout, alternating the layouts round by round, and keeps a layout only
+where it beats ``native`` by :data:`MIN_GAIN`; other row counts (prefill chunks, big batches), and those not
+reached within :data:`BUDGET_S` (a big model on a slow CPU), stay native.
 A layout that needs the other orientation keeps a transposed copy of the weight: while tuning, every served
 weight has one (memory: the served weights' size again, the start-up peak; tuning is skipped when
 ``/proc/meminfo``'s MemAvailable cannot hold them twice over), and afterwards only the copies a chosen layout reads
 stay. A copy follows its weight: one changed in place, or moved to another dtype or device, is copied again.
-The layouts compute the same sums in a different order, so logits can differ in the last bits between layouts, as they already do between a
+The layout is chosen per row count for all the served modules at once (a whole pass is what is timed). The three compute the same sums in a
+different order, so logits can differ in the last bits between layouts, as they already do between a
 one-row and a batched pass. CUDA is left alone (cuBLAS has no such cliff to measure, and this did not run
 on a GPU). ``seamline cloud --no-tune-matmul`` turns it off.
 """
@@ -46,8 +43,7 @@ log = logging.getLogger("seamline.cloud.matmul")
 LAYOUTS = ("native", "left", "right")
 TUNED_ROWS = tuple(range(1, 9))  # decode batches of up to 8 rows and speculative verifies of up to 7 drafts
 MIN_GAIN = 0.05  # a layout replaces native only when its median pass is this much faster
-ROUNDS = 5  # timed passes per (rows, candidate), the candidates taking turns
-GROUP_ROUNDS = 3  # timed products per (rows, group, layout): they only propose the mixed candidate
+ROUNDS = 5  # timed passes per (rows, layout), the layouts taking turns
 BUDGET_S = 30.0  # tuning stops after this long (a big model on a slow CPU): the row counts left keep native
 MEMORY_HEADROOM = 2.0  # tuning needs the copies' size times this in MemAvailable (the copies, and room to spare)
 
@@ -80,15 +76,6 @@ class TunedLinear:
         if self._copy is None or self._copy_of != source:  # a weight changed in place or moved: copy it again
             self._copy, self._copy_of = w.t().contiguous(), source
         return self._copy
-
-    @property
-    def in_features(self) -> int:
-        return self.module.weight.shape[0 if self.transposed else 1]
-
-    def label(self) -> str:
-        """The group this module is tuned with: its product's shape, ``in->out``."""
-        w = self.module.weight.shape
-        return f"{w[0]}->{w[1]}" if self.transposed else f"{w[1]}->{w[0]}"
 
     def copy_bytes(self) -> int:
         """What the transposed copy takes (made or not)."""
@@ -127,11 +114,9 @@ class TunedLinear:
 
 @dataclass
 class Tuning:
-    """What :func:`tune` chose per row count: ``native``, ``left``, ``right`` or ``mixed`` (each group of
-    same-shaped modules its own layout, in ``groups``), and the median pass ms of each candidate."""
+    """What :func:`tune` chose: a layout per row count, and the median pass ms of each layout at each."""
 
     layouts: dict[int, str] = field(default_factory=dict)
-    groups: dict[int, dict[str, str]] = field(default_factory=dict)  # row count -> group ("in->out") -> layout
     pass_ms: dict[int, dict[str, float]] = field(default_factory=dict)
     copies_mb: float = 0.0  # transposed copies kept
     skipped: list[int] = field(default_factory=list)  # row counts past the time budget (native)
@@ -140,14 +125,9 @@ class Tuning:
     def summary(self) -> str:
         if self.no_memory:
             return f"not tuned (native): {self.no_memory}"
-        parts = []
-        for r, v in sorted(self.layouts.items()):
-            if v == "native":
-                continue
-            label = v if v != "mixed" else "mixed (" + ", ".join(f"{g} {lay}" for g, lay in
-                                                              self.groups[r].items()) + ")"
-            parts.append(f"{r} row{'s' if r > 1 else ''}: {label} {self.pass_ms[r][v]:.1f} ms against native "
-                         f"{self.pass_ms[r]['native']:.1f}")
+        changed = {r: v for r, v in self.layouts.items() if v != "native"}
+        parts = [f"{r} row{'s' if r > 1 else ''}: {v} {self.pass_ms[r][v]:.1f} ms against native "
+                 f"{self.pass_ms[r]['native']:.1f}" for r, v in sorted(changed.items())]
         text = "; ".join(parts) + f" (transposed copies {self.copies_mb:.0f} MiB)" if parts else "native everywhere"
         if self.skipped:
             text += f"; not tuned within the time budget (native): {', '.join(map(str, self.skipped))} rows"
@@ -155,7 +135,7 @@ class Tuning:
 
 
 def choose(pass_ms: dict[str, float], min_gain: float = MIN_GAIN) -> str:
-    """The candidate kept: the fastest median, if it beats ``native``'s by ``min_gain``."""
+    """The layout kept for one row count: the fastest median pass, if it beats native by ``min_gain``."""
     best = min(pass_ms, key=pass_ms.get)
     return best if pass_ms[best] < pass_ms["native"] * (1 - min_gain) else "native"
 
@@ -170,28 +150,6 @@ def available_bytes() -> int | None:
     except OSError:
         pass
     return None
-
-
-def _medians(candidates: dict[str, tuple[dict[TunedLinear, str], object]], rounds: int, deadline: float,
-             rows: int) -> dict[str, float] | None:
-    """Median ms of each candidate ((layouts to set at ``rows``, the work to time)): each warmed up once, then
-    timed ``rounds`` times, the candidates taking turns; None when the deadline passes first."""
-    def run(layouts, work) -> float:
-        for t, layout in layouts.items():
-            t.layout[rows] = layout
-        t0 = time.perf_counter()
-        work()
-        return (time.perf_counter() - t0) * 1e3
-
-    for layouts, work in candidates.values():
-        run(layouts, work)
-    times: dict[str, list[float]] = {c: [] for c in candidates}
-    for _ in range(rounds):
-        if time.perf_counter() > deadline:
-            return None
-        for c, (layouts, work) in candidates.items():
-            times[c].append(run(layouts, work))
-    return {c: statistics.median(ts) for c, ts in times.items()}
 
 
 def served_modules(adapter, first_layer: int) -> list[torch.nn.Module]:
@@ -238,12 +196,10 @@ def tune(adapter, first_layer: int, dtype: torch.dtype, rows: tuple[int, ...] = 
                             f"available memory, {available / 2**20:.0f} MiB is available")
         return result
     deadline = time.perf_counter() + budget_s
-    groups: dict[str, list[TunedLinear]] = {}
-    for t in linears:
-        groups.setdefault(t.label(), []).append(t)
-    for t in linears:  # every copy made once, before any timing
-        for layout in LAYOUTS:
-            t.prepare(layout)
+
+    def set_layout(r: int, layout: str) -> None:
+        for t in linears:
+            t.layout[r] = layout
 
     for r in rows:
         if time.perf_counter() > deadline:
@@ -258,31 +214,29 @@ def tune(adapter, first_layer: int, dtype: torch.dtype, rows: tuple[int, ...] = 
                 h, _, _ = adapter.block(i, h, None, None, pos)
             adapter.head(h)
 
-        mixed: dict[str, str] | None = {}
-        for label, members in groups.items():  # each group alone: its fastest layout
-            xg = (torch.randn(1, r, members[0].in_features, generator=gen) * 0.5).to(dtype)
-            med = _medians({v: ({t: v for t in members}, lambda xg=xg, members=members: [t(xg) for t in members])
-                            for v in LAYOUTS}, GROUP_ROUNDS, deadline, r)
-            if med is None:
-                mixed = None
-                break
-            mixed[label] = choose(med)
-        candidates = {v: {t: v for t in linears} for v in LAYOUTS}
-        if mixed is not None and len(set(mixed.values())) > 1:  # else it is one of the three
-            candidates["mixed"] = {t: mixed[label] for label, members in groups.items() for t in members}
-        med = None if mixed is None else _medians({c: (lay, one_pass) for c, lay in candidates.items()},
-                                                  rounds, deadline, r)
-        if med is None:  # cut short by the budget: too few timings to choose on, the module's own product
+        times: dict[str, list[float]] = {v: [] for v in LAYOUTS}
+        for layout in LAYOUTS:  # copies made and every layout warmed up before any timing
+            for t in linears:
+                t.prepare(layout)
+            set_layout(r, layout)
+            one_pass()
+        done = 0
+        while done < rounds and time.perf_counter() <= deadline:
+            for layout in LAYOUTS:
+                set_layout(r, layout)
+                t0 = time.perf_counter()
+                one_pass()
+                times[layout].append((time.perf_counter() - t0) * 1e3)
+            done += 1
+        if done < rounds:  # cut short by the budget: too few timings to choose on, the module's own product
             for t in linears:
                 t.layout.pop(r, None)
             result.skipped.append(r)
             continue
+        med = {v: statistics.median(ts) for v, ts in times.items()}
         choice = choose(med)
-        for t, layout in candidates[choice].items():
-            t.layout[r] = layout
+        set_layout(r, choice)
         result.layouts[r], result.pass_ms[r] = choice, med
-        if choice == "mixed":
-            result.groups[r] = dict(mixed)
     for t in linears:
         t.drop_unused()
     result.copies_mb = sum(t._copy.numel() * t._copy.element_size() for t in linears if t._copy is not None) / 2**20

@@ -77,34 +77,16 @@ def test_tuning_picks_a_layout_per_row_count_for_the_served_modules_only(models,
     first = 2
     result = matmul.tune(adapter, first, torch.float32, rows=(1, 2, 3), rounds=1)
     assert set(result.layouts) == {1, 2, 3}
-    assert all(v in (*matmul.LAYOUTS, "mixed") for v in result.layouts.values())
-    assert all(set(matmul.LAYOUTS) <= set(ms) and min(ms.values()) > 0 for ms in result.pass_ms.values())
-    assert set(result.groups) == {r for r, v in result.layouts.items() if v == "mixed"}
+    assert all(v in matmul.LAYOUTS for v in result.layouts.values())
+    assert all(set(ms) == set(matmul.LAYOUTS) and min(ms.values()) > 0 for ms in result.pass_ms.values())
     served = {id(m) for top in matmul.served_modules(adapter, first) for m in top.modules()}
     for m in model.modules():
         tuned = isinstance(m.forward, matmul.TunedLinear)
         if isinstance(m, (torch.nn.Linear, Conv1D)):
             assert tuned == (id(m) in served), m
         if tuned:
-            label = m.forward.label()
-            assert m.forward.layout == {r: result.groups[r][label] if v == "mixed" else v
-                                        for r, v in result.layouts.items()}
+            assert m.forward.layout == result.layouts
     assert isinstance(result.summary(), str)
-
-
-def test_modules_are_grouped_by_the_shape_of_their_product(models):
-    """GPT-2 (Conv1D, weights (in, out)) and Llama (nn.Linear, (out, in)) name a group in->out alike."""
-    for kind in ("gpt2", "llama"):
-        model, _ = models[kind]
-        model = type(model)(model.config).eval()
-        adapter = adapter_for(model)
-        tuned = matmul.install(matmul.served_modules(adapter, 0))
-        for t in tuned:
-            x = torch.randn(1, t.in_features)
-            out = t.native(x).shape[-1]
-            assert t.label() == f"{t.in_features}->{out}"
-        head = adapter.model.get_output_embeddings().forward
-        assert head.label() == f"{adapter.shape.hidden_size}->{model.config.vocab_size}"
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
