@@ -23,10 +23,11 @@ A layout that needs the other orientation keeps a transposed copy of the weight:
 weight has one (memory: the served weights' size again, the start-up peak; tuning is skipped when
 ``/proc/meminfo``'s MemAvailable cannot hold them twice over), and afterwards only the copies a chosen layout reads
 stay. A copy follows its weight: one changed in place, or moved to another dtype or device, is copied again.
-The layout is chosen per row count for all the served modules at once (a whole pass is what is timed). The three compute the same sums in a
-different order, so logits can differ in the last bits between layouts, as they already do between a
-one-row and a batched pass. CUDA is left alone (cuBLAS has no such cliff to measure, and this did not run
-on a GPU). ``seamline cloud --no-tune-matmul`` turns it off.
+The layout is chosen per row count for all the served modules at once (a whole pass is what is timed; a layout
+per group of same-shaped modules was measured and not kept, see the README). The three compute the same sums
+in a different order, so logits can differ in the last bits between layouts, as they already do between a
+one-row and a batched pass. CUDA is left alone (not measured: no GPU was at hand).
+``seamline cloud --no-tune-matmul`` turns it off.
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ async def serve(config: CloudConfig, make_executor=None) -> RunningServer:
         started = time.monotonic()
         tuning = await executor.run(matmul.tune, executor.adapter, config.min_split, executor.dtype)
         if tuning.no_memory:
-            log.warning("matmul layouts %s; --no-tune-matmul skips this check", tuning.summary())
+            log.warning("matmul layouts %s; --no-tune-matmul skips tuning and this check", tuning.summary())
         else:
             log.info("matmul layouts tuned in %.1f s: %s", time.monotonic() - started, tuning.summary())
     layer_ms, head_ms = await executor.run(executor.measure_layer_ms)
