@@ -54,6 +54,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class ModelExecutor:
     """A model on the configured device and dtype, with its family adapter and one worker thread."""
 
+    runs_model = True  # its passes run the model's blocks and head (the server tunes their matmuls on CPU)
+
     def __init__(self, model: torch.nn.Module, config: CloudConfig):
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -76,8 +78,6 @@ class ModelExecutor:
 
 
 class TorchExecutor(ModelExecutor):
-    runs_model = True  # its passes run the model's blocks and head (the server tunes their matmuls on CPU)
-
     def __init__(self, model: torch.nn.Module, config: CloudConfig):
         super().__init__(model, config)
         if not self.shape.causal:

@@ -79,7 +79,7 @@ class TunedLinear:
         return self._copy
 
     def copy_bytes(self) -> int:
-        """What the transposed copy takes (made or not)."""
+        """What the transposed copy takes (made or not): the weight's size."""
         w = self.module.weight
         return w.numel() * w.element_size()
 
@@ -197,6 +197,9 @@ def tune(adapter, first_layer: int, dtype: torch.dtype, rows: tuple[int, ...] = 
                             f"available memory, {available / 2**20:.0f} MiB is available")
         return result
     deadline = time.perf_counter() + budget_s
+    for t in linears:  # the copies made once, before any timing
+        for layout in LAYOUTS:
+            t.prepare(layout)
 
     def set_layout(r: int, layout: str) -> None:
         for t in linears:
@@ -216,9 +219,7 @@ def tune(adapter, first_layer: int, dtype: torch.dtype, rows: tuple[int, ...] = 
             adapter.head(h)
 
         times: dict[str, list[float]] = {v: [] for v in LAYOUTS}
-        for layout in LAYOUTS:  # copies made and every layout warmed up before any timing
-            for t in linears:
-                t.prepare(layout)
+        for layout in LAYOUTS:  # every layout warmed up before any timing
             set_layout(r, layout)
             one_pass()
         done = 0
@@ -240,5 +241,5 @@ def tune(adapter, first_layer: int, dtype: torch.dtype, rows: tuple[int, ...] = 
         result.layouts[r], result.pass_ms[r] = choice, med
     for t in linears:
         t.drop_unused()
-    result.copies_mb = sum(t._copy.numel() * t._copy.element_size() for t in linears if t._copy is not None) / 2**20
+    result.copies_mb = sum(t.copy_bytes() for t in linears if t._copy is not None) / 2**20
     return result

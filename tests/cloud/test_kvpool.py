@@ -219,6 +219,10 @@ async def test_null_executor_serves_the_protocol_at_no_model_cost(checkpoints, m
             assert (reply.token_id, reply.position) == (0, 5)
             assert server.call(lambda: server.running.executor.pool.capacity(stream.session_id)) >= 5
             await stream.close()
+        from seamline.cloud.matmul import TunedLinear
+
+        modules = server.running.executor.model.modules()
+        assert not any(isinstance(m.forward, TunedLinear) for m in modules)  # no model runs: nothing tuned
     finally:
         server.stop()
 
