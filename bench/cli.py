@@ -38,6 +38,17 @@ def _splits(value: str) -> list[int]:
     return ks
 
 
+def _codecs(value: str) -> list[str]:
+    from seamline.protos.codec import CODEC_NAMES
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in CODEC_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"--codecs takes codec names from {', '.join(CODEC_NAMES)}; "
+                                         f"got {', '.join(unknown) or repr(value)}")
+    return list(dict.fromkeys(names))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Benchmarks side by side with baselines. Scenarios: " + "; ".join(
         f"{k}: {v[1]}" for k, v in SCENARIOS.items())
@@ -49,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", type=_splits, default=None, metavar="K,K,...",
                    help="codec: measure these splits only (default: every split; a 30-layer model takes an hour "
                    "on 2 cores)")
+    p.add_argument("--codecs", type=_codecs, default=None, metavar="NAME,...",
+                   help="codec: measure these codecs only (default: every registered codec), e.g. rice8,rice10")
     p.add_argument("--null-executor", action="store_true",
                    help="throughput: also the service with a zero-cost model vs a bare gRPC ping-pong, one CPU")
     p.add_argument("--replicas", type=int, default=None, metavar="N",

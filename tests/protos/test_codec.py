@@ -227,6 +227,22 @@ def test_rice_beats_its_fixed_length_twin_at_the_same_bytes(rice, fixed, outlier
             <= encode(one, _cfg(fixed, outlier_channels=chans)).ByteSize())
 
 
+def test_rice10_spends_a_quarter_more_bytes_than_rice8_on_a_finer_step():
+    """rice10 is rice8 with 10 bits per value: 5/4 of the payload, a step about 4x finer (two more bits a value),
+    the same calibration (the two outlier channels, the channel order)."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_t(3, size=(32, HIDDEN)) * rng.uniform(0.2, 3.0, size=HIDDEN)).astype(np.float32)
+    x[:, list(OUTLIERS[:2])] *= 300.0
+    stats = calibrate(x)
+    r8, r10 = (CodecConfig.for_split(c, stats, rotation_seed=5) for c in ("rice8", "rice10"))
+    assert r10.outlier_channels == r8.outlier_channels and r10.channel_order == r8.channel_order
+    rest = [c for c in range(HIDDEN) if c not in r8.outlier_channels]  # the outliers go in fp16 in both
+    e8, e10 = (_rel(_roundtrip(x, cfg)[:, rest], x[:, rest]) for cfg in (r8, r10))
+    assert e10 < e8 / 3.0, (e10, e8)
+    p8, p10 = (encode(x[:1], cfg).payload for cfg in (r8, r10))
+    assert len(p10) - len(p8) == HIDDEN // 4  # 2 more bits for each of the HIDDEN values
+
+
 def test_rice_step_fills_the_record_and_picks_the_cheapest_parameters():
     """The step is the smallest the budget allows (a step one fp16 ulp finer overflows the record), and each
     block's Rice parameter is the cheapest of all 16."""
@@ -270,7 +286,7 @@ def test_rice_codes_in_the_calibrated_channel_order():
     assert ordered < rotated / 1.2, (ordered, rotated)
 
 
-@pytest.mark.parametrize("codec", ["rice8", "rice4"])
+@pytest.mark.parametrize("codec", ["rice8", "rice4", "rice10"])
 def test_rice_at_the_edge_of_the_float16_step_range(codec):
     """Values so large that the step must be near float16's largest still encode (and decode); values
     beyond what any float16 step can fit in the codec's bytes are refused with a message that says so."""
@@ -278,7 +294,7 @@ def test_rice_at_the_edge_of_the_float16_step_range(codec):
 
     rng = np.random.default_rng(9)
     cfg = CodecConfig.for_codec(codec, channel_order=tuple(range(HIDDEN)))
-    sigma = 4e4 if codec == "rice8" else 2.5e5  # needs a step close to 65504
+    sigma = {"rice8": 3e6, "rice10": 1e7, "rice4": 2.5e5}[codec]  # steps of 43,000-57,000 (float16 ends at 65,504)
     x = (rng.standard_normal((2, HIDDEN)) * sigma).astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no overflow warnings on the way

@@ -29,7 +29,7 @@ GIB = 1 << 30
 
 
 def _cfg(codec: str, **kw) -> CodecConfig:
-    if codec in ("int8-outlier", "int8-rot", "int4-rot-outlier", "rice8", "rice4"):
+    if codec in ("int8-outlier", "int8-rot", "int4-rot-outlier", "rice8", "rice4", "rice10"):
         kw.setdefault("outlier_channels", (3, 40))
     return CodecConfig(codec=codec, **kw)
 
@@ -131,7 +131,7 @@ def test_huge_shapes_allocate_nothing():
         assert _peak_bytes(lambda bad=bad: _rejects(bad, cfg)) < 256 * 1024
 
 
-@pytest.mark.parametrize("value", [pb.CODEC_UNSPECIFIED, 11, 99, -1, 2**31 - 1, -(2**31)])
+@pytest.mark.parametrize("value", [pb.CODEC_UNSPECIFIED, max(pb.Codec.values()) + 1, 99, -1, 2**31 - 1, -(2**31)])
 def test_unknown_codec_enum(value):
     t, cfg = _valid("int8")
     _rejects(_copy(t, codec=value), cfg, "unknown codec enum")
@@ -272,7 +272,7 @@ def _rice_parts(t: pb.Tensor, codec: str) -> tuple[int, int, int]:
     return 2, 2 + nibbles, c.record_bytes(width, 0)
 
 
-@pytest.mark.parametrize("codec", ["rice8", "rice4"])
+@pytest.mark.parametrize("codec", ["rice8", "rice4", "rice10"])
 def test_rice_records_that_lie(codec):
     """Every way a Rice record can be corrupt is refused before a value is read past its end."""
     t, cfg = _valid(codec, tokens=1)

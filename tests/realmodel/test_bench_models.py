@@ -35,3 +35,26 @@ def test_splits_argument():
     assert args.model == "smollm2-135m" and args.splits == [2, 14, 28]
     with pytest.raises(SystemExit):
         p.parse_args(["codec", "--splits", "0,x"])
+
+
+def test_codecs_argument(capsys):
+    """``--codecs`` measures a subset of the registry; an unknown name is refused with the known ones listed."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["codec", "--codecs", "rice10,rice8,rice10"])
+    assert args.codecs == ["rice10", "rice8"]
+    assert p.parse_args(["codec"]).codecs is None
+    with pytest.raises(SystemExit):
+        p.parse_args(["codec", "--codecs", "rice8,int3"])
+    err = capsys.readouterr().err
+    assert "int3" in err and "rice10" in err
+
+
+def test_codec_configs_keep_the_codecs_asked_for():
+    from seamline.bench.codec import codec_configs
+    from seamline.protos.codec import CODEC_NAMES
+
+    calib = {"rot_outlier_channels": [1, 5], "int4_outlier_channels": [1, 5], "outlier_channels": [1],
+             "channel_order": list(range(64))}
+    assert list(codec_configs(calib, 64, ["rice10", "fp16"])) == ["rice10", "fp16"]
+    assert list(codec_configs(calib, 64)) == list(CODEC_NAMES)
