@@ -196,6 +196,9 @@ def tune(adapter, first_layer: int, dtype: torch.dtype, rows: tuple[int, ...] = 
         result.no_memory = (f"the transposed copies ({need / 2**20:.0f} MiB) need {MEMORY_HEADROOM:g}x that in "
                             f"available memory, {available / 2**20:.0f} MiB is available")
         return result
+    if budget_s <= 0:  # nothing can be timed: no copies either
+        result.skipped = list(rows)
+        return result
     deadline = time.perf_counter() + budget_s
     for t in linears:  # the copies made once, before any timing
         for layout in LAYOUTS:
