@@ -347,6 +347,24 @@ def best_in_class(rows: list[dict], bits: int, max_ratio: float) -> tuple[str | 
     return max(codecs, key=rank, default=None), False
 
 
+FIDELITY_CLASSES = {"meets8": (0.995, 0.2), "meets4": (0.97, 2.0)}  # worst agreement, largest ppl change (%)
+
+
+def cheapest_meeting(rows: list[dict], min_agreement: float, max_ppl_pct: float) -> str | None:
+    """The codec with the smallest worst byte ratio whose agreement is >= ``min_agreement`` and perplexity change
+    <= ``max_ppl_pct`` at every split measured, whatever its bytes (None: no codec does); at equal bytes the one
+    with the higher worst agreement."""
+    codecs = {r["codec"] for r in rows}
+    ok = [c for c in codecs
+          if all(r["agreement"] >= min_agreement and r["ppl_change_pct"] <= max_ppl_pct
+                 for r in rows if r["codec"] == c)]
+    def rank(c: str) -> tuple[float, float, str]:  # fewest bytes; at equal bytes the higher worst agreement
+        mine = [r for r in rows if r["codec"] == c]
+        return max(r["bytes_ratio"] for r in mine), -min(r["agreement"] for r in mine), c
+
+    return min(ok, key=rank, default=None)
+
+
 def fidelity(rows: list[dict]) -> dict[str, dict]:
     """Per codec: worst agreement, largest byte ratio and the agreement at each split measured, in the
     shape of a bundle manifest's ``codec.fidelity`` (the planner's fidelity budget reads ``by_split``)."""
@@ -372,6 +390,10 @@ def summarize(rows: list[dict], minilm: list[dict]) -> dict:
                      f"{prefix}_ppl_change_pct": worst(c, "ppl_change_pct", max),
                      f"{prefix}_decisive_agreement": worst(c, "decisive_agreement"),
                      f"{prefix}_free_prefix": worst(c, "free_prefix"), f"{prefix}_free_match": worst(c, "free_match")})
+    for prefix, (agreement, ppl) in FIDELITY_CLASSES.items():
+        c = cheapest_meeting(rows, agreement, ppl)
+        best.update({f"{prefix}_codec": c, f"{prefix}_bytes_ratio": worst(c, "bytes_ratio", max),
+                     f"{prefix}_agreement": worst(c, "agreement")})
     return {
         "int8_agreement": worst("int8", "agreement"),
         "int8_free_prefix": worst("int8", "free_prefix"),
@@ -383,7 +405,9 @@ def summarize(rows: list[dict], minilm: list[dict]) -> dict:
         "note": "agreement and cosine are the minimum over split layers; byte ratios and perplexity change the "
                 "maximum; byte ratio: the StepRequest of a one-token decode step over the same for fp32; "
                 "best8/best4: the best 8-bit / 4-bit codec at <= 0.26 / <= 0.16 of fp32 bytes (*_fits_bytes false: "
-                "none fits, the best of its class); *_free_prefix / *_free_match: free-running greedy agreement "
+                "none fits, the best of its class); meets8/meets4: the codec with the fewest bytes that keeps the "
+                "class's agreement and perplexity targets (99.5% and 0.2%, 97% and 2%) at every split measured, "
+                "whatever its bytes (None: no codec measured does); *_free_prefix / *_free_match: free-running greedy agreement "
                 "(share of tokens before the first divergence / share of identical positions, worst split measured); "
                 f"*_decisive_agreement: agreement over the tokens whose unsplit top-2 logits differ by >= {TIE_GAP} "
                 "(near-ties excluded; the rows give how many there were and how many flipped); "

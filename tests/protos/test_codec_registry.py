@@ -124,6 +124,31 @@ def test_planner_budget_uses_the_agreement_measured_at_each_split():
     assert {r.codec for r in p.rows} == {"int8-rot"} and any("int8: agreement 0.900" in e for e in p.excluded)
 
 
+def test_a_fidelity_budget_rice8_misses_falls_to_rice10_before_fp16_on_a_slow_link():
+    """SmolLM2's measured agreement (seamline bench codec, README): at k=21 rice8 keeps 98.8 % and rice10 99.6 %.
+    With a 0.995 budget the planner drops rice8 there and, on a link where bytes dominate, sends rice10
+    (0.64 of fp16's bytes) rather than fp16; where rice8 meets the budget it stays the cheaper choice."""
+    width = 576
+    edge = planner.EdgeProfile.from_json({
+        "kind": "edge", "num_layers": 3, "hidden_size": width, "prefill_chunk": 64, "embed_ms": 1.0, "head_ms": 5.0,
+        "layers": [{"layer": i, "decode_ms": {"64": 2.0, "256": 2.0}, "prefill_ms": 20.0} for i in range(3)]})
+    model = planner.CostModel(edge, planner.CloudProfile.flat(3, width, decode_ms=0.5, prefill_ms=4.0),
+                              planner.LinkEstimate(bandwidth_bps=0.5e6, rtt_ms=10.0),
+                              planner.WireModel(hidden_size=width, vocab_size=100))
+    fidelity = {"rice8": {"by_split": {"1": 0.98828125, "2": 0.99609375}},
+                "rice10": {"by_split": {"1": 0.99609375, "2": 0.99609375}},
+                "fp16": {"by_split": {"1": 1.0, "2": 1.0}}}
+    codecs = ("fp16", "rice8", "rice10")
+    for k, expected in ((1, "rice10"), (2, "rice8")):
+        cons = planner.Constraints(num_layers=3, min_split=k, max_split=k, codecs=codecs, fidelity=fidelity,
+                                   min_agreement=0.995, local_ok=False)
+        p = planner.plan(model, cons, planner.Workload(prompt_tokens=64, new_tokens=32))
+        assert p.choice.codec == expected, p.to_dict()
+        assert (p.row(k, "rice8") is None) == (k == 1)
+        assert any(f"split {k}, rice8: agreement 0.988" in e for e in p.excluded) == (k == 1)
+        assert p.row(k, "fp16").response_ms > p.row(k, "rice10").response_ms
+
+
 def test_wire_model_counts_each_codec_its_own_calibrated_channels():
     from types import SimpleNamespace
 
@@ -159,6 +184,28 @@ def test_bench_summary_best_codec_per_byte_class():
     # nothing 8-bit within 0.26 (a small hidden size): the best 8-bit codec, flagged
     s = bench.summarize([row(1, "int8", 0.99, 0.27), row(1, "int4", 0.97, 0.15)], [])
     assert (s["best8_codec"], s["best8_fits_bytes"]) == ("int8", False)
+
+
+def test_bench_summary_names_the_cheapest_codec_meeting_each_fidelity_target():
+    """meets8/meets4: the codec with the fewest bytes whose agreement and perplexity change hold the class's target
+    (99.5 % and 0.2 %, 97 % and 2 %) at every split, whatever its bytes; None when no codec measured does."""
+    bench = pytest.importorskip("seamline.bench.codec")
+
+    def row(k, codec, agreement, ratio, ppl=0.05):
+        return {"split": k, "codec": codec, "agreement": agreement, "bytes_ratio": ratio, "ppl_change_pct": ppl}
+
+    rows = [row(1, "rice8", 0.998, 0.259), row(2, "rice8", 0.988, 0.259),      # misses 99.5 % at split 2
+            row(1, "rice10", 0.996, 0.321), row(2, "rice10", 0.996, 0.321),
+            row(1, "fp16", 1.0, 0.50), row(2, "fp16", 1.0, 0.50),
+            row(1, "int8-rot", 0.999, 0.259, ppl=0.3), row(2, "int8-rot", 0.996, 0.259),  # ppl over 0.2 % once
+            row(1, "rice4", 0.975, 0.157), row(2, "rice4", 0.969, 0.157)]      # misses 97 % at split 2
+    s = bench.summarize(rows, [])
+    assert (s["meets8_codec"], s["meets8_bytes_ratio"], s["meets8_agreement"]) == ("rice10", 0.321, 0.996)
+    # int8-rot's 0.3 % is within 2 %, and at rice8's bytes its worst agreement is higher
+    assert (s["meets4_codec"], s["meets4_bytes_ratio"], s["meets4_agreement"]) == ("int8-rot", 0.259, 0.996)
+    assert bench.cheapest_meeting(rows, 0.9995, 0.2) == "fp16"
+    assert bench.cheapest_meeting(rows, 1.01, 0.2) is None
+    assert bench.summarize(rows[:2], [])["meets8_codec"] is None
 
 
 def test_bench_free_running_agreement():
