@@ -44,7 +44,7 @@ def _codecs(value: str) -> list[str]:
     names = [v.strip() for v in value.split(",") if v.strip()]
     unknown = [n for n in names if n not in CODEC_NAMES]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"--codecs takes codec names from {', '.join(CODEC_NAMES)}; "
+        raise argparse.ArgumentTypeError(f"expected codec names from {', '.join(CODEC_NAMES)}; "
                                          f"got {', '.join(unknown) or repr(value)}")
     return list(dict.fromkeys(names))
 

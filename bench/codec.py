@@ -430,6 +430,10 @@ def run(args) -> dict:
                              free_splits=2 if args.quick else None, codecs=codecs)
         progress.update(task, description="all-MiniLM-L6-v2 cosine")
         minilm = bench_minilm([1, 3, 5] if args.quick else None, codecs)
+    missing = [c for c in codecs or () if c not in {r["codec"] for r in rows}]
+    if missing:
+        console.print(f"[yellow]not measured: {', '.join(missing)} cannot carry this model's hidden size "
+                      f"(see `Codec.check` in protos/codecs/)[/yellow]")
     table = Table(title=f"codecs on {args.model}: {n_tokens} held-out tokens, teacher-forced; free-running: "
                         f"{FREE_TOKENS} greedy tokens from 4 held-out prompts (baseline: unsplit fp32)")
     for col in ("split", "codec", "B/tok decode", "B/tok prefill+zstd", "ratio", "µs/tok", "rel L2",

@@ -109,10 +109,13 @@ async def test_a_server_serves_the_unsplit_models_tokens_in_every_layout(start_s
     assert [[r.token_id for r in replies] for replies in results] == expected
 
 
-def test_row_counts_past_the_time_budget_keep_the_modules_own_product(models):
+def test_row_counts_past_the_time_budget_keep_the_modules_own_product(models, monkeypatch):
     model, _ = models["gpt2"]
     model = type(model)(model.config).eval()
+    prepared = []
+    monkeypatch.setattr(matmul.TunedLinear, "prepare", lambda self, layout: prepared.append(layout))
     result = matmul.tune(adapter_for(model), 1, torch.float32, rows=(1, 2, 3), rounds=1, budget_s=0.0)
+    assert prepared == []  # no time to time anything: no transposed copies made (and dropped) either
     assert result.skipped == [1, 2, 3] and result.layouts == {}
     assert "not tuned within the time budget" in result.summary()
     tuned = [m.forward for m in model.modules() if isinstance(m.forward, matmul.TunedLinear)]
