@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from seamline.protos.bundle import Manifest
+from seamline.protos import codecs
+from seamline.protos.bundle import BundleError, Manifest
 from seamline.protos.codec import CodecConfig
 
 from .messages import CloudInfo, SplitChoice, SplitRequest, StepStats
@@ -92,7 +93,12 @@ class FixedPolicy:
     def from_manifest(cls, manifest: Manifest, split: int | None = None, codec: str | None = None,
                       zstd: bool = True) -> FixedPolicy:
         k = manifest.check_split(manifest.default_split if split is None else split)
-        return cls(SplitChoice(k, codec_for(manifest, k, codec, zstd), reason="fixed"))
+        cfg = codec_for(manifest, k, codec, zstd)
+        why = codecs.get(cfg.codec).unsupported(manifest.hidden_size, cfg.group_size, len(cfg.outlier_channels))
+        if why is not None:  # at start-up, not as the cloud's refusal of every request
+            raise BundleError(f"codec {why} (this bundle's hidden size); pick another --codec, e.g. the bundle's "
+                              f"own {manifest.codec.codec}")
+        return cls(SplitChoice(k, cfg, reason="fixed"))
 
     def choose(self, request: SplitRequest) -> SplitChoice:
         return self.choice

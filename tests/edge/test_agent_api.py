@@ -43,6 +43,18 @@ def test_other_splits_and_codecs(full_bundle, cloud, start_agent, reference, spl
         assert r["usage"]["completion_tokens"] >= 1
 
 
+def test_a_codec_the_bundle_cannot_carry_is_refused_at_start(full_bundle, cloud):
+    """Not as the cloud's INVALID_ARGUMENT on every request: the rice codecs need a width divisible by 32."""
+    from seamline.edge.agent import build_engine
+    from seamline.protos.bundle import BundleError, load_bundle
+
+    width = load_bundle(full_bundle).hidden_size
+    assert width % 32
+    with pytest.raises(BundleError, match=f"rice8 needs a hidden size divisible by 32, got {width}.*pick another "
+                                          "--codec"):
+        build_engine(edge_config(full_bundle, [cloud.address], split=2, codec="rice8"))
+
+
 def test_openai_client_completions(agent, reference):
     client = _client(agent)
     _, expected = reference(PROMPT, N)
