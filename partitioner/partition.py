@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from seamline.edge.chat import CHAT_FILE, ChatTemplate
+from seamline.protos import codecs
 from seamline.protos.bundle import CodecDefaults, GraphSet, Manifest, write_manifest
 
 from . import export, quantize
@@ -115,6 +116,9 @@ def partition(opts: PartitionOptions, console=None) -> tuple[Manifest, dict]:
     if not min_split <= split <= max_split:
         raise PartitionError(f"--split {split}: outside the allowed range [{min_split}, {max_split}] "
                              "(privacy floor --min-edge-layers .. exported --max-edge-layers)")
+    why = codecs.get(opts.codec).unsupported(s.hidden_size, CodecDefaults.group_size)
+    if why is not None:  # the bundle's default codec must be one its edge can send
+        raise PartitionError(f"--codec {why} (this model's hidden size); pick another, e.g. int8 or fp16")
     tok_path = load_tokenizer_path(path)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -33,6 +33,7 @@ def test_trimmed_bundle_and_force(cut_bundle, tiny_checkpoint, calibration_file)
     ({"min_edge_layers": 3, "max_edge_layers": 2}, "--min-edge-layers 3"),
     ({"split": 4, "max_edge_layers": 2}, "--split 4"),
     ({"quantize_edge": "int3"}, "--quantize-edge int3"),
+    ({"codec": "rice10"}, "--codec rice10: rice10 needs a hidden size divisible by 32"),  # the tiny model: 72
 ])
 def test_bad_options_are_refused(tmp_path, tiny_checkpoint, calibration_file, kw, match):
     with pytest.raises(PartitionError, match=match):
