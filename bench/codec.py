@@ -354,15 +354,12 @@ def cheapest_meeting(rows: list[dict], min_agreement: float, max_ppl_pct: float)
     """The codec with the smallest worst byte ratio whose agreement is >= ``min_agreement`` and perplexity change
     <= ``max_ppl_pct`` at every split measured, whatever its bytes (None: no codec does); at equal bytes the one
     with the higher worst agreement."""
-    codecs = {r["codec"] for r in rows}
-    ok = [c for c in codecs
-          if all(r["agreement"] >= min_agreement and r["ppl_change_pct"] <= max_ppl_pct
-                 for r in rows if r["codec"] == c)]
-    def rank(c: str) -> tuple[float, float, str]:  # fewest bytes; at equal bytes the higher worst agreement
-        mine = [r for r in rows if r["codec"] == c]
-        return max(r["bytes_ratio"] for r in mine), -min(r["agreement"] for r in mine), c
-
-    return min(ok, key=rank, default=None)
+    per_codec = fidelity(rows)  # worst agreement and largest byte ratio per codec
+    ppl: dict[str, float] = {}
+    for r in rows:
+        ppl[r["codec"]] = max(ppl.get(r["codec"], -math.inf), r["ppl_change_pct"])
+    ok = [c for c, f in per_codec.items() if f["agreement"] >= min_agreement and ppl[c] <= max_ppl_pct]
+    return min(ok, key=lambda c: (per_codec[c]["bytes_ratio"], -per_codec[c]["agreement"], c), default=None)
 
 
 def fidelity(rows: list[dict]) -> dict[str, dict]:
@@ -430,7 +427,8 @@ def run(args) -> dict:
                              free_splits=2 if args.quick else None, codecs=codecs)
         progress.update(task, description="all-MiniLM-L6-v2 cosine")
         minilm = bench_minilm([1, 3, 5] if args.quick else None, codecs)
-    missing = [c for c in codecs or () if c not in {r["codec"] for r in rows}]
+    measured = {r["codec"] for r in rows}
+    missing = [c for c in codecs or () if c not in measured]
     if missing:
         console.print(f"[yellow]not measured: {', '.join(missing)} cannot carry this model's hidden size "
                       f"(see `Codec.check` in protos/codecs/)[/yellow]")
